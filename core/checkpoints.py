@@ -1,0 +1,107 @@
+"""Self-describing checkpoints, written atomically and read with weights_only=True.
+
+A checkpoint holds everything needed to rebuild and use the model alone: the state dict,
+the run config, class names, the preprocessing (resolution, mean, std), where in training
+it was taken (stage, epoch) and its metrics. "Last" checkpoints also hold optimizer,
+scheduler and RNG state so a run can resume.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "finetune-lab/checkpoint"
+FORMAT_VERSION = 1
+ARCH = "resnet18"
+BEST_NAME = "best.pt"
+LAST_NAME = "last.pt"
+
+
+class CheckpointError(ValueError):
+    """Not a checkpoint of ours, or one we cannot use; the message says why."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: a reader (or
+    a crash) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    classes: list[str]
+    preprocess: dict[str, Any]
+    stage: int  # 1-based
+    epoch: int  # 1-based, within the stage
+    metrics: dict[str, float] = field(default_factory=dict)
+    arch: str = ARCH
+    training_state: dict[str, Any] | None = None  # last.pt only: optimizer/scheduler/RNG
+
+    def build_model(self) -> nn.Module:
+        from .model import build_resnet18
+
+        model = build_resnet18(len(self.classes))
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint weights do not fit ResNet-18 with "
+                                  f"{len(self.classes)} classes: {exc}") from None
+        return model.eval()
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, config: dict[str, Any],
+                    classes: list[str], preprocess: dict[str, Any], stage: int, epoch: int,
+                    metrics: dict[str, float], training_state: dict[str, Any] | None = None) -> None:
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    atomic_torch_save({
+        "format": FORMAT, "version": FORMAT_VERSION, "arch": ARCH,
+        "state_dict": state, "config": config, "classes": list(classes),
+        "preprocess": preprocess, "stage": stage, "epoch": epoch,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "training_state": training_state,
+    }, path)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{p.name} is not a checkpoint that can be loaded safely ({exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{p.name} is not a Fine-Tuning Lab checkpoint")
+    if obj.get("arch") != ARCH:
+        raise CheckpointError(f"{p.name} is for architecture {obj.get('arch')!r}, not {ARCH}")
+    if obj.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{p.name} was written by a newer version of this app; update it")
+    return Checkpoint(
+        state_dict=obj["state_dict"], config=obj["config"], classes=list(obj["classes"]),
+        preprocess=obj["preprocess"], stage=int(obj["stage"]), epoch=int(obj["epoch"]),
+        metrics=dict(obj.get("metrics") or {}), arch=obj["arch"],
+        training_state=obj.get("training_state"),
+    )

@@ -1,0 +1,418 @@
+"""Data: sources (CIFAR-10 via torchvision, image folders), decoded once into uint8
+tensors (cached on disk), stratified seeded splits, batched tensor augmentation, and THE
+preprocessing definition shared by training, evaluation and the classify page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+# ImageNet statistics: the pretrained backbone expects inputs normalised with these, and
+# we keep them for random init too so every checkpoint is interchangeable.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+# Refuse images above this many pixels before decoding them (decompression bombs).
+MAX_IMAGE_PIXELS = 40_000_000
+# A decoded data set must fit in memory with room to spare; above this we refuse with advice.
+MAX_DECODED_BYTES = 6 * 1024**3
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError above 2x this
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
+
+ProgressFn = Callable[[str, float], None]  # (message, fraction 0..1)
+
+
+class DataError(ValueError):
+    """A data set cannot be used; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- preprocessing (the one)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes model input. Stored in every checkpoint.
+
+    Geometry (PIL -> uint8): EXIF-orient, convert to RGB (alpha composited on white),
+    resize the shorter side to `resolution`, centre-crop a square. Training adds its random
+    crop/flip on these uint8 tensors; `normalize` then gives the float input.
+    """
+
+    resolution: int = 32
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """A PIL image as a 3 x resolution x resolution uint8 tensor."""
+        img = to_rgb(img)
+        r = self.resolution
+        w, h = img.size
+        if (w, h) != (r, r):
+            scale = r / min(w, h)
+            nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+            img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            left, top = (nw - r) // 2, (nh - r) // 2
+            img = img.crop((left, top, left + r, top + r))
+        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        return t.view(r, r, 3).permute(2, 0, 1).contiguous()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x H x W (any device) -> normalised float32."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255.0
+        return (x.float() - mean) / std
+
+    def to_dict(self) -> dict:
+        return {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(resolution=int(d["resolution"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image (palette, alpha, grayscale, 16-bit, CMYK, animated) as RGB."""
+    try:
+        img.seek(0)  # first frame of an animation
+    except (AttributeError, EOFError):
+        pass
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping everything to white.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 0 else 1.0
+        img = Image.fromarray((arr / hi * 255.0).astype("uint8"), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def open_image(path_or_file) -> Image.Image:
+    """Open and fully decode an image, raising DataError with a plain reason on failure."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path_or_file)
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"image is too large ({w}x{h} pixels; the limit is "
+                                f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels)")
+            img.load()
+        return img
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image is too large (the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels)") from None
+    except Image.UnidentifiedImageError:
+        raise DataError("not an image file PIL can read (JPEG, PNG, GIF, WebP, BMP, TIFF)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"image file is damaged or truncated ({exc})") from None
+
+
+# ---------------------------------------------------------------- in-memory data sets
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 N x 3 x R x R
+    labels: torch.Tensor  # int64 N
+    classes: list[str]
+    skipped: list[str] = field(default_factory=list)  # "path: reason" for unreadable files
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.classes, [])
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+
+
+@dataclass
+class DataSplits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    classes: list[str]
+    skipped: list[str]
+    source: str  # human description
+
+
+def _list_class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_images(class_dir: Path) -> tuple[list[Path], list[str]]:
+    files, skipped = [], []
+    for p in sorted(class_dir.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(p)
+            else:
+                skipped.append(f"{p}: not an image file (skipped)")
+    return files, skipped
+
+
+def scan_folder(root: Path, classes: Sequence[str] = ()) -> tuple[list[str], list[list[Path]], list[str]]:
+    """Class names, per-class image paths, and skipped files of one class-folder tree."""
+    if not root.is_dir():
+        raise DataError(f"folder {root} does not exist; check the path")
+    class_dirs = _list_class_dirs(root)
+    if classes:
+        names = {d.name for d in class_dirs}
+        missing = [c for c in classes if c not in names]
+        if missing:
+            raise DataError(f"{root}: no folder for class(es) {', '.join(missing)}; "
+                            f"found {', '.join(sorted(names)) or 'none'}")
+        class_dirs = [d for d in class_dirs if d.name in classes]
+    per_class, skipped = [], []
+    for d in class_dirs:
+        files, skip = _list_images(d)
+        skipped += skip
+        if not files:
+            raise DataError(f"class folder {d} has no images; add images or remove the folder")
+        per_class.append(files)
+    if len(class_dirs) < 2:
+        raise DataError(f"{root} has {len(class_dirs)} class folder(s); a classifier needs at "
+                        f"least two (one sub-folder of images per class)")
+    return [d.name for d in class_dirs], per_class, skipped
+
+
+def _cache_key(parts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def decode_files(paths: Sequence[Path], labels: Sequence[int], pre: Preprocess,
+                 on_progress: ProgressFn | None = None, what: str = "images",
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode image files into a uint8 N x 3 x R x R tensor; unreadable ones are skipped."""
+    r = pre.resolution
+    n = len(paths)
+    if n * 3 * r * r > MAX_DECODED_BYTES:
+        raise DataError(f"{n} images at {r}x{r} need {n * 3 * r * r / 1024**3:.1f} GiB in memory; "
+                        f"lower the resolution or cap the number of training images")
+    out = torch.empty((n, 3, r, r), dtype=torch.uint8)
+    ok = torch.zeros(n, dtype=torch.bool)
+    skipped: list[str] = []
+
+    def work(i: int) -> str | None:
+        try:
+            out[i] = pre.to_uint8(open_image(paths[i]))
+            ok[i] = True
+            return None
+        except DataError as exc:
+            return f"{paths[i]}: {exc} (skipped)"
+
+    # PIL releases the GIL while decoding, so threads use every core without the cost of
+    # worker processes.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        step = max(1, n // 50)
+        for i, err in enumerate(pool.map(work, range(n), chunksize=64)):
+            if err:
+                skipped.append(err)
+            if on_progress and (i % step == 0 or i == n - 1):
+                on_progress(f"Decoding {what}: {i + 1:,}/{n:,}", (i + 1) / n)
+    label_t = torch.as_tensor(list(labels), dtype=torch.int64)
+    return out[ok], label_t[ok], skipped
+
+
+def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
+                     cache_dir: Path | None = None, on_progress: ProgressFn | None = None,
+                     ) -> ImageSet:
+    """One class-folder tree as an ImageSet, decoded once and cached on disk."""
+    names, per_class, skipped = scan_folder(root, classes)
+    paths = [p for files in per_class for p in files]
+    labels = [i for i, files in enumerate(per_class) for _ in files]
+    cache_file = None
+    if cache_dir is not None:
+        stats = [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths]
+        key = _cache_key([str(root.resolve()), str(pre.resolution), *names, *stats])
+        cache_file = Path(cache_dir) / f"decoded-{key}.pt"
+        if cache_file.exists():
+            try:
+                d = torch.load(cache_file, weights_only=True)
+                if on_progress:
+                    on_progress(f"Loaded decoded {root.name} images from cache", 1.0)
+                return ImageSet(d["images"], d["labels"], list(d["classes"]), list(d["skipped"]))
+            except Exception:  # stale/corrupt cache: rebuild it
+                pass
+    images, label_t, bad = decode_files(paths, labels, pre, on_progress, what=f"{root.name} images")
+    skipped += bad
+    for i, name in enumerate(names):
+        if int((label_t == i).sum()) == 0:
+            raise DataError(f"class folder {root / name} has no readable images")
+    result = ImageSet(images, label_t, names, skipped)
+    if cache_file is not None:
+        from .checkpoints import atomic_torch_save
+
+        try:
+            atomic_torch_save({"images": images, "labels": label_t, "classes": names,
+                               "skipped": skipped}, cache_file)
+        except OSError:
+            pass  # a cache is an optimisation; a full disk must not stop training
+    return result
+
+
+def load_cifar10(root: Path, train: bool, pre: Preprocess, classes: Sequence[str] = (),
+                 download: bool = True) -> ImageSet:
+    """CIFAR-10 through torchvision (downloaded into `root` the first time)."""
+    import torchvision
+
+    try:
+        ds = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
+    except Exception as exc:  # URLError, socket errors, integrity errors
+        raise DataError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({exc}). On a machine "
+            f"without internet, copy the 'cifar-10-batches-py' folder (or the "
+            f"cifar-10-python.tar.gz archive) into {root}, or use an image-folder data set "
+            f"(data source 'folder') with train/ and test/ class folders."
+        ) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # N x 3 x 32 x 32
+    if pre.resolution != 32:
+        images = torch.stack([pre.to_uint8(Image.fromarray(a)) for a in ds.data])
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    full = ImageSet(images, labels, list(ds.classes))
+    return select_classes(full, classes)
+
+
+def select_classes(data: ImageSet, classes: Sequence[str]) -> ImageSet:
+    if not classes:
+        return data
+    missing = [c for c in classes if c not in data.classes]
+    if missing:
+        raise DataError(f"unknown class(es) {', '.join(missing)}; the data set has "
+                        f"{', '.join(data.classes)}")
+    old = [data.classes.index(c) for c in classes]
+    keep = torch.isin(data.labels, torch.as_tensor(old))
+    remap = torch.full((len(data.classes),), -1, dtype=torch.int64)
+    remap[torch.as_tensor(old)] = torch.arange(len(old))
+    return ImageSet(data.images[keep], remap[data.labels[keep]], list(classes), data.skipped)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (rest, held_out): about `fraction` of every class held out, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    rest, held = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, round(len(idx) * fraction)) if len(idx) > 1 else 0
+        held.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.cat(rest).sort().values, torch.cat(held).sort().values
+
+
+def cap_stratified(data: ImageSet, max_images: int, seed: int) -> ImageSet:
+    """Keep about `max_images` images with class proportions preserved."""
+    if not max_images or len(data) <= max_images:
+        return data
+    _, keep = stratified_split(data.labels, max_images / len(data), seed)
+    return data.subset(keep)
+
+
+def default_datasets_dir() -> Path:
+    from .store import data_dir
+
+    return data_dir() / "datasets"
+
+
+def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[str] = (),
+                val_fraction: float = 0.1, test_fraction: float = 0.2,
+                max_train_images: int = 0, seed: int = 0, cache_dir: Path | None = None,
+                on_progress: ProgressFn | None = None) -> DataSplits:
+    """Load a data source into train/val/test ImageSets. Validation is carved from train
+    (stratified, seeded); the test set is left untouched for the final evaluation."""
+    if source == "cifar10":
+        root = Path(data_path) if data_path else default_datasets_dir() / "cifar10"
+        if on_progress:
+            on_progress("Loading CIFAR-10", 0.0)
+        train_all = load_cifar10(root, True, pre, classes)
+        test = load_cifar10(root, False, pre, classes)
+        desc = f"CIFAR-10 ({root})"
+    elif source == "folder":
+        root = Path(data_path).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data folder {root} does not exist; check the path")
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            train_all = load_folder_tree(root / "train", pre, classes, cache_dir, on_progress)
+            test = load_folder_tree(root / "test", pre, classes, cache_dir, on_progress)
+            if train_all.classes != test.classes:
+                only_train = sorted(set(train_all.classes) - set(test.classes))
+                only_test = sorted(set(test.classes) - set(train_all.classes))
+                raise DataError(
+                    f"train/ and test/ in {root} have different classes (only in train: "
+                    f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}); "
+                    f"give both the same class folders")
+            desc = f"image folder {root} (train/ + test/)"
+        else:
+            everything = load_folder_tree(root, pre, classes, cache_dir, on_progress)
+            rest, held = stratified_split(everything.labels, test_fraction, seed + 1)
+            train_all = everything.subset(rest)
+            train_all.skipped = everything.skipped
+            test = everything.subset(held)
+            desc = f"image folder {root} (split {1 - test_fraction:.0%}/{test_fraction:.0%} into train/test)"
+    else:
+        raise DataError(f"unknown data source {source!r}")
+    skipped = train_all.skipped + test.skipped
+    train_all = cap_stratified(train_all, max_train_images, seed)
+    rest, held = stratified_split(train_all.labels, val_fraction, seed)
+    train, val = train_all.subset(rest), train_all.subset(held)
+    if len(train) < 2 or len(val) < 1 or len(test) < 1:
+        raise DataError(f"too few images: {len(train)} train, {len(val)} validation, {len(test)} "
+                        f"test; add images or raise the training-image cap")
+    return DataSplits(train, val, test, train_all.classes, skipped, desc)
+
+
+# ---------------------------------------------------------------- batching and augmentation
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None,
+                  pad: int | None = None, flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, on a uint8 (or float) batch
+    N x C x H x W at once: no per-image Python work. `pad` defaults to H/8 (4 at 32 px)."""
+    n, c, h, w = x.shape
+    pad = max(1, h // 8) if pad is None else pad
+    dev = x.device
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])  # n x h
+    cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])  # n x w
+    if flip:
+        do_flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
+        cols = torch.where(do_flip[:, None], cols.flip(1), cols)
+    b = torch.arange(n, device=dev)[:, None, None, None]
+    ch = torch.arange(c, device=dev)[None, :, None, None]
+    return padded[b, ch, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool = True,
+                  drop_last: bool = False) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches = batches[:-1]
+    return batches
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))

@@ -1,0 +1,231 @@
+"""A job's `__main__`: claims a run, heartbeats, calls the trainer, records the outcome.
+
+    python -m core.worker RUN_ID [--data-dir DIR]
+
+`execute_run` is also what the command line calls in the foreground, so scripted runs and
+dashboard runs go through exactly the same code and land in the same store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from . import config as cfgmod
+from .jobs import HEARTBEAT_S, dispatch
+from .store import RunStore
+
+log = logging.getLogger("finetune_lab.worker")
+
+
+class Heartbeat:
+    """A thread that reports liveness and the latest progress every HEARTBEAT_S seconds and
+    turns a cancel request (from the store, or SIGTERM) into an Event the trainer polls
+    between batches, so polling costs the training loop nothing."""
+
+    def __init__(self, store: RunStore, run_id: str, interval_s: float = HEARTBEAT_S):
+        self.store, self.run_id, self.interval_s = store, run_id, interval_s
+        self.cancel = threading.Event()
+        self._progress: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._beat()  # final progress
+
+    def set_progress(self, progress: dict[str, Any]) -> None:
+        with self._lock:
+            self._progress = {**progress, "updated_at": time.time()}
+
+    def _beat(self) -> None:
+        with self._lock:
+            progress, self._progress = self._progress, None
+        try:
+            if self.store.heartbeat(self.run_id, progress):
+                self.cancel.set()
+        except Exception as exc:  # a busy/full store must not kill training
+            log.warning("heartbeat failed: %s", exc)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._beat()
+
+
+def execute_run(store: RunStore, run_id: str,
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> str:
+    """Run the (already claimed, status running) run to its end. Returns the final status.
+    Every outcome is recorded in the store; exceptions do not escape."""
+    import torch
+
+    from .checkpoints import BEST_NAME, LAST_NAME, read_checkpoint, save_checkpoint
+    from .data import DataError, Preprocess, load_splits
+    from .model import WeightsError, build_model, physical_cores, resolve_device
+    from .train import (Cancelled, EpochEnd, ResumeState, TrainHooks, confusion_matrix,
+                        default_runtime, evaluate, run_stages)
+
+    run = store.get_run(run_id)
+    if run is None:
+        raise SystemExit(f"run {run_id} not found in {store.root}")
+    run_dir = store.run_dir(run_id)
+    best_path, last_path = run_dir / BEST_NAME, run_dir / LAST_NAME
+
+    with Heartbeat(store, run_id) as hb:
+        def progress(p: dict[str, Any]) -> None:
+            hb.set_progress(p)
+            if on_progress:
+                on_progress(p)
+
+        try:
+            cfg = cfgmod.from_dict(run.config)
+            torch.set_num_threads(cfg.threads or physical_cores())
+            torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
+            device = resolve_device(cfg.device)
+            runtime = default_runtime(device)
+            pre = Preprocess(resolution=cfg.resolution)
+            log.info("run %s: %s on %s", run_id, " -> ".join(s.trains for s in cfg.stages), device)
+
+            progress({"phase": "loading data", "fraction": 0.0})
+            splits = load_splits(
+                cfg.data_source, cfg.data_path, pre, cfg.classes, cfg.val_fraction,
+                cfg.test_fraction, cfg.max_train_images, cfg.seed, cache_dir=store.root / "cache",
+                on_progress=lambda msg, f: progress({"phase": "loading data", "message": msg,
+                                                     "fraction": 0.0, "data_fraction": f}))
+            if splits.skipped:
+                log.warning("skipped %d unreadable files:\n  %s", len(splits.skipped),
+                            "\n  ".join(splits.skipped[:50]))
+            store.merge_results(run_id, {
+                "classes": splits.classes, "data": splits.source, "skipped_files": len(splits.skipped),
+                "skipped_examples": splits.skipped[:20],
+                "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+                "device": str(device)})
+            log.info("data: %s; %d train / %d val / %d test images, %d classes, %d skipped",
+                     splits.source, len(splits.train), len(splits.val), len(splits.test),
+                     len(splits.classes), len(splits.skipped))
+
+            resume = None
+            if last_path.exists():
+                last = read_checkpoint(last_path)
+                ts = last.training_state
+                if ts is not None and last.classes == splits.classes:
+                    resume = ResumeState(model_state=last.state_dict, global_epoch=ts["global_epoch"],
+                                         step=ts["step"], optimizer=ts["optimizer"],
+                                         scheduler=ts["scheduler"], rng=ts["rng"],
+                                         best_val_acc=ts["best_val_acc"], best_stage=ts["best_stage"],
+                                         best_epoch=ts["best_epoch"])
+                    store.truncate_metrics(run_id, ts["step"])
+                    log.info("resuming after epoch %d (step %d)", ts["global_epoch"], ts["step"])
+
+            source_ckpt = None
+            if cfg.weights == "run":
+                other = store.get_run(cfg.weights_run)
+                if other is None or not other.best_checkpoint:
+                    raise WeightsError(f"run {cfg.weights_run} has no best checkpoint to start from; "
+                                       f"pick a finished run")
+                source_ckpt = other.best_checkpoint
+            model, weights_desc = build_model(len(splits.classes), cfg.weights, cfg.weights_path,
+                                              source_ckpt)
+            log.info("starting weights: %s", weights_desc)
+            config_dict = cfgmod.to_dict(cfg)
+
+            def on_epoch_end(end: EpochEnd) -> None:
+                metrics = {"val_acc": end.val_acc, "val_loss": end.val_loss,
+                           "train_loss": end.train.loss, "train_acc": end.train.acc}
+                if end.is_best:
+                    save_checkpoint(best_path, end.model, config_dict, splits.classes, pre.to_dict(),
+                                    end.stage, end.epoch, metrics)
+                    store.set_best(run_id, end.val_acc, end.stage, end.epoch, str(best_path))
+                # "last" carries optimizer/scheduler/RNG state: resume after this epoch.
+                save_checkpoint(last_path, end.model, config_dict, splits.classes, pre.to_dict(),
+                                end.stage, end.epoch, metrics, training_state=end.training_state)
+                if end.stage == 1 and end.epoch == cfg.stages[0].epochs and len(cfg.stages) > 1:
+                    # End of stage 1: kept for "before and after" comparisons.
+                    save_checkpoint(run_dir / "stage1.pt", end.model, config_dict, splits.classes,
+                                    pre.to_dict(), end.stage, end.epoch, metrics)
+                log.info("stage %d epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
+                         end.stage, end.epoch, end.train.loss, end.train.acc, end.val_loss,
+                         end.val_acc, end.train.seconds)
+
+            hooks = TrainHooks(on_metrics=lambda rows: store.log_metrics(run_id, rows),
+                               on_progress=progress, should_stop=hb.cancel.is_set,
+                               on_epoch_end=on_epoch_end)
+            result = run_stages(model, cfg, splits, pre, runtime, hooks, resume)
+
+            # The test set is touched once, at the end, with the best checkpoint.
+            progress({"phase": "testing", "fraction": 1.0})
+            best = read_checkpoint(best_path)
+            best_model = best.build_model()
+            test_loss, test_acc, preds = evaluate(best_model.to(device), splits.test, pre, runtime)
+            labels = splits.test.labels
+            n = len(splits.classes)
+            per_class = [((preds[labels == c] == c).float().mean().item() if (labels == c).any() else None)
+                         for c in range(n)]
+            store.set_results(run_id, test_acc, {
+                **(store.get_run(run_id).results or {}),  # type: ignore[union-attr]
+                "test_loss": test_loss, "per_class_acc": per_class,
+                "confusion": confusion_matrix(labels, preds, n), "seconds": result.seconds,
+                "per_stage": result.per_stage, "weights": weights_desc,
+            })
+            store.log_metrics(run_id, [(best.stage, float(result.epochs_run), 0, "test/acc", test_acc)])
+            log.info("finished: best val acc %.4f (stage %d epoch %d), test acc %.4f, %.1f s",
+                     result.best_val_acc, result.best_stage, result.best_epoch, test_acc, result.seconds)
+            store.finish_run(run_id, "finished")
+            return "finished"
+        except Cancelled:
+            log.info("cancelled; best checkpoint so far kept")
+            store.finish_run(run_id, "cancelled", "cancelled by request")
+            return "cancelled"
+        except (cfgmod.ConfigError, DataError, WeightsError) as exc:
+            log.error("%s", exc)
+            store.finish_run(run_id, "failed", str(exc))
+            return "failed"
+        except Exception as exc:  # anything else: recorded with the traceback in the log
+            log.error("unexpected error:\n%s", traceback.format_exc())
+            msg = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+                msg += " — lower the batch size or resolution, or cap the training images"
+            store.finish_run(run_id, "failed", msg + " (see the run log for details)")
+            return "failed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.worker", description=__doc__)
+    parser.add_argument("run_id")
+    parser.add_argument("--data-dir", default=None, help="run store folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    store = RunStore(args.data_dir)
+    run = store.get_run(args.run_id)
+    if run is None or run.status != "running":
+        log.error("run %s is not claimed for running (status %s); nothing to do",
+                  args.run_id, run.status if run else "missing")
+        return 2
+    if run.pid != os.getpid():
+        store.set_pid(args.run_id, os.getpid())
+    # SIGTERM (the cancel fallback) becomes a cancel request honoured between batches.
+    signal.signal(signal.SIGTERM, lambda *_: store.request_cancel(args.run_id))
+    status = execute_run(store, args.run_id)
+    try:
+        dispatch(store)  # start the next queued run, if any
+    except Exception as exc:
+        log.warning("could not start the next queued run: %s", exc)
+    return 0 if status in ("finished", "cancelled") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

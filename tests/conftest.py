@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny generated image folders, a temporary run store, a finished run.
+
+Everything is local and small: random weights, a few dozen 32x32 images, CPU only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+# Tests never touch the network: torchvision would try to download otherwise.
+os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-for-tests")
+
+from core import config as cfgmod  # noqa: E402
+from core.store import RunStore  # noqa: E402
+
+CLASSES = ("red", "green", "blue")
+COLORS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 210)}
+
+
+def make_image_folder(root: Path, per_class: int = 12, classes=CLASSES, size: int = 32,
+                      split: bool = True, seed: int = 0) -> Path:
+    """Write a tiny learnable data set: each class a noisy solid colour with a stripe."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    parts = (("train", per_class), ("test", max(2, per_class // 3))) if split else (("", per_class),)
+    for part, n in parts:
+        for c in classes:
+            d = root / part / c if part else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            base = COLORS.get(c, (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+            for i in range(n):
+                img = Image.new("RGB", (size, size),
+                                tuple(max(0, min(255, v + rng.randint(-30, 30))) for v in base))
+                y = rng.randrange(size - 4)
+                for x in range(size):
+                    for dy in range(3):
+                        img.putpixel((x, y + dy), (255, 255, 255))
+                img.save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """train/ and test/ with 3 classes, 12 + 4 images each."""
+    return make_image_folder(tmp_path_factory.mktemp("data") / "colors")
+
+
+@pytest.fixture
+def store(tmp_path) -> RunStore:
+    return RunStore(tmp_path / "runs")
+
+
+def tiny_config(data_path: Path, **changes) -> cfgmod.RunConfig:
+    """A two-stage config that trains in about a second on the tiny folder."""
+    cfg = cfgmod.preset_config("Two-stage", epochs=1, lr=0.01, data_source="folder",
+                               data_path=str(data_path), weights="random", batch_size=8,
+                               val_fraction=0.25, threads=1, device="cpu")
+    return replace(cfg, **changes)
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 60.0, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(delay)  # polling interval, not a wait for a fixed duration
+        delay = min(0.25, delay * 1.5)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_folder):
+    """(store, run): a real two-stage run trained in-process to completion."""
+    from core.worker import execute_run
+
+    store = RunStore(tmp_path_factory.mktemp("finished") / "runs")
+    run = store.create_run(cfgmod.to_dict(tiny_config(tiny_folder)), name="tiny finished")
+    assert store.claim_run_now(run.id, os.getpid())
+    assert execute_run(store, run.id) == "finished"
+    return store, store.get_run(run.id)
