@@ -46,9 +46,14 @@ def max_jobs() -> int:
 
 
 def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = "",
-           start: bool = True) -> Run:
-    """Validate `cfg`, queue it as a new run, and start workers if there is room."""
+           start: bool = True, check_data: bool = True) -> Run:
+    """Validate `cfg` (values, then data and weights: core.preflight), queue it as a new
+    run, and start workers if there is room. Raises ConfigError / PreflightError."""
     cfgmod.check(cfg)
+    if check_data:
+        from .preflight import preflight
+
+        preflight(cfg, store)
     run = store.create_run(cfgmod.to_dict(cfg), name=name, group=group)
     if start:
         dispatch(store)
@@ -58,8 +63,12 @@ def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = 
 def submit_seeds(store: RunStore, cfg: cfgmod.RunConfig, seeds: list[int], name: str,
                  group: str) -> list[Run]:
     """Queue one run per seed as a group (for mean ± std across seeds)."""
-    runs = [submit(store, replace(cfg, seed=s), name=f"{name} seed {s}", group=group, start=False)
-            for s in seeds]
+    from .preflight import preflight
+
+    cfgmod.check(cfg)
+    preflight(cfg, store)  # once: the seeds share data and weights
+    runs = [submit(store, replace(cfg, seed=s), name=f"{name} seed {s}", group=group, start=False,
+                   check_data=False) for s in seeds]
     dispatch(store)
     return runs
 

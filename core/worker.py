@@ -141,6 +141,11 @@ def execute_run(store: RunStore, run_id: str,
                                               source_ckpt)
             log.info("starting weights: %s", weights_desc)
             config_dict = cfgmod.to_dict(cfg)
+            # Weights at the start of the current stage, to measure how far each layer group
+            # moved in it (per-stage attribution). Not exact after a resume mid-stage.
+            stage_start = {k: v.detach().clone() for k, v in model.named_parameters()}
+            weight_change: list[dict[str, Any]] = list(
+                (store.get_run(run_id).results or {}).get("weight_change", []))  # type: ignore[union-attr]
 
             def on_epoch_end(end: EpochEnd) -> None:
                 metrics = {"val_acc": end.val_acc, "val_loss": end.val_loss,
@@ -156,6 +161,13 @@ def execute_run(store: RunStore, run_id: str,
                     # End of stage 1: kept for "before and after" comparisons.
                     save_checkpoint(run_dir / "stage1.pt", end.model, config_dict, splits.classes,
                                     pre.to_dict(), end.stage, end.epoch, metrics)
+                if end.epoch == cfg.stages[end.stage - 1].epochs:
+                    nonlocal stage_start
+                    weight_change[:] = [w for w in weight_change if w["stage"] != end.stage]
+                    weight_change.append({"stage": end.stage,
+                                          "groups": relative_weight_change(end.model, stage_start)})
+                    store.merge_results(run_id, {"weight_change": weight_change})
+                    stage_start = {k: v.detach().clone() for k, v in end.model.named_parameters()}
                 log.info("stage %d epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
                          end.stage, end.epoch, end.train.loss, end.train.acc, end.val_loss,
                          end.val_acc, end.train.seconds)
@@ -200,6 +212,23 @@ def execute_run(store: RunStore, run_id: str,
                 msg += " — lower the batch size or resolution, or cap the training images"
             store.finish_run(run_id, "failed", msg + " (see the run log for details)")
             return "failed"
+
+
+def relative_weight_change(model: Any, start: dict[str, Any]) -> dict[str, float]:
+    """Per layer group: ||W_now - W_start|| / ||W_start|| over the group's parameters."""
+    from .config import LAYER_GROUPS
+    from .model import GROUP_MODULES
+
+    out = {}
+    for g in LAYER_GROUPS:
+        num = den = 0.0
+        for name, p in model.named_parameters():
+            if name.split(".")[0] in GROUP_MODULES[g]:
+                w0 = start[name].to(p.device)
+                num += float((p.detach() - w0).float().pow(2).sum())
+                den += float(w0.float().pow(2).sum())
+        out[g] = (num ** 0.5) / (den ** 0.5) if den > 0 else 0.0
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,75 @@
+"""Checks made when a run is started, so a bad data set or weights choice fails at once
+with a clear message, not minutes later inside the worker.
+
+Cheap: folders are listed, not decoded (corrupt files are found and counted while decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+
+
+class PreflightError(ConfigError):
+    """The config is valid but its data or weights cannot be used. A ConfigError, so every
+    caller that shows config errors shows these too."""
+
+
+@dataclass
+class PreflightReport:
+    classes: list[str] = field(default_factory=list)
+    train_images: int = 0  # image files found (before the cap and the validation split)
+    skipped_files: int = 0  # non-image files that will be ignored
+    notes: list[str] = field(default_factory=list)
+
+
+def preflight(cfg: RunConfig, store=None) -> PreflightReport:
+    """Raise PreflightError naming every problem; return what was found otherwise."""
+    from .data import DataError, scan_folder
+
+    report = PreflightReport()
+    errors: list[str] = []
+    if cfg.data_source == "folder":
+        root = Path(cfg.data_path).expanduser()
+        try:
+            if not root.is_dir():
+                raise DataError(f"data folder {root} does not exist; check the path")
+            if (root / "train").is_dir() and (root / "test").is_dir():
+                names, files, skipped = scan_folder(root / "train", cfg.classes)
+                test_names, _, test_skipped = scan_folder(root / "test", cfg.classes)
+                if names != test_names:
+                    only_train = sorted(set(names) - set(test_names))
+                    only_test = sorted(set(test_names) - set(names))
+                    raise DataError(
+                        f"train/ and test/ in {root} have different classes (only in train: "
+                        f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'})")
+                skipped += test_skipped
+            else:
+                names, files, skipped = scan_folder(root, cfg.classes)
+            report.classes = names
+            report.train_images = sum(len(f) for f in files)
+            report.skipped_files = len(skipped)
+            if skipped:
+                report.notes.append(f"{len(skipped)} non-image file(s) will be skipped")
+        except DataError as exc:
+            errors.append(f"data: {exc}")
+    if cfg.weights == "file" and not Path(cfg.weights_path).expanduser().is_file():
+        errors.append(f"weights_path: {cfg.weights_path} does not exist")
+    if cfg.weights == "run" and store is not None:
+        other = store.get_run(cfg.weights_run)
+        if other is None:
+            errors.append(f"weights_run: no run {cfg.weights_run!r}")
+        elif not other.best_checkpoint or not Path(other.best_checkpoint).is_file():
+            errors.append(f"weights_run: run {cfg.weights_run} has no best checkpoint yet; "
+                          f"pick a finished run")
+    if cfg.weights == "imagenet":
+        from .model import imagenet_cache_path
+
+        if not imagenet_cache_path().exists():
+            report.notes.append("ImageNet weights are not cached yet: they will be downloaded "
+                                "when the run starts (offline, pick random, file or run weights)")
+    if errors:
+        raise PreflightError(errors)
+    return report
