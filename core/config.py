@@ -298,11 +298,11 @@ def from_dict(data: Any, validate_values: bool = True) -> RunConfig:
                 skw = _from_fields(StageConfig, s, f"stage {i}: ", errors)
                 stages.append(StageConfig(**skw))
             kwargs["stages"] = tuple(stages)
+    cfg = RunConfig(**kwargs)  # fields with type errors fall back to their defaults...
+    if validate_values:
+        errors += validate(cfg)  # ...so value problems in the rest are reported too
     if errors:
         raise ConfigError(errors)
-    cfg = RunConfig(**kwargs)
-    if validate_values:
-        check(cfg)
     return cfg
 
 

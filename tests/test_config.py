@@ -1,0 +1,105 @@
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from core import config as cfgmod
+from core.config import ConfigError, RunConfig, StageConfig
+
+
+def test_presets_are_valid_and_match_the_recipe():
+    for name in cfgmod.PRESETS:
+        assert cfgmod.validate(cfgmod.preset_config(name)) == [], name
+    two = cfgmod.preset_stages("Two-stage", lr=0.01)
+    assert two[0].groups == ("layer4", "fc")
+    assert set(two[1].groups) == {"layer3", "layer4", "fc"}
+    assert two[1].lr == pytest.approx(0.001) and two[1].schedule == "cosine"
+    assert cfgmod.preset_stages("All at once")[0].groups == cfgmod.LAYER_GROUPS
+    assert cfgmod.preset_stages("Head only")[0].groups == ("fc",)
+    assert len(cfgmod.preset_stages("Gradual")) == 3
+
+
+def test_errors_name_the_field_and_stage():
+    cfg = cfgmod.with_stage(cfgmod.preset_config("Two-stage"), 1, lr=0.0)
+    assert cfgmod.validate(cfg) == ["stage 2: learning rate must be greater than 0"]
+    cfg = cfgmod.with_stage(cfg, 0, groups=())
+    errors = cfgmod.validate(cfg)
+    assert "stage 1: trains nothing; pick at least one layer group" in errors
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"resolution": 16}, "resolution"),
+    ({"val_fraction": math.nan}, "val_fraction"),
+    ({"val_fraction": -0.1}, "val_fraction"),
+    ({"data_source": "folder", "data_path": ""}, "data_path"),
+    ({"weights": "file", "weights_path": ""}, "weights_path"),
+    ({"classes": ("cat",)}, "classes"),
+    ({"stages": ()}, "stages"),
+    ({"stages": tuple(StageConfig() for _ in range(5))}, "stages"),
+])
+def test_invalid_run_fields(change, needle):
+    errors = cfgmod.validate(replace(RunConfig(), **change))
+    assert errors and any(e.startswith(needle) for e in errors), errors
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"lr": math.inf}, "learning rate"),
+    ({"lr": -1.0}, "learning rate"),
+    ({"epochs": 0}, "epochs"),
+    ({"groups": ("layer9",)}, "unknown layer group"),
+    ({"schedule": "linear"}, "schedule"),
+    ({"warmup_epochs": 3.0, "epochs": 2}, "warm-up"),
+    ({"group_lr_mult": 0.0}, "multiplier"),
+    ({"weight_decay": -1e-4}, "weight decay"),
+])
+def test_invalid_stage_fields(change, needle):
+    cfg = cfgmod.with_stage(RunConfig(), 0, **change)
+    errors = cfgmod.validate(cfg)
+    assert any(e.startswith("stage 1:") and needle in e for e in errors), errors
+
+
+def test_json_round_trip_is_exact():
+    cfg = replace(cfgmod.preset_config("Gradual", epochs=2, lr=0.05), classes=("cat", "dog"), seed=7)
+    assert cfgmod.from_json(cfgmod.to_json(cfg)) == cfg
+
+
+def test_unknown_keys_and_wrong_types_are_named():
+    d = cfgmod.to_dict(RunConfig())
+    d["learning_rate"] = 0.1
+    d["stages"][1]["epoch"] = 3
+    d["batch_size"] = "128"
+    with pytest.raises(ConfigError) as exc:
+        cfgmod.from_dict(d)
+    text = str(exc.value)
+    assert "learning_rate: unknown key" in text
+    assert "stage 2: epoch: unknown key" in text
+    assert "batch_size: expected int" in text
+
+
+def test_bool_is_not_an_int_and_nan_is_rejected():
+    d = cfgmod.to_dict(RunConfig())
+    d["seed"] = True
+    d["stages"][0]["lr"] = float("nan")
+    with pytest.raises(ConfigError) as exc:
+        cfgmod.from_dict(d)
+    assert any(e.startswith("seed") for e in exc.value.errors)
+    assert any("stage 1: learning rate" in e for e in exc.value.errors)
+
+
+def test_bad_json_text():
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        cfgmod.from_json("{nope")
+    with pytest.raises(ConfigError, match="expected an object"):
+        cfgmod.from_dict([1, 2])
+
+
+def test_diff_shows_only_differences():
+    a = cfgmod.to_dict(cfgmod.preset_config("Two-stage"))
+    b = cfgmod.to_dict(replace(cfgmod.preset_config("Two-stage"), seed=3))
+    assert cfgmod.diff(a, b) == {"seed": (0, 3)}
+    c = cfgmod.to_dict(cfgmod.preset_config("All at once"))
+    d = cfgmod.diff(a, c)
+    assert "stage 2.lr" in d and d["stage 2.lr"][1] is None
+    json.dumps(cfgmod.to_dict(RunConfig()))  # JSON-safe
