@@ -1,0 +1,187 @@
+"""Plotly figure builders for the pages. No streamlit, no torch.
+
+Every chart has a title, labelled axes with units, and (for training curves) the stages
+shaded and labelled on the global epoch axis the trainer logs on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from .config import LAYER_GROUPS
+from .views import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, series
+
+EPOCH_AXIS = "epoch (global, across stages)"
+# Alternating stage shades; light enough that curves on top stay readable.
+STAGE_FILLS = ("rgba(99, 110, 250, 0.08)", "rgba(0, 204, 150, 0.08)")
+PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
+           "#B6E880", "#FF97FF", "#FECB52")
+TRAIN_COLOR, VAL_COLOR = "#636EFA", "#EF553B"
+
+
+def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, height: int = 340) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0.0, "xanchor": "left"}, height=height,
+        margin={"l": 60, "r": 20, "t": 60, "b": 50},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+        hovermode="x unified",
+    )
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def shade_stages(fig: go.Figure, bounds: Sequence[tuple[float, float, str]], lines_only: bool = False
+                 ) -> go.Figure:
+    """Each stage as a shaded, labelled band (or, with lines_only, a dashed line where each
+    stage after the first begins: for overlays whose runs have different stage lengths)."""
+    for i, (x0, x1, label) in enumerate(bounds):
+        if lines_only:
+            if i > 0:
+                fig.add_vline(x=x0, line_dash="dash", line_color="grey", opacity=0.6,
+                              annotation_text=label.split(":")[0] + " starts",
+                              annotation_position="top left")
+            continue
+        fig.add_vrect(x0=x0, x1=x1, fillcolor=STAGE_FILLS[i % 2], line_width=0, layer="below",
+                      annotation_text=label, annotation_position="top left",
+                      annotation_font_size=11)
+    return fig
+
+
+def _scale(key: str, values: Sequence[float]) -> list[float]:
+    """Accuracies are stored as 0..1 and shown in percent."""
+    return [100 * v for v in values] if key in ACCURACY_KEYS else list(values)
+
+
+def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float, float, str]],
+                  title: str | None = None) -> go.Figure:
+    """Training and validation of one metric ('loss' or 'acc') on one chart.
+    For loss, the per-step training loss is drawn faintly under the per-epoch mean."""
+    fig = go.Figure()
+    if metric == "loss":
+        x, y = series(frame, "train/step_loss")
+        if x:
+            fig.add_trace(go.Scatter(x=x, y=y, name="train (per step)", mode="lines",
+                                     line={"color": TRAIN_COLOR, "width": 1}, opacity=0.35))
+    for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
+        key = f"{split}/{metric}"
+        x, y = series(frame, key)
+        if x:
+            fig.add_trace(go.Scatter(x=x, y=_scale(key, y), name="validation" if split == "val" else
+                                     "train (epoch)", mode="lines+markers",
+                                     line={"color": color, "width": 2}))
+    shade_stages(fig, bounds)
+    y_title = METRIC_LABELS[f"val/{metric}"][1]
+    name = {"loss": "Loss", "acc": "Accuracy"}.get(metric, metric)
+    _layout(fig, title or f"{name}: training and validation", EPOCH_AXIS, y_title)
+    if bounds:
+        fig.update_xaxes(range=[0, max(b[1] for b in bounds)])
+    return fig
+
+
+def lr_figure(frame: pd.DataFrame, bounds: Sequence[tuple[float, float, str]]) -> go.Figure:
+    fig = go.Figure()
+    x, y = series(frame, "lr")
+    if x:
+        fig.add_trace(go.Scatter(x=x, y=y, name="learning rate", mode="lines",
+                                 line={"color": "#AB63FA", "width": 2}))
+    shade_stages(fig, bounds)
+    _layout(fig, "Learning rate (head group)", EPOCH_AXIS, "learning rate", height=260)
+    fig.update_yaxes(exponentformat="e")
+    if bounds:
+        fig.update_xaxes(range=[0, max(b[1] for b in bounds)])
+    return fig
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> go.Figure:
+    """Rows are the true class, columns the predicted one; counts in the cells."""
+    z = [list(r) for r in confusion]
+    fig = go.Figure(go.Heatmap(z=z, x=list(classes), y=list(classes), colorscale="Blues",
+                               text=z, texttemplate="%{text}", hovertemplate=
+                               "true %{y}, predicted %{x}: %{z} images<extra></extra>",
+                               colorbar={"title": "images"}))
+    _layout(fig, "Confusion matrix (test set)", "predicted class", "true class",
+            height=max(320, 40 * len(classes) + 140))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def per_class_figure(per_class: Sequence[float | None], classes: Sequence[str]) -> go.Figure:
+    vals = [None if v is None else 100 * v for v in per_class]
+    fig = go.Figure(go.Bar(x=list(classes), y=vals, marker_color=VAL_COLOR,
+                           text=[("—" if v is None else f"{v:.0f} %") for v in vals],
+                           textposition="outside",
+                           hovertemplate="%{x}: %{y:.1f} %<extra></extra>"))
+    _layout(fig, "Accuracy per class (test set)", "class", "accuracy (%)")
+    fig.update_yaxes(range=[0, 110])
+    fig.update_layout(hovermode="closest", showlegend=False)
+    return fig
+
+
+def recipe_figure(stages: Sequence[dict[str, Any]], title: str = "The recipe: which layer groups "
+                  "train in which stage") -> go.Figure:
+    """Stage-by-group grid: filled = trains in that stage, empty = frozen."""
+    z = [[1 if g in s.get("groups", ()) else 0 for g in LAYER_GROUPS] for s in stages]
+    labels = [[("trains" if v else "frozen") for v in row] for row in z]
+    y = [f"Stage {i}" for i in range(1, len(stages) + 1)]
+    fig = go.Figure(go.Heatmap(z=z, x=list(LAYER_GROUPS), y=y, zmin=0, zmax=1, showscale=False,
+                               colorscale=[[0, "#EEF0F4"], [1, "#00CC96"]], text=labels,
+                               texttemplate="%{text}", xgap=3, ygap=3,
+                               hovertemplate="%{y}, %{x}: %{text}<extra></extra>"))
+    _layout(fig, title, "layer group (input side → output side)", "", height=120 + 50 * len(stages))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def compare_figure(curves: Sequence[Curve], key: str, smoothing: float = 0.0,
+                   aligned: bool = False) -> go.Figure:
+    """Curves of several runs/groups on one epoch axis. Groups get a ± std band; with
+    smoothing, the raw points stay visible as faint markers under the smoothed line."""
+    fig = go.Figure()
+    for i, c in enumerate(curves):
+        color = PALETTE[i % len(PALETTE)]
+        if not c.x:
+            continue
+        y = _scale(key, c.y)
+        if c.std is not None and c.n_runs > 1:
+            std = _scale(key, c.std)
+            upper = [a + b for a, b in zip(y, std)]
+            lower = [a - b for a, b in zip(y, std)]
+            fig.add_trace(go.Scatter(x=list(c.x) + list(c.x)[::-1], y=upper + lower[::-1],
+                                     fill="toself", fillcolor=_rgba(color, 0.15),
+                                     line={"width": 0}, hoverinfo="skip", showlegend=True,
+                                     name=f"{c.name}: ± 1 std ({c.n_runs} runs)",
+                                     legendgroup=c.name))
+        name = f"{c.name} (mean of {c.n_runs})" if c.n_runs > 1 else c.name
+        if smoothing > 0:
+            fig.add_trace(go.Scatter(x=c.x, y=y, mode="markers", marker={"color": color, "size": 5},
+                                     opacity=0.3, name=f"{c.name} (raw)", legendgroup=c.name,
+                                     showlegend=False))
+            y = ema(y, smoothing)
+        fig.add_trace(go.Scatter(x=c.x, y=y, mode="lines" if smoothing > 0 or len(c.x) > 30
+                                 else "lines+markers", line={"color": color, "width": 2},
+                                 name=name, legendgroup=c.name))
+    # Stage boundaries: each distinct start of a later stage, once.
+    seen: set[float] = set()
+    for c in curves:
+        for j, (x0, _, label) in enumerate(c.bounds):
+            if j == 0 or round(x0, 6) in seen:
+                continue
+            seen.add(round(x0, 6))
+            fig.add_vline(x=x0, line_dash="dash", line_color="grey", opacity=0.6,
+                          annotation_text=f"{label.split(':')[0]} starts",
+                          annotation_position="top left", annotation_font_size=11)
+    title, unit = METRIC_LABELS.get(key, (key, key))
+    x_title = "epochs since the start of stage 2" if aligned else EPOCH_AXIS
+    return _layout(fig, title, x_title, unit, height=420)
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r}, {g}, {b}, {alpha})"

@@ -1,0 +1,275 @@
+"""Pure functions that turn store entities into tables and series for the pages.
+
+No streamlit and no torch here: everything is plain data in, pandas/plain data out, so it is
+tested without a browser and the pages stay thin.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from .config import LAYER_GROUPS, flatten
+from .store import MetricRow, Run
+
+# Metric keys a page can plot, with a readable name and the unit on the y axis.
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "val/acc": ("Validation accuracy", "accuracy (%)"),
+    "train/acc": ("Training accuracy", "accuracy (%)"),
+    "val/loss": ("Validation loss", "cross-entropy loss"),
+    "train/loss": ("Training loss (epoch mean)", "cross-entropy loss"),
+    "train/step_loss": ("Training loss (per step)", "cross-entropy loss"),
+    "lr": ("Learning rate", "learning rate"),
+    "images_per_s": ("Training speed", "images per second"),
+    "epoch_s": ("Epoch time", "seconds"),
+}
+ACCURACY_KEYS = ("val/acc", "train/acc", "test/acc")
+STATUS_ICONS = {"queued": "⏳", "running": "▶️", "finished": "✅", "failed": "❌", "cancelled": "⏹️"}
+
+
+def fmt_pct(x: float | None, digits: int = 1) -> str:
+    """Accuracy in 0..1 as a percentage string; '—' when unknown."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{100 * x:.{digits}f} %"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """Seconds as '45 s', '3 min 05 s', '2 h 07 min'; '—' when unknown."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "—"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def fmt_count(n: int) -> str:
+    """Parameter counts as 11.2 M / 513 k / 42."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f} M"
+    if n >= 1_000:
+        return f"{n / 1e3:.0f} k"
+    return str(n)
+
+
+def recipe_text(config: dict[str, Any]) -> str:
+    """'layer4+fc → layer3+layer4+fc' from a config dict."""
+    return " → ".join("+".join(s.get("groups", ())) for s in config.get("stages", []))
+
+
+def stage_bounds(config: dict[str, Any]) -> list[tuple[float, float, str]]:
+    """(start, end, label) per stage on the global epoch axis: stage 1 covers (0, e1],
+    stage 2 (e1, e1+e2], ... — the same axis the trainer logs metrics on."""
+    out, start = [], 0.0
+    for i, s in enumerate(config.get("stages", []), 1):
+        end = start + float(s.get("epochs", 0))
+        out.append((start, end, f"Stage {i}: {'+'.join(s.get('groups', ()))}"))
+        start = end
+    return out
+
+
+def stage2_offset(config: dict[str, Any]) -> float:
+    """Global epoch where stage 2 starts (0 for one-stage runs): subtracting it aligns runs
+    at the start of their second stage."""
+    stages = config.get("stages", [])
+    return float(stages[0].get("epochs", 0)) if len(stages) > 1 else 0.0
+
+
+def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per run for the overview and pickers: newest first, as given."""
+    rows = []
+    for r in runs:
+        best_at = f"stage {r.best_stage}, epoch {r.best_epoch}" if r.best_stage else "—"
+        rows.append({
+            "Run": r.name,
+            "Status": f"{STATUS_ICONS.get(r.status, '')} {r.status}",
+            "Progress": progress_fraction(r),
+            "Recipe": recipe_text(r.config),
+            "Best val acc": fmt_pct(r.best_val_acc),
+            "Best at": best_at,
+            "Test acc": fmt_pct(r.test_acc),
+            "Group": r.group or "",
+            "Started": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)),
+            "Duration": fmt_duration(r.duration_s),
+            "Id": r.id,
+        })
+    return pd.DataFrame(rows, columns=["Run", "Status", "Progress", "Recipe", "Best val acc",
+                                       "Best at", "Test acc", "Group", "Started", "Duration", "Id"])
+
+
+def run_label(run: Run) -> str:
+    """How a run is named in pickers: name, status and best accuracy."""
+    best = f", best val {fmt_pct(run.best_val_acc)}" if run.best_val_acc is not None else ""
+    return f"{run.name} ({run.status}{best})"
+
+
+def progress_fraction(run: Run) -> float:
+    """0..1 of the whole run; finished runs are 1, queued ones 0."""
+    if run.status == "finished":
+        return 1.0
+    f = run.progress.get("fraction")
+    return float(min(1.0, max(0.0, f))) if isinstance(f, (int, float)) else 0.0
+
+
+def progress_text(run: Run) -> str:
+    """Where a run is, in words: 'Stage 2/2 · epoch 3/5 · step 40/98 · 1 min 10 s left'."""
+    p = run.progress or {}
+    if run.status == "queued":
+        return "Waiting in the queue for a free worker"
+    if run.status != "running":
+        return run.status
+    phase = p.get("phase") or "starting"
+    if phase == "loading data":
+        msg = p.get("message") or "Loading data"
+        df = p.get("data_fraction")
+        return f"{msg} ({100 * df:.0f} %)" if isinstance(df, (int, float)) else msg
+    parts = []
+    if p.get("stage"):
+        parts.append(f"Stage {p['stage']}/{p.get('stages', '?')}")
+    if p.get("epoch"):
+        parts.append(f"epoch {p['epoch']}/{p.get('epochs', '?')}")
+    if phase == "training" and p.get("step"):
+        parts.append(f"step {p['step']}/{p.get('steps_per_epoch', '?')}")
+    elif phase != "training":
+        parts.append(phase)
+    eta = p.get("eta_s")
+    parts.append(f"about {fmt_duration(eta)} left" if isinstance(eta, (int, float))
+                 else "time left known after the first epoch")
+    return " · ".join(parts)
+
+
+def metrics_frame(rows: Iterable[MetricRow]) -> pd.DataFrame:
+    """Metric rows as a frame with columns id, stage, epoch, step, key, value, time."""
+    cols = ["id", "stage", "epoch", "step", "key", "value", "time"]
+    return pd.DataFrame([(r.id, r.stage, r.epoch, r.step, r.key, r.value, r.time) for r in rows],
+                        columns=cols)
+
+
+def metrics_csv(rows: Iterable[MetricRow]) -> bytes:
+    """The downloadable metrics table (one row per logged value)."""
+    return metrics_frame(rows).drop(columns=["id"]).to_csv(index=False).encode()
+
+
+def series(frame: pd.DataFrame, key: str) -> tuple[list[float], list[float]]:
+    """(x = global epoch, y) of one metric key, sorted by epoch."""
+    if frame.empty:
+        return [], []
+    sub = frame[frame["key"] == key].sort_values(["epoch", "id"] if "id" in frame else ["epoch"])
+    return sub["epoch"].astype(float).tolist(), sub["value"].astype(float).tolist()
+
+
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing):
+    weight 0 returns the values unchanged, 0.9 is heavy smoothing."""
+    if not 0 <= weight < 1:
+        raise ValueError("smoothing weight must be in [0, 1)")
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        acc = weight * acc + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(acc / norm)
+    return out
+
+
+@dataclass
+class Curve:
+    """One line on a comparison chart: a run, or a group's mean with a ± std band."""
+    name: str
+    x: list[float]
+    y: list[float]
+    std: list[float] | None = None  # per point, for groups of seeds
+    n_runs: int = 1
+    bounds: list[tuple[float, float, str]] = field(default_factory=list)
+
+
+def run_curve(run: Run, frame: pd.DataFrame, key: str, align_stage2: bool = False) -> Curve:
+    x, y = series(frame, key)
+    shift = stage2_offset(run.config) if align_stage2 else 0.0
+    return Curve(run.name, [v - shift for v in x], y,
+                 bounds=[(a - shift, b - shift, label) for a, b, label in stage_bounds(run.config)])
+
+
+def group_curve(name: str, runs: Sequence[Run], frames: Sequence[pd.DataFrame], key: str,
+                align_stage2: bool = False) -> Curve:
+    """Mean and (sample) standard deviation across the runs of a group, per x position.
+    Points logged by only some runs (an unfinished seed) average over those that have them."""
+    parts = []
+    for run, frame in zip(runs, frames):
+        c = run_curve(run, frame, key, align_stage2)
+        parts.append(pd.DataFrame({"x": [round(v, 6) for v in c.x], "y": c.y}))
+    if not parts or all(p.empty for p in parts):
+        return Curve(name, [], [], [], n_runs=len(runs))
+    stats = pd.concat(parts).groupby("x")["y"].agg(["mean", "std", "count"]).reset_index()
+    stats["std"] = stats["std"].fillna(0.0)
+    bounds = run_curve(runs[0], frames[0], key, align_stage2).bounds if runs else []
+    return Curve(name, stats["x"].tolist(), stats["mean"].tolist(), stats["std"].tolist(),
+                 n_runs=len(runs), bounds=bounds)
+
+
+def final_metrics_table(entries: Sequence[tuple[str, Sequence[Run]]]) -> pd.DataFrame:
+    """One row per compared entry (a run, or a group of seeds: mean ± std)."""
+    rows = []
+    for name, runs in entries:
+        def agg(values: list[float | None]) -> str:
+            vals = [v for v in values if v is not None]
+            if not vals:
+                return "—"
+            if len(vals) == 1:
+                return fmt_pct(vals[0], 2)
+            mean = sum(vals) / len(vals)
+            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+            return f"{100 * mean:.2f} ± {100 * std:.2f} %"
+
+        one = runs[0] if len(runs) == 1 else None
+        rows.append({
+            "Entry": name,
+            "Runs": len(runs),
+            "Recipe": recipe_text(runs[0].config) if runs else "",
+            "Best val acc": agg([r.best_val_acc for r in runs]),
+            "Best at": (f"stage {one.best_stage}, epoch {one.best_epoch}"
+                        if one and one.best_stage else "—"),
+            "Test acc": agg([r.test_acc for r in runs]),
+            "Training time": fmt_duration(
+                sum(r.duration_s or 0 for r in runs) / max(1, len(runs))),
+            "Status": ", ".join(sorted({r.status for r in runs})),
+        })
+    return pd.DataFrame(rows)
+
+
+def config_diff_table(named_configs: Sequence[tuple[str, dict[str, Any]]]) -> pd.DataFrame:
+    """Config fields (flattened, 'stage 2.lr') whose values differ between any of the given
+    configs; one column per config. Fields equal everywhere are left out."""
+    flat = [(name, flatten(cfg)) for name, cfg in named_configs]
+    keys = sorted({k for _, f in flat for k in f})
+    missing = object()
+    differing = [k for k in keys if len({repr(f.get(k, missing)) for _, f in flat}) > 1]
+    data = {}
+    for name, f in flat:
+        col = name
+        while col in data:  # two runs with the same name stay two columns
+            col += " "
+        data[col] = ["—" if k not in f else _cell(f[k]) for k in differing]
+    return pd.DataFrame(data, index=pd.Index(differing, name="Field"))
+
+
+def _cell(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+def recipe_grid(stages: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Stage-by-group table of booleans: which layer groups train in which stage."""
+    return pd.DataFrame(
+        [[g in s.get("groups", ()) for g in LAYER_GROUPS] for s in stages],
+        index=[f"Stage {i}" for i in range(1, len(stages) + 1)], columns=list(LAYER_GROUPS))
+
+
+def latest_value(frame: pd.DataFrame, key: str) -> float | None:
+    x, y = series(frame, key)
+    return y[-1] if y else None

@@ -1,0 +1,69 @@
+"""Helpers shared by the pages: store access and the sidebar job panel.
+
+Nothing here is cached across reruns: the store is re-opened on every call (cheap: one
+SQLite connection per query), so new runs always show.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core import jobs
+from core.store import RunStore, StoreError
+from core.views import fmt_duration, progress_fraction, progress_text
+
+SELECTED_RUN = "selected_run_id"  # shared session key: the run the Runs page opens
+SIDEBAR_REFRESH_S = 3  # seconds between sidebar job-panel refreshes
+
+
+def get_store() -> RunStore:
+    """The run store at $FINETUNE_LAB_DATA (or ./runs); stops the page with a readable
+    message if it cannot be opened."""
+    try:
+        return RunStore()
+    except StoreError as exc:
+        st.error(str(exc))
+        st.stop()
+        raise  # unreachable; st.stop raises
+
+
+def open_run(run_id: str) -> None:
+    """Open a run on the Runs page."""
+    st.session_state[SELECTED_RUN] = run_id
+    st.switch_page("pages/runs.py")
+
+
+@st.fragment(run_every=SIDEBAR_REFRESH_S)
+def jobs_panel() -> None:
+    """Running and queued jobs with progress; refreshes itself without rerunning the page.
+    reconcile (inside summary) marks runs whose worker died as failed."""
+    store = get_store()
+    try:
+        s = jobs.summary(store)
+    except StoreError as exc:
+        st.warning(f"Job status unavailable: {exc}")
+        return
+    st.markdown("**Jobs**")
+    if not s["running"] and not s["queued"]:
+        st.caption("Nothing running. Start a run on **New run**.")
+        return
+    for run in s["running"]:
+        st.markdown(f"▶️ {run.name}")
+        st.progress(progress_fraction(run), text=progress_text(run))
+    if s["queued"]:
+        st.caption(f"{len(s['queued'])} queued: " + ", ".join(r.name for r in s["queued"][:5])
+                   + (" …" if len(s["queued"]) > 5 else ""))
+
+
+def render_sidebar() -> None:
+    with st.sidebar:
+        jobs_panel()
+
+
+def no_runs_message() -> None:
+    st.info("No runs yet — start one on **New run**.")
+    st.page_link("pages/new_run.py", label="New run", icon=":material/add_circle:")
+
+
+def run_duration(run) -> str:
+    return fmt_duration(run.duration_s)

@@ -1,0 +1,196 @@
+"""Runs: the live view of a running run (curves stream in via a fragment that reruns on a
+timer, never a sleep loop) and the results of a finished one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from core import charts, jobs
+from core.store import Run, RunStore
+from core.views import (fmt_duration, fmt_pct, metrics_csv, metrics_frame, progress_fraction,
+                        progress_text, recipe_text, run_label, stage_bounds)
+from pages._common import SELECTED_RUN, get_store, no_runs_message
+
+P = "runs."
+LIVE_REFRESH_S = 1.5  # seconds between live-view refreshes while a run is active
+LOG_TAIL_BYTES = 6000
+
+
+def read_metrics(store: RunStore, run_id: str) -> list:
+    """All metric rows of a run, read incrementally: each refresh fetches only rows newer
+    than the last one seen (the store's indexed "after id" read)."""
+    cache = st.session_state.setdefault(P + "metrics_cache", {})
+    rows = cache.get(run_id, [])
+    new = store.metrics(run_id, after_id=rows[-1].id if rows else 0)
+    if new:
+        if rows and new[0].step <= rows[-1].step and new[0].key == "trainable_params":
+            rows = []  # a resumed run truncated and re-logged its metrics: start over
+        rows = rows + new
+        cache.clear()  # keep one run's rows only: memory stays bounded
+        cache[run_id] = rows
+    return rows
+
+
+def curves(run: Run, rows: list, key_prefix: str) -> None:
+    frame = metrics_frame(rows)
+    bounds = stage_bounds(run.config)
+    if frame.empty or not frame["key"].isin(["train/step_loss", "val/acc"]).any():
+        st.info("No curves yet: the first points appear after a few training steps.")
+        return
+    left, right = st.columns(2)
+    left.plotly_chart(charts.metric_figure(frame, "loss", bounds), key=key_prefix + "loss")
+    right.plotly_chart(charts.metric_figure(frame, "acc", bounds), key=key_prefix + "acc")
+    st.plotly_chart(charts.lr_figure(frame, bounds), key=key_prefix + "lr")
+
+
+def log_tail(store: RunStore, run_id: str) -> None:
+    text = jobs.log_tail(store, run_id, LOG_TAIL_BYTES)
+    st.code(text or "(the log is empty so far)", language="log")
+
+
+@st.fragment(run_every=LIVE_REFRESH_S)
+def live_view(run_id: str) -> None:
+    store = get_store()
+    run = store.get_run(run_id)
+    if run is None or not run.is_active:
+        st.rerun()  # it just ended: rerun the whole page to show the results view
+        return
+    st.progress(progress_fraction(run), text=progress_text(run))
+    if run.status == "running" and run.started_at:
+        st.caption(f"Running for {fmt_duration(run.duration_s)}"
+                   + (" · stopping after the current batch…" if run.cancel_requested else ""))
+    curves(run, read_metrics(store, run_id), P + "live.")
+    with st.expander("Log (last lines)", expanded=False):
+        log_tail(store, run_id)
+
+
+def summary_metrics(run: Run) -> None:
+    r = run.results or {}
+    c = st.columns(5)
+    best_at = f"stage {run.best_stage}, epoch {run.best_epoch}" if run.best_stage else None
+    c[0].metric("Best validation accuracy", fmt_pct(run.best_val_acc, 2), help=best_at,
+                delta=best_at, delta_color="off", delta_arrow="off")
+    c[1].metric("Test accuracy", fmt_pct(run.test_acc, 2),
+                help="Measured once, at the end, with the best checkpoint.")
+    c[2].metric("Training time", fmt_duration(run.duration_s))
+    sizes = r.get("sizes") or {}
+    c[3].metric("Images train / val / test",
+                " / ".join(str(sizes.get(k, "—")) for k in ("train", "val", "test")))
+    c[4].metric("Classes", len(r.get("classes") or []) or "—")
+    if r.get("skipped_files"):
+        with st.expander(f"⚠️ {r['skipped_files']} unreadable files were skipped"):
+            st.code("\n".join(r.get("skipped_examples") or []))
+
+
+def results_view(store: RunStore, run: Run) -> None:
+    r = run.results or {}
+    if run.status == "failed":
+        st.error(f"This run failed: {run.error or 'no reason recorded'}")
+    elif run.status == "cancelled":
+        st.warning(f"This run was cancelled ({run.error or 'by request'}).")
+    if run.status in ("failed", "cancelled"):
+        if (store.run_dir(run.id) / "last.pt").exists():
+            if st.button("Resume from the last completed epoch", key=P + "resume"):
+                jobs.resume(store, run.id)
+                st.rerun()
+        else:
+            st.caption("No completed epoch to resume from.")
+    summary_metrics(run)
+    curves(run, read_metrics(store, run.id), P + "done.")
+    classes = r.get("classes") or []
+    if r.get("confusion") and classes:
+        left, right = st.columns(2)
+        left.plotly_chart(charts.confusion_figure(r["confusion"], classes), key=P + "confusion")
+        if r.get("per_class_acc"):
+            right.plotly_chart(charts.per_class_figure(r["per_class_acc"], classes),
+                               key=P + "per_class")
+    downloads(store, run)
+    with st.expander("Log"):
+        log_tail(store, run.id)
+    delete_section(store, run)
+
+
+def downloads(store: RunStore, run: Run) -> None:
+    st.markdown("**Downloads**")
+    c = st.columns(3)
+    best = Path(run.best_checkpoint) if run.best_checkpoint else None
+    if best and best.is_file():
+        # A callable: the ~45 MB checkpoint is read only when the button is clicked.
+        c[0].download_button("Best checkpoint (.pt)", data=lambda: best.read_bytes(),
+                             file_name=f"{run.id}-best.pt", mime="application/octet-stream",
+                             key=P + "dl_ckpt", on_click="ignore")
+    else:
+        c[0].caption("No checkpoint was saved.")
+    c[1].download_button("Metrics (.csv)", data=lambda: metrics_csv(store.metrics(run.id)),
+                         file_name=f"{run.id}-metrics.csv", mime="text/csv",
+                         key=P + "dl_csv", on_click="ignore")
+    c[2].download_button("Config (.json)", data=json.dumps(run.config, indent=2, sort_keys=True),
+                         file_name=f"{run.id}-config.json", mime="application/json",
+                         key=P + "dl_cfg", on_click="ignore")
+
+
+def delete_section(store: RunStore, run: Run) -> None:
+    confirm_key = P + "confirm_delete"
+    if st.session_state.get(confirm_key) != run.id:
+        if st.button("Delete this run…", key=P + "delete"):
+            st.session_state[confirm_key] = run.id
+            st.rerun()
+        return
+    st.warning(f"Delete **{run.name}** with its checkpoints, metrics and log? This cannot "
+               f"be undone.")
+    yes, no, _ = st.columns([1, 1, 4])
+    if yes.button("Yes, delete", type="primary", key=P + "delete_yes"):
+        store.delete_run(run.id)
+        st.session_state.pop(confirm_key, None)
+        st.session_state.pop(SELECTED_RUN, None)
+        st.toast(f"Deleted {run.name}")
+        st.rerun()
+    if no.button("Keep it", key=P + "delete_no"):
+        st.session_state.pop(confirm_key, None)
+        st.rerun()
+
+
+# ---------------------------------------------------------------- page
+
+store = get_store()
+st.title("Runs")
+runs = store.list_runs()
+if not runs:
+    no_runs_message()
+    st.stop()
+
+by_id = {r.id: r for r in runs}
+ids = list(by_id)
+if st.session_state.get(SELECTED_RUN) not in by_id:
+    st.session_state[SELECTED_RUN] = ids[0]  # newest
+st.session_state[P + "pick"] = st.session_state[SELECTED_RUN]
+
+
+def _picked() -> None:
+    st.session_state[SELECTED_RUN] = st.session_state[P + "pick"]
+
+
+st.selectbox("Run", ids, key=P + "pick", on_change=_picked,
+             format_func=lambda i: run_label(by_id[i]))
+run = by_id[st.session_state[SELECTED_RUN]]
+st.caption(f"**{recipe_text(run.config)}** · id `{run.id}`"
+           + (f" · group {run.group}" if run.group else "")
+           + f" · {run.config.get('data_source')}, {run.config.get('weights')} weights")
+
+if run.is_active:
+    cols = st.columns([1, 1, 4])
+    if not run.cancel_requested:
+        if cols[0].button("Cancel run", key=P + "cancel",
+                          help="Stops after the current batch; the best checkpoint so far is kept."):
+            jobs.cancel(store, run.id)
+            st.rerun()
+    elif cols[0].button("Force stop", key=P + "kill",
+                        help="The run did not stop on request: end its process."):
+        jobs.kill(store, run.id)
+        st.rerun()
+    live_view(run.id)
+else:
+    results_view(store, run)

@@ -1,0 +1,34 @@
+"""Entry point: `streamlit run streamlit_app.py`. Navigation over the pages plus the shared
+sidebar with running and queued jobs. Pages are thin; all logic lives in core/."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # `from pages._common import ...` and `import core` in pages
+    sys.path.insert(0, str(HERE))
+
+from pages._common import render_sidebar  # noqa: E402
+
+# (file, title, icon). A page is registered only when its file exists, so the app works
+# while pages owned by others are still being written.
+PAGES = (
+    ("pages/overview.py", "Overview", ":material/home:"),
+    ("pages/new_run.py", "New run", ":material/add_circle:"),
+    ("pages/runs.py", "Runs", ":material/monitoring:"),
+    ("pages/compare.py", "Compare", ":material/compare_arrows:"),
+    ("pages/classify.py", "Classify", ":material/image_search:"),
+    ("pages/experiments.py", "Experiments", ":material/science:"),
+    ("pages/datasets.py", "Datasets", ":material/folder_open:"),
+)
+
+st.set_page_config(page_title="Two-Stage Fine-Tuning Lab", page_icon=":material/layers:",
+                   layout="wide")
+nav = st.navigation([st.Page(path, title=title, icon=icon, default=(i == 0))
+                     for i, (path, title, icon) in enumerate(PAGES) if (HERE / path).is_file()])
+render_sidebar()
+nav.run()
