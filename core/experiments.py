@@ -1,0 +1,463 @@
+"""Experiments: run several recipes (presets or saved configs) over several seeds, then
+compare them with honest statistics and a plain-language verdict.
+
+An experiment is a JSON record `<store.root>/experiments/<id>.json` (written atomically)
+listing its recipes, each with the run *group* its seed runs were queued under. The runs
+themselves live in the ordinary run store; results are computed from them on demand, so a
+record never goes stale while runs finish.
+
+Statistics: per recipe the mean and sample standard deviation (n - 1) of best validation
+and test accuracy, in percentage points; between two recipes Welch's difference of means
+with a 95 % confidence interval from Student's t with Welch-Satterthwaite degrees of
+freedom. The t quantile is computed here (regularised incomplete beta + bisection) so the
+app needs no scipy. No torch import: the Experiments page imports this at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import config as cfgmod
+from .store import Run, RunStore
+
+EXPERIMENTS_DIR = "experiments"
+CONFIDENCE = 0.95
+MAX_SEEDS = 20  # one experiment queues recipes x seeds runs; more is almost surely a typo
+METRICS = {"val": "best validation accuracy", "test": "test accuracy"}
+
+
+class ExperimentError(ValueError):
+    """An experiment cannot be created or read; the message says why."""
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def mean(xs: Sequence[float]) -> float:
+    if not xs:
+        raise ValueError("mean of no values")
+    return math.fsum(xs) / len(xs)
+
+
+def sample_std(xs: Sequence[float]) -> float:
+    """Standard deviation with Bessel's correction (divides by n - 1). NaN for n < 2:
+    one seed says nothing about spread."""
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    m = mean(xs)
+    return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction for the incomplete beta function (modified Lentz's method)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    # The continued fraction converges fast for x < (a + 1) / (a + b + 2); use symmetry otherwise.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` (> 0, may be fractional) degrees of freedom."""
+    if df <= 0:
+        raise ValueError("degrees of freedom must be positive")
+    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The t value with P(T <= t) = p (e.g. p = 0.975 for a two-sided 95 % interval)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError("p must be in (0, 1)")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    if p == 0.5:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:  # bracket: heavy tails at tiny df need a wide range
+        lo, hi = hi, hi * 2.0
+        if hi > 1e12:
+            return math.inf
+    for _ in range(200):  # bisection: the CDF is monotone, so this always converges
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """mean(a) - mean(b) with a Welch confidence interval. Units are those of the inputs."""
+
+    diff: float
+    low: float  # NaN when either side has fewer than 2 values
+    high: float
+    df: float  # Welch-Satterthwaite degrees of freedom (inf when both spreads are 0)
+    n_a: int
+    n_b: int
+    confidence: float = CONFIDENCE
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2.0
+
+    @property
+    def has_interval(self) -> bool:
+        return not math.isnan(self.low)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.has_interval and (self.low > 0 or self.high < 0)
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float],
+                     confidence: float = CONFIDENCE) -> Difference:
+    """Difference of means of two independent samples, with Welch's t interval (does not
+    assume equal variances: recipes can differ exactly in how stable they are)."""
+    if not a or not b:
+        raise ValueError("both samples need at least one value")
+    d = mean(a) - mean(b)
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return Difference(d, math.nan, math.nan, math.nan, na, nb, confidence)
+    va, vb = sample_std(a) ** 2 / na, sample_std(b) ** 2 / nb
+    se = math.sqrt(va + vb)
+    if se == 0.0:  # identical values within each recipe: no sampling noise to bound
+        return Difference(d, d, d, math.inf, na, nb, confidence)
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    half = t_quantile(0.5 + confidence / 2.0, df) * se
+    return Difference(d, d - half, d + half, df, na, nb, confidence)
+
+
+# ---------------------------------------------------------------- verdict
+
+
+def _pts(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def verdict(name_a: str, name_b: str, difference: Difference, what: str = "validation accuracy",
+            std_a: float = math.nan, std_b: float = math.nan) -> str:
+    """One plain-language sentence (or two) about `mean(a) - mean(b)` in percentage points,
+    e.g. "Two-stage beat All at once by 1.8 ± 0.9 points of validation accuracy over 5
+    seeds (95 % confidence interval 0.9 to 2.7)."""
+    d = difference
+    seeds = (f"over {d.n_a} seeds" if d.n_a == d.n_b
+             else f"over {d.n_a} and {d.n_b} seeds")
+    if not d.has_interval:
+        lead, other = (name_a, name_b) if d.diff >= 0 else (name_b, name_a)
+        return (f"{lead} scored {_pts(abs(d.diff))} points higher {what} than {other}, but "
+                f"with a single finished seed in a recipe there is no way to tell this from "
+                f"seed-to-seed luck; run at least 2 seeds (5 is better).")
+    level = f"{round(d.confidence * 100)} %"
+    if d.excludes_zero:
+        # Say it from the winner's side: the interval of (winner - loser) is positive.
+        if d.diff > 0:
+            winner, loser, low, high = name_a, name_b, d.low, d.high
+        else:
+            winner, loser, low, high = name_b, name_a, -d.high, -d.low
+        text = (f"{winner} beat {loser} by {_pts(abs(d.diff))} ± {_pts(d.half_width)} points "
+                f"of {what} {seeds} ({level} confidence interval {_pts(low)} to {_pts(high)}).")
+    else:
+        text = (f"No clear winner on {what}: {name_a} minus {name_b} is {_pts(d.diff)} ± "
+                f"{_pts(d.half_width)} points {seeds} ({level} confidence interval {_pts(d.low)} to "
+                f"{_pts(d.high)}, which includes 0), so the "
+                f"difference could be seed-to-seed luck. More seeds narrow the interval.")
+    if not (math.isnan(std_a) or math.isnan(std_b)):
+        if max(std_a, std_b) > 0 and min(std_a, std_b) <= 0.5 * max(std_a, std_b):
+            steadier, shakier = (name_a, name_b) if std_a < std_b else (name_b, name_a)
+            text += (f" {steadier} was also more stable across seeds (spread "
+                     f"{_pts(min(std_a, std_b))} vs {_pts(max(std_a, std_b))} points).")
+        else:
+            text += (f" Both were about equally stable across seeds (spread {_pts(std_a)} vs "
+                     f"{_pts(std_b)} points).")
+    return text
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # shown to the user: a preset name or "config of run X"
+    group: str  # run-store group its seed runs were queued under
+    config: dict[str, Any]  # the RunConfig dict (seed replaced per run)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: str
+    name: str
+    created_at: float
+    seeds: tuple[int, ...]
+    recipes: tuple[Recipe, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "created_at": self.created_at,
+                "seeds": list(self.seeds),
+                "recipes": [{"name": r.name, "group": r.group, "config": r.config}
+                            for r in self.recipes]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Experiment":
+        try:
+            return cls(id=str(d["id"]), name=str(d["name"]), created_at=float(d["created_at"]),
+                       seeds=tuple(int(s) for s in d["seeds"]),
+                       recipes=tuple(Recipe(str(r["name"]), str(r["group"]), dict(r["config"]))
+                                     for r in d["recipes"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ExperimentError(f"experiment record is malformed ({exc})") from None
+
+
+def experiments_dir(store: RunStore) -> Path:
+    return Path(store.root) / EXPERIMENTS_DIR
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:40] or "recipe"
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from "0-4", "1, 2, 7" or "3" (a count: seeds 0..2 would be "0-2")."""
+    seeds: list[int] = []
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part) or re.fullmatch(r"(\d+)", part)
+        if not m:
+            raise ExperimentError(f"seeds: {part!r} is not a whole number or a range like 0-4")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.lastindex == 2 else lo
+        if hi < lo:
+            raise ExperimentError(f"seeds: range {part} runs backwards")
+        seeds += [s for s in range(lo, hi + 1) if s not in seeds]
+        if len(seeds) > MAX_SEEDS:
+            raise ExperimentError(f"seeds: at most {MAX_SEEDS} seeds per experiment")
+    if not seeds:
+        raise ExperimentError("seeds: give at least one seed, e.g. 0-4")
+    return seeds
+
+
+def validate_experiment(recipes: Sequence[tuple[str, cfgmod.RunConfig]], seeds: Sequence[int]) -> list[str]:
+    """Every problem with an experiment, before anything is queued (all or nothing)."""
+    errors: list[str] = []
+    if len(recipes) < 2:
+        errors.append("recipes: pick at least two recipes to compare")
+    names = [n for n, _ in recipes]
+    if len(set(names)) != len(names):
+        errors.append("recipes: two recipes have the same name; rename one")
+    if not seeds:
+        errors.append("seeds: give at least one seed")
+    elif len(set(seeds)) != len(seeds):
+        errors.append("seeds: a seed is listed twice")
+    elif len(seeds) > MAX_SEEDS:
+        errors.append(f"seeds: at most {MAX_SEEDS} seeds per experiment")
+    elif any(not isinstance(s, int) or s < 0 for s in seeds):
+        errors.append("seeds: seeds are whole numbers, 0 or more")
+    for name, cfg in recipes:
+        errors += [f"{name}: {e}" for e in cfgmod.validate(cfg)]
+    return errors
+
+
+def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunConfig]],
+                      seeds: Sequence[int], name: str = "") -> Experiment:
+    """Queue every (recipe, seed) run, grouped per recipe, and record the experiment.
+    The record is written before any run is queued, so a crash part-way leaves a record
+    whose missing runs show as missing rather than runs that belong to nothing."""
+    from . import jobs  # spawns processes; imported here so reading results stays light
+
+    errors = validate_experiment(recipes, seeds)
+    if errors:
+        raise cfgmod.ConfigError(errors)
+    now = time.time()
+    exp_id = f"exp-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{uuid.uuid4().hex[:4]}"
+    exp = Experiment(
+        id=exp_id, name=name.strip() or " vs ".join(n for n, _ in recipes), created_at=now,
+        seeds=tuple(seeds),
+        recipes=tuple(Recipe(n, f"{exp_id}-{_slug(n)}-{i}", cfgmod.to_dict(c))
+                      for i, (n, c) in enumerate(recipes, 1)))
+    _write_json_atomic(experiments_dir(store) / f"{exp_id}.json", exp.to_dict())
+    for (recipe_name, cfg), recipe in zip(recipes, exp.recipes):
+        jobs.submit_seeds(store, cfg, list(seeds), name=f"{exp.name}: {recipe_name}",
+                          group=recipe.group)
+    return exp
+
+
+def load_experiment(store: RunStore, exp_id: str) -> Experiment:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", exp_id):
+        raise ExperimentError(f"not an experiment id: {exp_id!r}")
+    path = experiments_dir(store) / f"{exp_id}.json"
+    try:
+        return Experiment.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ExperimentError(f"experiment {exp_id} does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExperimentError(f"experiment {exp_id} cannot be read ({exc})") from None
+
+
+def list_experiments(store: RunStore) -> list[Experiment]:
+    """Experiments, newest first; unreadable records are skipped."""
+    out = []
+    folder = experiments_dir(store)
+    for path in folder.glob("exp-*.json") if folder.is_dir() else ():
+        try:
+            out.append(Experiment.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, json.JSONDecodeError, ExperimentError):
+            continue
+    return sorted(out, key=lambda e: e.created_at, reverse=True)
+
+
+def delete_experiment(store: RunStore, exp_id: str) -> None:
+    """Forget the record (runs stay in the store)."""
+    exp = load_experiment(store, exp_id)
+    (experiments_dir(store) / f"{exp.id}.json").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    recipe: Recipe
+    runs: tuple[Run, ...]
+    # Accuracies of finished runs in percentage points (0..100), one per seed.
+    val: tuple[float, ...]
+    test: tuple[float, ...]
+    counts: dict[str, int] = field(default_factory=dict)  # status -> number of runs
+
+    @property
+    def n_done(self) -> int:
+        return len(self.val)
+
+    def stat(self, metric: str) -> tuple[float, float]:
+        """(mean, sample std) of "val" or "test" in points; NaN where undefined."""
+        xs = self.val if metric == "val" else self.test
+        return (mean(xs) if xs else math.nan, sample_std(xs))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: str
+    b: str
+    metric: str  # "val" or "test"
+    difference: Difference
+    text: str
+
+
+@dataclass(frozen=True)
+class ExperimentResults:
+    experiment: Experiment
+    recipes: tuple[RecipeResult, ...]
+    comparisons: tuple[Comparison, ...]
+
+    @property
+    def active(self) -> int:
+        return sum(r.counts.get("queued", 0) + r.counts.get("running", 0) for r in self.recipes)
+
+    @property
+    def total(self) -> int:
+        return sum(len(r.runs) for r in self.recipes)
+
+    @property
+    def finished(self) -> int:
+        return sum(r.counts.get("finished", 0) for r in self.recipes)
+
+
+def experiment_results(store: RunStore, exp: Experiment) -> ExperimentResults:
+    """Statistics over the finished runs of each recipe, and every pairwise comparison
+    (recipes in the order they were chosen)."""
+    recipe_results = []
+    for recipe in exp.recipes:
+        runs = tuple(sorted(store.list_runs(group=recipe.group),
+                            key=lambda r: int(r.config.get("seed", 0))))
+        counts: dict[str, int] = {}
+        for r in runs:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        done = [r for r in runs if r.status == "finished" and r.best_val_acc is not None]
+        val = tuple(100.0 * r.best_val_acc for r in done)  # type: ignore[operator]
+        test = tuple(100.0 * r.test_acc for r in done if r.test_acc is not None)
+        recipe_results.append(RecipeResult(recipe, runs, val, test, counts))
+    comparisons = []
+    for i, ra in enumerate(recipe_results):
+        for rb in recipe_results[i + 1:]:
+            for metric in ("val", "test"):
+                xa = ra.val if metric == "val" else ra.test
+                xb = rb.val if metric == "val" else rb.test
+                if not xa or not xb:
+                    continue
+                d = welch_difference(xa, xb)
+                text = verdict(ra.recipe.name, rb.recipe.name, d, METRICS[metric],
+                               sample_std(xa), sample_std(xb))
+                comparisons.append(Comparison(ra.recipe.name, rb.recipe.name, metric, d, text))
+    return ExperimentResults(exp, tuple(recipe_results), tuple(comparisons))
+
+
+def preset_recipes(names: Sequence[str], epochs: int, lr: float,
+                   base: cfgmod.RunConfig) -> list[tuple[str, cfgmod.RunConfig]]:
+    """Presets as recipes sharing every run-level field of `base` (data, resolution,
+    batch size, weights, device): only the stage plan differs, so a comparison is fair."""
+    return [(n, replace(base, stages=cfgmod.preset_stages(n, epochs=epochs, lr=lr))) for n in names]

@@ -1,0 +1,181 @@
+"""Experiment statistics (known inputs give known intervals), verdicts, records and results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+
+import pytest
+
+from core import config as cfgmod
+from core import experiments as ex
+from tests.conftest import tiny_config
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_mean_and_sample_std_use_n_minus_1():
+    assert ex.mean([1, 2, 3, 4]) == 2.5
+    # sum of squared deviations 5, divided by n - 1 = 3 (not by n = 4)
+    assert ex.sample_std([1, 2, 3, 4]) == pytest.approx(math.sqrt(5 / 3))
+    assert math.isnan(ex.sample_std([7.0]))
+
+
+@pytest.mark.parametrize("df, expected", [
+    (1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (10, 2.2281389), (30, 2.0422725),
+    (8, 2.3060041), (1e7, 1.9599640),
+])
+def test_t_quantile_matches_tables(df, expected):
+    assert ex.t_quantile(0.975, df) == pytest.approx(expected, rel=2e-4)
+
+
+def test_t_quantile_fractional_df_lies_between_neighbours():
+    # Welch's df is fractional: its quantile must fall between the integer ones.
+    assert ex.t_quantile(0.975, 8) < ex.t_quantile(0.975, 7.5) < ex.t_quantile(0.975, 7)
+
+
+def test_t_quantile_is_symmetric_and_inverts_the_cdf():
+    assert ex.t_quantile(0.025, 5) == pytest.approx(-ex.t_quantile(0.975, 5))
+    for df in (1.5, 3, 12):
+        for p in (0.6, 0.9, 0.995):
+            assert ex.t_cdf(ex.t_quantile(p, df), df) == pytest.approx(p, abs=1e-9)
+
+
+def test_welch_interval_equal_sizes_known_values():
+    # a: mean 3, var 2.5; b: mean 5, var 2.5; se = sqrt(0.5 + 0.5) = 1, df = 8
+    d = ex.welch_difference([1, 2, 3, 4, 5], [3, 4, 5, 6, 7])
+    assert d.diff == pytest.approx(-2.0)
+    assert d.df == pytest.approx(8.0)
+    assert d.half_width == pytest.approx(2.3060041, rel=1e-5)  # t(0.975, 8) * 1
+    assert (d.low, d.high) == pytest.approx((-4.3060041, 0.3060041), rel=1e-5)
+    assert not d.excludes_zero
+
+
+def test_welch_unequal_variances_uses_satterthwaite_df():
+    a, b = [10.0, 12.0, 14.0], [1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
+    va, vb = 4.0 / 3, 0.875 / 6  # sample variances 4 and 0.875, over n
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 5)
+    d = ex.welch_difference(a, b)
+    assert d.df == pytest.approx(df)
+    assert d.diff == pytest.approx(12 - 2.25)
+    assert d.half_width == pytest.approx(ex.t_quantile(0.975, df) * math.sqrt(va + vb))
+    assert d.excludes_zero
+
+
+def test_welch_without_spread_or_with_one_value():
+    same = ex.welch_difference([80.0, 80.0], [78.0, 78.0])
+    assert (same.low, same.high) == (2.0, 2.0) and same.excludes_zero
+    single = ex.welch_difference([80.0], [78.0, 79.0])
+    assert not single.has_interval and not single.excludes_zero
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+def test_verdict_names_the_winner_with_interval():
+    d = ex.welch_difference([81.0, 82.0, 83.0, 82.5, 81.5], [79.0, 80.0, 80.5, 80.2, 80.3])
+    text = ex.verdict("Two-stage", "All at once", d)
+    assert text.startswith(f"Two-stage beat All at once by {d.diff:.1f} ± {d.half_width:.1f} points")
+    assert "over 5 seeds" in text and "95 % confidence interval" in text
+    # Same data the other way round: still says who won, with a positive interval.
+    flipped = ex.verdict("All at once", "Two-stage", ex.welch_difference(
+        [79.0, 80.0, 80.5, 80.2, 80.3], [81.0, 82.0, 83.0, 82.5, 81.5]))
+    assert flipped.startswith("Two-stage beat All at once")
+    assert f"interval {d.low:.1f} to {d.high:.1f}" in flipped
+
+
+def test_verdict_says_no_clear_winner_when_interval_has_zero():
+    d = ex.welch_difference([80.0, 82.0, 81.0], [81.0, 80.0, 82.5])
+    text = ex.verdict("A", "B", d)
+    assert text.startswith("No clear winner") and "includes 0" in text
+
+
+def test_verdict_mentions_stability_and_single_seed():
+    d = ex.welch_difference([80.0, 80.2, 80.1], [75.0, 85.0, 80.0])
+    assert "A was also more stable across seeds" in ex.verdict("A", "B", d, std_a=0.1, std_b=5.0)
+    one = ex.verdict("A", "B", ex.welch_difference([80.0], [70.0]))
+    assert "A scored 10.0 points higher" in one and "at least 2 seeds" in one
+
+
+def test_parse_seeds():
+    assert ex.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert ex.parse_seeds("3, 1 7") == [3, 1, 7]
+    for bad in ("", "a", "5-2", "0-100"):
+        with pytest.raises(ex.ExperimentError):
+            ex.parse_seeds(bad)
+
+
+# ---------------------------------------------------------------- records and results
+
+
+def _recipes(tiny_folder):
+    base = tiny_config(tiny_folder)
+    return ex.preset_recipes(["Two-stage", "All at once"], epochs=1, lr=0.01, base=base)
+
+
+def test_validate_experiment_is_all_or_nothing(store, tiny_folder):
+    recipes = _recipes(tiny_folder)
+    bad = [recipes[0], ("Broken", cfgmod.with_stage(recipes[1][1], 0, lr=-1.0))]
+    with pytest.raises(cfgmod.ConfigError) as err:
+        ex.submit_experiment(store, bad, [0, 1])
+    assert any(e.startswith("Broken: stage 1: learning rate") for e in err.value.errors)
+    assert store.list_runs() == [] and ex.list_experiments(store) == []
+    assert "recipes: pick at least two recipes to compare" in ex.validate_experiment(recipes[:1], [0])
+    assert "seeds: a seed is listed twice" in ex.validate_experiment(recipes, [1, 1])
+
+
+def test_preset_recipes_share_run_fields(tiny_folder):
+    (n1, c1), (n2, c2) = _recipes(tiny_folder)
+    assert (n1, n2) == ("Two-stage", "All at once")
+    assert len(c1.stages) == 2 and len(c2.stages) == 1
+    assert replace(c1, stages=()) == replace(c2, stages=())
+
+
+def test_submit_records_groups_and_results_compute_stats(store, tiny_folder, monkeypatch):
+    from core import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "dispatch", lambda s: started.append(1) or [])  # no processes
+    exp = ex.submit_experiment(store, _recipes(tiny_folder), [0, 1, 2], name="claim test")
+    record = json.loads((store.root / "experiments" / f"{exp.id}.json").read_text())
+    assert record["name"] == "claim test" and record["seeds"] == [0, 1, 2]
+    assert [r["name"] for r in record["recipes"]] == ["Two-stage", "All at once"]
+    assert all(r["group"].startswith(exp.id) for r in record["recipes"])
+    assert ex.load_experiment(store, exp.id) == exp
+    assert [e.id for e in ex.list_experiments(store)] == [exp.id]
+
+    runs = {r.recipe.name: r for r in ex.experiment_results(store, exp).recipes}
+    assert all(len(r.runs) == 3 and r.counts == {"queued": 3} for r in runs.values())
+    assert sorted(x.config["seed"] for x in runs["Two-stage"].runs) == [0, 1, 2]
+
+    # Pretend the runs finished with known accuracies.
+    accs = {"Two-stage": [0.80, 0.82, 0.84], "All at once": [0.78, 0.79, 0.80]}
+    for name, rr in runs.items():
+        for run, acc in zip(rr.runs, accs[name]):
+            assert store.claim_run_now(run.id, os.getpid())
+            store.set_best(run.id, acc, 1, 1, "")
+            store.set_results(run.id, acc - 0.01, {})
+            store.finish_run(run.id, "finished")
+    res = ex.experiment_results(store, exp)
+    two, all_ = res.recipes
+    assert two.stat("val") == pytest.approx((82.0, 2.0))
+    assert all_.stat("test") == pytest.approx((78.0, 1.0))
+    assert res.active == 0 and res.finished == res.total == 6
+    val_cmp = next(c for c in res.comparisons if c.metric == "val")
+    assert val_cmp.difference.diff == pytest.approx(3.0)
+    assert val_cmp.difference == ex.welch_difference([80, 82, 84], [78, 79, 80])
+    assert val_cmp.text.startswith("No clear winner") or "beat" in val_cmp.text
+    assert {c.metric for c in res.comparisons} == {"val", "test"}
+
+
+def test_load_experiment_rejects_bad_ids_and_records(store):
+    with pytest.raises(ex.ExperimentError):
+        ex.load_experiment(store, "../../etc/passwd")
+    with pytest.raises(ex.ExperimentError, match="does not exist"):
+        ex.load_experiment(store, "exp-missing")
+    (store.root / "experiments").mkdir()
+    (store.root / "experiments" / "exp-bad.json").write_text("{not json")
+    assert ex.list_experiments(store) == []
