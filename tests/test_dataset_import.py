@@ -1,0 +1,169 @@
+"""Zip import of your own data: good zips, nested top folders, non-images, corrupt files,
+path traversal / absolute / symlink entries, zip-bomb limits; folder listing and preview."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from core import dataset_import as di
+from tests.conftest import make_image_folder
+
+
+def _zip_folder(folder: Path, prefix: str = "", extra: dict[str, bytes] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, arcname=prefix + p.relative_to(folder).as_posix())
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def flat_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "src", per_class=4, split=False)
+
+
+def test_good_zip_imports_and_validates(tmp_path, flat_folder):
+    root = tmp_path / "datasets"
+    summary = di.import_zip(io.BytesIO(_zip_folder(flat_folder)), "colors", root=root)
+    assert summary.path == root / "colors" and summary.path.is_dir()
+    assert summary.classes == ["blue", "green", "red"] and summary.layout == "single"
+    assert summary.counts == {"all": {"blue": 4, "green": 4, "red": 4}}
+    assert summary.total_images == 12 and summary.corrupt == [] and summary.non_images == []
+    assert any("few images" in w for w in summary.warnings)
+    assert not [p for p in root.iterdir() if p.name.startswith(".import")]
+    # The imported folder is usable as data for a run.
+    from core.data import Preprocess, load_splits
+
+    splits = load_splits("folder", str(summary.path), Preprocess(32), val_fraction=0.25)
+    assert splits.classes == summary.classes
+
+
+def test_nested_top_folder_split_layout_and_non_images(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=3, split=True)
+    data = _zip_folder(src, prefix="my-photos/", extra={
+        "my-photos/train/red/notes.txt": b"hello", "__MACOSX/._x.png": b"junk",
+        "my-photos/train/red/.DS_Store": b"junk", "my-photos/README.md": b"readme"})
+    summary = di.import_zip(io.BytesIO(data), "nested", root=tmp_path / "ds")
+    assert summary.layout == "split"
+    assert sorted((summary.path).iterdir())[0].name in ("test", "train")
+    assert summary.counts["train"] == {"blue": 3, "green": 3, "red": 3}
+    assert summary.counts["test"] == {"blue": 2, "green": 2, "red": 2}
+    assert sorted(summary.non_images) == ["my-photos/README.md", "my-photos/train/red/notes.txt"]
+    assert summary.ignored == 2
+    assert not (summary.path / "train" / "red" / "notes.txt").exists()
+
+
+def test_corrupt_images_are_counted_and_left_out(tmp_path, flat_folder):
+    data = _zip_folder(flat_folder, extra={"red/broken.png": b"\x89PNG not really",
+                                           "green/empty.jpg": b""})
+    summary = di.import_zip(io.BytesIO(data), "with-corrupt", root=tmp_path / "ds")
+    assert sorted(c.split(":")[0] for c in summary.corrupt) == ["green/empty.jpg", "red/broken.png"]
+    assert summary.counts["all"] == {"blue": 4, "green": 4, "red": 4}
+    assert not (summary.path / "red" / "broken.png").exists()
+
+
+@pytest.mark.parametrize("bad_name", ["../evil.png", "red/../../evil.png", "/abs/evil.png",
+                                      "C:/win/evil.png", "red\\..\\..\\evil.png"])
+def test_path_traversal_and_absolute_entries_reject_the_zip(tmp_path, flat_folder, bad_name):
+    root = tmp_path / "ds" / "inner"
+    data = _zip_folder(flat_folder, extra={bad_name: b"x"})
+    with pytest.raises(di.ImportRejected):
+        di.import_zip(io.BytesIO(data), "evil", root=root)
+    assert not (tmp_path / "ds" / "evil.png").exists() and not (tmp_path / "evil.png").exists()
+    assert list(root.iterdir()) == []  # nothing imported, no temp folder left
+
+
+def test_symlink_entry_rejects_the_zip(tmp_path, flat_folder):
+    buf = io.BytesIO(_zip_folder(flat_folder))
+    with zipfile.ZipFile(buf, "a") as z:
+        info = zipfile.ZipInfo("red/link.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        z.writestr(info, "/etc/passwd")
+    buf.seek(0)
+    with pytest.raises(di.ImportRejected, match="symbolic link"):
+        di.import_zip(buf, "links", root=tmp_path / "ds")
+    assert list((tmp_path / "ds").iterdir()) == []
+
+
+def test_zip_bomb_limits(tmp_path, flat_folder):
+    data = _zip_folder(flat_folder, extra={"red/huge.png": b"\0" * 200_000})
+    with pytest.raises(di.ImportRejected, match="larger than"):
+        di.import_zip(io.BytesIO(data), "bomb1", root=tmp_path / "ds",
+                      limits=di.Limits(max_file_bytes=100_000))
+    with pytest.raises(di.ImportRejected, match="more than"):
+        di.import_zip(io.BytesIO(data), "bomb2", root=tmp_path / "ds",
+                      limits=di.Limits(max_total_bytes=150_000))
+    with pytest.raises(di.ImportRejected, match="files"):
+        di.import_zip(io.BytesIO(data), "bomb3", root=tmp_path / "ds", limits=di.Limits(max_files=5))
+    assert list((tmp_path / "ds").iterdir()) == []
+
+
+def test_lying_size_header_is_caught_while_reading(tmp_path, flat_folder):
+    # A header that under-reports the size: the cap must count bytes really decompressed.
+    big = b"\0" * 300_000
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("red/a.png", big)
+    raw = bytearray(buf.getvalue())
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # patch uncompressed size in both headers
+        i = raw.find(sig)
+        off = i + (22 if sig == b"PK\x03\x04" else 24)
+        raw[off:off + 4] = (10).to_bytes(4, "little")
+    with pytest.raises(di.ImportRejected):
+        di.import_zip(io.BytesIO(bytes(raw)), "liar", root=tmp_path / "ds",
+                      limits=di.Limits(max_file_bytes=100_000))
+    assert list((tmp_path / "ds").iterdir()) == []
+
+
+def test_bad_inputs_give_plain_messages(tmp_path, flat_folder):
+    ds = tmp_path / "ds"
+    with pytest.raises(di.ImportRejected, match="not a valid zip"):
+        di.import_zip(io.BytesIO(b"not a zip"), "x", root=ds)
+    with pytest.raises(di.ImportRejected, match="data set name"):
+        di.import_zip(io.BytesIO(_zip_folder(flat_folder)), "../up", root=ds)
+    only_text = io.BytesIO()
+    with zipfile.ZipFile(only_text, "w") as z:
+        z.writestr("a/readme.txt", "x")
+    with pytest.raises(di.ImportRejected, match="no image files"):
+        di.import_zip(io.BytesIO(only_text.getvalue()), "x", root=ds)
+    loose = io.BytesIO()
+    with zipfile.ZipFile(loose, "w") as z:
+        z.write(next(flat_folder.rglob("*.png")), "loose.png")
+    with pytest.raises(di.ImportRejected, match="class folder"):
+        di.import_zip(io.BytesIO(loose.getvalue()), "x", root=ds)
+    one_class = _zip_folder(flat_folder / "red", prefix="red/")
+    with pytest.raises(di.ImportRejected, match="at least two"):
+        di.import_zip(io.BytesIO(one_class), "x", root=ds)
+    di.import_zip(io.BytesIO(_zip_folder(flat_folder)), "taken", root=ds)
+    with pytest.raises(di.ImportRejected, match="already exists"):
+        di.import_zip(io.BytesIO(_zip_folder(flat_folder)), "taken", root=ds)
+
+
+def test_list_datasets_and_preview(tmp_path, flat_folder):
+    root = tmp_path / "ds"
+    di.import_zip(io.BytesIO(_zip_folder(flat_folder)), "one", root=root)
+    make_image_folder(root / "two", per_class=2, split=True)
+    (root / "not-data").mkdir()
+    (root / "not-data" / "file.txt").write_text("x")
+    assert [d.name for d in di.list_datasets([root])] == ["one", "two"]
+    preview = di.preview_samples(root / "two", per_class=5)
+    assert set(preview) == {"red", "green", "blue"}
+    assert all(len(v) == 2 and all("train" in p.parts for p in v) for v in preview.values())
+    assert di.preview_samples(root / "one", per_class=2) == di.preview_samples(root / "one", per_class=2)
+
+
+def test_summarize_folder_reports_without_modifying(tmp_path, flat_folder):
+    (flat_folder / "red" / "bad.jpg").write_bytes(b"nope")
+    s = di.summarize_folder(flat_folder)
+    assert s.counts["all"]["red"] == 5 and len(s.corrupt) == 1
+    assert (flat_folder / "red" / "bad.jpg").exists()
+    sampled = di.summarize_folder(flat_folder, max_check_per_class=1)
+    assert sampled.total_images == 13
