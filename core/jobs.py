@@ -158,7 +158,21 @@ def reconcile(store: RunStore) -> list[str]:
         problem = liveness_problem(run)
         if problem and store.finish_run(run.id, "failed", problem, only_if_running=True):
             failed.append(run.id)
+            remove_partial_files(store.run_dir(run.id))
     return failed
+
+
+def remove_partial_files(run_dir: Path) -> list[Path]:
+    """Delete temp files a killed worker left mid-write (atomic writes go through
+    `.<name>.*.tmp` first, so the real files are always whole)."""
+    removed = []
+    for tmp in run_dir.glob(".*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def cancel(store: RunStore, run_id: str) -> Run | None:

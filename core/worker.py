@@ -24,6 +24,7 @@ from .jobs import HEARTBEAT_S, dispatch
 from .store import RunStore
 
 log = logging.getLogger("finetune_lab.worker")
+CANCEL_POLL_S = 0.2  # how often the training loop asks the store about cancellation, seconds
 
 
 class Heartbeat:
@@ -37,6 +38,7 @@ class Heartbeat:
         self._progress: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._last_poll = 0.0
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
     def __enter__(self) -> "Heartbeat":
@@ -47,6 +49,21 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
         self._beat()  # final progress
+
+    def should_stop(self) -> bool:
+        """Checked before every batch. Reads the store's cancel flag at most every
+        CANCEL_POLL_S (a ~1 ms query), so a cancel lands within one batch, not one beat."""
+        if self.cancel.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._last_poll >= CANCEL_POLL_S:
+            self._last_poll = now
+            try:
+                if self.store.cancel_requested(self.run_id):
+                    self.cancel.set()
+            except Exception:  # busy store: the heartbeat thread will catch it
+                pass
+        return self.cancel.is_set()
 
     def set_progress(self, progress: dict[str, Any]) -> None:
         with self._lock:
@@ -130,6 +147,11 @@ def execute_run(store: RunStore, run_id: str,
                     store.truncate_metrics(run_id, ts["step"])
                     log.info("resuming after epoch %d (step %d)", ts["global_epoch"], ts["step"])
 
+            if resume is None:
+                # A fresh start (or a resume with no completed epoch): rows from an earlier
+                # attempt would duplicate the new ones.
+                store.truncate_metrics(run_id, -1)
+
             source_ckpt = None
             if cfg.weights == "run":
                 other = store.get_run(cfg.weights_run)
@@ -173,7 +195,7 @@ def execute_run(store: RunStore, run_id: str,
                          end.val_acc, end.train.seconds)
 
             hooks = TrainHooks(on_metrics=lambda rows: store.log_metrics(run_id, rows),
-                               on_progress=progress, should_stop=hb.cancel.is_set,
+                               on_progress=progress, should_stop=hb.should_stop,
                                on_epoch_end=on_epoch_end)
             result = run_stages(model, cfg, splits, pre, runtime, hooks, resume)
 

@@ -1,0 +1,152 @@
+"""Background jobs through real worker processes: queue, finish, cancel, kill, resume."""
+
+import os
+import signal
+import time
+from dataclasses import replace
+
+import pytest
+
+from core import config as cfgmod
+from core import jobs
+from core.checkpoints import read_checkpoint
+from core.preflight import PreflightError
+from tests.conftest import make_image_folder, tiny_config, wait_for
+
+
+def _long_config(tiny_folder, epochs=200):
+    """Enough epochs that the run is still going when the test acts on it."""
+    cfg = tiny_config(tiny_folder, batch_size=4)
+    return cfgmod.with_stage(cfg, 0, epochs=epochs)
+
+
+def _status(store, run_id):
+    jobs.reconcile(store)
+    return store.get_run(run_id).status
+
+
+def test_two_stage_run_goes_queued_running_finished(store, tiny_folder):
+    run = jobs.submit(store, tiny_config(tiny_folder), name="bg")
+    assert run.status in ("queued", "running")
+    seen = set()
+
+    def done():
+        r = store.get_run(run.id)
+        seen.add(r.status)
+        return r.status in ("finished", "failed")
+
+    wait_for(done, 120, "the run to finish")
+    final = store.get_run(run.id)
+    assert final.status == "finished", (final.error, jobs.log_tail(store, run.id))
+    assert "running" in seen or final.started_at is not None
+    stages = {m.stage for m in store.metrics(run.id, keys=["val/acc"])}
+    assert stages == {1, 2}
+    assert read_checkpoint(final.best_checkpoint).classes == ["blue", "green", "red"]
+    assert "finished: best val acc" in jobs.log_tail(store, run.id)
+
+
+def test_queue_respects_the_concurrency_limit(store, tiny_folder, monkeypatch):
+    monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
+    a = jobs.submit(store, tiny_config(tiny_folder), name="a")
+    b = jobs.submit(store, tiny_config(tiny_folder), name="b")
+    max_running = 0
+
+    def both_done():
+        nonlocal max_running
+        runs = [store.get_run(a.id), store.get_run(b.id)]
+        max_running = max(max_running, sum(r.status == "running" for r in runs))
+        return all(r.status in ("finished", "failed") for r in runs)
+
+    # b starts only when a's worker ends and dispatches it: no UI involved.
+    wait_for(both_done, 180, "both queued runs to finish")
+    assert max_running == 1
+    assert store.get_run(a.id).status == store.get_run(b.id).status == "finished"
+
+
+def test_cancel_stops_a_running_run_and_keeps_its_best_checkpoint(store, tiny_folder):
+    run = jobs.submit(store, _long_config(tiny_folder))
+    wait_for(lambda: store.get_run(run.id).best_checkpoint, 120, "a first best checkpoint")
+    t0 = time.monotonic()
+    jobs.cancel(store, run.id)
+    wait_for(lambda: _status(store, run.id) != "running", 60, "the run to stop")
+    latency_s = time.monotonic() - t0
+    final = store.get_run(run.id)
+    assert final.status == "cancelled", final.error
+    assert latency_s < 30  # generous bound for a loaded CI machine; figure in the README
+    ckpt = read_checkpoint(final.best_checkpoint)
+    assert ckpt.build_model() is not None
+
+
+def test_cancelling_a_queued_run_is_immediate(store, tiny_folder):
+    run = jobs.submit(store, tiny_config(tiny_folder), start=False)
+    assert jobs.cancel(store, run.id).status == "cancelled"
+
+
+def test_killed_worker_is_reported_failed_and_can_resume(store, tiny_folder):
+    cfg = _long_config(tiny_folder, epochs=3)
+    run = jobs.submit(store, cfg)
+    last = store.run_dir(run.id) / "last.pt"
+    wait_for(lambda: store.get_run(run.id).best_checkpoint and last.exists(), 120,
+             "a first completed epoch")
+    pid = store.get_run(run.id).pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _status(store, run.id) == "failed", 30, "the dead worker to be noticed")
+    failed = store.get_run(run.id)
+    assert "exited without reporting" in failed.error
+    assert not list(store.run_dir(run.id).glob(".*.tmp")), "half-written files left behind"
+    read_checkpoint(failed.best_checkpoint)  # intact
+    epochs_before = {m.epoch for m in store.metrics(run.id, keys=["val/acc"])}
+
+    jobs.resume(store, run.id)
+    wait_for(lambda: _status(store, run.id) in ("finished", "failed"), 180, "the resumed run")
+    final = store.get_run(run.id)
+    assert final.status == "finished", (final.error, jobs.log_tail(store, run.id))
+    val_rows = store.metrics(run.id, keys=["val/acc"])
+    epochs = [m.epoch for m in val_rows]
+    assert epochs == sorted(set(epochs)), "an epoch was logged twice"
+    assert set(epochs) == {1.0, 2.0, 3.0, 4.0}  # 3 epochs of stage 1 + 1 of stage 2
+    assert epochs_before <= set(epochs)
+    assert "resuming after epoch" in jobs.log_tail(store, run.id)
+
+
+def test_bad_data_fails_at_submit_not_in_the_worker(store, tmp_path, tiny_folder):
+    one_class = make_image_folder(tmp_path / "one", per_class=3, classes=("only",), split=False)
+    for path, needle in [(tmp_path / "missing", "does not exist"), (one_class, "at least two")]:
+        with pytest.raises(PreflightError, match=needle):
+            jobs.submit(store, tiny_config(path))
+    mismatch = make_image_folder(tmp_path / "mm", per_class=3)
+    (mismatch / "test" / "red").rename(mismatch / "test" / "purple")
+    with pytest.raises(PreflightError, match="different classes"):
+        jobs.submit(store, tiny_config(mismatch))
+    empty = make_image_folder(tmp_path / "empty", per_class=3, split=False)
+    (empty / "void").mkdir()
+    with pytest.raises(PreflightError, match="has no images"):
+        jobs.submit(store, tiny_config(empty))
+    assert store.list_runs() == []  # nothing was queued
+
+
+def test_corrupt_and_non_image_files_are_skipped_and_counted(store, tmp_path):
+    from core.worker import execute_run
+
+    root = make_image_folder(tmp_path / "dirty", per_class=6)
+    (root / "train" / "red" / "notes.txt").write_text("not an image")
+    (root / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    run = store.create_run(cfgmod.to_dict(tiny_config(root)))
+    store.claim_run_now(run.id, os.getpid())
+    assert execute_run(store, run.id) == "finished"
+    results = store.get_run(run.id).results
+    assert results["skipped_files"] == 2
+    assert any("broken.jpg" in s for s in results["skipped_examples"])
+
+
+def test_start_from_another_runs_checkpoint_with_new_classes(store, finished_run, tmp_path):
+    from core.worker import execute_run
+
+    src_store, src = finished_run
+    other = make_image_folder(tmp_path / "two", per_class=6, classes=("cyan", "pink"))
+    # A run in another store cannot be named by id; use its checkpoint as a weights file.
+    cfg = tiny_config(other, weights="file", weights_path=src.best_checkpoint)
+    run = store.create_run(cfgmod.to_dict(cfg))
+    store.claim_run_now(run.id, os.getpid())
+    assert execute_run(store, run.id) == "finished", store.get_run(run.id).error
+    assert "new head" in store.get_run(run.id).results["weights"]
