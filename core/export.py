@@ -1,0 +1,277 @@
+"""Export a run's best model for use outside the app: TorchScript and ONNX files, a README
+on loading them, the class names, the preprocessing, and the run's metrics as CSV, in one
+folder and one zip.
+
+Both model files take the same input as the checkpoint: a float32 N x 3 x R x R tensor of
+RGB images, resized (shorter side to R) and centre-cropped, scaled to 0..1 and normalised
+with the checkpoint's mean and std. Every export is checked: the exported models must give
+the same top-1 class as the checkpoint on a batch of inputs, or the export fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .store import Run, RunStore
+
+EXPORT_DIR = "export"
+TORCHSCRIPT_NAME = "model.torchscript.pt"
+ONNX_NAME = "model.onnx"
+ONNX_OPSET = 18
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported; the message says why."""
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    zip_path: Path
+    files: list[str]  # names inside the folder
+    onnx: bool  # whether the ONNX file was written (needs the onnx packages)
+    notes: list[str] = field(default_factory=list)  # e.g. why ONNX is missing
+    checked_images: int = 0  # inputs on which exported and checkpoint top-1 agreed
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(temp_path) for a temp file next to `path`, then os.replace it in."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def metrics_csv(store: RunStore, run: Run) -> str:
+    """Every metric row of the run: stage, global epoch, step, key, value, unix time."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["stage", "epoch", "step", "key", "value", "time"])
+    for r in store.metrics(run.id):
+        w.writerow([r.stage, r.epoch, r.step, r.key, repr(r.value), f"{r.time:.3f}"])
+    return buf.getvalue()
+
+
+def onnx_available() -> tuple[bool, str]:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        return False, (f"ONNX export needs the 'onnx' and 'onnxscript' packages ({exc.name} is "
+                       f"not installed): pip install onnx onnxscript")
+    return True, ""
+
+
+def predictions_agree(expected_logits: Any, got_logits: Any) -> bool:
+    """Same top-1 class wherever the reference is not a near-tie, and logits equal up to
+    float rounding (different kernels sum in different orders)."""
+    import torch
+
+    exp = torch.as_tensor(expected_logits).float()
+    got = torch.as_tensor(got_logits).float()
+    if exp.shape != got.shape:
+        return False
+    scale = float(exp.abs().max()) + 1.0
+    top2 = exp.topk(min(2, exp.shape[1]), dim=1).values
+    margin = top2[:, 0] - top2[:, -1]
+    decisive = margin > 1e-4 * scale
+    same_top1 = exp.argmax(1) == got.argmax(1)
+    return bool((same_top1 | ~decisive).all()) and float((exp - got).abs().max()) <= 1e-3 * scale
+
+
+def _export_onnx(model: Any, example: Any, path: Path) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The dynamo exporter (torch.export based) is the supported path; the batch
+        # dimension is left free so any batch size works.
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=ONNX_OPSET,
+                                    input_names=["input"], output_names=["logits"],
+                                    dynamic_shapes={"x": {0: batch}}, verbose=False)
+        # One self-contained file (ResNet-18 is far below protobuf's 2 GB limit).
+        program.save(str(path), external_data=False)
+
+
+def readme_text(run: Run, classes: list[str], preprocess: dict[str, Any], onnx: bool,
+                stage: int, epoch: int) -> str:
+    r = int(preprocess["resolution"])
+    mean = [round(float(m), 4) for m in preprocess["mean"]]
+    std = [round(float(s), 4) for s in preprocess["std"]]
+    val = f"{100 * run.best_val_acc:.2f} %" if run.best_val_acc is not None else "n/a"
+    test = f"{100 * run.test_acc:.2f} %" if run.test_acc is not None else "n/a"
+    onnx_section = f"""
+## ONNX (`{ONNX_NAME}`)
+
+```python
+import onnxruntime as ort
+session = ort.InferenceSession("{ONNX_NAME}", providers=["CPUExecutionProvider"])
+logits = session.run(["logits"], {{"input": x.numpy()}})[0]   # x as prepared above
+print(classes[int(logits[0].argmax())])
+```
+Input name `input`, output name `logits`; the batch size is free. Opset {ONNX_OPSET}.
+""" if onnx else "\n(No ONNX file: the onnx packages were not installed when this was exported.)\n"
+    return f"""# {run.name} — exported model
+
+ResNet-18 fine-tuned in the Two-Stage Fine-Tuning Lab (run `{run.id}`), best checkpoint
+from stage {stage}, epoch {epoch}. Best validation accuracy {val}; test accuracy {test}.
+
+Files:
+- `{TORCHSCRIPT_NAME}` — TorchScript (load with PyTorch alone, no model code needed)
+- `{ONNX_NAME}` — ONNX (load with onnxruntime or any ONNX runtime)
+- `classes.json` — class names; output index i is class `classes[i]`
+- `preprocess.json` — input resolution, mean and std
+- `metrics.csv` — every training metric of the run (stage, global epoch, step, key, value, unix time)
+- `config.json` — the run configuration
+
+## Input
+
+A float32 tensor of shape N x 3 x {r} x {r}: RGB images, shorter side resized to {r} px
+(bilinear) and centre-cropped to a square, values scaled to 0..1, then normalised per
+channel with mean {mean} and std {std}. The output is N x {len(classes)} logits (apply
+softmax for probabilities).
+
+```python
+import json
+import numpy as np
+import torch
+from PIL import Image
+
+classes = json.load(open("classes.json"))
+
+def prepare(path, size={r}, mean={mean}, std={std}):
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return x.unsqueeze(0)  # 1 x 3 x {r} x {r}
+
+x = prepare("my_image.jpg")
+```
+
+## TorchScript (`{TORCHSCRIPT_NAME}`)
+
+```python
+model = torch.jit.load("{TORCHSCRIPT_NAME}").eval()
+with torch.no_grad():
+    probs = model(x).softmax(1)[0]
+print(classes[int(probs.argmax())], float(probs.max()))
+```
+{onnx_section}
+Classes: {", ".join(classes)}
+"""
+
+
+def export_run(store: RunStore, run: Run, include_onnx: bool = True,
+               check_inputs: Any = None) -> ExportResult:
+    """Export the run's best checkpoint to `<run dir>/export/` and `<run dir>/<run id>-export.zip`.
+    `check_inputs`: optional uint8 N x 3 x R x R images for the agreement check (random
+    inputs otherwise)."""
+    import torch
+
+    from .checkpoints import CheckpointError, read_checkpoint
+    from .data import Preprocess
+
+    if not run.best_checkpoint:
+        raise ExportError("this run has no best checkpoint yet; export needs at least one finished epoch")
+    try:
+        ckpt = read_checkpoint(run.best_checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    model = ckpt.build_model()
+    pre = Preprocess.from_dict(ckpt.preprocess)
+    r = pre.resolution
+    if check_inputs is None:
+        g = torch.Generator().manual_seed(0)
+        check_inputs = torch.randint(0, 256, (8, 3, r, r), dtype=torch.uint8, generator=g)
+    x_check = pre.normalize(check_inputs)
+    example = x_check[:2]
+
+    run_dir = store.run_dir(run.id)
+    folder = run_dir / EXPORT_DIR
+    # Build in a temp folder and swap it in: a failed export never leaves a mixed folder.
+    build = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
+    notes: list[str] = []
+    try:
+        with torch.inference_mode():
+            expected = model(x_check)
+        with warnings.catch_warnings():
+            # torch.jit warns that it is deprecated in favour of torch.export; TorchScript
+            # is still what plain-PyTorch users can load without the model's code.
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(model, example)
+            _atomic_write(build / TORCHSCRIPT_NAME, lambda p: torch.jit.save(traced, str(p)))
+            loaded = torch.jit.load(str(build / TORCHSCRIPT_NAME)).eval()
+        with torch.inference_mode():
+            if not predictions_agree(expected, loaded(x_check)):
+                raise ExportError("the TorchScript model does not reproduce the checkpoint's predictions")
+
+        onnx_ok = False
+        if include_onnx:
+            available, why = onnx_available()
+            if not available:
+                notes.append(why)
+            else:
+                _atomic_write(build / ONNX_NAME, lambda p: _export_onnx(model, example, p))
+                onnx_ok = True
+                try:
+                    import onnxruntime as ort
+                except ImportError:
+                    notes.append("onnxruntime is not installed, so the ONNX file was not "
+                                 "run-checked (pip install onnxruntime)")
+                else:
+                    sess = ort.InferenceSession(str(build / ONNX_NAME), providers=["CPUExecutionProvider"])
+                    got = sess.run(["logits"], {"input": x_check.numpy()})[0]
+                    if not predictions_agree(expected, torch.from_numpy(got)):
+                        raise ExportError("the ONNX model does not reproduce the checkpoint's predictions")
+
+        _write_text(build / "classes.json", json.dumps(ckpt.classes, indent=2))
+        _write_text(build / "preprocess.json", json.dumps(ckpt.preprocess, indent=2))
+        _write_text(build / "config.json", json.dumps(run.config, indent=2, sort_keys=True))
+        _write_text(build / "metrics.csv", metrics_csv(store, run))
+        _write_text(build / "README.md", readme_text(run, ckpt.classes, ckpt.preprocess, onnx_ok,
+                                                     ckpt.stage, ckpt.epoch))
+        old = run_dir / f".export-old-{time.time_ns()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(build, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    zip_path = run_dir / f"{run.id}-export.zip"
+
+    def write_zip(p: Path) -> None:
+        with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for name in files:
+                z.write(folder / name, arcname=f"{run.id}/{name}")
+
+    _atomic_write(zip_path, write_zip)
+    return ExportResult(folder=folder, zip_path=zip_path, files=files, onnx=onnx_ok, notes=notes,
+                        checked_images=len(x_check))
