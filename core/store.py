@@ -163,7 +163,8 @@ class RunStore:
                 yield con
                 con.execute("COMMIT")
             except BaseException as exc:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # SQLite already rolled back on e.g. SQLITE_FULL
+                    con.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.OperationalError):
                     raise StoreError(
                         f"Could not write to the run store ({exc}). If the disk is full, free "
