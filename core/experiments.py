@@ -331,6 +331,16 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
     from . import jobs  # spawns processes; imported here so reading results stays light
 
     errors = validate_experiment(recipes, seeds)
+    if not errors:
+        # Data and weights too, for every recipe, before anything is queued: a bad
+        # second recipe must not leave the first one's runs behind.
+        from .preflight import preflight
+
+        for recipe_name, cfg in recipes:
+            try:
+                preflight(cfg, store)
+            except cfgmod.ConfigError as exc:
+                errors += [f"{recipe_name}: {e}" for e in exc.errors]
     if errors:
         raise cfgmod.ConfigError(errors)
     now = time.time()

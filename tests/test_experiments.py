@@ -123,6 +123,11 @@ def test_validate_experiment_is_all_or_nothing(store, tiny_folder):
         ex.submit_experiment(store, bad, [0, 1])
     assert any(e.startswith("Broken: stage 1: learning rate") for e in err.value.errors)
     assert store.list_runs() == [] and ex.list_experiments(store) == []
+    missing = [recipes[0], ("Elsewhere", replace(recipes[1][1], data_path=str(tiny_folder) + "-gone"))]
+    with pytest.raises(cfgmod.ConfigError) as err:
+        ex.submit_experiment(store, missing, [0])
+    assert any(e.startswith("Elsewhere: data:") for e in err.value.errors)
+    assert store.list_runs() == [] and ex.list_experiments(store) == []
     assert "recipes: pick at least two recipes to compare" in ex.validate_experiment(recipes[:1], [0])
     assert "seeds: a seed is listed twice" in ex.validate_experiment(recipes, [1, 1])
 
