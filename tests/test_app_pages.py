@@ -1,0 +1,318 @@
+"""AppTest for every dashboard page: empty store, seeded finished and running runs, invalid
+and valid New-run forms, and the page-to-page links (selected run, switch_page).
+
+Each test serves the real entry script (streamlit_app.py: navigation + sidebar) and switches
+to the page under test, in-process; the store is a temporary folder via FINETUNE_LAB_DATA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import config as cfgmod
+from core import jobs
+from core.store import RunStore
+from tests.conftest import tiny_config
+
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+TIMEOUT_S = 120  # per script run; the first New-run render imports torch on a shared 2-core box
+
+
+@pytest.fixture(autouse=True)
+def navigation_only(monkeypatch):
+    """Run the entry script on every AppTest run, as a served app does once st.navigation
+    has been called. AppTest re-detects the pages/ folder before each run and then treats
+    the app as a legacy pages-folder app, running the page file without the entry script
+    (so without the sidebar); the server settles this flag after the first run."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch, tiny_folder):
+    """An empty store and data roots that allow the tiny folder; returns the store."""
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tiny_folder.parent))
+    return RunStore(tmp_path / "runs")
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Submitted runs stay queued: no background training process is started."""
+    started = []
+    monkeypatch.setattr(jobs, "dispatch", lambda store: started.append(store) or [])
+    return started
+
+
+def open_page(page: str, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT_S)
+    for k, v in state.items():
+        at.session_state[k] = v
+    at.run()
+    if page != "pages/overview.py":
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "info", "error", "warning", "title",
+                                  "subheader", "success") for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def seed_finished(store: RunStore, name: str, cfg: cfgmod.RunConfig, val: float, test: float,
+                  group: str = ""):
+    """A finished run with plausible metrics and results, written without training."""
+    run = store.create_run(cfgmod.to_dict(cfg), name=name, group=group)
+    assert store.claim_run_now(run.id, os.getpid())
+    e1 = cfg.stages[0].epochs
+    rows = []
+    for ge in range(1, cfg.total_epochs + 1):
+        stage = 1 if ge <= e1 else 2
+        rows += [(stage, ge - 0.5, 2 * ge - 1, "train/step_loss", 1.5 / ge),
+                 (stage, float(ge), 2 * ge, "train/step_loss", 1.4 / ge),
+                 (stage, float(ge), 2 * ge, "lr", 0.01 / stage),
+                 (stage, float(ge), 2 * ge, "train/loss", 1.45 / ge),
+                 (stage, float(ge), 2 * ge, "train/acc", val * ge / cfg.total_epochs),
+                 (stage, float(ge), 2 * ge, "val/loss", 1.5 / ge),
+                 (stage, float(ge), 2 * ge, "val/acc", val * ge / cfg.total_epochs)]
+    store.log_metrics(run.id, rows)
+    store.set_best(run.id, val, len(cfg.stages), cfg.stages[-1].epochs, "")
+    store.set_results(run.id, test, {"classes": ["red", "green", "blue"],
+                                     "sizes": {"train": 27, "val": 9, "test": 12},
+                                     "per_class_acc": [1.0, 0.5, None],
+                                     "confusion": [[4, 0, 0], [2, 2, 0], [0, 0, 0]]})
+    store.finish_run(run.id, "finished")
+    return store.get_run(run.id)
+
+
+@pytest.fixture
+def running_run(app_env, tiny_folder):
+    """A run in status running whose 'worker' is a live stand-in process (its command line
+    names the run, as jobs.reconcile checks), with progress and a few metrics."""
+    store = app_env
+    run = store.create_run(cfgmod.to_dict(tiny_config(tiny_folder)), name="live one")
+    # Blocks on stdin until the test closes it: alive for exactly as long as needed.
+    stand_in = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", run.id],
+                                stdin=subprocess.PIPE)
+    try:
+        assert store.claim_run_now(run.id, stand_in.pid)
+        store.heartbeat(run.id, {"phase": "training", "stage": 1, "stages": 2, "epoch": 1,
+                                 "epochs": 1, "global_epoch": 1, "total_epochs": 2, "step": 2,
+                                 "steps_per_epoch": 4, "fraction": 0.25, "eta_s": 30})
+        store.log_metrics(run.id, [(1, 0.25, 1, "train/step_loss", 1.2), (1, 0.25, 1, "lr", 0.01),
+                                   (1, 0.5, 2, "train/step_loss", 1.1), (1, 0.5, 2, "lr", 0.009)])
+        yield store, store.get_run(run.id)
+    finally:
+        stand_in.stdin.close()
+        stand_in.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- empty store
+
+@pytest.mark.parametrize("page", ["pages/overview.py", "pages/runs.py", "pages/compare.py"])
+def test_pages_with_an_empty_store_say_what_to_do_next(app_env, page):
+    at = open_page(page)
+    assert "No runs yet — start one on **New run**." in [i.value for i in at.info]
+    assert "Nothing running" in "\n".join(c.value for c in at.sidebar.caption)
+
+
+def test_new_run_with_an_empty_store_shows_the_default_recipe_and_summary(app_env):
+    at = open_page("pages/new_run.py")
+    assert at.selectbox(key="new_run.preset").value == "Two-stage"
+    assert at.toggle(key="new_run.s0.g.layer4").value and not at.toggle(key="new_run.s0.g.layer3").value
+    assert at.toggle(key="new_run.s1.g.layer3").value
+    assert at.radio(key="new_run.weights").value == "imagenet"
+    assert at.radio(key="new_run.data_source").value == "cifar10"
+    summary = at.dataframe[0].value
+    assert list(summary["Trains"]) == ["layer4+fc", "layer3+layer4+fc"]
+    # layer4+fc of ResNet-18 (10 classes) is about 8.4 M of 11.2 M parameters.
+    assert summary.loc[0, "Trainable parameters"].startswith("8.4 M (75.")
+    assert summary.loc[1, "Est. time per epoch"] not in ("—", "")
+    if not Path(os.environ.get("TORCH_HOME", "/x"), "hub/checkpoints").exists():
+        assert any("will be downloaded" in i.value for i in at.info)
+
+
+# ---------------------------------------------------------------- New run: invalid and valid
+
+def test_invalid_config_shows_its_error_and_starts_nothing(app_env, no_workers):
+    at = open_page("pages/new_run.py")
+    for g in ("layer4", "fc"):
+        at.toggle(key=f"new_run.s0.g.{g}").set_value(False)
+    at.run()
+    errors = [e.value for e in at.error]
+    assert "stage 1: trains nothing; pick at least one layer group" in errors
+    start = at.button(key="new_run.start")
+    assert start.disabled
+    assert app_env.list_runs() == []
+
+
+def test_a_data_folder_outside_the_allowed_roots_is_refused_inline(app_env, no_workers):
+    at = open_page("pages/new_run.py")
+    at.radio(key="new_run.data_source").set_value("folder").run()
+    at.text_input(key="new_run.data_path").input("/etc").run()
+    assert any(e.value.startswith("data folder: /etc is outside the allowed data folders")
+               for e in at.error)
+    assert at.button(key="new_run.start").disabled
+    assert app_env.list_runs() == []
+
+
+def fill_valid_folder_run(at: AppTest, folder: Path) -> AppTest:
+    at.radio(key="new_run.data_source").set_value("folder").run()
+    at.text_input(key="new_run.data_path").input(str(folder)).run()
+    at.radio(key="new_run.weights").set_value("random")
+    at.select_slider(key="new_run.batch_size").set_value(8)
+    at.select_slider(key="new_run.s1.lr").set_value(0.002)
+    at.text_input(key="new_run.name").input("from the form")
+    return at.run()
+
+
+def test_a_valid_config_queues_a_run_and_opens_it(app_env, no_workers, tiny_folder):
+    at = fill_valid_folder_run(open_page("pages/new_run.py"), tiny_folder)
+    assert not at.error, [e.value for e in at.error]
+    assert "3 classes, 36 training images." in texts(at)  # the folder was scanned
+    at.button(key="new_run.start").click().run()
+    runs = app_env.list_runs()
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.status == "queued" and run.name == "from the form"
+    cfg = cfgmod.from_dict(run.config)
+    assert cfg.data_source == "folder" and cfg.data_path == str(tiny_folder.resolve())
+    assert cfg.weights == "random" and cfg.batch_size == 8
+    assert [s.groups for s in cfg.stages] == [("layer4", "fc"), ("layer3", "layer4", "fc")]
+    assert cfg.stages[1].lr == 0.002
+    assert no_workers, "submit should have asked the queue to start workers"
+    # Start opened the run's live view.
+    assert at.session_state["selected_run_id"] == run.id
+    assert [t.value for t in at.title] == ["Runs"]
+    assert "Waiting in the queue" in at.get("progress")[0].proto.text
+
+
+def test_repeat_with_seeds_queues_a_group(app_env, no_workers, tiny_folder):
+    at = fill_valid_folder_run(open_page("pages/new_run.py"), tiny_folder)
+    at.number_input(key="new_run.seed").set_value(7)
+    at.number_input(key="new_run.repeats").set_value(3).run()
+    at.button(key="new_run.start").click().run()
+    runs = app_env.list_runs()
+    assert sorted(r.config["seed"] for r in runs) == [7, 8, 9]
+    assert {r.group for r in runs} == {"from the form"}
+    assert all(r.status == "queued" for r in runs)
+
+
+def test_a_preset_fills_in_its_stages(app_env):
+    at = open_page("pages/new_run.py")
+    at.selectbox(key="new_run.preset").set_value("Gradual").run()
+    assert at.number_input(key="new_run.n_stages").value == 3
+    assert at.toggle(key="new_run.s0.g.fc").value and not at.toggle(key="new_run.s0.g.layer4").value
+    assert at.toggle(key="new_run.s2.g.layer3").value
+    # lr / 3 is not on the log grid: snapped to the nearest choice.
+    assert at.select_slider(key="new_run.s1.lr").value == 0.003
+
+
+# ---------------------------------------------------------------- Runs
+
+def test_runs_page_shows_a_real_finished_run_with_results_and_downloads(finished_run, monkeypatch):
+    store, run = finished_run
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(store.root))
+    at = open_page("pages/runs.py", selected_run_id=run.id)
+    labels = [m.label for m in at.metric]
+    assert "Best validation accuracy" in labels and "Test accuracy" in labels
+    best = next(m for m in at.metric if m.label == "Best validation accuracy")
+    assert best.value == f"{100 * run.best_val_acc:.2f} %"
+    charts_ = at.get("plotly_chart")
+    titles = [c.proto.spec for c in charts_]
+    assert any("Confusion matrix" in s for s in titles)
+    assert any("Loss: training and validation" in s for s in titles)
+    assert any("Stage 2: layer3+layer4+fc" in s for s in titles)
+    downloads = {b.proto.label for b in at.get("download_button")}
+    assert downloads == {"Best checkpoint (.pt)", "Metrics (.csv)", "Config (.json)"}
+
+
+def test_runs_page_live_view_of_a_running_run(running_run):
+    store, run = running_run
+    at = open_page("pages/runs.py", selected_run_id=run.id)
+    progress = at.get("progress")
+    main_text = [p.proto.text for p in progress]
+    assert any("Stage 1/2 · epoch 1/1 · step 2/4" in t for t in main_text)
+    assert any(c.proto.spec and "Learning rate" in c.proto.spec for c in at.get("plotly_chart"))
+    # The sidebar lists the job with its progress.
+    assert any(run.name in m.value for m in at.sidebar.markdown)
+    at.button(key="runs.cancel").click().run()
+    assert store.get_run(run.id).cancel_requested
+    assert at.button(key="runs.kill")  # now offered as the fallback
+
+
+def test_delete_asks_for_confirmation_first(app_env):
+    run = seed_finished(app_env, "to delete", tiny_config(Path("/x")), 0.6, 0.5)
+    at = open_page("pages/runs.py", selected_run_id=run.id)
+    at.button(key="runs.delete").click().run()
+    assert app_env.get_run(run.id) is not None  # not yet
+    assert any("cannot be undone" in w.value for w in at.warning)
+    at.button(key="runs.delete_no").click().run()
+    assert app_env.get_run(run.id) is not None
+    at.button(key="runs.delete").click().run()
+    at.button(key="runs.delete_yes").click().run()
+    assert app_env.get_run(run.id) is None
+    assert "No runs yet" in texts(at)
+
+
+def test_overview_lists_runs_and_opens_one(app_env):
+    a = seed_finished(app_env, "first", tiny_config(Path("/x")), 0.6, 0.55)
+    b = seed_finished(app_env, "second", tiny_config(Path("/x")), 0.7, 0.65)
+    at = open_page("pages/overview.py")
+    table = at.dataframe[0].value
+    assert list(table["Run"]) == ["second", "first"]  # newest first
+    assert list(table["Best val acc"]) == ["70.0 %", "60.0 %"]
+    at.selectbox(key="overview.pick").set_value(a.id)
+    at.button(key="overview.open").click().run()
+    assert at.session_state["selected_run_id"] == a.id
+    assert [t.value for t in at.title] == ["Runs"]
+    assert at.selectbox(key="runs.pick").value == a.id
+    assert b.id != a.id
+
+
+# ---------------------------------------------------------------- Compare
+
+def test_compare_overlays_runs_and_groups_and_diffs_configs(app_env):
+    base = tiny_config(Path("/x"))
+    a = seed_finished(app_env, "two-stage", base, 0.6, 0.55)
+    b = seed_finished(app_env, "lower lr", cfgmod.with_stage(base, 1, lr=0.0005), 0.7, 0.6)
+    for seed, v in ((1, 0.5), (2, 0.7)):
+        seed_finished(app_env, f"seeds {seed}", replace(base, seed=seed), v, v, group="seeds")
+    at = open_page("pages/compare.py")
+    assert any("Pick two or more runs" in i.value for i in at.info)
+    at.multiselect(key="compare.runs").set_value([a.id, b.id])
+    at.multiselect(key="compare.groups").set_value(["seeds"]).run()
+    assert not at.exception
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = [t.get("name") for t in fig["data"]]
+    assert "seeds: ± 1 std (2 runs)" in names and "seeds (mean of 2)" in names
+    assert "two-stage" in names and "lower lr" in names
+    assert [a["text"] for a in fig["layout"]["annotations"]] == ["Stage 2 starts"]
+    table = at.dataframe[0].value
+    assert list(table["Entry"]) == ["two-stage", "lower lr", "seeds"]
+    assert table.loc[2, "Best val acc"] == "60.00 ± 14.14 %"
+    diff = at.dataframe[1].value
+    assert "stage 2.lr" in list(diff.index) and "seed" in list(diff.index)
+    assert "batch_size" not in list(diff.index)
+    # Smoothing and alignment re-draw without errors.
+    at.slider(key="compare.smooth").set_value(0.6)
+    at.checkbox(key="compare.align").check().run()
+    assert not at.exception
+    assert "epochs since the start of stage 2" in at.get("plotly_chart")[0].proto.spec
