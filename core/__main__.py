@@ -99,6 +99,11 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfgmod.to_json(cfg))
         return 0
+    from .preflight import preflight
+
+    report = preflight(cfg, store)  # bad data/weights fail here, before a run exists
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     run = store.create_run(cfgmod.to_dict(cfg), name=args.name)
     # Claim it for this process (bypassing the queue: the user asked for it now).
     store.claim_run_now(run.id, os.getpid())

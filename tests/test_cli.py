@@ -1,0 +1,55 @@
+"""`python -m core`: foreground training into the shared store, listing, errors."""
+
+import json
+import subprocess
+import sys
+
+from core.store import RunStore
+
+
+def _cli(*args, data_dir):
+    return subprocess.run([sys.executable, "-m", "core", "--data-dir", str(data_dir), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_documents_every_option(tmp_path):
+    out = _cli("train", "--help", data_dir=tmp_path).stdout
+    for option in ("--preset", "--config", "--data-source", "--data-path", "--classes",
+                   "--max-train-images", "--weights", "--device", "--feature-cache"):
+        assert option in out
+
+
+def test_train_in_foreground_lands_in_the_store(tmp_path, tiny_folder):
+    res = _cli("train", "--preset", "Two-stage", "--data-source", "folder", "--data-path",
+               str(tiny_folder), "--weights", "random", "--batch-size", "8", "--val-fraction",
+               "0.25", "--threads", "1", "--name", "from cli", data_dir=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "finished run" in res.stdout and "test acc" in res.stdout
+    [run] = RunStore(tmp_path).list_runs()
+    assert run.status == "finished" and run.name == "from cli"
+    assert {m.stage for m in RunStore(tmp_path).metrics(run.id, keys=["val/acc"])} == {1, 2}
+    listing = _cli("runs", data_dir=tmp_path).stdout
+    assert run.id in listing and "finished" in listing
+    as_json = json.loads(_cli("runs", "--json", data_dir=tmp_path).stdout)
+    assert as_json[0]["id"] == run.id and as_json[0]["test_acc"] is not None
+
+
+def test_invalid_config_file_names_the_fields(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"batch_size": -3, "stages": [{"lr": "fast", "groups": []}],
+                               "colour": "red"}))
+    res = _cli("train", "--config", str(bad), data_dir=tmp_path)
+    assert res.returncode == 2
+    assert "colour: unknown key" in res.stderr
+    assert "stage 1: lr: expected a number" in res.stderr
+    assert "batch_size must be" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert RunStore(tmp_path).list_runs() == []
+
+
+def test_missing_data_folder_fails_fast_with_advice(tmp_path):
+    res = _cli("train", "--data-source", "folder", "--data-path", str(tmp_path / "nope"),
+               "--weights", "random", data_dir=tmp_path)
+    assert res.returncode != 0
+    assert "does not exist" in res.stderr and "Traceback" not in res.stderr
+    assert RunStore(tmp_path).list_runs() == []  # refused before a run was created
