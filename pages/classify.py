@@ -42,9 +42,9 @@ def predictor_for(path: str | Path) -> inference.Predictor:
 
 
 @st.cache_resource(max_entries=8, show_spinner="Finding example pictures…")
-def load_gallery(config_json: str, classes: tuple[str, ...]):
+def load_gallery(config_json: str, classes: tuple[str, ...], per_class: int):
     """Example pictures for a run's data (keyed on its config as JSON: dicts don't hash)."""
-    return inference.gallery(json.loads(config_json), list(classes), per_class=2)
+    return inference.gallery(json.loads(config_json), list(classes), per_class=per_class)
 
 
 def run_label(run) -> str:
@@ -83,6 +83,15 @@ def enlarge(img, px: int = DISPLAY_PX):
     return img.resize((px, px), Image.Resampling.NEAREST)
 
 
+def shown_size(img):
+    """The original at panel width; small pictures enlarged without blurring."""
+    from PIL import Image
+
+    height = max(1, round(DISPLAY_PX * img.height / img.width))
+    smooth = Image.Resampling.NEAREST if img.width < DISPLAY_PX else Image.Resampling.LANCZOS
+    return img.resize((DISPLAY_PX, height), smooth)
+
+
 def get_picture(run, predictor):
     """The chosen picture as (RGB PIL image, caption, true label or None), or None."""
     source = st.radio("Picture", SOURCES, horizontal=True, key="classify_source",
@@ -103,21 +112,21 @@ def get_picture(run, predictor):
         return inference.decode_upload(photo.getvalue(), "camera photo"), "your photo", None
 
     items, note = load_gallery(json.dumps(predictor.config, sort_keys=True, default=str),
-                               tuple(predictor.classes))
+                               tuple(predictor.classes), 2 if len(predictor.classes) <= 6 else 1)
     if note:
         st.caption(note)
     if not items:
         return None
     pick_key = f"classify_pick_{run.id}"
     picked = min(st.session_state.get(pick_key, 0), len(items) - 1)
-    per_row = 6
+    per_row = 8
     for start in range(0, len(items), per_row):
         cols = st.columns(per_row)
         for col, i in zip(cols, range(start, min(start + per_row, len(items)))):
             item = items[i]
             with col:
                 try:
-                    st.image(enlarge(item.open(), 96), caption=item.caption)
+                    st.image(enlarge(item.open(), 72), caption=item.caption)
                 except inference.ImageRejected as exc:
                     st.caption(str(exc))
                     continue
@@ -151,13 +160,12 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
     st.header(inference.verdict(preds, threshold))
     st.markdown(f"Best guess: **{inference.display_name(top.label)}** ({inference.percent(top.probability)} sure)")
     if true_label is not None:
-        right = "✅ right" if true_label == top.label else "❌ wrong"
-        st.caption(f"This example really is: {inference.display_name(true_label)} — the model is {right}.")
+        right = "got it right" if true_label == top.label else "got it wrong"
+        st.caption(f"This example really is: {inference.display_name(true_label)} — the model {right}.")
 
     left, middle, chart = st.columns([1, 1, 1.4])
     with left:
-        st.image(img.resize((DISPLAY_PX, max(1, round(DISPLAY_PX * img.height / img.width)))),
-                 caption=f"Your picture ({caption})")
+        st.image(shown_size(img), caption=f"Your picture ({caption})")
     with middle:
         r = predictor.resolution
         st.image(enlarge(predictor.model_view(img)), caption=f"What the model sees: {r} × {r} pixels")

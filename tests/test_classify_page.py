@@ -135,7 +135,7 @@ def test_five_classes_for_a_test_image(monkeypatch, five_class_store):
     # Another example: the page follows the click.
     at.button(key="classify_try_5").click().run()
     assert_ok(at)
-    assert "This example really is: blue" in texts(at)
+    assert "This example really is: blue — the model got it" in texts(at)
 
 
 def test_upload_png_shows_top_class_as_text(monkeypatch, five_class_store):
