@@ -1,0 +1,166 @@
+"""Datasets: bring your own images. Upload a zip of class folders (or pick a folder under
+the data folders), see it validated (classes, counts, unreadable and skipped files) and
+previewed per class, then use it in a new run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core.dataset_import import (DatasetSummary, ImportRejected, import_zip, list_datasets,
+                                 preview_samples, summarize_folder)
+from core.paths import PathNotAllowed, data_roots, resolve_user_path
+
+P = "datasets."
+DATA_KEY = "new_run_data_path"  # read by the New run page
+CURRENT = P + "current"  # the DatasetSummary on show
+PREVIEW_PER_CLASS = 6
+CHECK_PER_CLASS = 100  # images decoded per class when checking an existing (maybe big) folder
+THUMB_PX = 96
+
+
+def suggested_name(filename: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(filename).stem).strip("-._")
+    return stem[:64] or "my-data"
+
+
+@st.cache_data(max_entries=500, show_spinner=False)
+def thumbnail(path: str, mtime: float):
+    """A preview tile: small images scaled up with visible pixels, big ones scaled down."""
+    from PIL import Image
+
+    from core.data import DataError, open_image, to_rgb
+
+    try:
+        img = to_rgb(open_image(path))
+    except DataError:
+        return None
+    if max(img.size) < THUMB_PX:
+        scale = THUMB_PX / max(img.size)
+        return img.resize((round(img.width * scale), round(img.height * scale)),
+                          Image.Resampling.NEAREST)
+    img.thumbnail((THUMB_PX * 2, THUMB_PX * 2))
+    return img
+
+
+def upload_section() -> None:
+    st.markdown("A zip with one folder of images per class (`cats/…`, `dogs/…`), optionally "
+                "inside one top folder, or with `train/` and `test/` folders that each hold "
+                "the class folders. A few hundred images per class give a useful model.")
+    upload = st.file_uploader("Zip of class folders", type=["zip"], key=P + "zip")
+    if upload is None:
+        return
+    if st.session_state.get(P + "zip_seen") != upload.file_id:
+        st.session_state[P + "zip_seen"] = upload.file_id
+        st.session_state[P + "name"] = suggested_name(upload.name)
+    name = st.text_input("Name of the new data set", key=P + "name")
+    if st.button("Import", type="primary", key=P + "import"):
+        bar = st.progress(0.0, text="Unpacking…")
+        try:
+            summary = import_zip(upload, name, on_progress=lambda m, f: bar.progress(min(1.0, f), text=m))
+        except ImportRejected as exc:
+            bar.empty()
+            st.error(f"Not imported: {exc}")
+            return
+        bar.empty()
+        st.session_state[CURRENT] = summary
+        st.success(f"Imported **{summary.name}**: {summary.total_images:,} images in "
+                   f"{len(summary.classes)} classes, saved in {summary.path}.")
+
+
+def folder_section() -> None:
+    found = list_datasets()
+    if found:
+        labels = {f"{d.name}  ({d.path})": str(d.path) for d in found}
+        choice = st.selectbox("Data sets found", list(labels), key=P + "found")
+        if st.button("Check this data set", key=P + "check_found"):
+            check_folder(labels[choice])
+    else:
+        st.caption("No data sets found under " + ", ".join(str(r) for r in data_roots()) + ".")
+    text = st.text_input("Or a folder path", key=P + "path",
+                         placeholder="e.g. ~/photos/flowers (one sub-folder per class)")
+    if st.button("Check this folder", key=P + "check_path", disabled=not text.strip()):
+        try:
+            check_folder(str(resolve_user_path(text)))
+        except PathNotAllowed as exc:
+            st.error(str(exc))
+
+
+def check_folder(path: str) -> None:
+    with st.spinner("Checking the images…"):
+        try:
+            summary = summarize_folder(path, max_check_per_class=CHECK_PER_CLASS)
+        except ImportRejected as exc:
+            st.error(f"Cannot use {path}: {exc}")
+            return
+    st.session_state[CURRENT] = summary
+
+
+def counts_table(summary: DatasetSummary) -> pd.DataFrame:
+    rows = []
+    for c in summary.classes:
+        row = {"class": c}
+        for part, counts in summary.counts.items():
+            row["images" if part == "all" else f"{part} images"] = counts.get(c, 0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def show_current(summary: DatasetSummary) -> None:
+    st.subheader(summary.name)
+    m = st.columns(4)
+    m[0].metric("Classes", len(summary.classes))
+    m[1].metric("Images", f"{summary.total_images:,}")
+    m[2].metric("Unreadable", len(summary.corrupt))
+    m[3].metric("Skipped (not images)", len(summary.non_images))
+    st.caption(f"{summary.path} — "
+               + ("train/ and test/ folders" if summary.layout == "split"
+                  else "one folder per class; the test split is carved out automatically"))
+    for w in summary.warnings:
+        st.warning(w)
+    st.dataframe(counts_table(summary), hide_index=True)
+    if summary.corrupt:
+        with st.expander(f"Unreadable files ({len(summary.corrupt)})"):
+            st.code("\n".join(summary.corrupt[:200]), language=None)
+    if summary.non_images:
+        with st.expander(f"Skipped files that are not images ({len(summary.non_images)})"):
+            st.code("\n".join(summary.non_images[:200]), language=None)
+
+    if st.button("Use in a new run", type="primary", key=P + "use"):
+        st.session_state[DATA_KEY] = str(summary.path)
+        try:
+            st.switch_page("pages/new_run.py")
+        except Exception:  # the New run page is not registered (e.g. this page alone)
+            st.info(f"Open **New run** and use the data folder {summary.path}.")
+
+    st.markdown("**Preview**")
+    try:
+        samples = preview_samples(summary.path, per_class=PREVIEW_PER_CLASS)
+    except ImportRejected as exc:
+        st.warning(str(exc))
+        return
+    for cls, paths in samples.items():
+        cols = st.columns([1.2] + [1] * PREVIEW_PER_CLASS)
+        cols[0].markdown(f"**{cls}**")
+        for col, p in zip(cols[1:], paths):
+            tile = thumbnail(str(p), p.stat().st_mtime)
+            if tile is None:
+                col.caption("unreadable")
+            else:
+                col.image(tile, width="stretch")
+
+
+st.title("Datasets")
+st.caption("Your own images as a data set: classes are the folder names.")
+tab_upload, tab_folder = st.tabs(["Upload a zip", "Pick a folder"])
+with tab_upload:
+    upload_section()
+with tab_folder:
+    folder_section()
+current = st.session_state.get(CURRENT)
+if current is not None:
+    st.divider()
+    show_current(current)

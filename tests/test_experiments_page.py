@@ -1,0 +1,134 @@
+"""AppTest of the Experiments and Datasets pages, each served alone (AppTest.from_file):
+empty store, a finished run (insights, mistakes gallery, export), submitting an experiment
+and reading its verdict, checking a folder data set and handing it to New run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import experiments as ex
+from core import jobs
+from core.store import RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = str(ROOT / "pages" / "experiments.py")
+DATASETS = str(ROOT / "pages" / "datasets.py")
+TIMEOUT_S = 120  # per script run; the first export/top-losses render imports torch
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch, tiny_folder):
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tiny_folder.parent))
+    return RunStore(tmp_path / "runs")
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    monkeypatch.setattr(jobs, "dispatch", lambda store: [])
+
+
+def texts(at) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [x.value for kind in (at.info, at.success, at.warning, at.error) for x in kind]
+    return "\n".join(str(p) for p in parts)
+
+
+def run_page(path, **state) -> AppTest:
+    at = AppTest.from_file(path, default_timeout=TIMEOUT_S)
+    for k, v in state.items():
+        at.session_state[k] = v
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_experiments_page_empty_store(app_env):
+    at = run_page(EXPERIMENTS)
+    body = texts(at)
+    assert "No experiments yet" in body and "Insights appear here" in body
+    assert at.multiselect(key="experiments.presets").value == ["Two-stage", "All at once"]
+
+
+def test_submit_experiment_then_verdict(app_env, no_workers):
+    at = run_page(EXPERIMENTS)
+    at.selectbox(key="experiments.weights").set_value("random")
+    at.selectbox(key="experiments.device").set_value("cpu")
+    at.number_input(key="experiments.seeds").set_value(2)
+    at.run()
+    assert "This queues 4 runs" in texts(at)
+    at.button(key="experiments.submit").click().run()
+    assert not at.exception
+    [exp] = ex.list_experiments(app_env)
+    assert len(app_env.list_runs()) == 4 and exp.seeds == (0, 1)
+    assert exp.recipes[0].config["data_path"].endswith("colors")
+    assert "Queued 4 runs" in texts(at) and "0 of 2" in at.dataframe[0].value.to_string()
+
+    # The runs "finish" with known accuracies: the page shows the statistics and verdict.
+    accs = {0: [0.90, 0.92], 1: [0.70, 0.71]}
+    for i, recipe in enumerate(exp.recipes):
+        for run, acc in zip(sorted(app_env.list_runs(group=recipe.group), key=lambda r: r.config["seed"]),
+                            accs[i]):
+            app_env.claim_run_now(run.id, os.getpid())
+            app_env.set_best(run.id, acc, 1, 1, "")
+            app_env.set_results(run.id, acc, {})
+            app_env.finish_run(run.id, "finished")
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["best val acc (%)"]) == ["91.0 ± 1.4", "70.5 ± 0.7"]
+    assert any(s.value.startswith("Two-stage beat All at once by 20.5") for s in at.success)
+
+
+def test_experiments_page_with_finished_run(app_env, finished_run, monkeypatch):
+    store, run = finished_run
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(store.root))
+    at = run_page(EXPERIMENTS)
+    assert at.selectbox(key="experiments.run").value == run.id
+    body = texts(at)
+    assert "What each stage added" in body and "stage 1 (layer4+fc) added" in body
+    assert "How far each layer group" in body
+    assert "Most confused classes" in body
+    at.toggle(key=f"experiments.losses.{run.id}").set_value(True).run()
+    assert not at.exception
+    wrong = sum(run.results["confusion"][i][j] for i in range(3) for j in range(3) if i != j)
+    if wrong:
+        assert len(at.get("image")) >= 1
+    else:
+        assert any("every test image right" in s.value for s in at.success)
+    at.button(key=f"experiments.export.{run.id}").click().run()
+    assert not at.exception
+    assert (store.run_dir(run.id) / f"{run.id}-export.zip").is_file()
+    assert at.get("download_button")
+
+
+def test_datasets_page_empty_then_check_and_use(app_env, tiny_folder):
+    at = run_page(DATASETS)
+    assert at.selectbox(key="datasets.found").value.startswith("colors")
+    at.button(key="datasets.check_found").click().run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Classes"] == "3" and metrics["Images"] == "48"
+    assert list(at.dataframe[0].value["class"]) == ["blue", "green", "red"]
+    assert len(at.get("image")) >= 3  # preview tiles
+    at.button(key="datasets.use").click().run()
+    assert at.session_state["new_run_data_path"] == str(tiny_folder)
+
+
+def test_datasets_page_rejects_paths_outside_roots(app_env, tmp_path):
+    at = run_page(DATASETS)
+    at.text_input(key="datasets.path").set_value("/etc").run()
+    at.button(key="datasets.check_path").click().run()
+    assert not at.exception
+    assert any("outside the allowed data folders" in e.value for e in at.error)
+
+
+def test_datasets_page_without_any_data_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tmp_path / "empty"))
+    at = run_page(DATASETS)
+    assert "No data sets found" in texts(at)
