@@ -4,9 +4,6 @@ after stage 1 with the final one, and offer example images from the run's test d
 
 Images go through THE preprocessing stored in the checkpoint (core.data.Preprocess), the
 same code training used. Uploads are decoded from bytes in memory and never written to disk.
-
-torch is imported lazily so a page can list runs (and say "nothing trained yet") without
-paying for the torch import.
 """
 
 from __future__ import annotations

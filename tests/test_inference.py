@@ -68,7 +68,7 @@ def test_model_view_is_the_stored_preprocessing(predictor):
     img.paste((255, 0, 0), (0, 0, 30, 60))  # red strip at the far left is cropped away
     view = predictor.model_view(img)
     assert view.size == (40, 40) and view.mode == "RGB"
-    assert torch.equal(torch.from_numpy(np.asarray(view)).permute(2, 0, 1),
+    assert torch.equal(torch.from_numpy(np.array(view)).permute(2, 0, 1),
                        Preprocess(resolution=40).to_uint8(img))
     assert view.getpixel((0, 20))[2] > 200  # centre crop: blue, not the red edge
     assert predictor.resolution == 40 and predictor.stage == 2
@@ -122,6 +122,7 @@ class _Evil:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_pickled_code_is_never_run(tmp_path):
     marker = tmp_path / "pwned"
     pickle.loads(pickle.dumps(_Evil(str(tmp_path / "proof"))))  # plain pickle does run it
