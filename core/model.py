@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import LAYER_GROUPS
@@ -77,19 +78,143 @@ def frozen_prefix(trainable: Sequence[str]) -> list[str]:
 def forward_prefix(model: nn.Module, x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
     """Run the leading `groups` (in order, from the input)."""
     for g in groups:
-        if g == "conv1":
-            x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-        else:
-            x = getattr(model, g)(x)
+        x = forward_group(model, g, x)
+    return x
+
+
+def forward_group(model: nn.Module, group: str, x: torch.Tensor) -> torch.Tensor:
+    """One layer group. Residual stages whose output is a single pixel (layer4 at 32x32)
+    run as matrix products: exactly the same function, without the convolution overhead."""
+    if group == "conv1":
+        return model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    if group == "fc":
+        return model.fc(torch.flatten(model.avgpool(x), 1))
+    for block in getattr(model, group):
+        x = block_forward(block, x)
     return x
 
 
 def forward_suffix(model: nn.Module, x: torch.Tensor, skip: Sequence[str]) -> torch.Tensor:
     """Run the rest of the network after the prefix `skip`."""
     for g in LAYER_GROUPS[len(skip):-1]:
-        x = forward_prefix(model, x, [g])
-    x = torch.flatten(model.avgpool(x), 1)
-    return model.fc(x)
+        x = forward_group(model, g, x)
+    return forward_group(model, "fc", x)
+
+
+# ---------------------------------------------------------------- single-pixel fast path
+
+
+def _single_pixel_taps(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int] | None:
+    """For a convolution whose output is 1x1: the first kernel row/column that meets the
+    input (every other tap meets only zero padding). None when the output is not 1x1."""
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.dilation != (1, 1) \
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    # The one output pixel sees input rows -ph .. kh-1-ph; all h rows must lie inside.
+    if (out_h, out_w) != (1, 1) or h > kh - ph or w > kw - pw:
+        return None
+    return ph, pw
+
+
+def conv_single_pixel(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for an output of 1x1, as one matrix product over the taps that see input.
+    At 32x32 input, layer4 works on 2x2 -> 1x1 maps: its 3x3 convolutions reduce exactly to
+    this, and autograd through the weight slice gives the same (zero elsewhere) gradient."""
+    n, c, h, w = x.shape
+    ph, pw = _single_pixel_taps(conv, h, w)  # type: ignore[misc]
+    weight = conv.weight[:, :, ph:ph + h, pw:pw + w].reshape(conv.out_channels, c * h * w)
+    return F.linear(x.reshape(n, c * h * w), weight, conv.bias).view(n, conv.out_channels, 1, 1)
+
+
+def _block_is_single_pixel(block: nn.Module, x: torch.Tensor) -> bool:
+    h, w = x.shape[-2:]
+    if type(block).__name__ != "BasicBlock" or _single_pixel_taps(block.conv1, h, w) is None:
+        return False
+    ds = block.downsample
+    if ds is not None and not (isinstance(ds, nn.Sequential) and len(ds) == 2
+                               and _single_pixel_taps(ds[0], h, w) is not None):
+        return False
+    return _single_pixel_taps(block.conv2, 1, 1) is not None
+
+
+def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision BasicBlock, through the single-pixel path when it applies."""
+    if not _block_is_single_pixel(block, x):
+        return block(x)
+    out = block.relu(block.bn1(conv_single_pixel(block.conv1, x)))
+    out = block.bn2(conv_single_pixel(block.conv2, out))
+    identity = x if block.downsample is None else block.downsample[1](
+        conv_single_pixel(block.downsample[0], x))
+    return block.relu(out + identity)
+
+
+# ---------------------------------------------------------------- frozen prefix for inference
+
+
+class FoldedPrefix(nn.Module):
+    """A frozen prefix with every BatchNorm folded into the convolution before it, for
+    inference only (eval-mode BN is an affine map per channel, so conv+BN is one conv).
+    A snapshot: build it again whenever the model's weights change."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[str]):
+        super().__init__()
+        self.groups = list(groups)
+        self.steps = nn.ModuleList()
+        for g in self.groups:
+            if g == "conv1":
+                self.steps.append(nn.Sequential(fold_conv_bn(model.conv1, model.bn1),
+                                                nn.ReLU(inplace=True), model.maxpool))
+            else:
+                self.steps.append(nn.ModuleList(_FoldedBlock(b) for b in getattr(model, g)))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            if isinstance(step, nn.ModuleList):
+                for block in step:
+                    x = block(x)
+            else:
+                x = step(x)
+        return x
+
+
+class _FoldedBlock(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.conv1 = fold_conv_bn(block.conv1, block.bn1)
+        self.conv2 = fold_conv_bn(block.conv2, block.bn2)
+        ds = block.downsample
+        self.downsample = fold_conv_bn(ds[0], ds[1]) if ds is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(_conv(self.conv1, x), inplace=True)
+        out = _conv(self.conv2, out)
+        identity = x if self.downsample is None else _conv(self.downsample, x)
+        return F.relu(out.add_(identity), inplace=True)
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if _single_pixel_taps(conv, x.shape[-2], x.shape[-1]) is not None:
+        return conv_single_pixel(conv, x)
+    return conv(x)
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
+    """A new conv computing bn(conv(x)) with bn in eval mode (its running statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last):
+        fused.to(memory_format=torch.channels_last)
+    return fused.requires_grad_(False)
 
 
 # ---------------------------------------------------------------- starting weights
@@ -151,6 +276,10 @@ def apply_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing_backbone = [k for k in own if not k.startswith("fc.") and k not in usable]
+    extra = [k for k in state if not k.startswith("fc.") and k not in own]
+    if extra:  # e.g. a ResNet-34: every ResNet-18 key exists there too, plus more blocks
+        raise WeightsError(f"the weights are not ResNet-18's: {len(extra)} tensors ResNet-18 does "
+                           f"not have (e.g. {extra[0]}); use a ResNet-18 state_dict")
     if missing_backbone:
         raise WeightsError(f"the weights do not fit ResNet-18: {len(missing_backbone)} backbone "
                            f"tensors missing or of another shape (e.g. {missing_backbone[0]})")

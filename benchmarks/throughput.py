@@ -1,0 +1,533 @@
+"""Training throughput: the plain way vs our trainer vs our trainer with the feature cache.
+
+    python -m benchmarks.throughput [--quick] [--device cpu|cuda] [--data DIR]
+
+Measures in ONE process, interleaved round by round (so load from other processes hits
+every variant alike), training images per second at 32x32, batch 128, random weights, for
+stage 1 (layer4+fc), stage 2 (layer3+layer4+fc) and all layers:
+
+  (a) plain: torchvision ImageFolder + RandomCrop(32, padding=4) + RandomHorizontalFlip +
+      ToTensor + Normalize through a DataLoader with 2 workers; freezing by requires_grad
+      only; the model in train() mode; SGD-momentum.
+  (b) ours:  core.train.train_one_epoch with core.train.default_runtime (decoded uint8
+      tensors in memory, batched augmentation, no DataLoader workers, frozen prefix without
+      autograd and BN-folded, single-pixel layer4 as matrix products, ...).
+  (c) ours + the frozen-feature cache (stages with a frozen prefix): only the suffix trains
+      on cached prefix outputs; the one-off caching cost is reported beside it.
+
+Also: seconds per epoch on 50,000 images, evaluation images/s, peak resident memory,
+achieved FLOP/s against the CPU's fp32 peak, and a short accuracy comparison (fp32 vs the
+default runtime vs the feature cache). The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core import config as cfgmod
+from core.config import LAYER_GROUPS
+from core.data import (DataSplits, ImageSet, Preprocess, decode_files, scan_folder,
+                       stratified_split)
+from core.model import build_resnet18, frozen_prefix, physical_cores, set_trainable
+from core.train import (Runtime, TrainHooks, compute_features, default_runtime, evaluate,
+                        make_optimizer, make_scheduler, run_stages, train_one_epoch)
+
+BATCH = 128
+STAGES = {
+    "stage1": ("layer4", "fc"),
+    "stage2": ("layer3", "layer4", "fc"),
+    "all": LAYER_GROUPS,
+}
+DEFAULT_DATA = Path.home() / ".cache" / "cifar10-jpg"
+EPOCH_IMAGES = 50_000  # CIFAR-10's training set
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------- machine facts
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> tuple[set[str], str, int]:
+    flags, vendor, family = set(), "", 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("vendor_id"):
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("cpu family"):
+                    family = int(line.split(":", 1)[1])
+    except OSError:
+        pass
+    return flags, vendor, family
+
+
+def clock_ghz() -> float:
+    """Base clock (max if cpufreq says it; else the current MHz /proc/cpuinfo reports)."""
+    p = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    if p.exists():
+        return int(p.read_text()) / 1e6
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1]) / 1000
+    except OSError:
+        pass
+    return 2.0
+
+
+def cpu_fp32_peak(cores: int) -> tuple[float, str]:
+    """fp32 peak FLOP/s = cores x clock x FMA units x SIMD lanes x 2 (an FMA is 2 FLOPs),
+    from what the CPU flags say; the FMA unit count is not in the flags and is assumed."""
+    flags, vendor, family = cpu_flags()
+    ghz = clock_ghz()
+    if "avx512f" in flags:
+        lanes, units = 16, 2
+        if vendor == "AuthenticAMD" and family == 25:
+            # Zen 4 runs 512-bit FMAs on two 256-bit pipes: one 512-bit FMA per cycle.
+            units, why = 1, "AVX-512 (Zen 4: 512-bit FMAs on 2x256-bit pipes = 1 per cycle)"
+        else:
+            why = "AVX-512, assuming 2 FMA units"
+    elif "fma" in flags and "avx2" in flags:
+        lanes, units, why = 8, 2, "AVX2+FMA, assuming 2 FMA units"
+    else:
+        lanes, units, why = 4, 1, "SSE, 1 multiply-add unit assumed"
+    peak = cores * ghz * 1e9 * units * lanes * 2
+    text = (f"{cores} cores x {ghz:.2f} GHz x {units} FMA/cycle x {lanes} fp32 lanes x 2 FLOP "
+            f"= {peak / 1e9:.0f} GFLOP/s ({why}; bf16 hardware: "
+            f"{'yes' if {'avx512_bf16', 'amx_bf16'} & flags else 'no'})")
+    return peak, text
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+# ---------------------------------------------------------------- the plain way (a)
+
+
+def plain_transforms(train: bool):
+    from torchvision import transforms as T
+
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if train:
+        return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    return T.Compose([T.ToTensor(), norm])
+
+
+class Plain:
+    """The recipe as usually written: requires_grad freezing, model.train(), DataLoader."""
+
+    def __init__(self, folder, indices, groups, device, workers=2):
+        import torchvision
+
+        self.ds = torchvision.datasets.ImageFolder(str(folder), transform=plain_transforms(True))
+        self.indices, self.device, self.workers = list(indices), device, workers
+        torch.manual_seed(0)
+        self.model = build_resnet18(10).to(device)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(any(name.startswith(g) for g in _group_prefixes(groups)))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def window(self, n_batches: int, seed: int) -> float:
+        """Images/s over `n_batches`, timed from the first batch's arrival (so DataLoader
+        start-up, amortised over a real epoch, does not count)."""
+        from torch.utils.data import DataLoader, Subset
+
+        g = torch.Generator().manual_seed(seed)
+        pick = [self.indices[i] for i in torch.randperm(len(self.indices), generator=g)[:n_batches * BATCH]]
+        loader = DataLoader(Subset(self.ds, pick), batch_size=BATCH, shuffle=True,
+                            num_workers=self.workers, generator=g,
+                            pin_memory=self.device.type == "cuda")
+        self.model.train()
+        it = iter(loader)
+        first = next(it)
+        t0 = time.perf_counter()
+        images = 0
+        for x, y in _chain(first, it):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss = F.cross_entropy(self.model(x), y)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            loss.item()
+            images += len(y)
+        _sync(self.device)
+        return images / (time.perf_counter() - t0)
+
+
+def _chain(first, it):
+    yield first
+    yield from it
+
+
+def _group_prefixes(groups):
+    from core.model import GROUP_MODULES
+
+    return tuple(f"{m}." for g in groups for m in GROUP_MODULES[g])
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_eval_ips(folder, indices, device, model) -> float:
+    import torchvision
+    from torch.utils.data import DataLoader, Subset
+
+    ds = torchvision.datasets.ImageFolder(str(folder), transform=plain_transforms(False))
+    loader = DataLoader(Subset(ds, list(indices)), batch_size=512, num_workers=2,
+                        pin_memory=device.type == "cuda")
+    model.eval()
+    it = iter(loader)
+    first = next(it)
+    t0, n = time.perf_counter(), 0
+    with torch.no_grad():
+        for x, _ in _chain(first, it):
+            model(x.to(device, non_blocking=True)).argmax(1).cpu()
+            n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- ours (b) and (c)
+
+
+class Ours:
+    def __init__(self, data: ImageSet, groups, runtime: Runtime, pre: Preprocess):
+        self.data, self.groups, self.runtime, self.pre = data, tuple(groups), runtime, pre
+        torch.manual_seed(0)
+        self.model = build_resnet18(len(data.classes)).to(runtime.device)
+        if runtime.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        set_trainable(self.model, self.groups)
+        stage = cfgmod.StageConfig(groups=self.groups, epochs=1, lr=0.01, schedule="constant")
+        self.opt = make_optimizer(self.model, stage, fused=runtime.fused_optimizer)
+        self.sched = make_scheduler(self.opt, stage, 10**6)
+        self.features: torch.Tensor | None = None
+        self.cache_s = 0.0
+        self.gen = torch.Generator().manual_seed(0)
+
+    def build_cache(self) -> float:
+        """Compute the frozen prefix's features for every image; returns seconds."""
+        _sync(self.runtime.device)
+        t0 = time.perf_counter()
+        self.features = compute_features(self.model, self.data, frozen_prefix(self.groups),
+                                         self.pre, self.runtime)
+        _sync(self.runtime.device)
+        self.cache_s = time.perf_counter() - t0
+        return self.cache_s
+
+    def window(self, n_batches: int, seed: int, cached: bool = False) -> float:
+        """Images/s of the real train_one_epoch over an 'epoch' of n_batches batches."""
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(self.data), generator=g)[:n_batches * BATCH]
+        sub = self.data.subset(pick)
+        if sub.images.device != self.runtime.device and self.runtime.data_on_device:
+            sub = ImageSet(sub.images.to(self.runtime.device), sub.labels.to(self.runtime.device),
+                           sub.classes)
+        feats = self.features[pick.to(self.features.device)] if cached else None
+        _sync(self.runtime.device)
+        m = train_one_epoch(self.model, sub, self.pre, self.runtime, self.opt, self.sched,
+                            self.groups, "eval", BATCH, True, self.gen, lambda *a: None,
+                            lambda: False, feats)
+        _sync(self.runtime.device)
+        return m.images / m.seconds
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def train_flops_per_image(groups, device, suffix_only: bool = False) -> float:
+    """FLOPs of one plain training step (forward + backward), per image, counted by
+    torch.utils.flop_counter on the standard torchvision modules. With `suffix_only`, the
+    suffix alone (what the feature cache runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from core.model import forward_prefix
+
+    model = build_resnet18(10).to(device)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(g) for g in _group_prefixes(groups)))
+    prefix = frozen_prefix(groups)
+    x = torch.randn(BATCH, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (BATCH,), device=device)
+    if suffix_only:
+        with torch.no_grad():
+            x = forward_prefix(model, x, prefix)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        h = x
+        if suffix_only:
+            for g in LAYER_GROUPS[len(prefix):-1]:
+                h = getattr(model, g)(h)
+            out = model.fc(torch.flatten(model.avgpool(h), 1))
+        else:
+            out = model(h)
+        F.cross_entropy(out, y).backward()
+    return counter.get_total_flops() / BATCH
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_ours(folder: Path, paths_labels, pre: Preprocess):
+    paths, labels = paths_labels
+    t0 = time.perf_counter()
+    images, labels_t, _ = decode_files(paths, labels, pre)
+    return images, labels_t, time.perf_counter() - t0
+
+
+def folder_listing(folder: Path, limit: int, seed: int):
+    """(paths, labels, ImageFolder indices) of a stratified `limit`-image subset."""
+    import torchvision
+
+    names, per_class, _ = scan_folder(folder)
+    ds_index = {}
+    # ImageFolder sorts classes and files the same way; map path -> its index there.
+    imf = torchvision.datasets.ImageFolder(str(folder))
+    for i, (p, _) in enumerate(imf.samples):
+        ds_index[os.path.realpath(p)] = i
+    paths = [p for files in per_class for p in files]
+    labels = [i for i, files in enumerate(per_class) for _ in files]
+    if limit and limit < len(paths):
+        _, keep = stratified_split(torch.as_tensor(labels), limit / len(paths), seed)
+        paths = [paths[i] for i in keep.tolist()]
+        labels = [labels[i] for i in keep.tolist()]
+    return names, paths, labels, [ds_index[os.path.realpath(p)] for p in paths]
+
+
+# ---------------------------------------------------------------- accuracy check
+
+
+def accuracy_check(data: ImageSet, classes, device, epochs: int, n_val_frac=0.2):
+    """Stage 1 (layer4+fc) trained `epochs` epochs three ways from the same weights and
+    data order: fp32 reference runtime, the default runtime, default + feature cache."""
+    rest, held = stratified_split(data.labels, n_val_frac, 0)
+    splits = DataSplits(data.subset(rest), data.subset(held), data.subset(held[:2]), classes, [], "bench")
+    pre = Preprocess(32)
+    base = Runtime(device)  # fp32, contiguous, unfused: the reference
+    stage = cfgmod.StageConfig(groups=("layer4", "fc"), epochs=epochs, lr=0.05, schedule="cosine")
+    out = {}
+    variants = [("fp32 reference", base, False), ("default runtime", default_runtime(device), False),
+                ("default + feature cache", default_runtime(device), True)]
+    for name, rt, cache in variants:
+        cfg = cfgmod.RunConfig(stages=(replace(stage, feature_cache=cache),), weights="random",
+                               batch_size=BATCH, seed=0, augment=True)
+        torch.manual_seed(0)
+        model = build_resnet18(len(classes))
+        t0 = time.perf_counter()
+        res = run_stages(model, cfg, splits, pre, rt, TrainHooks())
+        out[name] = (res.best_val_acc, time.perf_counter() - t0)
+    return out, len(splits.train), len(splits.val)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer images and rounds (~2 minutes)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA),
+                    help="folder with train/ and test/ class folders (CIFAR-10 as JPEGs)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = physical cores)")
+    ap.add_argument("--images", type=int, default=0, help="training images to use (0 = mode default)")
+    ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--batches", type=int, default=0, help="batches per timed window")
+    ap.add_argument("--acc-epochs", type=int, default=0, help="epochs of the accuracy check (0 = default, -1 = skip)")
+    ap.add_argument("--json-out", default="", help="also write the JSON summary here")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    threads = args.threads or physical_cores()
+    torch.set_num_threads(threads)
+    quick = args.quick
+    n_images = args.images or (6000 if quick else 50_000)
+    rounds = args.rounds or (3 if quick else 5)
+    n_batches = args.batches or (8 if quick else 20)
+    if device.type == "cuda":
+        n_batches = args.batches or (20 if quick else 60)
+    acc_epochs = args.acc_epochs or (2 if quick else 3)
+    data_root = Path(args.data).expanduser()
+    train_dir, test_dir = data_root / "train", data_root / "test"
+    pre = Preprocess(32)
+
+    log(f"== Training throughput, 32x32, batch {BATCH}, random weights ==")
+    log(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {threads}; "
+        f"torch {torch.__version__}; device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    peak, peak_text = cpu_fp32_peak(threads)
+    runtime = default_runtime(device)
+    log(f"our runtime: {runtime}")
+    log(f"CPU fp32 peak: {peak_text}")
+
+    names, paths, labels, imf_idx = folder_listing(train_dir, n_images, seed=0)
+    images, labels_t, decode_s = load_ours(train_dir, (paths, labels), pre)
+    data = ImageSet(images, labels_t, names)
+    log(f"data: {len(data):,} training images of {train_dir}; ours decoded them once in "
+        f"{decode_s:.1f} s ({len(data) / decode_s:,.0f} images/s, then cached on disk by the "
+        f"app), {data.images.numel() / 1024**2:.0f} MiB as uint8")
+    if device.type == "cuda":
+        data = ImageSet(data.images.to(device), data.labels.to(device), names)
+
+    plain = {s: Plain(train_dir, imf_idx, g, device) for s, g in STAGES.items()}
+    ours = {s: Ours(data, g, runtime, pre) for s, g in STAGES.items()}
+    cacheable = [s for s, g in STAGES.items() if frozen_prefix(g)]
+    cache_cost = {}
+    for s in cacheable:
+        cache_cost[s] = ours[s].build_cache()
+    # Warm-up: first calls allocate, pick kernels, start threads.
+    for s in STAGES:
+        plain[s].window(2, seed=999)
+        ours[s].window(2, seed=999)
+        if s in cacheable:
+            ours[s].window(2, seed=999, cached=True)
+
+    ips: dict[tuple[str, str], list[float]] = {}
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        for s in STAGES:
+            ips.setdefault(("a", s), []).append(plain[s].window(n_batches, seed=r))
+            ips.setdefault(("b", s), []).append(ours[s].window(n_batches, seed=r))
+            if s in cacheable:
+                ips.setdefault(("c", s), []).append(ours[s].window(n_batches, seed=r, cached=True))
+        log(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)")
+    med = {k: statistics.median(v) for k, v in ips.items()}
+
+    flops = {s: train_flops_per_image(g, torch.device("cpu")) for s, g in STAGES.items()}
+    flops_c = {s: train_flops_per_image(STAGES[s], torch.device("cpu"), suffix_only=True)
+               for s in cacheable}
+
+    log("")
+    log(f"Training images/s (median of {rounds} interleaved rounds of {n_batches} batches; "
+        f"spread min..max in brackets)")
+    hdr = f"{'stage':8s} {'(a) plain':>20s} {'(b) ours':>20s} {'b/a':>6s} {'(c) ours+cache':>20s} {'c/a':>6s}"
+    log(hdr)
+    for s in STAGES:
+        def cell(k):
+            if (k, s) not in med:
+                return f"{'n/a':>20s}"
+            v = ips[(k, s)]
+            return f"{med[(k, s)]:7.0f} [{min(v):5.0f}..{max(v):5.0f}]"
+        ca = f"{med[('c', s)] / med[('a', s)]:6.2f}" if ("c", s) in med else f"{'':6s}"
+        log(f"{s:8s} {cell('a')} {cell('b')} {med[('b', s)] / med[('a', s)]:6.2f} {cell('c')} {ca}")
+
+    log("")
+    log(f"Seconds per epoch of {EPOCH_IMAGES:,} images (training only)")
+    for s in STAGES:
+        line = (f"{s:8s} plain {EPOCH_IMAGES / med[('a', s)]:7.1f} s   ours {EPOCH_IMAGES / med[('b', s)]:7.1f} s")
+        if s in cacheable:
+            one_off = cache_cost[s] * EPOCH_IMAGES / len(data)
+            line += (f"   ours+cache {EPOCH_IMAGES / med[('c', s)]:7.1f} s "
+                     f"(+ {one_off:.1f} s once to cache the features, "
+                     f"{len(data) / cache_cost[s]:,.0f} images/s)")
+        log(line)
+
+    log("")
+    log("Achieved training FLOP/s (FLOPs per image from torch.utils.flop_counter on the "
+        "standard modules: forward + backward of one plain step)")
+    for s in STAGES:
+        fa, fb = flops[s] * med[("a", s)], flops[s] * med[("b", s)]
+        line = (f"{s:8s} {flops[s] / 1e6:6.1f} MFLOP/image: plain {fa / 1e9:6.1f} GFLOP/s "
+                f"({fa / peak:5.1%} of fp32 peak), ours {fb / 1e9:6.1f} GFLOP/s ({fb / peak:5.1%})")
+        if s in cacheable:
+            fc = flops_c[s] * med[("c", s)]
+            line += f", ours+cache {flops_c[s] / 1e6:.1f} MFLOP/image {fc / 1e9:6.1f} GFLOP/s ({fc / peak:5.1%})"
+        log(line)
+
+    # Evaluation throughput, interleaved too.
+    _, tpaths, tlabels, timf = folder_listing(test_dir, 2000 if quick else 10_000, seed=0)
+    timages, tlab, _ = load_ours(test_dir, (tpaths, tlabels), pre)
+    test = ImageSet(timages, tlab, names)
+    eval_model = build_resnet18(10).to(device)
+    ev_a, ev_b = [], []
+    for r in range(rounds):
+        ev_a.append(plain_eval_ips(test_dir, timf, device, eval_model))
+        _sync(device)
+        t0 = time.perf_counter()
+        evaluate(eval_model, test, pre, runtime)
+        _sync(device)
+        ev_b.append(len(test) / (time.perf_counter() - t0))
+    eval_a, eval_b = statistics.median(ev_a), statistics.median(ev_b)
+    log("")
+    log(f"Evaluation images/s ({len(test):,} test images): plain {eval_a:,.0f} (DataLoader, "
+        f"no_grad) | ours {eval_b:,.0f} (evaluate: in-memory, inference_mode, BN folded) "
+        f"= {eval_b / eval_a:.2f}x")
+
+    acc = None
+    if args.acc_epochs >= 0:
+        acc, n_tr, n_val = accuracy_check(data, names, device, acc_epochs)
+        log("")
+        log(f"Accuracy check: stage 1 (layer4+fc), {acc_epochs} epochs on {n_tr:,} images, "
+            f"best validation accuracy on {n_val:,} held-out images, same seed")
+        for k, (a, secs) in acc.items():
+            log(f"  {k:26s} {a:6.1%}   ({secs:.1f} s including evaluation)")
+
+    rss = peak_rss_gib()
+    log("")
+    log(f"Peak resident memory of this process: {rss:.2f} GiB (includes the plain way's "
+        f"models; DataLoader workers are separate processes)")
+    if device.type == "cuda":
+        log(f"Peak GPU memory: {torch.cuda.max_memory_allocated(device) / 1024**3:.2f} GiB")
+
+    summary = {
+        "device": str(device), "machine": cpu_model(), "threads": threads, "quick": quick,
+        "images": len(data), "rounds": rounds, "batches_per_window": n_batches,
+        "stage1_speedup": round(med[("b", "stage1")] / med[("a", "stage1")], 3),
+        "stage2_speedup": round(med[("b", "stage2")] / med[("a", "stage2")], 3),
+        "all_speedup": round(med[("b", "all")] / med[("a", "all")], 3),
+        "cache_speedup": round(med[("c", "stage1")] / med[("a", "stage1")], 3),
+        "cache_speedup_stage2": round(med[("c", "stage2")] / med[("a", "stage2")], 3),
+        "images_per_s": {f"{k}/{s}": round(v, 1) for (k, s), v in med.items()},
+        "epoch_s_50k": {f"{k}/{s}": round(EPOCH_IMAGES / v, 1) for (k, s), v in med.items()},
+        "cache_build_s_50k": {s: round(c * EPOCH_IMAGES / len(data), 1) for s, c in cache_cost.items()},
+        "eval_images_per_s": {"plain": round(eval_a, 1), "ours": round(eval_b, 1)},
+        "fp32_peak_gflops": round(peak / 1e9, 1),
+        "fraction_of_peak": {f"{k}/{s}": round((flops_c[s] if k == "c" else flops[s]) * v / peak, 4)
+                             for (k, s), v in med.items()},
+        "accuracy": {k: round(a, 4) for k, (a, _) in acc.items()} if acc else None,
+        "peak_rss_gib": round(rss, 3),
+    }
+    if device.type == "cuda":
+        summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)
+    line = json.dumps(summary, sort_keys=True)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(line + "\n")
+    log("")
+    print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
