@@ -226,6 +226,25 @@ def enlarge(image, size: int = 128):
     return img
 
 
+def weight_change_figure(changes: list):
+    """Grouped bars: one group of bars per layer group (input side first), one bar per stage;
+    frozen groups show as empty (0)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for s in sorted({c.stage for c in changes}):
+        rows = [c for c in changes if c.stage == s]
+        fig.add_trace(go.Bar(x=[c.group for c in rows], y=[100 * c.relative_change for c in rows],
+                             name=f"stage {s}",
+                             customdata=["trained" if c.trained else "frozen" for c in rows],
+                             hovertemplate="%{x}: %{y:.2f} %% (%{customdata})<extra>stage " + str(s)
+                                           + "</extra>"))
+    fig.update_layout(barmode="group", height=300, yaxis_title="relative change (%)",
+                      xaxis=dict(categoryorder="array", categoryarray=list(cfgmod.LAYER_GROUPS)),
+                      margin=dict(l=10, r=10, t=10, b=10), legend_title_text="")
+    return fig
+
+
 def attribution(store: RunStore, run: Run) -> None:
     gains = insights.stage_attribution(store, run)
     st.markdown("**What each stage added to validation accuracy**")
@@ -248,11 +267,7 @@ def attribution(store: RunStore, run: Run) -> None:
         st.caption("Not recorded for this run (it predates weight-change tracking, or no "
                    "stage completed).")
         return
-    frame = pd.DataFrame([{"stage": f"stage {c.stage}", "group": c.group,
-                           "relative change (%)": 100 * c.relative_change,
-                           "trained": "unfrozen" if c.trained else "frozen"} for c in changes])
-    st.bar_chart(frame, x="group", y="relative change (%)", color="stage", stack=False,
-                 height=280)
+    st.plotly_chart(weight_change_figure(changes), key=P + f"wc.{run.id}")
     notes = []
     for s in sorted({c.stage for c in changes}):
         moved = sorted((c for c in changes if c.stage == s and c.trained),

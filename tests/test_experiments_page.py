@@ -132,3 +132,44 @@ def test_datasets_page_without_any_data_set(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tmp_path / "empty"))
     at = run_page(DATASETS)
     assert "No data sets found" in texts(at)
+
+
+def _zip_bytes(folder: Path, extra: dict[str, bytes] | None = None) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, "holiday photos/" + p.relative_to(folder).as_posix())
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_datasets_page_upload_zip(tmp_path, monkeypatch):
+    from tests.conftest import make_image_folder
+
+    roots = tmp_path / "datasets"
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(roots))
+    src = make_image_folder(tmp_path / "src", per_class=3, split=False)
+    at = run_page(DATASETS)
+    at.file_uploader(key="datasets.zip").set_value(
+        ("My Photos.zip", _zip_bytes(src, {"holiday photos/notes.txt": b"x"}), "application/zip"))
+    at.run()
+    assert at.text_input(key="datasets.name").value == "My-Photos"
+    at.button(key="datasets.import").click().run()
+    assert not at.exception
+    assert (roots / "My-Photos" / "red").is_dir()
+    assert any("Imported **My-Photos**: 9 images in 3 classes" in s.value for s in at.success)
+    assert {m.label: m.value for m in at.metric}["Skipped (not images)"] == "1"
+
+    evil = _zip_bytes(src, {"../../escape.png": b"x"})
+    at.file_uploader(key="datasets.zip").set_value(("evil.zip", evil, "application/zip"))
+    at.run()
+    at.button(key="datasets.import").click().run()
+    assert any(e.value.startswith("Not imported:") and "climbs out" in e.value for e in at.error)
+    assert sorted(p.name for p in roots.iterdir()) == ["My-Photos"]
+    assert not (tmp_path / "escape.png").exists()
