@@ -51,6 +51,11 @@ def shade_stages(fig: go.Figure, bounds: Sequence[tuple[float, float, str]], lin
     return fig
 
 
+def _mode(x: Sequence[float]) -> str:
+    """Lines, plus markers while there are few points (a lone point has no line to show)."""
+    return "lines" if len(x) > 30 else "lines+markers"
+
+
 def _scale(key: str, values: Sequence[float]) -> list[float]:
     """Accuracies are stored as 0..1 and shown in percent."""
     return [100 * v for v in values] if key in ACCURACY_KEYS else list(values)
@@ -64,7 +69,7 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
     if metric == "loss":
         x, y = series(frame, "train/step_loss")
         if x:
-            fig.add_trace(go.Scatter(x=x, y=y, name="train (per step)", mode="lines",
+            fig.add_trace(go.Scatter(x=x, y=y, name="train (per step)", mode=_mode(x),
                                      line={"color": TRAIN_COLOR, "width": 1}, opacity=0.35))
     for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
         key = f"{split}/{metric}"
@@ -86,7 +91,7 @@ def lr_figure(frame: pd.DataFrame, bounds: Sequence[tuple[float, float, str]]) -
     fig = go.Figure()
     x, y = series(frame, "lr")
     if x:
-        fig.add_trace(go.Scatter(x=x, y=y, name="learning rate", mode="lines",
+        fig.add_trace(go.Scatter(x=x, y=y, name="learning rate", mode=_mode(x),
                                  line={"color": "#AB63FA", "width": 2}))
     shade_stages(fig, bounds)
     _layout(fig, "Learning rate (head group)", EPOCH_AXIS, "learning rate", height=260)

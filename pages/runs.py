@@ -19,18 +19,18 @@ LIVE_REFRESH_S = 1.5  # seconds between live-view refreshes while a run is activ
 LOG_TAIL_BYTES = 6000
 
 
-def read_metrics(store: RunStore, run_id: str) -> list:
+def read_metrics(store: RunStore, run: Run) -> list:
     """All metric rows of a run, read incrementally: each refresh fetches only rows newer
-    than the last one seen (the store's indexed "after id" read)."""
+    than the last one seen (the store's indexed "after id" read). Cached per start of the
+    run: a resumed run drops its rows past the last checkpoint and logs them again."""
     cache = st.session_state.setdefault(P + "metrics_cache", {})
-    rows = cache.get(run_id, [])
-    new = store.metrics(run_id, after_id=rows[-1].id if rows else 0)
-    if new:
-        if rows and new[0].step <= rows[-1].step and new[0].key == "trainable_params":
-            rows = []  # a resumed run truncated and re-logged its metrics: start over
+    key = (run.id, run.started_at)
+    rows = cache.get(key, [])
+    new = store.metrics(run.id, after_id=rows[-1].id if rows else 0)
+    if new or key not in cache:
         rows = rows + new
-        cache.clear()  # keep one run's rows only: memory stays bounded
-        cache[run_id] = rows
+        cache.clear()  # one run's rows only: memory stays bounded
+        cache[key] = rows
     return rows
 
 
@@ -62,7 +62,7 @@ def live_view(run_id: str) -> None:
     if run.status == "running" and run.started_at:
         st.caption(f"Running for {fmt_duration(run.duration_s)}"
                    + (" · stopping after the current batch…" if run.cancel_requested else ""))
-    curves(run, read_metrics(store, run_id), P + "live.")
+    curves(run, read_metrics(store, run), P + "live.")
     with st.expander("Log (last lines)", expanded=False):
         log_tail(store, run_id)
 
@@ -99,7 +99,7 @@ def results_view(store: RunStore, run: Run) -> None:
         else:
             st.caption("No completed epoch to resume from.")
     summary_metrics(run)
-    curves(run, read_metrics(store, run.id), P + "done.")
+    curves(run, read_metrics(store, run), P + "done.")
     classes = r.get("classes") or []
     if r.get("confusion") and classes:
         left, right = st.columns(2)

@@ -253,6 +253,15 @@ def test_runs_page_live_view_of_a_running_run(running_run):
     assert any(c.proto.spec and "Learning rate" in c.proto.spec for c in at.get("plotly_chart"))
     # The sidebar lists the job with its progress.
     assert any(run.name in m.value for m in at.sidebar.markdown)
+    # Stage 2 starts (its first row is logged at the step stage 1 ended on) and more points
+    # stream in: the next refresh adds them to what was already shown.
+    store.log_metrics(run.id, [(2, 0.5, 2, "trainable_params", 100.0),
+                               (2, 1.5, 3, "train/step_loss", 0.9), (2, 1.5, 3, "lr", 0.001)])
+    at.run()
+    loss = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                if "Loss: training" in c.proto.spec)
+    step_trace = next(t for t in loss["data"] if t["name"] == "train (per step)")
+    assert step_trace["x"] == [0.25, 0.5, 1.5]
     at.button(key="runs.cancel").click().run()
     assert store.get_run(run.id).cancel_requested
     assert at.button(key="runs.kill")  # now offered as the fallback

@@ -1,0 +1,235 @@
+"""End to end in a real browser: Debian chromium driven by Playwright, the app served by
+`streamlit run` on localhost with a temporary run store and a generated tiny image folder.
+
+Starts a tiny run from the New-run form (folder data, random weights), watches its curve
+appear and the run finish, compares it with a second recipe, and classifies an uploaded
+image on Classify. Screenshots go to test-artifacts/ (git-ignored).
+
+Run alone:  .venv/bin/python -m pytest -q -m browser tests/test_e2e_browser.py
+README screenshots:  FINETUNE_LAB_SCREENSHOTS=docs/screenshots (same command) also writes
+run.png, compare.png and classify.png there, from a slightly larger run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from core import config as cfgmod
+from core import jobs
+from core.store import RunStore
+from tests.conftest import make_image_folder, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+DOCS_DIR = os.environ.get("FINETUNE_LAB_SCREENSHOTS", "")  # where README screenshots go, if set
+UI_TIMEOUT_MS = 60_000  # a page element to appear (the first New-run render imports torch)
+RUN_TIMEOUT_S = 600  # a tiny run to finish on a shared 2-core machine (worker start included)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+            return r.read().strip() == b"ok"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(base url, store, image folder): the app served on a free localhost port."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api")
+    base = tmp_path_factory.mktemp("e2e")
+    big = bool(DOCS_DIR)
+    folder = make_image_folder(base / "datasets" / "colors", per_class=40 if big else 12)
+    store = RunStore(base / "runs")
+    env = {**os.environ, "FINETUNE_LAB_DATA": str(store.root),
+           "FINETUNE_LAB_DATA_ROOTS": str(base / "datasets"),
+           "TORCH_HOME": str(base / "torch-home"),  # no ImageNet weights: never downloads
+           "FINETUNE_LAB_MAX_JOBS": "1"}
+    port = _free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "streamlit-server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
+         "--server.address", "localhost", "--server.port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://localhost:{port}"
+    try:
+        wait_for(lambda: server.poll() is not None or _healthy(url), timeout_s=120,
+                 what="the streamlit server to answer")
+        assert server.poll() is None, (ARTIFACTS / "streamlit-server.log").read_text()[-3000:]
+        yield url, store, folder
+    finally:
+        for run in store.list_runs(statuses=("queued", "running")):  # a failed test mid-run
+            jobs.cancel(store, run.id)
+            jobs.kill(store, run.id)
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update"])
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        pg = context.new_page()
+        pg.set_default_timeout(UI_TIMEOUT_MS)
+        try:
+            yield pg
+        finally:
+            context.close()
+            browser.close()
+
+
+def shot(pg, name: str, docs_name: str | None = None, height: int = 1000) -> None:
+    """Save a screenshot; the app scrolls inside its own container, so a taller viewport
+    (not full_page) is what captures more of a long page."""
+    path = ARTIFACTS / f"e2e-{name}.png"
+    size = pg.viewport_size
+    if height != size["height"]:
+        pg.set_viewport_size({"width": size["width"], "height": height})
+        wait_idle(pg)
+    pg.screenshot(path=str(path))
+    if height != size["height"]:
+        pg.set_viewport_size(size)
+    if DOCS_DIR and docs_name:
+        target = Path(DOCS_DIR)
+        if not target.is_absolute():
+            target = ROOT / target
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / docs_name)
+
+
+def wait_idle(pg) -> None:
+    """Until Streamlit has finished the current script run (its status widget is gone)."""
+    pg.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=UI_TIMEOUT_MS)
+
+
+def test_form_run_live_curves_compare_and_classify(served, page):
+    from playwright.sync_api import expect
+
+    url, store, folder = served
+    big = bool(DOCS_DIR)
+
+    # Overview with an empty store says what to do next.
+    page.goto(url)
+    page.get_by_text("No runs yet — start one on").wait_for()
+    shot(page, "overview-empty")
+
+    # New run: folder data, random weights, from the form.
+    page.goto(url + "/new_run")
+    page.get_by_text("Estimated on this machine").wait_for()
+    page.get_by_text("Advanced: optimizer, data, weights, device").click()
+    page.get_by_text("Image folder", exact=True).click()
+    wait_idle(page)
+    data_input = page.get_by_label("Data folder")
+    data_input.fill(str(folder))
+    data_input.press("Enter")
+    n_train = 40 * 3 if big else 12 * 3
+    page.get_by_text(f"3 classes, {n_train} training images.").wait_for()
+    page.get_by_text("Random (from scratch)", exact=True).click()
+    wait_idle(page)
+    if big:  # more epochs for curves worth a screenshot
+        for i in (0, 1):
+            box = page.locator(".stNumberInput input").nth(1 + i)  # 0 is "Stages"
+            box.fill("4")
+            box.press("Enter")
+            wait_idle(page)
+    name = page.get_by_label("Run name")
+    name.fill("browser run")
+    name.press("Enter")
+    wait_idle(page)
+    start = page.get_by_role("button", name="Start", exact=True)
+    expect(start).to_be_enabled()
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    assert errors.count() == 0, errors.all_inner_texts()
+    shot(page, "new-run-form", height=1800)
+    start.click()
+
+    # The live view opens; the loss curve streams in without a reload; the run finishes.
+    page.wait_for_url(re.compile(r"/runs$"))
+    page.get_by_role("heading", name="Runs").wait_for()
+    page.get_by_text("Loss: training and validation").first.wait_for(timeout=RUN_TIMEOUT_S * 1000)
+    shot(page, "run-live")
+    page.get_by_text("Best validation accuracy").wait_for(timeout=RUN_TIMEOUT_S * 1000)
+    page.get_by_text("Confusion matrix (test set)").wait_for()
+    runs = store.list_runs()
+    assert [r.status for r in runs] == ["finished"], [(r.status, r.error) for r in runs]
+    assert runs[0].name == "browser run"
+    cfg = cfgmod.from_dict(runs[0].config)
+    assert cfg.data_source == "folder" and cfg.weights == "random"
+    wait_idle(page)
+    shot(page, "run-finished", "run.png", height=1900)
+
+    # A second recipe (and, for README screenshots, a group of seeds) to compare against.
+    baseline = replace(cfg, stages=cfgmod.preset_stages("All at once", epochs=cfg.stages[0].epochs))
+    if big:
+        jobs.submit_seeds(store, baseline, [1, 2], name="all at once", group="all at once")
+    else:
+        jobs.submit(store, baseline, name="all at once")
+    wait_for(lambda: all(r.status in ("finished", "failed", "cancelled") for r in store.list_runs()),
+             timeout_s=RUN_TIMEOUT_S, what="the comparison runs to end")
+    assert all(r.status == "finished" for r in store.list_runs())
+
+    page.goto(url + "/compare")
+    page.get_by_text("Pick two or more runs or groups").wait_for()
+    runs_box = page.locator(".stMultiSelect").nth(0)
+    runs_box.click()
+    page.get_by_role("option", name=re.compile(r"^browser run")).click()
+    page.keyboard.press("Escape")
+    wait_idle(page)
+    if big:
+        page.locator(".stMultiSelect").nth(1).click()
+        page.get_by_role("option", name=re.compile(r"^all at once \(2 runs\)")).click()
+    else:
+        page.locator(".stMultiSelect").nth(0).click()
+        page.get_by_role("option", name=re.compile(r"^all at once")).click()
+    page.keyboard.press("Escape")
+    wait_idle(page)
+    page.get_by_text("Config differences").wait_for()
+    # The recipes differ in what trains (grid cells are drawn on a canvas: attached, hidden).
+    expect(page.get_by_text("stage 1.groups")).to_be_attached()
+    page.get_by_text("Stage 2 starts").first.wait_for()
+    shot(page, "compare", "compare.png", height=1400)
+
+    # Classify: upload an image of a training class and read the top class.
+    image = next((folder / "test" / "red").glob("*.png"))
+    page.goto(url + "/classify")
+    page.locator('input[type="file"]').set_input_files(str(image))
+    guess = page.get_by_text(re.compile(r"^Best guess:"))
+    guess.wait_for()
+    text = guess.inner_text()
+    assert re.search(r"red|green|blue", text, re.IGNORECASE), text
+    wait_idle(page)
+    shot(page, "classify", "classify.png", height=1400)
