@@ -104,7 +104,10 @@ def compare_form(store: RunStore) -> None:
     recipes = ex.preset_recipes(presets, int(epochs), float(lr), base)
     for i in saved_ids:
         try:
-            recipes.append((f"config of {by_id[i].name}", cfgmod.from_dict(by_id[i].config)))
+            label = f"config of {by_id[i].name}"
+            if any(n == label for n, _ in recipes):  # two runs with one name
+                label += f" ({i})"
+            recipes.append((label, cfgmod.from_dict(by_id[i].config)))
         except cfgmod.ConfigError as exc:
             problems.append(f"run {i}: its config can no longer be used ({exc})")
     seeds = list(range(int(seeds_n)))

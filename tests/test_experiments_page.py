@@ -173,3 +173,25 @@ def test_datasets_page_upload_zip(tmp_path, monkeypatch):
     assert any(e.value.startswith("Not imported:") and "climbs out" in e.value for e in at.error)
     assert sorted(p.name for p in roots.iterdir()) == ["My-Photos"]
     assert not (tmp_path / "escape.png").exists()
+
+
+def test_saved_run_config_as_a_recipe(finished_run, monkeypatch, tmp_path, tiny_folder):
+    import shutil
+
+    store, run = finished_run
+    root = tmp_path / "runs"
+    shutil.copytree(store.root, root)  # a copy: submitting must not touch the shared store
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(root))
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tiny_folder.parent))
+    monkeypatch.setattr(jobs, "dispatch", lambda store: [])
+    at = run_page(EXPERIMENTS)
+    at.multiselect(key="experiments.presets").set_value(["All at once"])
+    at.multiselect(key="experiments.saved").set_value([run.id])
+    at.selectbox(key="experiments.weights").set_value("random")
+    at.number_input(key="experiments.seeds").set_value(1).run()
+    at.button(key="experiments.submit").click().run()
+    assert not at.exception
+    [exp] = ex.list_experiments(RunStore(root))
+    assert [r.name for r in exp.recipes] == ["All at once", "config of tiny finished"]
+    saved = exp.recipes[1].config
+    assert saved["stages"] == run.config["stages"] and saved["batch_size"] == 8
