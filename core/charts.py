@@ -157,8 +157,11 @@ def compare_figure(curves: Sequence[Curve], key: str, smoothing: float = 0.0,
             std = _scale(key, c.std)
             upper = [a + b for a, b in zip(y, std)]
             lower = [a - b for a, b in zip(y, std)]
+            if key in ACCURACY_KEYS:  # a band past 0 or 100 % would show impossible values
+                upper = [min(100.0, v) for v in upper]
+                lower = [max(0.0, v) for v in lower]
             fig.add_trace(go.Scatter(x=list(c.x) + list(c.x)[::-1], y=upper + lower[::-1],
-                                     fill="toself", fillcolor=_rgba(color, 0.15),
+                                     fill="toself", mode="lines", fillcolor=_rgba(color, 0.15),
                                      line={"width": 0}, hoverinfo="skip", showlegend=True,
                                      name=f"{c.name}: ± 1 std ({c.n_runs} runs)",
                                      legendgroup=c.name))

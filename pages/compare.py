@@ -83,7 +83,7 @@ named = []
 for name, members in entries:
     cfg = dict(members[0].config)
     if len(members) > 1:
-        cfg["seed"] = ", ".join(str(r.config.get("seed")) for r in members)
+        cfg["seed"] = ", ".join(str(v) for v in sorted(r.config.get("seed", 0) for r in members))
     named.append((name, cfg))
 diff = config_diff_table(named)
 if len(named) < 2:

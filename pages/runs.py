@@ -69,7 +69,7 @@ def live_view(run_id: str) -> None:
 
 def summary_metrics(run: Run) -> None:
     r = run.results or {}
-    c = st.columns(5)
+    c = st.columns([1.2, 1, 1, 1.5, 0.7])
     best_at = f"stage {run.best_stage}, epoch {run.best_epoch}" if run.best_stage else None
     c[0].metric("Best validation accuracy", fmt_pct(run.best_val_acc, 2), help=best_at,
                 delta=best_at, delta_color="off", delta_arrow="off")
@@ -77,8 +77,8 @@ def summary_metrics(run: Run) -> None:
                 help="Measured once, at the end, with the best checkpoint.")
     c[2].metric("Training time", fmt_duration(run.duration_s))
     sizes = r.get("sizes") or {}
-    c[3].metric("Images train / val / test",
-                " / ".join(str(sizes.get(k, "—")) for k in ("train", "val", "test")))
+    c[3].metric("Images: train · val · test",
+                " · ".join(str(sizes.get(k, "—")) for k in ("train", "val", "test")))
     c[4].metric("Classes", len(r.get("classes") or []) or "—")
     if r.get("skipped_files"):
         with st.expander(f"⚠️ {r['skipped_files']} unreadable files were skipped"):

@@ -177,3 +177,11 @@ def test_per_class_figure_handles_a_class_missing_from_the_test_set():
     fig = charts.per_class_figure([0.5, None], ["a", "b"])
     assert list(fig.data[0].y) == [50.0, None]
     assert list(fig.data[0].text) == ["50 %", "—"]
+
+
+def test_accuracy_band_is_clipped_to_possible_values():
+    g = views.Curve("seeds", [1.0, 2.0], [0.95, 0.05], [0.1, 0.1], n_runs=2)
+    band = charts.compare_figure([g], "val/acc").data[0]
+    assert list(band.y) == pytest.approx([100.0, 15.0, 0.0, 85.0])
+    loss = charts.compare_figure([g], "val/loss").data[0]  # losses are not clipped
+    assert list(loss.y) == pytest.approx([1.05, 0.15, -0.05, 0.85])

@@ -160,7 +160,12 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     page.get_by_text(f"3 classes, {n_train} training images.").wait_for()
     page.get_by_text("Random (from scratch)", exact=True).click()
     wait_idle(page)
-    if big:  # more epochs for curves worth a screenshot
+    if big:  # more steps and epochs for curves worth a screenshot
+        batch = page.locator(".stSlider").filter(has_text="Batch size").get_by_role("slider")
+        batch.focus()
+        for _ in range(3):  # 128 -> 64 -> 32 -> 16
+            batch.press("ArrowLeft")
+        wait_idle(page)
         for i in (0, 1):
             box = page.locator(".stNumberInput input").nth(1 + i)  # 0 is "Stages"
             box.fill("4")
@@ -231,5 +236,8 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     guess.wait_for()
     text = guess.inner_text()
     assert re.search(r"red|green|blue", text, re.IGNORECASE), text
+    page.get_by_text("Warm colours (yellow, red)").wait_for()  # the explanation
+    page.get_by_text("Details", exact=True).wait_for()  # the page's last element
     wait_idle(page)
+    page.wait_for_function("() => [...document.images].every(i => i.complete)")
     shot(page, "classify", "classify.png", height=1400)
