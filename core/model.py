@@ -105,27 +105,31 @@ def forward_suffix(model: nn.Module, x: torch.Tensor, skip: Sequence[str]) -> to
 
 
 def _single_pixel_taps(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int] | None:
-    """For a convolution whose output is 1x1: the first kernel row/column that meets the
-    input (every other tap meets only zero padding). None when the output is not 1x1."""
+    """For a convolution whose output is 1x1 on an h x w input: how many input rows and
+    columns (from the top-left) the one output pixel sees. Every other input pixel is
+    skipped by the stride and every other kernel tap meets only zero padding. None when
+    the output is not 1x1 (or the conv is not a plain zero-padded one)."""
     if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.dilation != (1, 1) \
             or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    # The one output pixel sees input rows -ph .. kh-1-ph; all h rows must lie inside.
-    if (out_h, out_w) != (1, 1) or h > kh - ph or w > kw - pw:
+    if ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1) != (1, 1):
         return None
-    return ph, pw
+    # The output pixel sees input rows -ph .. kh-1-ph, i.e. rows 0 .. min(h, kh-ph)-1.
+    return min(h, kh - ph), min(w, kw - pw)
 
 
 def conv_single_pixel(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) for an output of 1x1, as one matrix product over the taps that see input.
-    At 32x32 input, layer4 works on 2x2 -> 1x1 maps: its 3x3 convolutions reduce exactly to
-    this, and autograd through the weight slice gives the same (zero elsewhere) gradient."""
-    n, c, h, w = x.shape
-    ph, pw = _single_pixel_taps(conv, h, w)  # type: ignore[misc]
-    weight = conv.weight[:, :, ph:ph + h, pw:pw + w].reshape(conv.out_channels, c * h * w)
-    return F.linear(x.reshape(n, c * h * w), weight, conv.bias).view(n, conv.out_channels, 1, 1)
+    """conv(x) for an output of 1x1, as one matrix product over the input pixels and taps
+    that meet. At 32x32 input, layer4 works on 2x2 -> 1x1 maps: its convolutions reduce
+    exactly to this, and autograd through the weight slice gives the same gradient (zero
+    for the taps that only ever see padding)."""
+    n, c = x.shape[:2]
+    hs, ws = _single_pixel_taps(conv, x.shape[-2], x.shape[-1])  # type: ignore[misc]
+    ph, pw = conv.padding  # type: ignore[misc]
+    weight = conv.weight[:, :, ph:ph + hs, pw:pw + ws].reshape(conv.out_channels, c * hs * ws)
+    inp = x[:, :, :hs, :ws].reshape(n, c * hs * ws)
+    return F.linear(inp, weight, conv.bias).view(n, conv.out_channels, 1, 1)
 
 
 def _block_is_single_pixel(block: nn.Module, x: torch.Tensor) -> bool:

@@ -1,31 +1,93 @@
-"""Estimated training time per epoch, for the New run page. No torch import at module level.
+"""Estimated training time per epoch, for the New run page. No torch import (pages load fast).
 
-Estimates come from measured throughput: the images/s that finished runs on this machine
-recorded for the same trainable groups and resolution; failing that, a per-group cost model
-calibrated on a 2-core AVX-512 CPU at 32x32 (see benchmarks/).
+Estimates come from measured throughput first: the `images_per_s` metric rows that runs in
+the run store recorded for a stage that trains the same layer groups, at the same
+resolution, with the same feature-cache choice (median of the most recent ones). Without
+such runs, a per-group cost model calibrated with `python -m benchmarks.throughput` on a
+2-core AVX-512 (with bf16) CPU at 32x32 with the trainer's default CPU runtime.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
 
 from .config import LAYER_GROUPS
 
-# Relative training cost of each group at 32x32, CPU, per image (forward+backward when it
-# trains, forward only when frozen), in milliseconds. Rough calibration; see benchmarks/.
-_FORWARD_MS = {"conv1": 0.05, "layer1": 0.12, "layer2": 0.10, "layer3": 0.10, "layer4": 0.10, "fc": 0.001}
-_BACKWARD_FACTOR = 2.0  # backward costs about twice the forward
+# Per-image cost in milliseconds at 32x32 on the calibration CPU (benchmarks/README.md):
+# a frozen group runs forward only (BN folded, bf16, no autograd); a trained group runs
+# forward + backward + optimizer step in fp32. layer4 is cheap at 32x32 because its maps
+# are 1x1 and it runs as matrix products.
+_FROZEN_MS = {"conv1": 0.070, "layer1": 0.045, "layer2": 0.030, "layer3": 0.025, "layer4": 0.015, "fc": 0.0}
+_TRAINED_MS = {"conv1": 0.80, "layer1": 0.45, "layer2": 0.25, "layer3": 0.20, "layer4": 0.14, "fc": 0.003}
+_STEP_OVERHEAD_MS = 0.04  # per image: batching, augmentation, normalisation, loss
+MAX_RUNS_SCANNED = 40  # newest runs looked at for measured throughput
+MAX_SAMPLES = 12  # newest matching epoch measurements used
 
 
 def estimate_epoch_seconds(groups: Sequence[str], n_images: int, resolution: int = 32,
-                           feature_cache: bool = False) -> float:
-    """Seconds for one training epoch of `n_images` when `groups` train."""
-    first = min((LAYER_GROUPS.index(g) for g in groups if g != "fc"), default=len(LAYER_GROUPS) - 1)
-    ms = 0.0
+                           feature_cache: bool = False, store: Any = None,
+                           device: str | None = None) -> float:
+    """Seconds for one training epoch of `n_images` when `groups` train.
+
+    `store`: a RunStore to take measured speeds from (default: the app's store, if it
+    exists); `device`: only use runs recorded on this device ("cpu", "cuda", ...)."""
+    measured = measured_images_per_s(groups, resolution, feature_cache, store, device)
+    if measured:
+        return n_images / measured
+    return model_epoch_seconds(groups, n_images, resolution, feature_cache)
+
+
+def model_epoch_seconds(groups: Sequence[str], n_images: int, resolution: int = 32,
+                        feature_cache: bool = False) -> float:
+    """The calibrated cost model alone (no measurements)."""
+    first = min((LAYER_GROUPS.index(g) for g in groups if g in LAYER_GROUPS),
+                default=len(LAYER_GROUPS) - 1)
+    ms = _STEP_OVERHEAD_MS
     for i, g in enumerate(LAYER_GROUPS):
         if i < first:
-            ms += 0.0 if feature_cache else _FORWARD_MS[g]
+            ms += 0.0 if feature_cache else _FROZEN_MS[g]
         else:
-            ms += _FORWARD_MS[g] * (1 + _BACKWARD_FACTOR)
-    scale = (resolution / 32) ** 2  # conv cost grows with pixel count
+            ms += _TRAINED_MS[g]
+    # Convolution cost grows with the pixel count; the calibration is at 32x32.
+    scale = (resolution / 32) ** 2
     return n_images * ms * scale / 1000.0
+
+
+def _default_store() -> Any:
+    from .store import RunStore, data_dir
+
+    root = data_dir()
+    if not (Path(root) / "runs.sqlite3").exists():
+        return None  # do not create a store just to estimate
+    return RunStore(root)
+
+
+def measured_images_per_s(groups: Sequence[str], resolution: int = 32, feature_cache: bool = False,
+                          store: Any = None, device: str | None = None) -> float | None:
+    """Median training images/s recorded by recent runs for a stage like this one, or None."""
+    try:
+        store = store if store is not None else _default_store()
+        if store is None:
+            return None
+        want = set(groups)
+        samples: list[float] = []
+        for run in store.list_runs()[:MAX_RUNS_SCANNED]:
+            cfg = run.config or {}
+            if int(cfg.get("resolution", 32)) != resolution:
+                continue
+            if device and not str((run.results or {}).get("device", "")).startswith(device):
+                continue
+            stages = [i for i, s in enumerate(cfg.get("stages") or [], 1)
+                      if set(s.get("groups") or ()) == want
+                      and bool(s.get("feature_cache", False)) == bool(feature_cache)]
+            if not stages:
+                continue
+            rows = [m for m in store.metrics(run.id, keys=["images_per_s"]) if m.stage in stages]
+            samples += [m.value for m in sorted(rows, key=lambda m: -m.id) if m.value > 0]
+            if len(samples) >= MAX_SAMPLES:
+                break
+        return statistics.median(samples[:MAX_SAMPLES]) if samples else None
+    except Exception:  # an unreadable store must not break the page: fall back to the model
+        return None

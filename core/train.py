@@ -230,7 +230,7 @@ def _device_set(data: ImageSet, runtime: Runtime) -> ImageSet:
     """`data` where the trainer reads it from: on CUDA the whole uint8 set on the GPU when
     it fits comfortably (no per-batch copies at all), else in pinned memory so batches copy
     asynchronously. On CPU, as it is."""
-    if runtime.device.type != "cuda" or data.images.device == runtime.device:
+    if runtime.device.type != "cuda" or data.images.is_cuda:
         return data
     if runtime.data_on_device:
         free, _ = torch.cuda.mem_get_info(runtime.device)
