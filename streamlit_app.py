@@ -9,21 +9,21 @@ from pathlib import Path
 import streamlit as st
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # `from pages._common import ...` and `import core` in pages
+if str(HERE) not in sys.path:  # `from app_pages._common import ...` and `import core` in pages
     sys.path.insert(0, str(HERE))
 
-from pages._common import render_sidebar  # noqa: E402
+from app_pages._common import render_sidebar  # noqa: E402
 
 # (file, title, icon). A page is registered only when its file exists, so the app works
 # while pages owned by others are still being written.
 PAGES = (
-    ("pages/overview.py", "Overview", ":material/home:"),
-    ("pages/new_run.py", "New run", ":material/add_circle:"),
-    ("pages/runs.py", "Runs", ":material/monitoring:"),
-    ("pages/compare.py", "Compare", ":material/compare_arrows:"),
-    ("pages/classify.py", "Classify", ":material/image_search:"),
-    ("pages/experiments.py", "Experiments", ":material/science:"),
-    ("pages/datasets.py", "Datasets", ":material/folder_open:"),
+    ("app_pages/overview.py", "Overview", ":material/home:"),
+    ("app_pages/new_run.py", "New run", ":material/add_circle:"),
+    ("app_pages/runs.py", "Runs", ":material/monitoring:"),
+    ("app_pages/compare.py", "Compare", ":material/compare_arrows:"),
+    ("app_pages/classify.py", "Classify", ":material/image_search:"),
+    ("app_pages/experiments.py", "Experiments", ":material/science:"),
+    ("app_pages/datasets.py", "Datasets", ":material/folder_open:"),
 )
 
 st.set_page_config(page_title="Two-Stage Fine-Tuning Lab", page_icon=":material/layers:",

@@ -26,23 +26,6 @@ APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 TIMEOUT_S = 120  # per script run; the first New-run render imports torch on a shared 2-core box
 
 
-@pytest.fixture(autouse=True)
-def navigation_only(monkeypatch):
-    """Run the entry script on every AppTest run, as a served app does once st.navigation
-    has been called. AppTest re-detects the pages/ folder before each run and then treats
-    the app as a legacy pages-folder app, running the page file without the entry script
-    (so without the sidebar); the server settles this flag after the first run."""
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init)
-
-
 @pytest.fixture
 def app_env(tmp_path, monkeypatch, tiny_folder):
     """An empty store and data roots that allow the tiny folder; returns the store."""
@@ -64,7 +47,7 @@ def open_page(page: str, **state) -> AppTest:
     for k, v in state.items():
         at.session_state[k] = v
     at.run()
-    if page != "pages/overview.py":
+    if page != "app_pages/overview.py":
         at.switch_page(page).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -126,7 +109,7 @@ def running_run(app_env, tiny_folder):
 
 # ---------------------------------------------------------------- empty store
 
-@pytest.mark.parametrize("page", ["pages/overview.py", "pages/runs.py", "pages/compare.py"])
+@pytest.mark.parametrize("page", ["app_pages/overview.py", "app_pages/runs.py", "app_pages/compare.py"])
 def test_pages_with_an_empty_store_say_what_to_do_next(app_env, page):
     at = open_page(page)
     assert "No runs yet — start one on **New run**." in [i.value for i in at.info]
@@ -134,7 +117,7 @@ def test_pages_with_an_empty_store_say_what_to_do_next(app_env, page):
 
 
 def test_new_run_with_an_empty_store_shows_the_default_recipe_and_summary(app_env):
-    at = open_page("pages/new_run.py")
+    at = open_page("app_pages/new_run.py")
     assert at.selectbox(key="new_run.preset").value == "Two-stage"
     assert at.toggle(key="new_run.s0.g.layer4").value and not at.toggle(key="new_run.s0.g.layer3").value
     assert at.toggle(key="new_run.s1.g.layer3").value
@@ -152,7 +135,7 @@ def test_new_run_with_an_empty_store_shows_the_default_recipe_and_summary(app_en
 # ---------------------------------------------------------------- New run: invalid and valid
 
 def test_invalid_config_shows_its_error_and_starts_nothing(app_env, no_workers):
-    at = open_page("pages/new_run.py")
+    at = open_page("app_pages/new_run.py")
     for g in ("layer4", "fc"):
         at.toggle(key=f"new_run.s0.g.{g}").set_value(False)
     at.run()
@@ -164,7 +147,7 @@ def test_invalid_config_shows_its_error_and_starts_nothing(app_env, no_workers):
 
 
 def test_a_data_folder_outside_the_allowed_roots_is_refused_inline(app_env, no_workers):
-    at = open_page("pages/new_run.py")
+    at = open_page("app_pages/new_run.py")
     at.radio(key="new_run.data_source").set_value("folder").run()
     at.text_input(key="new_run.data_path").input("/etc").run()
     assert any(e.value.startswith("data folder: /etc is outside the allowed data folders")
@@ -184,7 +167,7 @@ def fill_valid_folder_run(at: AppTest, folder: Path) -> AppTest:
 
 
 def test_a_valid_config_queues_a_run_and_opens_it(app_env, no_workers, tiny_folder):
-    at = fill_valid_folder_run(open_page("pages/new_run.py"), tiny_folder)
+    at = fill_valid_folder_run(open_page("app_pages/new_run.py"), tiny_folder)
     assert not at.error, [e.value for e in at.error]
     assert "3 classes, 36 training images." in texts(at)  # the folder was scanned
     at.button(key="new_run.start").click().run()
@@ -205,7 +188,7 @@ def test_a_valid_config_queues_a_run_and_opens_it(app_env, no_workers, tiny_fold
 
 
 def test_repeat_with_seeds_queues_a_group(app_env, no_workers, tiny_folder):
-    at = fill_valid_folder_run(open_page("pages/new_run.py"), tiny_folder)
+    at = fill_valid_folder_run(open_page("app_pages/new_run.py"), tiny_folder)
     at.number_input(key="new_run.seed").set_value(7)
     at.number_input(key="new_run.repeats").set_value(3).run()
     at.button(key="new_run.start").click().run()
@@ -216,7 +199,7 @@ def test_repeat_with_seeds_queues_a_group(app_env, no_workers, tiny_folder):
 
 
 def test_a_preset_fills_in_its_stages(app_env):
-    at = open_page("pages/new_run.py")
+    at = open_page("app_pages/new_run.py")
     at.selectbox(key="new_run.preset").set_value("Gradual").run()
     assert at.number_input(key="new_run.n_stages").value == 3
     assert at.toggle(key="new_run.s0.g.fc").value and not at.toggle(key="new_run.s0.g.layer4").value
@@ -230,7 +213,7 @@ def test_a_preset_fills_in_its_stages(app_env):
 def test_runs_page_shows_a_real_finished_run_with_results_and_downloads(finished_run, monkeypatch):
     store, run = finished_run
     monkeypatch.setenv("FINETUNE_LAB_DATA", str(store.root))
-    at = open_page("pages/runs.py", selected_run_id=run.id)
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
     labels = [m.label for m in at.metric]
     assert "Best validation accuracy" in labels and "Test accuracy" in labels
     best = next(m for m in at.metric if m.label == "Best validation accuracy")
@@ -246,7 +229,7 @@ def test_runs_page_shows_a_real_finished_run_with_results_and_downloads(finished
 
 def test_runs_page_live_view_of_a_running_run(running_run):
     store, run = running_run
-    at = open_page("pages/runs.py", selected_run_id=run.id)
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
     progress = at.get("progress")
     main_text = [p.proto.text for p in progress]
     assert any("Stage 1/2 · epoch 1/1 · step 2/4" in t for t in main_text)
@@ -269,7 +252,7 @@ def test_runs_page_live_view_of_a_running_run(running_run):
 
 def test_delete_asks_for_confirmation_first(app_env):
     run = seed_finished(app_env, "to delete", tiny_config(Path("/x")), 0.6, 0.5)
-    at = open_page("pages/runs.py", selected_run_id=run.id)
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
     at.button(key="runs.delete").click().run()
     assert app_env.get_run(run.id) is not None  # not yet
     assert any("cannot be undone" in w.value for w in at.warning)
@@ -284,7 +267,7 @@ def test_delete_asks_for_confirmation_first(app_env):
 def test_overview_lists_runs_and_opens_one(app_env):
     a = seed_finished(app_env, "first", tiny_config(Path("/x")), 0.6, 0.55)
     b = seed_finished(app_env, "second", tiny_config(Path("/x")), 0.7, 0.65)
-    at = open_page("pages/overview.py")
+    at = open_page("app_pages/overview.py")
     table = at.dataframe[0].value
     assert list(table["Run"]) == ["second", "first"]  # newest first
     assert list(table["Best val acc"]) == ["70.0 %", "60.0 %"]
@@ -304,7 +287,7 @@ def test_compare_overlays_runs_and_groups_and_diffs_configs(app_env):
     b = seed_finished(app_env, "lower lr", cfgmod.with_stage(base, 1, lr=0.0005), 0.7, 0.6)
     for seed, v in ((1, 0.5), (2, 0.7)):
         seed_finished(app_env, f"seeds {seed}", replace(base, seed=seed), v, v, group="seeds")
-    at = open_page("pages/compare.py")
+    at = open_page("app_pages/compare.py")
     assert any("Pick two or more runs" in i.value for i in at.info)
     at.multiselect(key="compare.runs").set_value([a.id, b.id])
     at.multiselect(key="compare.groups").set_value(["seeds"]).run()

@@ -23,7 +23,7 @@ from core.store import RunStore
 from tests.conftest import make_image_folder, tiny_config
 
 torch.set_num_threads(1)
-PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "classify.py")
+PAGE = str(Path(__file__).resolve().parent.parent / "app_pages" / "classify.py")
 FIVE = ("red", "green", "blue", "cyan", "magenta")
 TIMEOUT_S = 120  # first run imports torch and loads a model on a busy 2-core machine
 

@@ -15,8 +15,8 @@ from core import jobs
 from core.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = str(ROOT / "pages" / "experiments.py")
-DATASETS = str(ROOT / "pages" / "datasets.py")
+EXPERIMENTS = str(ROOT / "app_pages" / "experiments.py")
+DATASETS = str(ROOT / "app_pages" / "datasets.py")
 TIMEOUT_S = 120  # per script run; the first export/top-losses render imports torch
 
 

@@ -12,7 +12,7 @@ from core import charts, jobs
 from core.store import Run, RunStore
 from core.views import (fmt_duration, fmt_pct, metrics_csv, metrics_frame, progress_fraction,
                         progress_text, recipe_text, run_label, stage_bounds)
-from pages._common import SELECTED_RUN, get_store, no_runs_message
+from app_pages._common import SELECTED_RUN, get_store, no_runs_message
 
 P = "runs."
 LIVE_REFRESH_S = 1.5  # seconds between live-view refreshes while a run is active

@@ -30,7 +30,7 @@ def get_store() -> RunStore:
 def open_run(run_id: str) -> None:
     """Open a run on the Runs page."""
     st.session_state[SELECTED_RUN] = run_id
-    st.switch_page("pages/runs.py")
+    st.switch_page("app_pages/runs.py")
 
 
 @st.fragment(run_every=SIDEBAR_REFRESH_S)
@@ -62,7 +62,7 @@ def render_sidebar() -> None:
 
 def no_runs_message() -> None:
     st.info("No runs yet — start one on **New run**.")
-    st.page_link("pages/new_run.py", label="New run", icon=":material/add_circle:")
+    st.page_link("app_pages/new_run.py", label="New run", icon=":material/add_circle:")
 
 
 def run_duration(run) -> str:

@@ -132,7 +132,7 @@ def show_current(summary: DatasetSummary) -> None:
     if st.button("Use in a new run", type="primary", key=P + "use"):
         st.session_state[DATA_KEY] = str(summary.path)
         try:
-            st.switch_page("pages/new_run.py")
+            st.switch_page("app_pages/new_run.py")
         except Exception:  # the New run page is not registered (e.g. this page alone)
             st.info(f"Open **New run** and use the data folder {summary.path}.")
 

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # standalone (AppTest.from_file) as well as via s
 
 from core import inference  # noqa: E402
 from core.data import IMAGE_EXTENSIONS  # noqa: E402
-from pages._common import SELECTED_RUN, get_store  # noqa: E402
+from app_pages._common import SELECTED_RUN, get_store  # noqa: E402
 
 log = logging.getLogger("finetune_lab.classify")
 
@@ -57,7 +57,7 @@ def run_label(run) -> str:
 def no_model_message() -> None:
     st.info("No trained model yet — start a run on New run")
     try:
-        st.page_link("pages/new_run.py", label="New run", icon=":material/add_circle:")
+        st.page_link("app_pages/new_run.py", label="New run", icon=":material/add_circle:")
     except Exception:  # page not registered (standalone page or New run not there yet)
         st.markdown("Open **New run** in the navigation to train one.")
 

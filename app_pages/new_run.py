@@ -17,7 +17,7 @@ from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
 from core.paths import PathNotAllowed, resolve_user_path
 from core.store import StoreError
 from core.views import fmt_count, fmt_duration, run_label
-from pages._common import SELECTED_RUN, get_store
+from app_pages._common import SELECTED_RUN, get_store
 
 P = "new_run."  # widget-key prefix of this page
 # Learning-rate choices on a log scale: 1, 2, 3, 5 per decade from 1e-5 to 1.
@@ -337,7 +337,7 @@ if repeat_cols[1].button(label, type="primary", disabled=bool(errors), key=f"{P}
         st.error(f"Could not start the run: {exc}")
     else:
         st.session_state[SELECTED_RUN] = run.id
-        st.switch_page("pages/runs.py")
+        st.switch_page("app_pages/runs.py")
 if errors:
     repeat_cols[2].caption("Fix the problems above to start.")
 with st.expander("Config as JSON"):

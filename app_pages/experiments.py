@@ -16,7 +16,7 @@ from core import insights
 from core.dataset_import import list_datasets
 from core.paths import PathNotAllowed, resolve_user_path
 from core.store import Run, RunStore
-from pages._common import SELECTED_RUN, get_store
+from app_pages._common import SELECTED_RUN, get_store
 
 P = "experiments."
 REFRESH_S = 3  # seconds between result refreshes while an experiment's runs are active

@@ -7,7 +7,7 @@ import streamlit as st
 from core import charts
 from core import config as cfgmod
 from core.views import run_label, runs_table
-from pages._common import SELECTED_RUN, get_store, no_runs_message, open_run
+from app_pages._common import SELECTED_RUN, get_store, no_runs_message, open_run
 
 st.title("Two-Stage Fine-Tuning Lab")
 st.markdown(
@@ -26,7 +26,7 @@ with right:
                "ImageNet features are worth keeping. The claim to test: a few points of "
                "validation accuracy over unfreezing everything at once, and steadier results "
                "across seeds.")
-    st.page_link("pages/new_run.py", label="Start a new run", icon=":material/add_circle:")
+    st.page_link("app_pages/new_run.py", label="Start a new run", icon=":material/add_circle:")
 
 st.subheader("Runs")
 store = get_store()

@@ -7,7 +7,7 @@ import streamlit as st
 from core import charts
 from core.views import (METRIC_LABELS, config_diff_table, final_metrics_table, group_curve,
                         metrics_frame, run_curve, run_label)
-from pages._common import get_store, no_runs_message
+from app_pages._common import get_store, no_runs_message
 
 P = "compare."
 METRICS = ("val/acc", "val/loss", "train/loss", "train/acc", "train/step_loss", "lr")
