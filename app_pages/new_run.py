@@ -78,6 +78,10 @@ def ensure_defaults() -> None:
     }
     for k, v in defaults.items():
         st.session_state.setdefault(P + k, v)
+    handed = st.session_state.pop("new_run_data_path", None)  # from Datasets: "use in a new run"
+    if handed:
+        st.session_state[f"{P}data_source"] = "folder"
+        st.session_state[f"{P}data_path"] = handed
     for i in range(MAX_STAGES):
         if f"{P}s{i}.epochs" not in st.session_state:  # a stage added beyond the preset
             prev = read_stage(i - 1) if i > 0 else StageConfig()

@@ -108,6 +108,12 @@ def results_view(store: RunStore, run: Run) -> None:
             right.plotly_chart(charts.per_class_figure(r["per_class_acc"], classes),
                                key=P + "per_class")
     downloads(store, run)
+    if run.status == "finished" and st.button(
+            "Insights and export →", key=P + "insights",
+            help="What each stage added, which layers moved, confused classes, top mistakes, "
+                 "TorchScript/ONNX export"):
+        st.session_state[SELECTED_RUN] = run.id
+        st.switch_page("app_pages/experiments.py")
     with st.expander("Log"):
         log_tail(store, run.id)
     delete_section(store, run)

@@ -198,6 +198,13 @@ def test_repeat_with_seeds_queues_a_group(app_env, no_workers, tiny_folder):
     assert all(r.status == "queued" for r in runs)
 
 
+def test_a_data_set_handed_over_from_datasets_fills_the_form(app_env, tiny_folder):
+    at = open_page("app_pages/new_run.py", new_run_data_path=str(tiny_folder))
+    assert at.session_state["new_run.data_source"] == "folder"
+    assert at.session_state["new_run.data_path"] == str(tiny_folder)
+    assert "new_run_data_path" not in at.session_state  # used once
+
+
 def test_a_preset_fills_in_its_stages(app_env):
     at = open_page("app_pages/new_run.py")
     at.selectbox(key="new_run.preset").set_value("Gradual").run()
@@ -225,6 +232,9 @@ def test_runs_page_shows_a_real_finished_run_with_results_and_downloads(finished
     assert any("Stage 2: layer3+layer4+fc" in s for s in titles)
     downloads = {b.proto.label for b in at.get("download_button")}
     assert downloads == {"Best checkpoint (.pt)", "Metrics (.csv)", "Config (.json)"}
+    at.button(key="runs.insights").click().run()  # on to the run's insights
+    assert at.session_state["selected_run_id"] == run.id
+    assert not at.exception
 
 
 def test_runs_page_live_view_of_a_running_run(running_run):
