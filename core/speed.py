@@ -19,9 +19,9 @@ from .config import LAYER_GROUPS
 # a frozen group runs forward only (BN folded, bf16, no autograd); a trained group runs
 # forward + backward + optimizer step in fp32. layer4 is cheap at 32x32 because its maps
 # are 1x1 and it runs as matrix products.
-_FROZEN_MS = {"conv1": 0.070, "layer1": 0.045, "layer2": 0.030, "layer3": 0.025, "layer4": 0.015, "fc": 0.0}
-_TRAINED_MS = {"conv1": 0.80, "layer1": 0.45, "layer2": 0.25, "layer3": 0.20, "layer4": 0.14, "fc": 0.003}
-_STEP_OVERHEAD_MS = 0.04  # per image: batching, augmentation, normalisation, loss
+_FROZEN_MS = {"conv1": 0.045, "layer1": 0.045, "layer2": 0.026, "layer3": 0.050, "layer4": 0.010, "fc": 0.0}
+_TRAINED_MS = {"conv1": 0.25, "layer1": 0.35, "layer2": 0.20, "layer3": 0.31, "layer4": 0.165, "fc": 0.005}
+_STEP_OVERHEAD_MS = 0.02  # per image: batching, augmentation, normalisation, loss
 MAX_RUNS_SCANNED = 40  # newest runs looked at for measured throughput
 MAX_SAMPLES = 12  # newest matching epoch measurements used
 
