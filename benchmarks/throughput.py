@@ -324,17 +324,24 @@ def folder_listing(folder: Path, limit: int, seed: int):
 # ---------------------------------------------------------------- accuracy check
 
 
-def accuracy_check(data: ImageSet, classes, device, epochs: int, n_val_frac=0.2):
-    """Stage 1 (layer4+fc) trained `epochs` epochs three ways from the same weights and
-    data order: fp32 reference runtime, the default runtime, default + feature cache."""
-    rest, held = stratified_split(data.labels, n_val_frac, 0)
+def accuracy_check(data: ImageSet, classes, device, epochs: int, groups=("layer4", "fc"),
+                   with_cache: bool = True, max_images: int = 0, n_val_frac=0.2):
+    """One stage training `groups` for `epochs` epochs, from the same weights and data
+    order, with the fp32 reference runtime, the default runtime, and (stages with a frozen
+    prefix) default + feature cache. Returns {variant: (best val acc, seconds)}."""
+    if max_images and len(data) > max_images:
+        _, keep = stratified_split(data.labels.cpu(), max_images / len(data), 1)
+        data = data.subset(keep.to(data.labels.device))
+    rest, held = stratified_split(data.labels.cpu(), n_val_frac, 0)
+    rest, held = rest.to(data.labels.device), held.to(data.labels.device)
     splits = DataSplits(data.subset(rest), data.subset(held), data.subset(held[:2]), classes, [], "bench")
     pre = Preprocess(32)
     base = Runtime(device)  # fp32, contiguous, unfused: the reference
-    stage = cfgmod.StageConfig(groups=("layer4", "fc"), epochs=epochs, lr=0.05, schedule="cosine")
+    stage = cfgmod.StageConfig(groups=tuple(groups), epochs=epochs, lr=0.05, schedule="cosine")
     out = {}
-    variants = [("fp32 reference", base, False), ("default runtime", default_runtime(device), False),
-                ("default + feature cache", default_runtime(device), True)]
+    variants = [("fp32 reference", base, False), ("default runtime", default_runtime(device), False)]
+    if with_cache and frozen_prefix(groups):
+        variants.append(("default + feature cache", default_runtime(device), True))
     for name, rt, cache in variants:
         cfg = cfgmod.RunConfig(stages=(replace(stage, feature_cache=cache),), weights="random",
                                batch_size=BATCH, seed=0, augment=True)
@@ -494,13 +501,19 @@ def main(argv=None) -> int:
         f"no_grad) | ours {eval_b:,.0f} (evaluate: in-memory, inference_mode, BN folded) "
         f"= {eval_b / eval_a:.2f}x")
 
-    acc = None
+    acc = acc_all = None
     if args.acc_epochs >= 0:
         acc, n_tr, n_val = accuracy_check(data, names, device, acc_epochs)
         log("")
         log(f"Accuracy check: stage 1 (layer4+fc), {acc_epochs} epochs on {n_tr:,} images, "
             f"best validation accuracy on {n_val:,} held-out images, same seed")
         for k, (a, secs) in acc.items():
+            log(f"  {k:26s} {a:6.1%}   ({secs:.1f} s including evaluation)")
+        # All layers train in the default runtime's training precision too: check that.
+        acc_all, n_tr, n_val = accuracy_check(data, names, device, 2, LAYER_GROUPS,
+                                              max_images=5000 if quick else 12_500)
+        log(f"Accuracy check: all layers, 2 epochs on {n_tr:,} images, {n_val:,} held out")
+        for k, (a, secs) in acc_all.items():
             log(f"  {k:26s} {a:6.1%}   ({secs:.1f} s including evaluation)")
 
     rss = peak_rss_gib()
@@ -528,6 +541,7 @@ def main(argv=None) -> int:
         "fraction_of_cpu_fp32_peak": ({f"{k}/{s}": round((flops_c[s] if k == "c" else flops[s]) * v / peak, 4)
                                        for (k, s), v in med.items()} if on_cpu else None),
         "accuracy": {k: round(a, 4) for k, (a, _) in acc.items()} if acc else None,
+        "accuracy_all_layers": {k: round(a, 4) for k, (a, _) in acc_all.items()} if acc_all else None,
         "peak_rss_gib": round(rss, 3),
     }
     if device.type == "cuda":

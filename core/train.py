@@ -156,10 +156,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig,
 class Runtime:
     """How tensors run on the device; chosen per machine, not part of the experiment.
 
-    The trainable part and evaluation use `autocast_dtype` and `channels_last`. The frozen
-    prefix (no gradients flow through it) and the feature cache use `frozen_dtype` and
-    `frozen_channels_last`: there reduced precision costs no gradient accuracy, and an
-    eval-mode prefix runs with its BatchNorm folded into the convolutions.
+    The trainable part uses `autocast_dtype` and `channels_last`; evaluation uses
+    `eval_dtype` (fp32 on CPU, so a checkpoint reproduces its recorded accuracy exactly in
+    any runtime). The frozen prefix (no gradients flow through it) and the feature cache use
+    `frozen_dtype` and `frozen_channels_last`, and an eval-mode prefix runs with its
+    BatchNorm folded into the convolutions.
     """
 
     device: torch.device = torch.device("cpu")
@@ -167,6 +168,7 @@ class Runtime:
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast, or None for fp32
     frozen_dtype: torch.dtype | None = None  # autocast for the frozen prefix; None = fp32
     frozen_channels_last: bool = False
+    eval_dtype: torch.dtype | None = None  # autocast for evaluation; None = fp32
     fused_optimizer: bool = False  # one fused kernel per optimizer step (fewer memory passes)
     data_on_device: bool = False  # keep the uint8 data set on the accelerator when it fits
 
@@ -175,6 +177,9 @@ class Runtime:
 
     def frozen_autocast(self):
         return _autocast(self.device, self.frozen_dtype)
+
+    def eval_autocast(self):
+        return _autocast(self.device, self.eval_dtype)
 
     def prepare(self, x: torch.Tensor, pre: Preprocess, channels_last: bool | None = None
                 ) -> torch.Tensor:
@@ -212,14 +217,17 @@ def default_runtime(device: torch.device) -> Runtime:
         # AMP on CUDA: tensor cores, half the memory traffic; bf16 needs no loss scaling.
         dtype = torch.bfloat16 if bf16 else None
         return Runtime(device, channels_last=True, autocast_dtype=dtype, frozen_dtype=dtype,
-                       frozen_channels_last=True, fused_optimizer=True, data_on_device=True)
+                       frozen_channels_last=True, eval_dtype=dtype, fused_optimizer=True,
+                       data_on_device=True)
     if device.type == "cpu":
-        # Measured on a 2-core AVX512-BF16 CPU at 32x32: the frozen prefix runs ~1.8x faster
-        # in bf16 + channels_last; the trainable part stays fp32 (bf16 there was not faster
-        # for layer4+fc, and gradients keep full precision); fused SGD saves a memory pass.
-        return Runtime(device, channels_last=False, autocast_dtype=None,
-                       frozen_dtype=torch.bfloat16 if cpu_has_native_bf16() else None,
-                       frozen_channels_last=True, fused_optimizer=True)
+        # Measured on a 2-core AVX512-BF16 CPU at 32x32 (benchmarks/README.md): the frozen
+        # prefix runs ~1.8x faster in bf16 + channels_last; bf16 autocast for the trained
+        # layers gave +12 % (stage 1), +32 % (stage 2), +38 % (all layers) with the same
+        # accuracy in short runs; channels_last for trained layers was slower in stages 1-2.
+        # Without hardware bf16 oneDNN emulates it, slower than fp32: then fp32 throughout.
+        bf16 = torch.bfloat16 if cpu_has_native_bf16() else None
+        return Runtime(device, channels_last=False, autocast_dtype=bf16, frozen_dtype=bf16,
+                       frozen_channels_last=True, eval_dtype=None, fused_optimizer=True)
     return Runtime(device)
 
 
@@ -288,7 +296,7 @@ def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime
     data = _device_set(data, runtime)
     total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
     preds = []
-    with torch.inference_mode(), runtime.autocast():
+    with torch.inference_mode(), runtime.eval_autocast():
         for idx in batch_indices(len(data), batch_size, None, shuffle=False):
             idx = idx.to(data.images.device)
             x = runtime.prepare(data.images[idx], pre,

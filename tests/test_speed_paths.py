@@ -190,10 +190,14 @@ def test_default_cpu_runtime_is_close_to_fp32_and_deterministic(splits):
     fast, fast_losses, fast_model = _train_epoch(default_runtime(CPU), splits)
     again, again_losses, _ = _train_epoch(default_runtime(CPU), splits)
     assert fast_losses == again_losses  # same seed, same CPU runtime -> identical
-    # bf16 in the frozen prefix perturbs the trained part's inputs by about 1 %: the losses
-    # and the direction of the head's update stay close (the benchmark compares accuracy).
-    for a, b in zip(ref_losses, fast_losses):
-        assert abs(a - b) <= 0.1 * abs(a)
+    # bf16 perturbs activations by about 1 %: the first loss (same weights) is close, and
+    # after a few steps the direction of the head's update still agrees (the benchmark
+    # compares accuracy over real epochs).
+    if default_runtime(CPU).autocast_dtype is None and default_runtime(CPU).frozen_dtype is None:
+        # No reduced precision on this CPU: only summation order differs.
+        assert fast_losses == pytest.approx(ref_losses, rel=1e-3)
+    assert fast_losses[0] == pytest.approx(ref_losses[0], rel=0.05)
+    assert sum(fast_losses) == pytest.approx(sum(ref_losses), rel=0.15)
     upd_ref, upd_fast = ref_model.fc.weight - w0, fast_model.fc.weight - w0
     assert F.cosine_similarity(upd_ref.flatten(), upd_fast.flatten(), dim=0) > 0.95
     assert ref.acc == pytest.approx(fast.acc, abs=0.2)
@@ -203,7 +207,8 @@ def test_default_runtime_follows_the_hardware():
     rt = default_runtime(CPU)
     assert isinstance(cpu_has_native_bf16(), bool)
     assert (rt.frozen_dtype == torch.bfloat16) == cpu_has_native_bf16()
-    assert rt.autocast_dtype is None  # trained layers keep fp32 gradients on CPU
+    assert (rt.autocast_dtype == torch.bfloat16) == cpu_has_native_bf16()
+    assert rt.eval_dtype is None  # evaluation in fp32: recorded accuracies reproduce exactly
 
 
 def test_optimizer_fused_or_not_gives_the_same_update():
