@@ -9,13 +9,14 @@ scheduler and RNG state so a run can resume.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .atomic import atomic_write
 
 FORMAT = "finetune-lab/checkpoint"
 FORMAT_VERSION = 1
@@ -29,23 +30,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a reader (or
-    a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """torch.save that a reader (or a crash) never sees half-written."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 @dataclass

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import config as cfgmod
+from .atomic import atomic_write_json
 from .store import Run, RunStore
 
 EXPERIMENTS_DIR = "experiments"
@@ -264,23 +263,6 @@ def _slug(text: str) -> str:
     return s[:40] or "recipe"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def parse_seeds(text: str) -> list[int]:
     """Seeds from "0-4", "1, 2, 7" or "3" (a count: seeds 0..2 would be "0-2")."""
     seeds: list[int] = []
@@ -350,7 +332,7 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
         seeds=tuple(seeds),
         recipes=tuple(Recipe(n, f"{exp_id}-{_slug(n)}-{i}", cfgmod.to_dict(c))
                       for i, (n, c) in enumerate(recipes, 1)))
-    _write_json_atomic(experiments_dir(store) / f"{exp_id}.json", exp.to_dict())
+    atomic_write_json(experiments_dir(store) / f"{exp_id}.json", exp.to_dict())
     for (recipe_name, cfg), recipe in zip(recipes, exp.recipes):
         jobs.submit_seeds(store, cfg, list(seeds), name=f"{exp.name}: {recipe_name}",
                           group=recipe.group)

@@ -21,8 +21,9 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .atomic import atomic_write, atomic_write_text
 from .store import Run, RunStore
 
 EXPORT_DIR = "export"
@@ -43,22 +44,6 @@ class ExportResult:
     onnx: bool  # whether the ONNX file was written (needs the onnx packages)
     notes: list[str] = field(default_factory=list)  # e.g. why ONNX is missing
     checked_images: int = 0  # inputs on which exported and checkpoint top-1 agreed
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(temp_path) for a temp file next to `path`, then os.replace it in."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def metrics_csv(store: RunStore, run: Run) -> str:
@@ -224,7 +209,7 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
             # is still what plain-PyTorch users can load without the model's code.
             warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(model, example)
-            _atomic_write(build / TORCHSCRIPT_NAME, lambda p: torch.jit.save(traced, str(p)))
+            atomic_write(build / TORCHSCRIPT_NAME, lambda p: torch.jit.save(traced, str(p)))
             loaded = torch.jit.load(str(build / TORCHSCRIPT_NAME)).eval()
         with torch.inference_mode():
             if not predictions_agree(expected, loaded(x_check)):
@@ -236,7 +221,7 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
             if not available:
                 notes.append(why)
             else:
-                _atomic_write(build / ONNX_NAME, lambda p: _export_onnx(model, example, p))
+                atomic_write(build / ONNX_NAME, lambda p: _export_onnx(model, example, p))
                 onnx_ok = True
                 try:
                     import onnxruntime as ort
@@ -249,11 +234,11 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
                     if not predictions_agree(expected, torch.from_numpy(got)):
                         raise ExportError("the ONNX model does not reproduce the checkpoint's predictions")
 
-        _write_text(build / "classes.json", json.dumps(ckpt.classes, indent=2))
-        _write_text(build / "preprocess.json", json.dumps(ckpt.preprocess, indent=2))
-        _write_text(build / "config.json", json.dumps(run.config, indent=2, sort_keys=True))
-        _write_text(build / "metrics.csv", metrics_csv(store, run))
-        _write_text(build / "README.md", readme_text(run, ckpt.classes, ckpt.preprocess, onnx_ok,
+        atomic_write_text(build / "classes.json", json.dumps(ckpt.classes, indent=2))
+        atomic_write_text(build / "preprocess.json", json.dumps(ckpt.preprocess, indent=2))
+        atomic_write_text(build / "config.json", json.dumps(run.config, indent=2, sort_keys=True))
+        atomic_write_text(build / "metrics.csv", metrics_csv(store, run))
+        atomic_write_text(build / "README.md", readme_text(run, ckpt.classes, ckpt.preprocess, onnx_ok,
                                                      ckpt.stage, ckpt.epoch))
         old = run_dir / f".export-old-{time.time_ns()}"
         if folder.exists():
@@ -272,6 +257,6 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
             for name in files:
                 z.write(folder / name, arcname=f"{run.id}/{name}")
 
-    _atomic_write(zip_path, write_zip)
+    atomic_write(zip_path, write_zip)
     return ExportResult(folder=folder, zip_path=zip_path, files=files, onnx=onnx_ok, notes=notes,
                         checked_images=len(x_check))

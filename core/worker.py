@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 from . import config as cfgmod

@@ -3,7 +3,6 @@
 import os
 import signal
 import time
-from dataclasses import replace
 
 import pytest
 
