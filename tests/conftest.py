@@ -91,3 +91,23 @@ def finished_run(tmp_path_factory, tiny_folder):
     assert store.claim_run_now(run.id, os.getpid())
     assert execute_run(store, run.id) == "finished"
     return store, store.get_run(run.id)
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch, tiny_folder) -> RunStore:
+    """For page tests: an empty store via FINETUNE_LAB_DATA and data roots that allow the
+    tiny folder. Returns the store."""
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tiny_folder.parent))
+    return RunStore(tmp_path / "runs")
+
+
+@pytest.fixture
+def no_workers(monkeypatch) -> list:
+    """Submitted runs stay queued: no background training process is started. Returns the
+    list of dispatch calls."""
+    from core import jobs
+
+    started: list = []
+    monkeypatch.setattr(jobs, "dispatch", lambda store: started.append(store) or [])
+    return started

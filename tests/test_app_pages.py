@@ -18,28 +18,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import config as cfgmod
-from core import jobs
 from core.store import RunStore
 from tests.conftest import tiny_config
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 TIMEOUT_S = 120  # per script run; the first New-run render imports torch on a shared 2-core box
-
-
-@pytest.fixture
-def app_env(tmp_path, monkeypatch, tiny_folder):
-    """An empty store and data roots that allow the tiny folder; returns the store."""
-    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
-    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tiny_folder.parent))
-    return RunStore(tmp_path / "runs")
-
-
-@pytest.fixture
-def no_workers(monkeypatch):
-    """Submitted runs stay queued: no background training process is started."""
-    started = []
-    monkeypatch.setattr(jobs, "dispatch", lambda store: started.append(store) or [])
-    return started
 
 
 def open_page(page: str, **state) -> AppTest:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import experiments as ex
@@ -18,18 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = str(ROOT / "app_pages" / "experiments.py")
 DATASETS = str(ROOT / "app_pages" / "datasets.py")
 TIMEOUT_S = 120  # per script run; the first export/top-losses render imports torch
-
-
-@pytest.fixture
-def app_env(tmp_path, monkeypatch, tiny_folder):
-    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
-    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tiny_folder.parent))
-    return RunStore(tmp_path / "runs")
-
-
-@pytest.fixture
-def no_workers(monkeypatch):
-    monkeypatch.setattr(jobs, "dispatch", lambda store: [])
 
 
 def texts(at) -> str:
