@@ -465,9 +465,9 @@ def main(argv=None) -> int:
     on_cpu = device.type == "cpu"
     log("Achieved training FLOP/s (useful FLOPs per image from torch.utils.flop_counter: "
         "forward + backward of one step, layer4 as the matrix products it is at 1x1"
-        + (". Our frozen prefix runs in bf16, whose peak is twice fp32's on CPUs with "
-           "AVX512-BF16: above 100 % of the fp32 peak is possible" if on_cpu and runtime.frozen_dtype
-           else "") + ("" if on_cpu else "; the CPU peak does not apply to a GPU, so no fraction")
+        + (". Ours computes in bf16 (frozen prefix; trained layers under autocast), whose "
+           "peak is twice fp32's on CPUs with AVX512-BF16: above 100 % of the fp32 peak is "
+           "possible" if on_cpu and (runtime.frozen_dtype or runtime.autocast_dtype) else "") + ("" if on_cpu else "; the CPU peak does not apply to a GPU, so no fraction")
         + ")")
 
     def frac(f):
