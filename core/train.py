@@ -288,7 +288,7 @@ class PrefixRunner:
 def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime,
              batch_size: int = EVAL_BATCH) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, predicted labels) over `data`, batched, no autograd. The body
-    runs BN-folded (eval-mode BN is a per-channel affine map) in the runtime's precision."""
+    runs BN-folded (eval-mode BN is a per-channel affine map) in `runtime.eval_dtype`."""
     model.eval()
     body = FoldedPrefix(model, LAYER_GROUPS[:-1])
     if runtime.channels_last or runtime.frozen_channels_last:
