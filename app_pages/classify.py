@@ -100,6 +100,7 @@ def get_picture(run, predictor):
         upload = st.file_uploader(
             "Choose a picture from your computer", key="classify_upload",
             type=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS),
+            max_upload_size=inference.MAX_UPLOAD_BYTES // 1024**2,  # MB, a photo's worth
             help=f"JPEG, PNG, GIF, WebP, BMP or TIFF, up to {inference.MAX_UPLOAD_BYTES // 1024**2} MB.")
         if upload is None:
             return None

@@ -50,7 +50,8 @@ def upload_section() -> None:
     st.markdown("A zip with one folder of images per class (`cats/…`, `dogs/…`), optionally "
                 "inside one top folder, or with `train/` and `test/` folders that each hold "
                 "the class folders. A few hundred images per class give a useful model.")
-    upload = st.file_uploader("Zip of class folders", type=["zip"], key=P + "zip")
+    upload = st.file_uploader("Zip of class folders", type=["zip"], key=P + "zip",
+                              help="Up to 1,000 MB (server.maxUploadSize in .streamlit/config.toml).")
     if upload is None:
         return
     if st.session_state.get(P + "zip_seen") != upload.file_id:
