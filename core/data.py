@@ -29,6 +29,9 @@ MAX_DECODED_BYTES = 6 * 1024**3
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError above 2x this
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 
+# Bump when Preprocess.to_uint8 changes its pixels: decoded-data caches are keyed on it.
+PREPROCESS_VERSION = "2"
+
 ProgressFn = Callable[[str, float], None]  # (message, fraction 0..1)
 
 
@@ -58,11 +61,13 @@ class Preprocess:
         r = self.resolution
         w, h = img.size
         if (w, h) != (r, r):
-            scale = r / min(w, h)
-            nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
-            img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            left, top = (nw - r) // 2, (nh - r) // 2
-            img = img.crop((left, top, left + r, top + r))
+            # Resize only the centred square (PIL's `box`): the same picture as "shorter side
+            # to r, then centre-crop", without ever building the full-width intermediate (a
+            # 40,000 x 1 pixel strip would otherwise become gigapixels).
+            side = min(w, h)
+            left, top = (w - side) / 2, (h - side) / 2
+            img = img.resize((r, r), Image.Resampling.BILINEAR,
+                             box=(left, top, left + side, top + side), reducing_gap=3.0)
         t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         return t.view(r, r, 3).permute(2, 0, 1).contiguous()
 
@@ -245,7 +250,7 @@ def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
     cache_file = None
     if cache_dir is not None:
         stats = [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths]
-        key = _cache_key([str(root.resolve()), str(pre.resolution), *names, *stats])
+        key = _cache_key([PREPROCESS_VERSION, str(root.resolve()), str(pre.resolution), *names, *stats])
         cache_file = Path(cache_dir) / f"decoded-{key}.pt"
         if cache_file.exists():
             try:
