@@ -299,7 +299,9 @@ from core.speed import estimate_epoch_seconds  # noqa: E402  (no torch; fast)
 counts_per_stage = trainable_counts([st_.groups for st_ in cfg.stages], n_classes)
 summary_rows = []
 for i, (stage, (trainable, total)) in enumerate(zip(cfg.stages, counts_per_stage), 1):
-    est = (estimate_epoch_seconds(stage.groups, n_train, cfg.resolution, stage.feature_cache)
+    # Measured speeds from earlier runs on the same kind of device count; "auto" uses any.
+    est = (estimate_epoch_seconds(stage.groups, n_train, cfg.resolution, stage.feature_cache,
+                                  store=store, device=None if cfg.device == "auto" else cfg.device)
            if n_train and stage.groups else None)
     summary_rows.append({
         "Stage": f"Stage {i}", "Trains": stage.trains or "nothing",
