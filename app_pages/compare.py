@@ -6,7 +6,7 @@ import streamlit as st
 
 from core import charts
 from core.views import (METRIC_LABELS, config_diff_table, final_metrics_table, group_curve,
-                        metrics_frame, run_curve, run_label)
+                        group_label, metrics_frame, run_curve, run_label)
 from app_pages._common import get_store, no_runs_message
 
 P = "compare."
@@ -33,11 +33,11 @@ run_ids = pick[0].multiselect("Runs", list(by_id), key=P + "runs",
                               format_func=lambda i: run_label(by_id[i]),
                               placeholder="pick runs to overlay")
 group_names = pick[1].multiselect("Groups of seeds (mean ± std)", sorted(groups), key=P + "groups",
-                                  format_func=lambda g: f"{g} ({len(groups[g])} runs)",
+                                  format_func=lambda g: f"{group_label(groups[g])} ({len(groups[g])} runs)",
                                   placeholder="no groups yet" if not groups else "pick groups")
 
 entries: list[tuple[str, list]] = [(by_id[i].name, [by_id[i]]) for i in run_ids]
-entries += [(g, groups[g]) for g in group_names]
+entries += [(group_label(groups[g]), groups[g]) for g in group_names]
 if not entries:
     st.info("Pick two or more runs or groups above to overlay their curves."
             + ("" if groups else " Groups appear when you start a run with "

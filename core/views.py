@@ -110,6 +110,17 @@ def run_label(run: Run) -> str:
     return f"{run.name} ({run.status}{best})"
 
 
+def group_label(members: list[Run]) -> str:
+    """How a group of seeds is named: its runs' shared name without " seed N" (runs are
+    named "<name> seed <n>" by core.jobs.submit_seeds), else the first run's name."""
+    import os
+    import re
+
+    names = [re.sub(r"\s+seed\s+\d+$", "", r.name) for r in members]
+    common = os.path.commonprefix(names).rstrip(" :-")
+    return common or names[0]
+
+
 def progress_fraction(run: Run) -> float:
     """0..1 of the whole run; finished runs are 1, queued ones 0."""
     if run.status == "finished":

@@ -185,3 +185,14 @@ def test_accuracy_band_is_clipped_to_possible_values():
     assert list(band.y) == pytest.approx([100.0, 15.0, 0.0, 85.0])
     loss = charts.compare_figure([g], "val/loss").data[0]  # losses are not clipped
     assert list(loss.y) == pytest.approx([1.05, 0.15, -0.05, 0.85])
+
+
+def test_group_label_drops_the_seed_suffix():
+    from core.store import Run
+    from core.views import group_label
+
+    def run(name):
+        return Run(id=name, name=name, group="g", status="finished", config={}, created_at=0.0)
+
+    assert group_label([run("Exp: Two-stage seed 0"), run("Exp: Two-stage seed 1")]) == "Exp: Two-stage"
+    assert group_label([run("alpha"), run("beta")]) == "alpha"
