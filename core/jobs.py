@@ -110,25 +110,26 @@ def _reap() -> None:
             _children.remove(proc)
 
 
-def pid_is_worker(pid: int, run_id: str) -> bool:
-    """Whether `pid` is alive (not a zombie) and is the worker of `run_id` (guards
-    against pid reuse)."""
+def pid_is_worker(pid: int, pid_start: str | None) -> bool:
+    """Whether the process `pid` that was recorded for a run is still that process and
+    alive: not a zombie, and started at the recorded time (so a reused pid does not count).
+    Works for detached workers and for foreground CLI runs alike."""
+    from .store import process_start
+
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             state = f.read().rsplit(b")", 1)[1].split()[0]
         if state in (b"Z", b"X"):
             return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")
-        return run_id.encode() in cmd
     except (OSError, IndexError):
-        if not Path("/proc").is_dir():  # no procfs (macOS): fall back to a signal probe
-            try:
-                os.kill(pid, 0)
-                return True
-            except OSError:
-                return False
-        return False
+        if Path("/proc").is_dir():
+            return False  # no such process
+        try:  # no procfs (macOS): a signal probe is the best available check
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    return pid_start is None or process_start(pid) == pid_start
 
 
 def liveness_problem(run: Run, now: float | None = None) -> str | None:
@@ -141,7 +142,10 @@ def liveness_problem(run: Run, now: float | None = None) -> str | None:
         if now - (run.started_at or now) > START_GRACE_S:
             return f"the worker never started (no process after {START_GRACE_S:.0f} s)"
         return None
-    if same_host and not pid_is_worker(run.pid, run.id):
+    if same_host:
+        # The process itself is the truth here; a late heartbeat only means a busy machine.
+        if pid_is_worker(run.pid, run.pid_start):
+            return None
         return (f"the worker process (pid {run.pid}) exited without reporting a result: "
                 f"killed, out of memory, or the machine restarted. See the run log; the run "
                 f"can be resumed from its last completed epoch")
@@ -180,14 +184,25 @@ def cancel(store: RunStore, run_id: str) -> Run | None:
     return store.request_cancel(run_id)
 
 
-def kill(store: RunStore, run_id: str) -> None:
-    """Fallback when a run ignores cancellation: SIGTERM its process group."""
+def kill(store: RunStore, run_id: str) -> Run | None:
+    """Force stop, for a run that did not honour a cancel (stuck loading data, say):
+    SIGKILL the worker's process group and record the run as cancelled. Its last completed
+    epoch stays resumable."""
     run = store.get_run(run_id)
-    if run and run.pid and run.status == "running" and pid_is_worker(run.pid, run.id):
+    if run and run.pid and run.status == "running" and pid_is_worker(run.pid, run.pid_start):
         try:
-            os.killpg(os.getpgid(run.pid), signal.SIGTERM)
+            if os.getpgid(run.pid) == run.pid:  # a detached worker leads its own group
+                os.killpg(run.pid, signal.SIGKILL)
+            else:  # a foreground CLI run: only that process
+                os.kill(run.pid, signal.SIGKILL)
         except OSError:
             pass
+        _reap()
+    if run and run.status == "running":
+        store.finish_run(run_id, "cancelled", "force-stopped (the run did not stop on request)",
+                         only_if_running=True)
+        remove_partial_files(store.run_dir(run_id))
+    return store.get_run(run_id)
 
 
 def resume(store: RunStore, run_id: str) -> Run | None:
@@ -210,8 +225,9 @@ def log_tail(store: RunStore, run_id: str, max_bytes: int = 8000) -> str:
 
 
 def summary(store: RunStore) -> dict[str, Any]:
-    """Counts by status after reconciling; for the sidebar."""
-    reconcile(store)
+    """Running and queued runs, after settling dead workers and starting queued runs in
+    their place (a killed worker cannot start the next one itself); for the sidebar."""
+    dispatch(store)
     runs = store.list_runs(statuses=("queued", "running"))
     return {"running": [r for r in runs if r.status == "running"],
             "queued": [r for r in runs if r.status == "queued"]}

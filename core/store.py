@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL,
     config TEXT NOT NULL,
     pid INTEGER,
+    pid_start TEXT,
     host TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
@@ -79,6 +80,9 @@ class Run:
     config: dict[str, Any]
     created_at: float
     pid: int | None = None
+    # The process's start time (kernel ticks since boot, from /proc): with the pid it names
+    # one process, so a reused pid is never mistaken for the worker.
+    pid_start: str | None = None
     host: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
@@ -119,6 +123,16 @@ class MetricRow:
     time: float
 
 
+def process_start(pid: int) -> str | None:
+    """A process's start time in kernel ticks since boot (/proc/<pid>/stat field 22), or
+    None where there is no procfs."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
 def data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
 
@@ -132,6 +146,7 @@ class RunStore:
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(SCHEMA)
+                self._migrate(con)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"Cannot use the run store at {self.root}: {exc}. Check that the folder is "
@@ -139,6 +154,13 @@ class RunStore:
             ) from exc
 
     # ---------------------------------------------------------------- plumbing
+
+    @staticmethod
+    def _migrate(con: sqlite3.Connection) -> None:
+        """Columns added after a store was created."""
+        have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+        if "pid_start" not in have:
+            con.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -182,6 +204,7 @@ class RunStore:
         return Run(
             id=row["id"], name=row["name"], group=row["grp"], status=row["status"],
             config=json.loads(row["config"]), created_at=row["created_at"], pid=row["pid"],
+            pid_start=row["pid_start"],
             host=row["host"], started_at=row["started_at"], ended_at=row["ended_at"],
             heartbeat_at=row["heartbeat_at"], error=row["error"],
             cancel_requested=bool(row["cancel_requested"]), progress=json.loads(row["progress"]),
@@ -249,24 +272,29 @@ class RunStore:
         now = time.time()
         with self._write() as con:
             cur = con.execute(
-                "UPDATE runs SET status='running', started_at=?, heartbeat_at=?, host=?, pid=? "
-                "WHERE id=? AND status='queued'", (now, now, socket.gethostname(), pid, run_id))
+                "UPDATE runs SET status='running', started_at=?, heartbeat_at=?, host=?, pid=?, "
+                "pid_start=? WHERE id=? AND status='queued'",
+                (now, now, socket.gethostname(), pid, process_start(pid), run_id))
             return cur.rowcount > 0
 
     def set_pid(self, run_id: str, pid: int) -> None:
         with self._write() as con:
-            con.execute("UPDATE runs SET pid=?, host=? WHERE id=?", (pid, socket.gethostname(), run_id))
+            con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
+                        (pid, process_start(pid), socket.gethostname(), run_id))
 
     def heartbeat(self, run_id: str, progress: dict[str, Any] | None = None) -> bool:
-        """Record liveness (and progress). Returns whether cancellation was requested."""
+        """Record liveness (and progress). Returns whether the worker should stop:
+        cancellation requested, or the run is no longer 'running'."""
         with self._write() as con:
             if progress is None:
                 con.execute("UPDATE runs SET heartbeat_at=? WHERE id=?", (time.time(), run_id))
             else:
                 con.execute("UPDATE runs SET heartbeat_at=?, progress=? WHERE id=?",
                             (time.time(), json.dumps(progress), run_id))
-            row = con.execute("SELECT cancel_requested FROM runs WHERE id=?", (run_id,)).fetchone()
-        return bool(row and row[0])
+            row = con.execute("SELECT cancel_requested, status FROM runs WHERE id=?",
+                              (run_id,)).fetchone()
+        # A run someone else settled (declared dead, deleted) must stop too.
+        return row is None or bool(row[0]) or row[1] != "running"
 
     def cancel_requested(self, run_id: str) -> bool:
         rows = self._read("SELECT cancel_requested FROM runs WHERE id=?", (run_id,))
@@ -288,17 +316,19 @@ class RunStore:
                 (val_acc, stage, epoch, checkpoint, run_id))
 
     def set_results(self, run_id: str, test_acc: float | None, results: dict[str, Any]) -> None:
-        with self._write() as con:
-            con.execute("UPDATE runs SET test_acc=?, results=? WHERE id=?",
-                        (test_acc, json.dumps(results), run_id))
+        """Record the test accuracy and merge `results` into the run's results."""
+        self.merge_results(run_id, results, test_acc=test_acc)
 
-    def merge_results(self, run_id: str, extra: dict[str, Any]) -> None:
+    def merge_results(self, run_id: str, extra: dict[str, Any], test_acc: float | None = None) -> None:
+        """Add or replace keys of a run's results (and set test_acc when given),
+        read-modify-write in one transaction."""
         with self._write() as con:
             row = con.execute("SELECT results FROM runs WHERE id=?", (run_id,)).fetchone()
             if row is None:
                 return
             merged = {**json.loads(row[0]), **extra}
-            con.execute("UPDATE runs SET results=? WHERE id=?", (json.dumps(merged), run_id))
+            con.execute("UPDATE runs SET results=?, test_acc=COALESCE(?, test_acc) WHERE id=?",
+                        (json.dumps(merged), test_acc, run_id))
 
     def finish_run(self, run_id: str, status: str, error: str | None = None,
                    only_if_running: bool = False) -> bool:
@@ -312,12 +342,22 @@ class RunStore:
             cur = con.execute(sql, (status, error, time.time(), run_id))
             return cur.rowcount > 0
 
-    def requeue(self, run_id: str) -> None:
-        """Put a failed/cancelled run back in the queue (resume)."""
+    def requeue(self, run_id: str) -> bool:
+        """Put a failed/cancelled run back in the queue (resume). Metric rows past the last
+        resumable point (results["last_step"], the step of the last saved epoch) are
+        dropped in the same transaction, so no reader ever sees the rows the resumed
+        worker is about to write again. Returns whether the run was requeued."""
         with self._write() as con:
+            row = con.execute("SELECT results FROM runs WHERE id=? AND status IN "
+                              "('failed','cancelled')", (run_id,)).fetchone()
+            if row is None:
+                return False
+            last_step = json.loads(row[0]).get("last_step", -1)
+            con.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, last_step))
             con.execute(
                 "UPDATE runs SET status='queued', error=NULL, ended_at=NULL, pid=NULL, "
-                "cancel_requested=0 WHERE id=? AND status IN ('failed','cancelled')", (run_id,))
+                "pid_start=NULL, cancel_requested=0 WHERE id=?", (run_id,))
+            return True
 
     def delete_run(self, run_id: str) -> None:
         import shutil

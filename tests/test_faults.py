@@ -3,6 +3,7 @@ missing weights, paths outside the data roots."""
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -59,14 +60,42 @@ def test_stale_running_row_after_a_machine_restart_is_failed_and_resumable(store
     assert store.get_run(run.id).status == "finished"
 
 
-def test_heartbeat_bound_marks_silent_workers_failed(store, monkeypatch):
+def test_heartbeat_bound_marks_silent_workers_on_other_hosts_failed(store):
+    from dataclasses import replace
+
     run = store.create_run({})
     store.claim_run_now(run.id, os.getpid())
-    monkeypatch.setattr(jobs, "pid_is_worker", lambda pid, run_id: True)  # "another host"
+    elsewhere = replace(store.get_run(run.id), host="another-machine")  # its pid is not ours to check
     now = time.time()
-    assert jobs.liveness_problem(store.get_run(run.id), now=now) is None
-    late = jobs.liveness_problem(store.get_run(run.id), now=now + jobs.STALE_AFTER_S + 1)
+    assert jobs.liveness_problem(elsewhere, now=now) is None
+    late = jobs.liveness_problem(elsewhere, now=now + jobs.STALE_AFTER_S + 1)
     assert late and "no heartbeat" in late
+    # On this machine the process itself is checked: alive means alive, however late.
+    assert jobs.liveness_problem(store.get_run(run.id), now=now + 10 * jobs.STALE_AFTER_S) is None
+
+
+def test_a_foreground_cli_run_is_not_declared_dead(store):
+    """The CLI trains in its own process (no run id on its command line)."""
+    run = store.create_run({})
+    store.claim_run_now(run.id, os.getpid())
+    assert jobs.reconcile(store) == []
+    assert store.get_run(run.id).status == "running"
+
+
+def test_a_reused_pid_does_not_count_as_the_worker(store):
+    run = store.create_run({})
+    store.claim_run_now(run.id, os.getpid())
+    with sqlite3.connect(store.db_path) as con:  # as if our pid had been recycled
+        con.execute("UPDATE runs SET pid_start='1' WHERE id=?", (run.id,))
+    assert jobs.reconcile(store) == [run.id]
+
+
+def test_a_settled_run_tells_its_worker_to_stop(store):
+    run = store.create_run({})
+    store.claim_run_now(run.id, os.getpid())
+    assert store.heartbeat(run.id) is False
+    store.finish_run(run.id, "failed", "declared dead")
+    assert store.heartbeat(run.id) is True  # the worker's should_stop turns true
 
 
 def test_files_that_are_not_our_checkpoints(tmp_path, finished_run):
