@@ -275,14 +275,6 @@ def _from_fields(cls: type, data: Any, prefix: str, errors: list[str]) -> dict[s
     return out
 
 
-def stage_from_dict(data: Any, label: str = "stage 1") -> StageConfig:
-    errors: list[str] = []
-    kwargs = _from_fields(StageConfig, data, f"{label}: ", errors)
-    if errors:
-        raise ConfigError(errors)
-    return StageConfig(**kwargs)
-
-
 def from_dict(data: Any, validate_values: bool = True) -> RunConfig:
     """Build a RunConfig from plain data (parsed JSON). Unknown keys, wrong types and,
     when `validate_values`, invalid values raise ConfigError naming every bad field."""

@@ -419,5 +419,18 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, sh
     return batches
 
 
+def drops_single_last_batch(n: int, batch_size: int) -> bool:
+    """Training drops a last batch of exactly one image: BatchNorm in train mode cannot
+    normalise a single sample. The one place this rule lives."""
+    return n > 1 and n % batch_size == 1
+
+
+def training_batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """One shuffled training epoch's batches of indices."""
+    return batch_indices(n, batch_size, generator, shuffle=True,
+                         drop_last=drops_single_last_batch(n, batch_size))
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))
+    """Optimizer steps in one training epoch of `n` images (see training_batches)."""
+    return max(1, math.ceil((n - drops_single_last_batch(n, batch_size)) / batch_size))

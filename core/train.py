@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LAYER_GROUPS, RunConfig, StageConfig
-from .data import DataSplits, ImageSet, Preprocess, augment_batch, batch_indices, steps_per_epoch
+from .data import (DataSplits, ImageSet, Preprocess, augment_batch, batch_indices, steps_per_epoch,
+                   training_batches)
 from .model import (FoldedPrefix, count_parameters, forward_prefix, forward_suffix,
                     frozen_prefix, group_parameters, set_train_mode, set_trainable)
 
@@ -72,7 +73,6 @@ class TrainingResult:
     best_epoch: int
     epochs_run: int
     seconds: float
-    per_stage: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -342,9 +342,7 @@ def train_one_epoch(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: 
     data = _device_set(data, runtime)
     dev = runtime.device
     n = len(data)
-    # Drop a last batch of 1: BatchNorm in train mode cannot normalise a single sample.
-    batches = batch_indices(n, batch_size, generator, shuffle=True,
-                            drop_last=n % batch_size == 1)
+    batches = training_batches(n, batch_size, generator)
     # Running sums stay on the device: no host sync per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -398,16 +396,15 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
     splits = DataSplits(_device_set(splits.train, runtime), _device_set(splits.val, runtime),
                         splits.test, splits.classes, splits.skipped, splits.source)
     generator = _resolve_generator(cfg.seed)
-    spe = steps_per_epoch(len(splits.train) - (1 if len(splits.train) % cfg.batch_size == 1 else 0),
-                          cfg.batch_size)
+    spe = steps_per_epoch(len(splits.train), cfg.batch_size)
     total_epochs = cfg.total_epochs
     best = (-1.0, 0, 0)
     step, global_epoch = 0, 0
-    per_stage: list[dict[str, Any]] = []
     if resume is not None:
         model.load_state_dict(resume.model_state)
         generator.set_state(resume.rng)
         step, best = resume.step, (resume.best_val_acc, resume.best_stage, resume.best_epoch)
+    # Wall seconds of each whole epoch (training + validation), for the time-left estimate.
     epoch_seconds: list[float] = []
     for s_idx, stage in enumerate(cfg.stages, 1):
         first_epoch_global = global_epoch
@@ -428,9 +425,9 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
             hooks.on_progress({"phase": "caching features", "stage": s_idx, "stages": len(cfg.stages),
                                "fraction": (first_epoch_global) / total_epochs})
             features = compute_features(model, splits.train, prefix, pre, runtime)
-        hooks.on_metrics([(s_idx, float(first_epoch_global), step, "trainable_params",
-                           float(count_parameters(model, stage.groups)))])
-        stage_best = -1.0
+        if done_in_stage == 0:  # a resume mid-stage logged it the first time
+            hooks.on_metrics([(s_idx, float(first_epoch_global), step, "trainable_params",
+                               float(count_parameters(model, stage.groups)))])
         for epoch in range(done_in_stage + 1, stage.epochs + 1):
             g_epoch = first_epoch_global + epoch  # 1-based global epoch
             log_every = max(1, spe // LOG_POINTS_PER_EPOCH)
@@ -457,6 +454,7 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                         "eta_s": per_epoch * remaining_epochs if per_epoch else None,
                     })
 
+            epoch_start = time.perf_counter()
             train_metrics = train_one_epoch(
                 model, splits.train, pre, runtime, optimizer, scheduler, stage.groups,
                 stage.bn_policy, cfg.batch_size, cfg.augment and features is None, generator,
@@ -465,11 +463,10 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                                "epoch": epoch, "epochs": stage.epochs, "global_epoch": g_epoch,
                                "total_epochs": total_epochs, "fraction": g_epoch / total_epochs})
             val_loss, val_acc, _ = evaluate(model, splits.val, pre, runtime)
-            epoch_seconds.append(train_metrics.seconds)
+            epoch_seconds.append(time.perf_counter() - epoch_start)
             is_best = val_acc > best[0]
             if is_best:
                 best = (val_acc, s_idx, epoch)
-            stage_best = max(stage_best, val_acc)
             hooks.on_metrics([
                 (s_idx, float(g_epoch), step, "train/loss", train_metrics.loss),
                 (s_idx, float(g_epoch), step, "train/acc", train_metrics.acc),
@@ -487,10 +484,8 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                     "scheduler": scheduler.state_dict(), "rng": generator.get_state(),
                     "best_val_acc": best[0], "best_stage": best[1], "best_epoch": best[2],
                 }))
-        per_stage.append({"stage": s_idx, "groups": list(stage.groups), "best_val_acc": stage_best})
     return TrainingResult(best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
-                          epochs_run=global_epoch, seconds=time.perf_counter() - start,
-                          per_stage=per_stage)
+                          epochs_run=global_epoch, seconds=time.perf_counter() - start)
 
 
 def _prefix_bn_trains(stage: StageConfig) -> bool:

@@ -23,6 +23,9 @@ from .jobs import HEARTBEAT_S, dispatch
 from .store import RunStore
 
 log = logging.getLogger("finetune_lab.worker")
+# Set by SIGTERM. A signal handler must not touch the store (the main thread may be inside
+# a write transaction), so it only sets this; the training loop stops at the next batch.
+TERMINATED = threading.Event()
 CANCEL_POLL_S = 0.2  # how often the training loop asks the store about cancellation, seconds
 
 
@@ -52,7 +55,7 @@ class Heartbeat:
     def should_stop(self) -> bool:
         """Checked before every batch. Reads the store's cancel flag at most every
         CANCEL_POLL_S (a ~1 ms query), so a cancel lands within one batch, not one beat."""
-        if self.cancel.is_set():
+        if self.cancel.is_set() or TERMINATED.is_set():
             return True
         now = time.monotonic()
         if now - self._last_poll >= CANCEL_POLL_S:
@@ -162,8 +165,11 @@ def execute_run(store: RunStore, run_id: str,
                                               source_ckpt)
             log.info("starting weights: %s", weights_desc)
             config_dict = cfgmod.to_dict(cfg)
+            if resume is not None:
+                model.load_state_dict(resume.model_state)
             # Weights at the start of the current stage, to measure how far each layer group
-            # moved in it (per-stage attribution). Not exact after a resume mid-stage.
+            # moved in it (per-stage attribution). After a resume mid-stage they are the
+            # resumed weights, so that stage's movement counts from the resume point.
             stage_start = {k: v.detach().clone() for k, v in model.named_parameters()}
             weight_change: list[dict[str, Any]] = list(
                 (store.get_run(run_id).results or {}).get("weight_change", []))  # type: ignore[union-attr]
@@ -178,6 +184,8 @@ def execute_run(store: RunStore, run_id: str,
                 # "last" carries optimizer/scheduler/RNG state: resume after this epoch.
                 save_checkpoint(last_path, end.model, config_dict, splits.classes, pre.to_dict(),
                                 end.stage, end.epoch, metrics, training_state=end.training_state)
+                # Where a resume picks up: rows past this step are replayed (store.requeue).
+                store.merge_results(run_id, {"last_step": end.step})
                 if end.stage == 1 and end.epoch == cfg.stages[0].epochs and len(cfg.stages) > 1:
                     # End of stage 1: kept for "before and after" comparisons.
                     save_checkpoint(run_dir / "stage1.pt", end.model, config_dict, splits.classes,
@@ -203,36 +211,39 @@ def execute_run(store: RunStore, run_id: str,
             best = read_checkpoint(best_path)
             best_model = best.build_model()
             test_loss, test_acc, preds = evaluate(best_model.to(device), splits.test, pre, runtime)
-            labels = splits.test.labels
-            n = len(splits.classes)
-            per_class = [((preds[labels == c] == c).float().mean().item() if (labels == c).any() else None)
-                         for c in range(n)]
+            confusion = confusion_matrix(splits.test.labels, preds, len(splits.classes))
+            per_class = [row[c] / sum(row) if sum(row) else None for c, row in enumerate(confusion)]
             store.set_results(run_id, test_acc, {
-                **(store.get_run(run_id).results or {}),  # type: ignore[union-attr]
-                "test_loss": test_loss, "per_class_acc": per_class,
-                "confusion": confusion_matrix(labels, preds, n), "seconds": result.seconds,
-                "per_stage": result.per_stage, "weights": weights_desc,
+                "test_loss": test_loss, "per_class_acc": per_class, "confusion": confusion,
+                "seconds": result.seconds, "weights": weights_desc,
             })
             store.log_metrics(run_id, [(best.stage, float(result.epochs_run), 0, "test/acc", test_acc)])
             log.info("finished: best val acc %.4f (stage %d epoch %d), test acc %.4f, %.1f s",
                      result.best_val_acc, result.best_stage, result.best_epoch, test_acc, result.seconds)
-            store.finish_run(run_id, "finished")
-            return "finished"
+            return settle(store, run_id, "finished")
         except Cancelled:
-            log.info("cancelled; best checkpoint so far kept")
-            store.finish_run(run_id, "cancelled", "cancelled by request")
-            return "cancelled"
+            log.info("stopped; best checkpoint so far kept")
+            return settle(store, run_id, "cancelled", "cancelled by request")
         except (cfgmod.ConfigError, DataError, WeightsError) as exc:
             log.error("%s", exc)
-            store.finish_run(run_id, "failed", str(exc))
-            return "failed"
+            return settle(store, run_id, "failed", str(exc))
         except Exception as exc:  # anything else: recorded with the traceback in the log
             log.error("unexpected error:\n%s", traceback.format_exc())
             msg = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
                 msg += " — lower the batch size or resolution, or cap the training images"
-            store.finish_run(run_id, "failed", msg + " (see the run log for details)")
-            return "failed"
+            return settle(store, run_id, "failed", msg + " (see the run log for details)")
+
+
+def settle(store: RunStore, run_id: str, status: str, error: str | None = None) -> str:
+    """Record the outcome unless someone else already settled the run (declared it dead,
+    force-stopped it); returns the run's final status either way."""
+    if not store.finish_run(run_id, status, error, only_if_running=True):
+        run = store.get_run(run_id)
+        final = run.status if run else "deleted"
+        log.warning("run was already settled as %s; not recording %s", final, status)
+        return final
+    return status
 
 
 def relative_weight_change(model: Any, start: dict[str, Any]) -> dict[str, float]:
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if run.pid != os.getpid():
         store.set_pid(args.run_id, os.getpid())
     # SIGTERM (the cancel fallback) becomes a cancel request honoured between batches.
-    signal.signal(signal.SIGTERM, lambda *_: store.request_cancel(args.run_id))
+    signal.signal(signal.SIGTERM, lambda *_: TERMINATED.set())
     status = execute_run(store, args.run_id)
     try:
         dispatch(store)  # start the next queued run, if any

@@ -96,6 +96,9 @@ def test_killed_worker_is_reported_failed_and_can_resume(store, tiny_folder):
     read_checkpoint(failed.best_checkpoint)  # intact
     epochs_before = {m.epoch for m in store.metrics(run.id, keys=["val/acc"])}
 
+    last_step = store.get_run(run.id).results["last_step"]
+    assert store.requeue(run.id)  # rows past the resumable point go in the same transaction
+    assert max(m.step for m in store.metrics(run.id)) <= last_step
     jobs.resume(store, run.id)
     wait_for(lambda: _status(store, run.id) in ("finished", "failed"), 180, "the resumed run")
     final = store.get_run(run.id)
@@ -149,3 +152,26 @@ def test_start_from_another_runs_checkpoint_with_new_classes(store, finished_run
     store.claim_run_now(run.id, os.getpid())
     assert execute_run(store, run.id) == "finished", store.get_run(run.id).error
     assert "new head" in store.get_run(run.id).results["weights"]
+
+
+def test_force_stop_ends_a_run_that_ignores_cancel(store, tiny_folder):
+    run = jobs.submit(store, _long_config(tiny_folder))
+    wait_for(lambda: store.get_run(run.id).progress.get("phase") == "training", 120, "training")
+    pid = store.get_run(run.id).pid
+    stopped = jobs.kill(store, run.id)
+    assert stopped.status == "cancelled" and "force-stopped" in stopped.error
+    wait_for(lambda: not jobs.pid_is_worker(pid, stopped.pid_start), 30, "the process to end")
+
+
+def test_a_dead_workers_queue_moves_on_when_a_page_looks(store, tiny_folder, monkeypatch):
+    monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
+    first = jobs.submit(store, _long_config(tiny_folder))
+    second = jobs.submit(store, tiny_config(tiny_folder))
+    wait_for(lambda: store.get_run(first.id).pid, 60, "the first worker")
+    assert store.get_run(second.id).status == "queued"
+    os.kill(store.get_run(first.id).pid, signal.SIGKILL)
+    # What the sidebar does on every refresh: the dead run is settled, the next one starts.
+    wait_for(lambda: jobs.summary(store)["running"] and store.get_run(second.id).status != "queued",
+             30, "the queued run to start")
+    assert store.get_run(first.id).status == "failed"
+    wait_for(lambda: store.get_run(second.id).status == "finished", 120, "the second run")
