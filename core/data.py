@@ -202,6 +202,23 @@ def scan_folder(root: Path, classes: Sequence[str] = ()) -> tuple[list[str], lis
     return [d.name for d in class_dirs], per_class, skipped
 
 
+def train_test_folders(root: Path) -> tuple[Path, Path] | None:
+    """(train/, test/) when `root` holds both, else None (one class-folder tree to split)."""
+    train, test = root / "train", root / "test"
+    return (train, test) if train.is_dir() and test.is_dir() else None
+
+
+def check_same_classes(root: Path, train_classes: Sequence[str], test_classes: Sequence[str]) -> None:
+    """Raise DataError when train/ and test/ do not hold the same class folders."""
+    if list(train_classes) != list(test_classes):
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise DataError(
+            f"train/ and test/ in {root} have different classes (only in train: "
+            f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}); "
+            f"give both the same class folders")
+
+
 def _cache_key(parts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
@@ -357,16 +374,11 @@ def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[
         root = Path(data_path).expanduser()
         if not root.is_dir():
             raise DataError(f"data folder {root} does not exist; check the path")
-        if (root / "train").is_dir() and (root / "test").is_dir():
-            train_all = load_folder_tree(root / "train", pre, classes, cache_dir, on_progress)
-            test = load_folder_tree(root / "test", pre, classes, cache_dir, on_progress)
-            if train_all.classes != test.classes:
-                only_train = sorted(set(train_all.classes) - set(test.classes))
-                only_test = sorted(set(test.classes) - set(train_all.classes))
-                raise DataError(
-                    f"train/ and test/ in {root} have different classes (only in train: "
-                    f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}); "
-                    f"give both the same class folders")
+        parts = train_test_folders(root)
+        if parts:
+            train_all = load_folder_tree(parts[0], pre, classes, cache_dir, on_progress)
+            test = load_folder_tree(parts[1], pre, classes, cache_dir, on_progress)
+            check_same_classes(root, train_all.classes, test.classes)
             desc = f"image folder {root} (train/ + test/)"
         else:
             everything = load_folder_tree(root, pre, classes, cache_dir, on_progress)

@@ -27,7 +27,7 @@ class PreflightReport:
 
 def preflight(cfg: RunConfig, store=None) -> PreflightReport:
     """Raise PreflightError naming every problem; return what was found otherwise."""
-    from .data import DataError, scan_folder
+    from .data import DataError, check_same_classes, scan_folder, train_test_folders
 
     report = PreflightReport()
     errors: list[str] = []
@@ -36,15 +36,11 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
         try:
             if not root.is_dir():
                 raise DataError(f"data folder {root} does not exist; check the path")
-            if (root / "train").is_dir() and (root / "test").is_dir():
-                names, files, skipped = scan_folder(root / "train", cfg.classes)
-                test_names, _, test_skipped = scan_folder(root / "test", cfg.classes)
-                if names != test_names:
-                    only_train = sorted(set(names) - set(test_names))
-                    only_test = sorted(set(test_names) - set(names))
-                    raise DataError(
-                        f"train/ and test/ in {root} have different classes (only in train: "
-                        f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'})")
+            parts = train_test_folders(root)
+            if parts:
+                names, files, skipped = scan_folder(parts[0], cfg.classes)
+                test_names, _, test_skipped = scan_folder(parts[1], cfg.classes)
+                check_same_classes(root, names, test_names)
                 skipped += test_skipped
             else:
                 names, files, skipped = scan_folder(root, cfg.classes)
