@@ -4,14 +4,14 @@ folder and one zip.
 
 Both model files take the same input as the checkpoint: a float32 N x 3 x R x R tensor of
 RGB images, resized (shorter side to R) and centre-cropped, scaled to 0..1 and normalised
-with the checkpoint's mean and std. Every export is checked: the exported models must give
-the same top-1 class as the checkpoint on a batch of inputs, or the export fails.
+with the checkpoint's mean and std. Every export is checked: the TorchScript model must give
+the same top-1 class as the checkpoint on a batch of inputs, or the export fails. ONNX is
+optional: if its exporter fails or its file does not agree, the ONNX file is left out and
+the result's notes say why in plain words.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -25,6 +25,7 @@ from typing import Any
 
 from .atomic import atomic_write, atomic_write_text
 from .store import Run, RunStore
+from .views import metrics_csv
 
 EXPORT_DIR = "export"
 TORCHSCRIPT_NAME = "model.torchscript.pt"
@@ -44,16 +45,6 @@ class ExportResult:
     onnx: bool  # whether the ONNX file was written (needs the onnx packages)
     notes: list[str] = field(default_factory=list)  # e.g. why ONNX is missing
     checked_images: int = 0  # inputs on which exported and checkpoint top-1 agreed
-
-
-def metrics_csv(store: RunStore, run: Run) -> str:
-    """Every metric row of the run: stage, global epoch, step, key, value, unix time."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["stage", "epoch", "step", "key", "value", "time"])
-    for r in store.metrics(run.id):
-        w.writerow([r.stage, r.epoch, r.step, r.key, repr(r.value), f"{r.time:.3f}"])
-    return buf.getvalue()
 
 
 def onnx_available() -> tuple[bool, str]:
@@ -98,8 +89,37 @@ def _export_onnx(model: Any, example: Any, path: Path) -> None:
         program.save(str(path), external_data=False)
 
 
+def _short_reason(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short plain line: its type and the first line of its message."""
+    first = (str(exc).strip().splitlines() or [""])[0].strip()
+    if len(first) > limit:
+        first = first[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _write_checked_onnx(model: Any, example: Any, x_check: Any, expected: Any,
+                        path: Path) -> tuple[bool, str]:
+    """Write the ONNX file and run-check it with onnxruntime when installed.
+    Returns (kept, note); a file that disagrees with the checkpoint is removed."""
+    import torch
+
+    atomic_write(path, lambda p: _export_onnx(model, example, p))
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return True, ("onnxruntime is not installed, so the ONNX file was not "
+                      "run-checked (pip install onnxruntime)")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input": x_check.numpy()})[0]
+    if not predictions_agree(expected, torch.from_numpy(got)):
+        path.unlink(missing_ok=True)
+        return False, ("The ONNX file was left out: it does not reproduce the checkpoint's "
+                       "predictions. The TorchScript file is complete and checked.")
+    return True, ""
+
+
 def readme_text(run: Run, classes: list[str], preprocess: dict[str, Any], onnx: bool,
-                stage: int, epoch: int) -> str:
+                stage: int, epoch: int, onnx_missing: str = "") -> str:
     r = int(preprocess["resolution"])
     mean = [round(float(m), 4) for m in preprocess["mean"]]
     std = [round(float(s), 4) for s in preprocess["std"]]
@@ -115,7 +135,7 @@ logits = session.run(["logits"], {{"input": x.numpy()}})[0]   # x as prepared ab
 print(classes[int(logits[0].argmax())])
 ```
 Input name `input`, output name `logits`; the batch size is free. Opset {ONNX_OPSET}.
-""" if onnx else "\n(No ONNX file: the onnx packages were not installed when this was exported.)\n"
+""" if onnx else f"\n(No ONNX file: {onnx_missing or 'it was not requested.'})\n"
     return f"""# {run.name} — exported model
 
 ResNet-18 fine-tuned in the Two-Stage Fine-Tuning Lab (run `{run.id}`), best checkpoint
@@ -221,25 +241,27 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
             if not available:
                 notes.append(why)
             else:
-                atomic_write(build / ONNX_NAME, lambda p: _export_onnx(model, example, p))
-                onnx_ok = True
                 try:
-                    import onnxruntime as ort
-                except ImportError:
-                    notes.append("onnxruntime is not installed, so the ONNX file was not "
-                                 "run-checked (pip install onnxruntime)")
-                else:
-                    sess = ort.InferenceSession(str(build / ONNX_NAME), providers=["CPUExecutionProvider"])
-                    got = sess.run(["logits"], {"input": x_check.numpy()})[0]
-                    if not predictions_agree(expected, torch.from_numpy(got)):
-                        raise ExportError("the ONNX model does not reproduce the checkpoint's predictions")
+                    onnx_ok, note = _write_checked_onnx(model, example, x_check, expected,
+                                                        build / ONNX_NAME)
+                except Exception as exc:  # exporter bugs, unsupported ops, onnxscript errors…
+                    (build / ONNX_NAME).unlink(missing_ok=True)
+                    onnx_ok, note = False, ("The ONNX file was left out: the ONNX export failed "
+                                            f"({_short_reason(exc)}). The TorchScript file is "
+                                            "complete and checked.")
+                if note:
+                    notes.append(note)
 
         atomic_write_text(build / "classes.json", json.dumps(ckpt.classes, indent=2))
         atomic_write_text(build / "preprocess.json", json.dumps(ckpt.preprocess, indent=2))
         atomic_write_text(build / "config.json", json.dumps(run.config, indent=2, sort_keys=True))
-        atomic_write_text(build / "metrics.csv", metrics_csv(store, run))
+        # The same CSV as the Runs page's download (core.views.metrics_csv).
+        csv_data = metrics_csv(store.metrics(run.id))
+        atomic_write_text(build / "metrics.csv",
+                          csv_data.decode() if isinstance(csv_data, bytes) else csv_data)
+        onnx_missing = "" if onnx_ok else (notes[0] if notes and include_onnx else "")
         atomic_write_text(build / "README.md", readme_text(run, ckpt.classes, ckpt.preprocess, onnx_ok,
-                                                     ckpt.stage, ckpt.epoch))
+                                                     ckpt.stage, ckpt.epoch, onnx_missing))
         old = run_dir / f".export-old-{time.time_ns()}"
         if folder.exists():
             os.replace(folder, old)

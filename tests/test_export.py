@@ -88,3 +88,29 @@ def test_predictions_agree_tolerates_rounding_not_changes():
     assert export.predictions_agree(a, a + 1e-5)
     assert not export.predictions_agree(a, torch.tensor([[1.0, 2.0, 0.0], [0.0, 3.0, 1.0]]))
     assert not export.predictions_agree(a, a[:, :2])
+
+
+def test_export_csv_is_the_runs_page_csv(exported):
+    from core.views import metrics_csv
+
+    store, run, result = exported
+    assert (result.folder / "metrics.csv").read_bytes() == metrics_csv(store.metrics(run.id))
+
+
+def test_a_failing_onnx_exporter_becomes_a_note(finished_run, monkeypatch):
+    store, run = finished_run
+
+    def broken(model, example, path):
+        raise RuntimeError("onnxscript: unsupported op aten::foo\nlong traceback text…")
+
+    monkeypatch.setattr(export, "onnx_available", lambda: (True, ""))
+    monkeypatch.setattr(export, "_export_onnx", broken)
+    result = export.export_run(store, run)
+    assert not result.onnx
+    assert export.ONNX_NAME not in result.files
+    assert export.TORCHSCRIPT_NAME in result.files
+    assert len(result.notes) == 1
+    note = result.notes[0]
+    assert "ONNX" in note and "RuntimeError: onnxscript: unsupported op aten::foo" in note
+    assert "Traceback" not in note and "\n" not in note
+    assert "No ONNX file: The ONNX file was left out" in (result.folder / "README.md").read_text()
