@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # standalone (AppTest.from_file) as well as via s
     sys.path.insert(0, str(ROOT))
 
 from core import inference  # noqa: E402
-from core.data import IMAGE_EXTENSIONS  # noqa: E402
+from core.image_types import IMAGE_EXTENSIONS  # noqa: E402
 from app_pages._common import SELECTED_RUN, get_store  # noqa: E402
 
 log = logging.getLogger("finetune_lab.classify")

@@ -14,8 +14,9 @@ import streamlit as st
 from core import config as cfgmod
 from core import jobs
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
+from core.model_info import imagenet_weights_path, resnet18_parameters
 from core.paths import PathNotAllowed, resolve_user_path
-from core.store import StoreError
+from core.store import RunStore, StoreError
 from core.views import fmt_count, fmt_duration, run_label
 from app_pages._common import SELECTED_RUN, get_store
 
@@ -99,20 +100,21 @@ def read_stage(i: int) -> StageConfig:
         feature_cache=bool(s[f"{P}s{i}.feature_cache"]))
 
 
-@st.cache_resource(show_spinner="Counting parameters…")
-def _reference_model(num_classes: int):
-    from core.model import build_resnet18
-
-    return build_resnet18(num_classes)
-
-
 def trainable_counts(groups_per_stage: list[tuple[str, ...]], num_classes: int) -> list[tuple[int, int]]:
-    """(trainable, total) parameters per stage."""
-    from core.model import count_parameters
+    """(trainable, total) parameters per stage, from a constant table (no model built)."""
+    total = resnet18_parameters(LAYER_GROUPS, num_classes)
+    return [(resnet18_parameters(groups, num_classes), total) for groups in groups_per_stage]
 
-    model = _reference_model(num_classes)
-    total = count_parameters(model, LAYER_GROUPS)
-    return [(count_parameters(model, groups), total) for groups in groups_per_stage]
+
+@st.cache_data(ttl=30, show_spinner=False)
+def epoch_seconds(groups: tuple[str, ...], n_images: int, resolution: int, feature_cache: bool,
+                  device: str | None, store_root: str) -> float:
+    """Estimated seconds per epoch; the measured-speed lookup reads the run store, so it is
+    cached for 30 s per stage shape instead of repeated on every rerun."""
+    from core.speed import estimate_epoch_seconds  # no torch; fast
+
+    return estimate_epoch_seconds(groups, n_images, resolution, feature_cache,
+                                  store=RunStore(store_root), device=device)
 
 
 @st.cache_data(ttl=30, show_spinner="Scanning the image folder…")
@@ -133,9 +135,7 @@ def scan_image_folder(path: str) -> tuple[list[str], dict[str, int], bool, str]:
 
 @st.cache_data(ttl=60)
 def imagenet_weights_cached() -> bool:
-    from core.model import imagenet_cache_path
-
-    return imagenet_cache_path().exists()
+    return imagenet_weights_path().exists()
 
 
 # ---------------------------------------------------------------- page
@@ -294,14 +294,12 @@ if cfg.max_train_images:
     n_train_all = min(n_train_all, cfg.max_train_images)
 n_train = int(n_train_all * (1 - cfg.val_fraction))
 
-from core.speed import estimate_epoch_seconds  # noqa: E402  (no torch; fast)
-
 counts_per_stage = trainable_counts([st_.groups for st_ in cfg.stages], n_classes)
 summary_rows = []
 for i, (stage, (trainable, total)) in enumerate(zip(cfg.stages, counts_per_stage), 1):
     # Measured speeds from earlier runs on the same kind of device count; "auto" uses any.
-    est = (estimate_epoch_seconds(stage.groups, n_train, cfg.resolution, stage.feature_cache,
-                                  store=store, device=None if cfg.device == "auto" else cfg.device)
+    est = (epoch_seconds(tuple(stage.groups), n_train, cfg.resolution, stage.feature_cache,
+                         None if cfg.device == "auto" else cfg.device, str(store.root))
            if n_train and stage.groups else None)
     summary_rows.append({
         "Stage": f"Stage {i}", "Trains": stage.trains or "nothing",

@@ -6,7 +6,7 @@ whole zip rejected (a zip built that way is either broken or hostile); the numbe
 and the bytes actually decompressed are capped (zip bombs lie in their headers, so the cap
 is enforced while reading). The zip is unpacked into a hidden temp folder under the target
 root and moved into place with one rename only once it validated, so a half-imported data
-set never appears. No torch import here.
+set never appears. No torch import at module load.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Callable, Sequence
 
-from .data import IMAGE_EXTENSIONS, DataError, open_image, scan_folder
+from .image_types import IMAGE_EXTENSIONS
 from .paths import data_roots
+
+# core.data (open_image, scan_folder, DataError) imports torch: it is imported inside the
+# functions that read images, so pages importing this module load fast.
 
 MAX_FILES = 200_000  # entries in one zip
 MAX_TOTAL_BYTES = 4 * 1024**3  # decompressed bytes of one zip
@@ -223,6 +226,8 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     class folders, or one class-folder tree). `check_images` decodes every image (or
     `max_check_per_class` of each class, sampled, for big folders); `remove_corrupt`
     deletes the unreadable ones (only for our own imported copy)."""
+    from .data import DataError, open_image, scan_folder
+
     folder = Path(folder)
     parts = _parts_of(folder)
     counts: dict[str, dict[str, int]] = {}
@@ -334,6 +339,8 @@ def preview_samples(folder: str | os.PathLike[str], per_class: int = 6,
                     seed: int = 0) -> dict[str, list[Path]]:
     """A few image paths per class (from train/ when the folder is split), seeded so the
     grid does not reshuffle on every page rerun."""
+    from .data import DataError, scan_folder
+
     folder = Path(folder)
     part = _parts_of(folder).get("train", folder)
     try:

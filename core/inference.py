@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, DataError
+from .image_types import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +91,7 @@ def decode_upload(data: bytes, name: str = "") -> Image.Image:
     MAX_UPLOAD_BYTES, something that is not an image, a damaged or truncated image, a
     decompression bomb, or a shape too extreme to resize.
     """
-    from .data import open_image, to_rgb
+    from .data import DataError, open_image, to_rgb
 
     what = f"“{name}”" if name else "This file"
     if not data:
@@ -260,7 +260,7 @@ class GalleryItem:
         if self.image is not None:
             return self.image.convert("RGB")
         assert self.path is not None
-        from .data import open_image, to_rgb
+        from .data import DataError, open_image, to_rgb
 
         try:
             return to_rgb(open_image(self.path)).copy()

@@ -301,3 +301,69 @@ def test_compare_overlays_runs_and_groups_and_diffs_configs(app_env):
     at.checkbox(key="compare.align").check().run()
     assert not at.exception
     assert "epochs since the start of stage 2" in at.get("plotly_chart")[0].proto.spec
+
+
+# ---------------------------------------------------------------- start-up cost
+
+# Every core module a page imports at its top (and the page helpers): none may pull in
+# torch, so pages load fast (torch is imported only when a page trains, predicts or exports).
+PAGE_TOP_MODULES = ("app_pages._common", "core.dataset_import", "core.views", "core.charts",
+                    "core.experiments", "core.insights", "core.inference", "core.export",
+                    "core.speed", "core.paths", "core.store", "core.config", "core.jobs",
+                    "core.model_info", "core.image_types")
+
+
+@pytest.mark.parametrize("module", PAGE_TOP_MODULES)
+def test_modules_pages_import_at_start_up_do_not_import_torch(module):
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("num_classes", [2, 10, 37])
+def test_parameter_table_matches_a_real_resnet18(num_classes):
+    from core.model import build_resnet18, count_parameters
+    from core.model_info import resnet18_group_parameters, resnet18_parameters
+
+    model = build_resnet18(num_classes)
+    for g in cfgmod.LAYER_GROUPS:
+        assert resnet18_group_parameters(g, num_classes) == count_parameters(model, (g,)), g
+    assert resnet18_parameters(cfgmod.LAYER_GROUPS, num_classes) == count_parameters(
+        model, cfgmod.LAYER_GROUPS)
+    assert resnet18_parameters(("layer4", "fc"), num_classes) == count_parameters(
+        model, ("layer4", "fc"))
+
+
+def test_torch_free_facts_match_torch(monkeypatch, tmp_path):
+    import core.data
+    import core.model
+    from core.image_types import IMAGE_EXTENSIONS
+    from core.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path
+
+    assert set(IMAGE_EXTENSIONS) == set(core.data.IMAGE_EXTENSIONS)
+    assert IMAGENET_WEIGHTS_FILE == core.model.IMAGENET_WEIGHTS_FILE
+    assert imagenet_weights_path() == core.model.imagenet_cache_path()
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert imagenet_weights_path() == core.model.imagenet_cache_path()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert imagenet_weights_path() == core.model.imagenet_cache_path()
+
+
+def test_a_store_error_on_a_run_button_is_shown_not_raised(app_env, monkeypatch):
+    from core.store import StoreError
+
+    run = seed_finished(app_env, "locked", tiny_config(Path("/x")), 0.6, 0.5)
+
+    def locked(*args):
+        raise StoreError("the run store is locked by another program; try again")
+
+    monkeypatch.setattr(RunStore, "delete_run", locked)
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
+    at.button(key="runs.delete").click().run()
+    at.button(key="runs.delete_yes").click().run()
+    assert not at.exception
+    assert "the run store is locked by another program; try again" in [e.value for e in at.error]
+    assert app_env.get_run(run.id) is not None

@@ -1,0 +1,48 @@
+"""Facts about the ResNet-18 the app trains, without importing torch (the New run page
+imports this at start-up): parameters per layer group and where torch caches the ImageNet
+weights. tests/test_app_pages.py checks both against core.model on a real model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+# torchvision ResNet-18 parameters per layer group (weights, biases, BatchNorm affine),
+# computed once with core.model.count_parameters(build_resnet18(n), (group,)).
+# The fc head depends on the number of classes: 512 * n weights + n biases.
+RESNET18_GROUP_PARAMS = {
+    "conv1": 9_536,  # conv1 + bn1
+    "layer1": 147_968,
+    "layer2": 525_568,
+    "layer3": 2_099_712,
+    "layer4": 8_393_728,
+}
+FC_IN_FEATURES = 512
+# torchvision.models.ResNet18_Weights.IMAGENET1K_V1's file name (core.model.IMAGENET_WEIGHTS_FILE).
+IMAGENET_WEIGHTS_FILE = "resnet18-f37072fd.pth"
+
+
+def resnet18_group_parameters(group: str, num_classes: int) -> int:
+    """Parameters of one layer group of a ResNet-18 with `num_classes` outputs."""
+    if group == "fc":
+        return FC_IN_FEATURES * num_classes + num_classes
+    return RESNET18_GROUP_PARAMS[group]
+
+
+def resnet18_parameters(groups: Iterable[str], num_classes: int) -> int:
+    """Parameters of the given layer groups (like core.model.count_parameters)."""
+    return sum(resnet18_group_parameters(g, num_classes) for g in groups)
+
+
+def torch_hub_dir() -> Path:
+    """torch.hub.get_dir() without torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub,
+    else ~/.cache/torch/hub (the app never calls torch.hub.set_dir)."""
+    torch_home = os.getenv("TORCH_HOME",
+                           os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.expanduser(torch_home)) / "hub"
+
+
+def imagenet_weights_path() -> Path:
+    """Where torch caches the ImageNet ResNet-18 weights (core.model.imagenet_cache_path)."""
+    return torch_hub_dir() / "checkpoints" / IMAGENET_WEIGHTS_FILE
