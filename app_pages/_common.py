@@ -1,16 +1,20 @@
 """Helpers shared by the pages: store access and the sidebar job panel.
 
-Nothing here is cached across reruns: the store is re-opened on every call (cheap: one
-SQLite connection per query), so new runs always show.
+The store is not cached across reruns: it is re-opened on every call (cheap: one SQLite
+connection per query), so new runs always show. The data-set folder scan is cached for 30 s.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from core import jobs
+from core.dataset_import import DatasetInfo, list_datasets
+from core.paths import data_roots
 from core.store import RunStore, StoreError
-from core.views import fmt_duration, progress_fraction, progress_text
+from core.views import progress_fraction, progress_text
 
 SELECTED_RUN = "selected_run_id"  # shared session key: the run the Runs page opens
 SIDEBAR_REFRESH_S = 3  # seconds between sidebar job-panel refreshes
@@ -65,5 +69,16 @@ def no_runs_message() -> None:
     st.page_link("app_pages/new_run.py", label="New run", icon=":material/add_circle:")
 
 
-def run_duration(run) -> str:
-    return fmt_duration(run.duration_s)
+@st.cache_data(ttl=30, show_spinner=False)
+def _datasets_under(roots: tuple[str, ...]) -> list[DatasetInfo]:
+    return list_datasets([Path(r) for r in roots])
+
+
+def found_datasets() -> list[DatasetInfo]:
+    """The data sets under the data roots; the folder scan is cached for 30 s (keyed on the
+    roots). Call forget_datasets() after adding one so it shows at once."""
+    return _datasets_under(tuple(str(r) for r in data_roots()))
+
+
+def forget_datasets() -> None:
+    _datasets_under.clear()

@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.dataset_import import (DatasetSummary, ImportRejected, import_zip, list_datasets,
-                                 preview_samples, summarize_folder)
+from core.dataset_import import (DatasetSummary, ImportRejected, import_zip, preview_samples,
+                                 summarize_folder)
 from core.paths import PathNotAllowed, data_roots, resolve_user_path
+from app_pages._common import forget_datasets, found_datasets
 
 P = "datasets."
 DATA_KEY = "new_run_data_path"  # read by the New run page
@@ -67,13 +68,14 @@ def upload_section() -> None:
             st.error(f"Not imported: {exc}")
             return
         bar.empty()
+        forget_datasets()  # the new data set shows in the lists at once
         st.session_state[CURRENT] = summary
         st.success(f"Imported **{summary.name}**: {summary.total_images:,} images in "
                    f"{len(summary.classes)} classes, saved in {summary.path}.")
 
 
 def folder_section() -> None:
-    found = list_datasets()
+    found = found_datasets()
     if found:
         labels = {f"{d.name}  ({d.path})": str(d.path) for d in found}
         choice = st.selectbox("Data sets found", list(labels), key=P + "found")

@@ -13,10 +13,9 @@ import streamlit as st
 from core import config as cfgmod
 from core import experiments as ex
 from core import insights
-from core.dataset_import import list_datasets
 from core.paths import PathNotAllowed, resolve_user_path
 from core.store import Run, RunStore
-from app_pages._common import SELECTED_RUN, get_store
+from app_pages._common import SELECTED_RUN, found_datasets, get_store
 
 P = "experiments."
 REFRESH_S = 3  # seconds between result refreshes while an experiment's runs are active
@@ -37,7 +36,7 @@ def fmt_points(m: float, s: float) -> str:
 
 def data_fields(store: RunStore) -> tuple[dict, list[str]]:
     """Data widgets shared by every preset recipe -> (RunConfig fields, problems)."""
-    found = {f"{d.name}  ({d.path})": str(d.path) for d in list_datasets()}
+    found = {f"{d.name}  ({d.path})": str(d.path) for d in found_datasets()}
     options = list(found) + [OTHER, CIFAR]
     handed = st.session_state.get(DATA_KEY)
     if handed and P + "data" not in st.session_state:
@@ -64,7 +63,7 @@ def data_fields(store: RunStore) -> tuple[dict, list[str]]:
     return {"data_source": "folder", "data_path": path}, problems
 
 
-def compare_form(store: RunStore) -> None:
+def compare_form(store: RunStore, all_runs: list[Run]) -> None:
     st.markdown("Pick two or more recipes and a number of seeds. Every recipe runs once per "
                 "seed on the same data; when they finish you get each recipe's mean ± spread "
                 "and whether the difference is bigger than seed-to-seed luck.")
@@ -73,7 +72,7 @@ def compare_form(store: RunStore) -> None:
                                key=P + "presets")
     for name in presets:
         c[0].caption(f"**{name}**: {cfgmod.PRESET_DESCRIPTIONS[name]}")
-    saved = [r for r in store.list_runs() if r.status == "finished"]
+    saved = [r for r in all_runs if r.status == "finished"]
     by_id = {r.id: r for r in saved}
     saved_ids = c[1].multiselect(
         "Configs of earlier runs (used as they were, seed aside)", list(by_id), key=P + "saved",
@@ -329,18 +328,24 @@ def export_section(store: RunStore, run: Run) -> None:
             except ExportError as exc:
                 st.warning(str(exc))
                 return
+            except OSError as exc:  # disk full, permissions, a vanished run folder
+                st.error(f"The export could not be written to {store.run_dir(run.id)}: "
+                         f"{exc.strerror or exc}. Free some disk space and try again.")
+                return
         st.session_state[P + "exported"] = (run.id, str(result.zip_path), result.notes)
     done = st.session_state.get(P + "exported")
     if done and done[0] == run.id and Path(done[1]).is_file():
         for note in done[2]:
             st.info(note)
-        st.download_button("Download the export (zip)", Path(done[1]).read_bytes(),
-                           file_name=Path(done[1]).name, mime="application/zip",
-                           key=P + f"download.{run.id}")
+        zip_path = Path(done[1])
+        # A callable: the zip (tens of MB) is read only when the button is clicked.
+        st.download_button("Download the export (zip)", data=lambda: zip_path.read_bytes(),
+                           file_name=zip_path.name, mime="application/zip",
+                           key=P + f"download.{run.id}", on_click="ignore")
 
 
-def insights_section(store: RunStore) -> None:
-    runs = [r for r in store.list_runs() if r.best_checkpoint or r.status == "finished"]
+def insights_section(store: RunStore, all_runs: list[Run]) -> None:
+    runs = [r for r in all_runs if r.best_checkpoint or r.status == "finished"]
     if not runs:
         st.info("Insights appear here once a run has finished an epoch.")
         return
@@ -361,11 +366,12 @@ def insights_section(store: RunStore) -> None:
 
 
 store = get_store()
+all_runs = store.list_runs()  # read once per rerun, shared by the tabs
 st.title("Experiments")
 tab_new, tab_results, tab_insights = st.tabs(["Compare recipes", "Results", "Run insights"])
 with tab_new:
-    compare_form(store)
+    compare_form(store, all_runs)
 with tab_results:
     results_section(store)
 with tab_insights:
-    insights_section(store)
+    insights_section(store, all_runs)

@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import charts, jobs
-from core.store import Run, RunStore
+from core.store import Run, RunStore, StoreError
 from core.views import (fmt_duration, fmt_pct, metrics_csv, metrics_frame, progress_fraction,
                         progress_text, recipe_text, run_label, stage_bounds)
 from app_pages._common import SELECTED_RUN, get_store, no_runs_message
@@ -17,6 +17,17 @@ from app_pages._common import SELECTED_RUN, get_store, no_runs_message
 P = "runs."
 LIVE_REFRESH_S = 1.5  # seconds between live-view refreshes while a run is active
 LOG_TAIL_BYTES = 6000
+
+
+def act(action, *args) -> bool:
+    """Run a button's store action; on StoreError (locked or unwritable store, a run that
+    changed state meanwhile) show the message instead of a traceback. True if it worked."""
+    try:
+        action(*args)
+    except StoreError as exc:
+        st.error(str(exc))
+        return False
+    return True
 
 
 def read_metrics(store: RunStore, run: Run) -> list:
@@ -94,8 +105,8 @@ def results_view(store: RunStore, run: Run) -> None:
     if run.status in ("failed", "cancelled"):
         if (store.run_dir(run.id) / "last.pt").exists():
             if st.button("Resume from the last completed epoch", key=P + "resume"):
-                jobs.resume(store, run.id)
-                st.rerun()
+                if act(jobs.resume, store, run.id):
+                    st.rerun()
         else:
             st.caption("No completed epoch to resume from.")
     summary_metrics(run)
@@ -149,7 +160,8 @@ def delete_section(store: RunStore, run: Run) -> None:
                f"be undone.")
     yes, no, _ = st.columns([1, 1, 4])
     if yes.button("Yes, delete", type="primary", key=P + "delete_yes"):
-        store.delete_run(run.id)
+        if not act(store.delete_run, run.id):
+            return
         st.session_state.pop(confirm_key, None)
         st.session_state.pop(SELECTED_RUN, None)
         st.toast(f"Deleted {run.name}")
@@ -191,12 +203,12 @@ if run.is_active:
     if not run.cancel_requested:
         if cols[0].button("Cancel run", key=P + "cancel",
                           help="Stops after the current batch; the best checkpoint so far is kept."):
-            jobs.cancel(store, run.id)
-            st.rerun()
+            if act(jobs.cancel, store, run.id):
+                st.rerun()
     elif cols[0].button("Force stop", key=P + "kill",
                         help="The run did not stop on request: end its process."):
-        jobs.kill(store, run.id)
-        st.rerun()
+        if act(jobs.kill, store, run.id):
+            st.rerun()
     live_view(run.id)
 else:
     results_view(store, run)
