@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from .config import LAYER_GROUPS, flatten
+from .config import flatten
 from .store import MetricRow, Run
 
 # Metric keys a page can plot, with a readable name and the unit on the y axis.
@@ -272,15 +272,3 @@ def config_diff_table(named_configs: Sequence[tuple[str, dict[str, Any]]]) -> pd
 
 def _cell(v: Any) -> str:
     return "" if v is None else str(v)
-
-
-def recipe_grid(stages: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Stage-by-group table of booleans: which layer groups train in which stage."""
-    return pd.DataFrame(
-        [[g in s.get("groups", ()) for g in LAYER_GROUPS] for s in stages],
-        index=[f"Stage {i}" for i in range(1, len(stages) + 1)], columns=list(LAYER_GROUPS))
-
-
-def latest_value(frame: pd.DataFrame, key: str) -> float | None:
-    x, y = series(frame, key)
-    return y[-1] if y else None
