@@ -114,14 +114,10 @@ def pid_is_worker(pid: int, pid_start: str | None) -> bool:
     """Whether the process `pid` that was recorded for a run is still that process and
     alive: not a zombie, and started at the recorded time (so a reused pid does not count).
     Works for detached workers and for foreground CLI runs alike."""
-    from .store import process_start
+    from .store import proc_stat
 
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        if state in (b"Z", b"X"):
-            return False
-    except (OSError, IndexError):
+    fields = proc_stat(pid)
+    if fields is None:
         if Path("/proc").is_dir():
             return False  # no such process
         try:  # no procfs (macOS): a signal probe is the best available check
@@ -129,7 +125,9 @@ def pid_is_worker(pid: int, pid_start: str | None) -> bool:
             return True
         except OSError:
             return False
-    return pid_start is None or process_start(pid) == pid_start
+    if fields[0] in (b"Z", b"X"):  # a zombie is a dead worker not yet reaped
+        return False
+    return pid_start is None or (len(fields) > 19 and fields[19].decode() == pid_start)
 
 
 def liveness_problem(run: Run, now: float | None = None) -> str | None:

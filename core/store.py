@@ -123,14 +123,21 @@ class MetricRow:
     time: float
 
 
+def proc_stat(pid: int) -> list[bytes] | None:
+    """Fields of /proc/<pid>/stat after the command name (state first), or None when there
+    is no such process or no procfs."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_start(pid: int) -> str | None:
     """A process's start time in kernel ticks since boot (/proc/<pid>/stat field 22), or
     None where there is no procfs."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return fields[19].decode() if fields and len(fields) > 19 else None
 
 
 def data_dir() -> Path:
