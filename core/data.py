@@ -16,11 +16,12 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from .image_types import IMAGE_EXTENSIONS  # the one list, shared with torch-free pages
+
 # ImageNet statistics: the pretrained backbone expects inputs normalised with these, and
 # we keep them for random init too so every checkpoint is interchangeable.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_IMAGE_PIXELS = 40_000_000
 # A decoded data set must fit in memory with room to spare; above this we refuse with advice.

@@ -1,5 +1,5 @@
 """Image file extensions the app reads, without importing torch (pages import this at
-start-up). Kept equal to core.data.IMAGE_EXTENSIONS; tests/test_app_pages.py checks it."""
+start-up). core.data re-exports it: the one list."""
 
 from __future__ import annotations
 

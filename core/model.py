@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LAYER_GROUPS
+from .model_info import IMAGENET_WEIGHTS_FILE
 
 # Modules of each layer group, by attribute name on torchvision's ResNet.
 GROUP_MODULES: dict[str, tuple[str, ...]] = {
@@ -20,7 +21,6 @@ GROUP_MODULES: dict[str, tuple[str, ...]] = {
     "layer4": ("layer4",),
     "fc": ("fc",),
 }
-IMAGENET_WEIGHTS_FILE = "resnet18-f37072fd.pth"  # torchvision's IMAGENET1K_V1 file name
 
 
 class WeightsError(RuntimeError):

@@ -19,7 +19,7 @@ RESNET18_GROUP_PARAMS = {
     "layer4": 8_393_728,
 }
 FC_IN_FEATURES = 512
-# torchvision.models.ResNet18_Weights.IMAGENET1K_V1's file name (core.model.IMAGENET_WEIGHTS_FILE).
+# torchvision.models.ResNet18_Weights.IMAGENET1K_V1's file name (core.model uses this one).
 IMAGENET_WEIGHTS_FILE = "resnet18-f37072fd.pth"
 
 

@@ -61,9 +61,9 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
             errors.append(f"weights_run: run {cfg.weights_run} has no best checkpoint yet; "
                           f"pick a finished run")
     if cfg.weights == "imagenet":
-        from .model import imagenet_cache_path
+        from .model_info import imagenet_weights_path  # no torch needed for a path
 
-        if not imagenet_cache_path().exists():
+        if not imagenet_weights_path().exists():
             report.notes.append("ImageNet weights are not cached yet: they will be downloaded "
                                 "when the run starts (offline, pick random, file or run weights)")
     if errors:
