@@ -14,6 +14,7 @@ import streamlit as st
 from core import config as cfgmod
 from core import jobs
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
+from core.image_types import train_test_folders
 from core.model_info import imagenet_weights_path, resnet18_parameters
 from core.paths import PathNotAllowed, resolve_user_path
 from core.store import RunStore, StoreError
@@ -123,9 +124,10 @@ def scan_image_folder(path: str) -> tuple[list[str], dict[str, int], bool, str]:
     from core.data import DataError, scan_folder
 
     root = Path(path)
-    split = (root / "train").is_dir() and (root / "test").is_dir()
+    parts = train_test_folders(root)
+    split = parts is not None
     try:
-        classes, per_class, _ = scan_folder(root / "train" if split else root)
+        classes, per_class, _ = scan_folder(parts[0] if parts else root)
     except DataError as exc:
         return [], {}, split, str(exc)
     except OSError as exc:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .image_types import IMAGE_EXTENSIONS  # the one list, shared with torch-free pages
+from .image_types import IMAGE_EXTENSIONS, train_test_folders  # shared with torch-free pages
 
 # ImageNet statistics: the pretrained backbone expects inputs normalised with these, and
 # we keep them for random init too so every checkpoint is interchangeable.
@@ -201,12 +201,6 @@ def scan_folder(root: Path, classes: Sequence[str] = ()) -> tuple[list[str], lis
         raise DataError(f"{root} has {len(class_dirs)} class folder(s); a classifier needs at "
                         f"least two (one sub-folder of images per class)")
     return [d.name for d in class_dirs], per_class, skipped
-
-
-def train_test_folders(root: Path) -> tuple[Path, Path] | None:
-    """(train/, test/) when `root` holds both, else None (one class-folder tree to split)."""
-    train, test = root / "train", root / "test"
-    return (train, test) if train.is_dir() and test.is_dir() else None
 
 
 def check_same_classes(root: Path, train_classes: Sequence[str], test_classes: Sequence[str]) -> None:

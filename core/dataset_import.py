@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Callable, Sequence
 
-from .image_types import IMAGE_EXTENSIONS
+from .image_types import IMAGE_EXTENSIONS, train_test_folders
 from .paths import data_roots
 
 # core.data (open_image, scan_folder, DataError) imports torch: it is imported inside the
@@ -214,9 +214,8 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
 
 
 def _parts_of(folder: Path) -> dict[str, Path]:
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        return {"train": folder / "train", "test": folder / "test"}
-    return {"all": folder}
+    parts = train_test_folders(folder)
+    return {"train": parts[0], "test": parts[1]} if parts else {"all": folder}
 
 
 def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_images: bool = True,
@@ -301,7 +300,7 @@ class DatasetInfo:
 def _looks_like_dataset(folder: Path) -> bool:
     """Cheap check (no decoding, bounded listing): train/+test/, or 2+ sub-folders that
     each hold an image among their first entries."""
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
+    if train_test_folders(folder):
         return True
     with_images = 0
     try:
