@@ -181,11 +181,14 @@ def execute_run(store: RunStore, run_id: str,
                     save_checkpoint(best_path, end.model, config_dict, splits.classes, pre.to_dict(),
                                     end.stage, end.epoch, metrics)
                     store.set_best(run_id, end.val_acc, end.stage, end.epoch, str(best_path))
+                # Where a resume picks up: store.requeue drops rows past this step. Recorded
+                # before last.pt is written: killed in between, requeue keeps a few rows too
+                # many and the worker's own truncation (at ts["step"]) removes them; the
+                # other order could drop the rows of an epoch that last.pt does hold.
+                store.merge_results(run_id, {"last_step": end.step})
                 # "last" carries optimizer/scheduler/RNG state: resume after this epoch.
                 save_checkpoint(last_path, end.model, config_dict, splits.classes, pre.to_dict(),
                                 end.stage, end.epoch, metrics, training_state=end.training_state)
-                # Where a resume picks up: rows past this step are replayed (store.requeue).
-                store.merge_results(run_id, {"last_step": end.step})
                 if end.stage == 1 and end.epoch == cfg.stages[0].epochs and len(cfg.stages) > 1:
                     # End of stage 1: kept for "before and after" comparisons.
                     save_checkpoint(run_dir / "stage1.pt", end.model, config_dict, splits.classes,
