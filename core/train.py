@@ -369,13 +369,14 @@ def train_one_epoch(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: 
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lr = optimizer.param_groups[0]["lr"]  # the LR this step used (scheduler.step moves it on)
         optimizer.step()
         scheduler.step()
         batch_loss = loss.detach()
         loss_sum += batch_loss.double() * len(idx)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)
-        on_step(i, batch_loss, optimizer.param_groups[0]["lr"])
+        on_step(i, batch_loss, lr)
     return EpochMetrics(loss_sum.item() / max(1, seen), correct.item() / max(1, seen), seen,
                         time.perf_counter() - start)
 

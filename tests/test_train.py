@@ -154,3 +154,13 @@ def test_finished_run_records_results_and_weight_change(finished_run):
     assert changes[1]["layer4"] > 0 and changes[1]["layer3"] == 0 and changes[1]["conv1"] == 0
     assert changes[2]["layer3"] > 0
     assert os.path.exists(os.path.join(store.run_dir(run.id), "stage1.pt"))
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(splits, tiny_folder):
+    cfg = tiny_config(tiny_folder)  # cosine in both stages
+    _, rows, _ = _run(cfg, splits)
+    lr_rows = [(s, v) for s, _, _, k, v in rows if k == "lr"]
+    last_of_stage = {s: v for s, v in lr_rows}
+    # Cosine reaches 0 only after the last step: every step that ran had a positive LR.
+    assert all(v > 0 for _, v in lr_rows)
+    assert last_of_stage[2] < cfg.stages[1].lr
