@@ -10,11 +10,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import jobs
-from core.dataset_import import DatasetInfo, list_datasets
-from core.paths import data_roots
-from core.store import RunStore, StoreError
-from core.views import progress_fraction, progress_text
+from core.engine.datasets import DatasetInfo, list_datasets
+from core.engine.paths import data_roots
+from core.runs import jobs
+from core.runs.store import RunStore, StoreError
+from core.views.tables import progress_fraction, progress_text
 
 SELECTED_RUN = "selected_run_id"  # shared session key: the run the Runs page opens
 SIDEBAR_REFRESH_S = 3  # seconds between sidebar job-panel refreshes

@@ -1,7 +1,7 @@
 """Classify: try a trained model on a picture (upload, camera or an example), see its
 verdict in plain words, what it looks at (Grad-CAM), and how stage 2 changed its mind.
 
-Thin page: widgets -> core.inference -> render. Uploads stay in memory.
+Thin page: widgets -> core.analysis.inference -> render. Uploads stay in memory.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # standalone (AppTest.from_file) as well as via streamlit_app.py
     sys.path.insert(0, str(ROOT))
 
-from core import inference  # noqa: E402
-from core.image_types import IMAGE_EXTENSIONS  # noqa: E402
 from app_pages._common import SELECTED_RUN, get_store  # noqa: E402
+from core.analysis import inference  # noqa: E402
+from core.engine.image_types import IMAGE_EXTENSIONS  # noqa: E402
 
 log = logging.getLogger("finetune_lab.classify")
 
@@ -177,7 +177,7 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
     st.subheader("What did it look at?")
     layer = st.session_state.get("classify_cam_layer", "layer4")
     cam = predictor.explain(img, top.index, layer=layer)
-    from core.explain import overlay
+    from core.analysis.explain import overlay
 
     c1, c2 = st.columns([1, 2])
     with c1:
@@ -216,7 +216,7 @@ def before_after(run, img) -> None:
     if models.note:
         st.caption(models.note)
         return
-    from core.checkpoints import CheckpointError
+    from core.engine.checkpoints import CheckpointError
 
     cols = st.columns(2)
     for col, path, title in ((cols[0], models.stage1, "After stage 1"),
@@ -245,7 +245,7 @@ def main() -> None:
         no_model_message()
         return
     run = pick_run(runs)
-    from core.checkpoints import CheckpointError
+    from core.engine.checkpoints import CheckpointError
 
     try:
         predictor = predictor_for(run.best_checkpoint)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import charts
-from core.views import (METRIC_LABELS, config_diff_table, final_metrics_table, group_curve,
-                        group_label, metrics_frame, run_curve, run_label)
 from app_pages._common import get_store, no_runs_message
+from core.views import charts
+from core.views.tables import (
+    METRIC_LABELS,
+    config_diff_table,
+    final_metrics_table,
+    group_curve,
+    group_label,
+    metrics_frame,
+    run_curve,
+    run_label,
+)
 
 P = "compare."
 METRICS = ("val/acc", "val/loss", "train/loss", "train/acc", "train/step_loss", "lr")

@@ -10,10 +10,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.dataset_import import (DatasetSummary, ImportRejected, import_zip, preview_samples,
-                                 summarize_folder)
-from core.paths import PathNotAllowed, data_roots, resolve_user_path
 from app_pages._common import forget_datasets, found_datasets
+from core.engine.datasets import DatasetSummary, ImportRejected, import_zip, preview_samples, summarize_folder
+from core.engine.paths import PathNotAllowed, data_roots, resolve_user_path
 
 P = "datasets."
 DATA_KEY = "new_run_data_path"  # read by the New run page
@@ -33,7 +32,7 @@ def thumbnail(path: str, mtime: float):
     """A preview tile: small images scaled up with visible pixels, big ones scaled down."""
     from PIL import Image
 
-    from core.data import DataError, open_image, to_rgb
+    from core.engine.data import DataError, open_image, to_rgb
 
     try:
         img = to_rgb(open_image(path))

@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import config as cfgmod
-from core import experiments as ex
-from core import insights
-from core.paths import PathNotAllowed, resolve_user_path
-from core.store import Run, RunStore
 from app_pages._common import SELECTED_RUN, found_datasets, get_store
+from core import config as cfgmod
+from core.analysis import experiments as ex
+from core.analysis import insights
+from core.engine.paths import PathNotAllowed, resolve_user_path
+from core.runs.store import Run, RunStore
 
 P = "experiments."
 REFRESH_S = 3  # seconds between result refreshes while an experiment's runs are active
@@ -320,7 +320,7 @@ def export_section(store: RunStore, run: Run) -> None:
     st.caption("TorchScript and ONNX files, a README on loading them, the class names and the "
                "metrics as CSV, in one zip.")
     if st.button("Export", key=P + f"export.{run.id}"):
-        from core.export import ExportError, export_run
+        from core.analysis.export import ExportError, export_run
 
         with st.spinner("Exporting and checking the exported models…"):
             try:

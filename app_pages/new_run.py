@@ -1,6 +1,6 @@
 """New run: preset, stages as a stage-by-group grid, advanced settings, live summary, Start.
 
-Widgets -> RunConfig -> core.config.validate -> core.jobs.submit. Widget values live in
+Widgets -> RunConfig -> core.config.validate -> core.runs.jobs.submit. Widget values live in
 session state under "new_run.*" keys; a preset writes its values there.
 """
 
@@ -11,15 +11,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import config as cfgmod
-from core import jobs
-from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
-from core.image_types import train_test_folders
-from core.model_info import imagenet_weights_path, resnet18_parameters
-from core.paths import PathNotAllowed, resolve_user_path
-from core.store import RunStore, StoreError
-from core.views import fmt_count, fmt_duration, run_label
 from app_pages._common import SELECTED_RUN, get_store
+from core import config as cfgmod
+from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
+from core.engine.image_types import train_test_folders
+from core.engine.model_info import imagenet_weights_path, resnet18_parameters
+from core.engine.paths import PathNotAllowed, resolve_user_path
+from core.runs import jobs
+from core.runs.store import RunStore, StoreError
+from core.views.tables import fmt_count, fmt_duration, run_label
 
 P = "new_run."  # widget-key prefix of this page
 # Learning-rate choices on a log scale: 1, 2, 3, 5 per decade from 1e-5 to 1.
@@ -112,7 +112,7 @@ def epoch_seconds(groups: tuple[str, ...], n_images: int, resolution: int, featu
                   device: str | None, store_root: str) -> float:
     """Estimated seconds per epoch; the measured-speed lookup reads the run store, so it is
     cached for 30 s per stage shape instead of repeated on every rerun."""
-    from core.speed import estimate_epoch_seconds  # no torch; fast
+    from core.analysis.speed import estimate_epoch_seconds  # no torch; fast
 
     return estimate_epoch_seconds(groups, n_images, resolution, feature_cache,
                                   store=RunStore(store_root), device=device)
@@ -121,7 +121,7 @@ def epoch_seconds(groups: tuple[str, ...], n_images: int, resolution: int, featu
 @st.cache_data(ttl=30, show_spinner="Scanning the image folder…")
 def scan_image_folder(path: str) -> tuple[list[str], dict[str, int], bool, str]:
     """(classes, training images per class, has train/test split, error) of a folder."""
-    from core.data import DataError, scan_folder
+    from core.engine.data import DataError, scan_folder
 
     root = Path(path)
     parts = train_test_folders(root)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import charts
-from core import config as cfgmod
-from core.views import run_label, runs_table
 from app_pages._common import SELECTED_RUN, get_store, no_runs_message, open_run
+from core import config as cfgmod
+from core.views import charts
+from core.views.tables import run_label, runs_table
 
 st.title("Two-Stage Fine-Tuning Lab")
 st.markdown(

@@ -8,11 +8,21 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import charts, jobs
-from core.store import Run, RunStore, StoreError
-from core.views import (fmt_duration, fmt_pct, metrics_csv, metrics_frame, progress_fraction,
-                        progress_text, recipe_text, run_label, stage_bounds)
 from app_pages._common import SELECTED_RUN, get_store, no_runs_message
+from core.runs import jobs
+from core.runs.store import Run, RunStore, StoreError
+from core.views import charts
+from core.views.tables import (
+    fmt_duration,
+    fmt_pct,
+    metrics_csv,
+    metrics_frame,
+    progress_fraction,
+    progress_text,
+    recipe_text,
+    run_label,
+    stage_bounds,
+)
 
 P = "runs."
 LIVE_REFRESH_S = 1.5  # seconds between live-view refreshes while a run is active

@@ -25,10 +25,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     assert args.device == "cpu" or torch.cuda.is_available(), "no CUDA device"
     from core import config as cfgmod
-    from core.model import build_resnet18, forward_prefix, forward_suffix
-    from core.store import RunStore
-    from core.train import default_runtime
-    from core.worker import execute_run
+    from core.engine.model import build_resnet18, forward_prefix, forward_suffix
+    from core.engine.train import default_runtime
+    from core.runs.store import RunStore
+    from core.runs.worker import execute_run
 
     dev = torch.device(args.device)
     rt = default_runtime(dev)
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     out: dict = {"runtime": str(rt)}
 
     # 1. Fast paths on the GPU: single-pixel layer4 and folded prefix equal the plain model.
-    from core.model import FoldedPrefix
+    from core.engine.model import FoldedPrefix
     torch.manual_seed(0)
     m = build_resnet18(10).to(dev).eval()
     x = torch.randn(64, 3, 32, 32, device=dev)

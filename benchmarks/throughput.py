@@ -9,7 +9,7 @@ stage 1 (layer4+fc), stage 2 (layer3+layer4+fc) and all layers:
   (a) plain: torchvision ImageFolder + RandomCrop(32, padding=4) + RandomHorizontalFlip +
       ToTensor + Normalize through a DataLoader with 2 workers; freezing by requires_grad
       only; the model in train() mode; SGD-momentum.
-  (b) ours:  core.train.train_one_epoch with core.train.default_runtime (decoded uint8
+  (b) ours:  core.engine.train.train_one_epoch with core.engine.train.default_runtime (decoded uint8
       tensors in memory, batched augmentation, no DataLoader workers, frozen prefix without
       autograd and BN-folded, single-pixel layer4 as matrix products, ...).
   (c) ours + the frozen-feature cache (stages with a frozen prefix): only the suffix trains
@@ -38,11 +38,19 @@ import torch.nn.functional as F
 
 from core import config as cfgmod
 from core.config import LAYER_GROUPS
-from core.data import (DataSplits, ImageSet, Preprocess, decode_files, scan_folder,
-                       stratified_split)
-from core.model import build_resnet18, frozen_prefix, physical_cores, set_trainable
-from core.train import (Runtime, TrainHooks, compute_features, default_runtime, evaluate,
-                        make_optimizer, make_scheduler, run_stages, train_one_epoch)
+from core.engine.data import DataSplits, ImageSet, Preprocess, decode_files, scan_folder, stratified_split
+from core.engine.model import build_resnet18, frozen_prefix, physical_cores, set_trainable
+from core.engine.train import (
+    Runtime,
+    TrainHooks,
+    compute_features,
+    default_runtime,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    run_stages,
+    train_one_epoch,
+)
 
 BATCH = 128
 STAGES = {
@@ -190,7 +198,7 @@ def _chain(first, it):
 
 
 def _group_prefixes(groups):
-    from core.model import GROUP_MODULES
+    from core.engine.model import GROUP_MODULES
 
     return tuple(f"{m}." for g in groups for m in GROUP_MODULES[g])
 
@@ -274,7 +282,7 @@ def train_flops_per_image(groups, device, suffix_only: bool = False) -> float:
     (what the feature cache runs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from core.model import forward_prefix, forward_suffix
+    from core.engine.model import forward_prefix, forward_suffix
 
     model = build_resnet18(10).to(device)
     for name, p in model.named_parameters():
@@ -488,7 +496,7 @@ def main(argv=None) -> int:
     test = ImageSet(timages, tlab, names)
     eval_model = build_resnet18(10).to(device)
     ev_a, ev_b = [], []
-    for r in range(rounds):
+    for _ in range(rounds):
         ev_a.append(plain_eval_ips(test_dir, timf, device, eval_model))
         _sync(device)
         t0 = time.perf_counter()

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Call write(temp_path) for a temp file next to `path` (named `.<name>.*.tmp`, which
-    core.jobs cleans up after a killed worker), fsync it, then move it into place."""
+    core.runs.jobs cleans up after a killed worker), fsync it, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

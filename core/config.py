@@ -53,7 +53,7 @@ class StageConfig:
     warmup_epochs: float = 0.0  # linear warm-up from 0 over this many epochs (fractions ok)
     bn_policy: str = "eval"
     # Train on cached outputs of the frozen prefix (computed once, without augmentation
-    # through the frozen part). Much faster when only a suffix trains; see core.train.
+    # through the frozen part). Much faster when only a suffix trains; see core.engine.train.
     feature_cache: bool = False
 
     @property

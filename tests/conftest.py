@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-for-tests")
 
 from core import config as cfgmod  # noqa: E402
-from core.store import RunStore  # noqa: E402
+from core.runs.store import RunStore  # noqa: E402
 
 CLASSES = ("red", "green", "blue")
 COLORS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 210)}
@@ -84,7 +84,7 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 60.0, what: str
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, tiny_folder):
     """(store, run): a real two-stage run trained in-process to completion."""
-    from core.worker import execute_run
+    from core.runs.worker import execute_run
 
     store = RunStore(tmp_path_factory.mktemp("finished") / "runs")
     run = store.create_run(cfgmod.to_dict(tiny_config(tiny_folder)), name="tiny finished")
@@ -106,7 +106,7 @@ def app_env(tmp_path, monkeypatch, tiny_folder) -> RunStore:
 def no_workers(monkeypatch) -> list:
     """Submitted runs stay queued: no background training process is started. Returns the
     list of dispatch calls."""
-    from core import jobs
+    from core.runs import jobs
 
     started: list = []
     monkeypatch.setattr(jobs, "dispatch", lambda store: started.append(store) or [])

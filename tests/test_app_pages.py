@@ -18,7 +18,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import config as cfgmod
-from core.store import RunStore
+from core.runs.store import RunStore
 from tests.conftest import tiny_config
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
@@ -307,10 +307,10 @@ def test_compare_overlays_runs_and_groups_and_diffs_configs(app_env):
 
 # Every core module a page imports at its top (and the page helpers): none may pull in
 # torch, so pages load fast (torch is imported only when a page trains, predicts or exports).
-PAGE_TOP_MODULES = ("app_pages._common", "core.dataset_import", "core.views", "core.charts",
-                    "core.experiments", "core.insights", "core.inference", "core.export",
-                    "core.speed", "core.paths", "core.store", "core.config", "core.jobs",
-                    "core.model_info", "core.image_types")
+PAGE_TOP_MODULES = ("app_pages._common", "core.engine.datasets", "core.views.tables", "core.views.charts",
+                    "core.analysis.experiments", "core.analysis.insights", "core.analysis.inference", "core.analysis.export",
+                    "core.analysis.speed", "core.engine.paths", "core.runs.store", "core.config", "core.runs.jobs",
+                    "core.engine.model_info", "core.engine.image_types")
 
 
 @pytest.mark.parametrize("module", PAGE_TOP_MODULES)
@@ -324,8 +324,8 @@ def test_modules_pages_import_at_start_up_do_not_import_torch(module):
 
 @pytest.mark.parametrize("num_classes", [2, 10, 37])
 def test_parameter_table_matches_a_real_resnet18(num_classes):
-    from core.model import build_resnet18, count_parameters
-    from core.model_info import resnet18_group_parameters, resnet18_parameters
+    from core.engine.model import build_resnet18, count_parameters
+    from core.engine.model_info import resnet18_group_parameters, resnet18_parameters
 
     model = build_resnet18(num_classes)
     for g in cfgmod.LAYER_GROUPS:
@@ -337,23 +337,23 @@ def test_parameter_table_matches_a_real_resnet18(num_classes):
 
 
 def test_torch_free_facts_match_torch(monkeypatch, tmp_path):
-    import core.data
-    import core.model
-    from core.image_types import IMAGE_EXTENSIONS
-    from core.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path
+    import core.engine.data
+    import core.engine.model
+    from core.engine.image_types import IMAGE_EXTENSIONS
+    from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path
 
-    assert set(IMAGE_EXTENSIONS) == set(core.data.IMAGE_EXTENSIONS)
-    assert IMAGENET_WEIGHTS_FILE == core.model.IMAGENET_WEIGHTS_FILE
-    assert imagenet_weights_path() == core.model.imagenet_cache_path()
+    assert set(IMAGE_EXTENSIONS) == set(core.engine.data.IMAGE_EXTENSIONS)
+    assert IMAGENET_WEIGHTS_FILE == core.engine.model.IMAGENET_WEIGHTS_FILE
+    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
     monkeypatch.delenv("TORCH_HOME", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert imagenet_weights_path() == core.model.imagenet_cache_path()
+    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert imagenet_weights_path() == core.model.imagenet_cache_path()
+    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
 
 
 def test_a_store_error_on_a_run_button_is_shown_not_raised(app_env, monkeypatch):
-    from core.store import StoreError
+    from core.runs.store import StoreError
 
     run = seed_finished(app_env, "locked", tiny_config(Path("/x")), 0.6, 0.5)
 

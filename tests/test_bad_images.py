@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from core.checkpoints import save_checkpoint
-from core.data import Preprocess
-from core.inference import MAX_UPLOAD_BYTES, ImageRejected, Predictor, decode_upload
-from core.model import build_resnet18
+from core.analysis.inference import MAX_UPLOAD_BYTES, ImageRejected, Predictor, decode_upload
+from core.engine.checkpoints import save_checkpoint
+from core.engine.data import Preprocess
+from core.engine.model import build_resnet18
 
 torch.set_num_threads(1)
 

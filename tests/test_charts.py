@@ -1,4 +1,4 @@
-"""Figure builders (core.charts) and the pure page helpers they draw from (core.views)."""
+"""Figure builders (core.views.charts) and the pure page helpers they draw from (core.views.tables)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import math
 import pandas as pd
 import pytest
 
-from core import charts, views
 from core import config as cfgmod
-from core.store import MetricRow, Run
+from core.runs.store import MetricRow, Run
+from core.views import charts
+from core.views import tables as views
 
 TWO_STAGE = cfgmod.to_dict(cfgmod.preset_config("Two-stage", epochs=2))  # stages of 2 + 2 epochs
 ONE_STAGE = cfgmod.to_dict(cfgmod.preset_config("All at once", epochs=2))  # one stage, 4 epochs
@@ -188,8 +189,8 @@ def test_accuracy_band_is_clipped_to_possible_values():
 
 
 def test_group_label_drops_the_seed_suffix():
-    from core.store import Run
-    from core.views import group_label
+    from core.runs.store import Run
+    from core.views.tables import group_label
 
     def run(name):
         return Run(id=name, name=name, group="g", status="finished", config={}, created_at=0.0)

@@ -15,11 +15,11 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import config as cfgmod
-from core.checkpoints import save_checkpoint
-from core.data import Preprocess
-from core.inference import MAX_UPLOAD_BYTES
-from core.model import build_resnet18
-from core.store import RunStore
+from core.analysis.inference import MAX_UPLOAD_BYTES
+from core.engine.checkpoints import save_checkpoint
+from core.engine.data import Preprocess
+from core.engine.model import build_resnet18
+from core.runs.store import RunStore
 from tests.conftest import make_image_folder, tiny_config
 
 torch.set_num_threads(1)

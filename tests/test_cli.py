@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from core.store import RunStore
+from core.runs.store import RunStore
 
 
 def _cli(*args, data_dir):

@@ -3,7 +3,7 @@
 import torch
 from PIL import Image
 
-from core.data import Preprocess, cap_stratified, ImageSet, load_folder_tree, stratified_split
+from core.engine.data import ImageSet, Preprocess, cap_stratified, load_folder_tree, stratified_split
 
 
 def test_preprocess_centre_crops_the_shorter_side():

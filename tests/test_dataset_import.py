@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core import dataset_import as di
+from core.engine import datasets as di
 from tests.conftest import make_image_folder
 
 
@@ -40,7 +40,7 @@ def test_good_zip_imports_and_validates(tmp_path, flat_folder):
     assert any("few images" in w for w in summary.warnings)
     assert not [p for p in root.iterdir() if p.name.startswith(".import")]
     # The imported folder is usable as data for a run.
-    from core.data import Preprocess, load_splits
+    from core.engine.data import Preprocess, load_splits
 
     splits = load_splits("folder", str(summary.path), Preprocess(32), val_fraction=0.25)
     assert splits.classes == summary.classes

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from core import config as cfgmod
-from core import jobs
-from core.store import RunStore
+from core.runs import jobs
+from core.runs.store import RunStore
 from tests.conftest import make_image_folder, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,9 +10,8 @@ from dataclasses import replace
 import pytest
 
 from core import config as cfgmod
-from core import experiments as ex
+from core.analysis import experiments as ex
 from tests.conftest import tiny_config
-
 
 # ---------------------------------------------------------------- statistics
 
@@ -140,7 +139,7 @@ def test_preset_recipes_share_run_fields(tiny_folder):
 
 
 def test_submit_records_groups_and_results_compute_stats(store, tiny_folder, monkeypatch):
-    from core import jobs
+    from core.runs import jobs
 
     started = []
     monkeypatch.setattr(jobs, "dispatch", lambda s: started.append(1) or [])  # no processes

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from core import experiments as ex
-from core import jobs
-from core.store import RunStore
+from core.analysis import experiments as ex
+from core.runs import jobs
+from core.runs.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = str(ROOT / "app_pages" / "experiments.py")

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from core.explain import colorize, grad_cam, overlay
-from core.model import build_resnet18
+from core.analysis.explain import colorize, grad_cam, overlay
+from core.engine.model import build_resnet18
 
 torch.set_num_threads(1)
 

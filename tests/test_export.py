@@ -11,9 +11,9 @@ import zipfile
 import pytest
 import torch
 
-from core import export
-from core.checkpoints import read_checkpoint
-from core.data import Preprocess, load_splits
+from core.analysis import export
+from core.engine.checkpoints import read_checkpoint
+from core.engine.data import Preprocess, load_splits
 
 # torch.jit.load is deprecated in favour of torch.export, but TorchScript is the format
 # the export promises plain-PyTorch users.
@@ -91,7 +91,7 @@ def test_predictions_agree_tolerates_rounding_not_changes():
 
 
 def test_export_csv_is_the_runs_page_csv(exported):
-    from core.views import metrics_csv
+    from core.views.tables import metrics_csv
 
     store, run, result = exported
     assert (result.folder / "metrics.csv").read_bytes() == metrics_csv(store.metrics(run.id))

@@ -11,16 +11,17 @@ import time
 import pytest
 import torch
 
-from core import jobs
-from core.checkpoints import CheckpointError, atomic_torch_save, read_checkpoint
-from core.model import WeightsError, build_model, imagenet_state_dict, load_weights_file
-from core.paths import PathNotAllowed, resolve_user_path
+from core.engine.checkpoints import CheckpointError, atomic_torch_save, read_checkpoint
+from core.engine.model import WeightsError, build_model, imagenet_state_dict, load_weights_file
+from core.engine.paths import PathNotAllowed, resolve_user_path
+from core.runs import jobs
 from tests.conftest import tiny_config, wait_for
 
 SUBMITTER = """
 import sys, time
-from core import config as cfgmod, jobs
-from core.store import RunStore
+from core import config as cfgmod
+from core.runs import jobs
+from core.runs.store import RunStore
 cfg = cfgmod.from_json(open(sys.argv[2]).read())
 run = jobs.submit(RunStore(sys.argv[1]), cfg)
 print(run.id, flush=True)

@@ -1,4 +1,4 @@
-"""core.inference: loading checkpoints safely, top-k predictions through THE preprocessing,
+"""core.analysis.inference: loading checkpoints safely, top-k predictions through THE preprocessing,
 plain-language verdicts, run choice, before/after checkpoints, example gallery."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from core import config as cfgmod
-from core import inference
-from core.checkpoints import CheckpointError, atomic_torch_save, save_checkpoint
-from core.data import Preprocess
-from core.inference import Prediction, Predictor
-from core.model import build_resnet18
+from core.analysis import inference
+from core.analysis.inference import Prediction, Predictor
+from core.engine.checkpoints import CheckpointError, atomic_torch_save, save_checkpoint
+from core.engine.data import Preprocess
+from core.engine.model import build_resnet18
 from tests.conftest import make_image_folder, tiny_config
 
 torch.set_num_threads(1)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
 
 from core import config as cfgmod
-from core import insights
-from core.store import Run
+from core.analysis import insights
+from core.runs.store import Run
 from tests.conftest import tiny_config
 
 

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from core import config as cfgmod
-from core import jobs
-from core.checkpoints import read_checkpoint
-from core.preflight import PreflightError
+from core.engine.checkpoints import read_checkpoint
+from core.runs import jobs
+from core.runs.preflight import PreflightError
 from tests.conftest import make_image_folder, tiny_config, wait_for
 
 
@@ -128,7 +128,7 @@ def test_bad_data_fails_at_submit_not_in_the_worker(store, tmp_path, tiny_folder
 
 
 def test_corrupt_and_non_image_files_are_skipped_and_counted(store, tmp_path):
-    from core.worker import execute_run
+    from core.runs.worker import execute_run
 
     root = make_image_folder(tmp_path / "dirty", per_class=6)
     (root / "train" / "red" / "notes.txt").write_text("not an image")
@@ -142,7 +142,7 @@ def test_corrupt_and_non_image_files_are_skipped_and_counted(store, tmp_path):
 
 
 def test_start_from_another_runs_checkpoint_with_new_classes(store, finished_run, tmp_path):
-    from core.worker import execute_run
+    from core.runs.worker import execute_run
 
     src_store, src = finished_run
     other = make_image_folder(tmp_path / "two", per_class=6, classes=("cyan", "pink"))

@@ -14,12 +14,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import config as cfgmod
-from core.data import ImageSet, Preprocess, augment_batch, load_splits
-from core.model import (FoldedPrefix, block_forward, build_resnet18, conv_single_pixel,
-                        forward_prefix, forward_suffix, set_train_mode, set_trainable)
-from core.speed import estimate_epoch_seconds, measured_images_per_s, model_epoch_seconds
-from core.train import (Runtime, compute_features, cpu_has_native_bf16, default_runtime,
-                        evaluate, make_optimizer, make_scheduler, train_one_epoch)
+from core.analysis.speed import estimate_epoch_seconds, measured_images_per_s, model_epoch_seconds
+from core.engine.data import ImageSet, Preprocess, augment_batch, load_splits
+from core.engine.model import (
+    FoldedPrefix,
+    block_forward,
+    build_resnet18,
+    conv_single_pixel,
+    forward_prefix,
+    forward_suffix,
+    set_trainable,
+)
+from core.engine.train import (
+    Runtime,
+    compute_features,
+    cpu_has_native_bf16,
+    default_runtime,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from core.store import RunStore, StoreError
+from core.runs.store import RunStore, StoreError
 
 WRITERS, READERS = 4, 8
 BATCHES, ROWS_PER_BATCH = 150, 5  # per writer: 750 rows, one transaction per batch
@@ -41,7 +41,7 @@ def test_incremental_metric_reads(store):
 
 WRITER = """
 import sys
-from core.store import RunStore
+from core.runs.store import RunStore
 store = RunStore(sys.argv[1])
 for b in range({batches}):
     store.log_metrics(sys.argv[2], [(1, b, b * {rows} + i, "train/step_loss", float(i)) for i in range({rows})])

@@ -7,11 +7,18 @@ import pytest
 import torch
 
 from core import config as cfgmod
-from core.checkpoints import read_checkpoint
-from core.data import Preprocess, load_splits
-from core.model import GROUP_MODULES, build_resnet18, group_parameters, set_trainable
-from core.train import (Runtime, TrainHooks, evaluate, lr_factor, make_optimizer, run_stages,
-                        train_one_epoch)
+from core.engine.checkpoints import read_checkpoint
+from core.engine.data import Preprocess, load_splits
+from core.engine.model import GROUP_MODULES, build_resnet18, group_parameters, set_trainable
+from core.engine.train import (
+    Runtime,
+    TrainHooks,
+    evaluate,
+    lr_factor,
+    make_optimizer,
+    run_stages,
+    train_one_epoch,
+)
 from tests.conftest import tiny_config
 
 torch.set_num_threads(1)
@@ -125,7 +132,7 @@ def test_feature_cache_trains_only_the_suffix(splits, tiny_folder):
         cfgmod.StageConfig(groups=("fc",), epochs=2, lr=0.05, feature_cache=True),))
     epochs = []
     result, rows, model = _run(cfg, splits, on_epoch_end=lambda e: epochs.append(e.train.loss))
-    assert len(epochs) == 2 and all(l == l for l in epochs)  # finite, ran twice
+    assert len(epochs) == 2 and all(loss == loss for loss in epochs)  # finite, ran twice
     assert 0.0 <= result.best_val_acc <= 1.0
 
 

@@ -10,10 +10,11 @@ such runs, a per-group cost model calibrated with `python -m benchmarks.throughp
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .config import LAYER_GROUPS
+from core.config import LAYER_GROUPS
 
 # Per-image cost in milliseconds at 32x32 on the calibration CPU (benchmarks/README.md),
 # with the trainer's default CPU runtime there (bf16 where the CPU has it): a frozen group
@@ -56,7 +57,7 @@ def model_epoch_seconds(groups: Sequence[str], n_images: int, resolution: int = 
 
 
 def _default_store() -> Any:
-    from .store import RunStore, data_dir
+    from core.runs.store import RunStore, data_dir
 
     root = data_dir()
     if not (Path(root) / "runs.sqlite3").exists():

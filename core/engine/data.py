@@ -8,15 +8,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .image_types import IMAGE_EXTENSIONS, train_test_folders  # shared with torch-free pages
+from core.engine.image_types import IMAGE_EXTENSIONS, train_test_folders  # shared with torch-free pages
 
 # ImageNet statistics: the pretrained backbone expects inputs normalised with these, and
 # we keep them for random init too so every checkpoint is interchangeable.
@@ -82,7 +82,7 @@ class Preprocess:
         return {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> Preprocess:
         return cls(resolution=int(d["resolution"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
 
@@ -146,7 +146,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: torch.Tensor) -> "ImageSet":
+    def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes, [])
 
     def class_counts(self) -> list[int]:
@@ -279,7 +279,7 @@ def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
             raise DataError(f"class folder {root / name} has no readable images")
     result = ImageSet(images, label_t, names, skipped)
     if cache_file is not None:
-        from .checkpoints import atomic_torch_save
+        from core.engine.checkpoints import atomic_torch_save
 
         try:
             atomic_torch_save({"images": images, "labels": label_t, "classes": names,
@@ -347,7 +347,7 @@ def cap_stratified(data: ImageSet, max_images: int, seed: int) -> ImageSet:
 
 
 def default_datasets_dir() -> Path:
-    from .store import data_dir
+    from core.runs.store import data_dir
 
     return data_dir() / "datasets"
 

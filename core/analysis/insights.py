@@ -8,12 +8,13 @@ and weight-change computation import torch lazily.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .config import LAYER_GROUPS
-from .store import Run, RunStore
+from core.config import LAYER_GROUPS
+from core.runs.store import Run, RunStore
 
 
 class InsightError(ValueError):
@@ -146,8 +147,8 @@ def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | 
     import torch
     import torch.nn.functional as F
 
-    from .checkpoints import read_checkpoint
-    from .data import DataError, Preprocess, load_splits
+    from core.engine.checkpoints import read_checkpoint
+    from core.engine.data import DataError, Preprocess, load_splits
 
     path = checkpoint or run.best_checkpoint
     if not path or not Path(path).is_file():

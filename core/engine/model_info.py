@@ -1,15 +1,15 @@
 """Facts about the ResNet-18 the app trains, without importing torch (the New run page
 imports this at start-up): parameters per layer group and where torch caches the ImageNet
-weights. tests/test_app_pages.py checks both against core.model on a real model."""
+weights. tests/test_app_pages.py checks both against core.engine.model on a real model."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 # torchvision ResNet-18 parameters per layer group (weights, biases, BatchNorm affine),
-# computed once with core.model.count_parameters(build_resnet18(n), (group,)).
+# computed once with core.engine.model.count_parameters(build_resnet18(n), (group,)).
 # The fc head depends on the number of classes: 512 * n weights + n biases.
 RESNET18_GROUP_PARAMS = {
     "conv1": 9_536,  # conv1 + bn1
@@ -19,7 +19,7 @@ RESNET18_GROUP_PARAMS = {
     "layer4": 8_393_728,
 }
 FC_IN_FEATURES = 512
-# torchvision.models.ResNet18_Weights.IMAGENET1K_V1's file name (core.model uses this one).
+# torchvision.models.ResNet18_Weights.IMAGENET1K_V1's file name (core.engine.model uses this one).
 IMAGENET_WEIGHTS_FILE = "resnet18-f37072fd.pth"
 
 
@@ -31,7 +31,7 @@ def resnet18_group_parameters(group: str, num_classes: int) -> int:
 
 
 def resnet18_parameters(groups: Iterable[str], num_classes: int) -> int:
-    """Parameters of the given layer groups (like core.model.count_parameters)."""
+    """Parameters of the given layer groups (like core.engine.model.count_parameters)."""
     return sum(resnet18_group_parameters(g, num_classes) for g in groups)
 
 
@@ -44,5 +44,5 @@ def torch_hub_dir() -> Path:
 
 
 def imagenet_weights_path() -> Path:
-    """Where torch caches the ImageNet ResNet-18 weights (core.model.imagenet_cache_path)."""
+    """Where torch caches the ImageNet ResNet-18 weights (core.engine.model.imagenet_cache_path)."""
     return torch_hub_dir() / "checkpoints" / IMAGENET_WEIGHTS_FILE

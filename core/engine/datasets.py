@@ -18,14 +18,15 @@ import shutil
 import stat
 import uuid
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Sequence
+from typing import IO
 
-from .image_types import IMAGE_EXTENSIONS, train_test_folders
-from .paths import data_roots
+from core.engine.image_types import IMAGE_EXTENSIONS, train_test_folders
+from core.engine.paths import data_roots
 
-# core.data (open_image, scan_folder, DataError) imports torch: it is imported inside the
+# core.engine.data (open_image, scan_folder, DataError) imports torch: it is imported inside the
 # functions that read images, so pages importing this module load fast.
 
 MAX_FILES = 200_000  # entries in one zip
@@ -225,7 +226,7 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     class folders, or one class-folder tree). `check_images` decodes every image (or
     `max_check_per_class` of each class, sampled, for big folders); `remove_corrupt`
     deletes the unreadable ones (only for our own imported copy)."""
-    from .data import DataError, open_image, scan_folder
+    from core.engine.data import DataError, open_image, scan_folder
 
     folder = Path(folder)
     parts = _parts_of(folder)
@@ -338,7 +339,7 @@ def preview_samples(folder: str | os.PathLike[str], per_class: int = 6,
                     seed: int = 0) -> dict[str, list[Path]]:
     """A few image paths per class (from train/ when the folder is split), seeded so the
     grid does not reshuffle on every page rerun."""
-    from .data import DataError, scan_folder
+    from core.engine.data import DataError, scan_folder
 
     folder = Path(folder)
     part = _parts_of(folder).get("train", folder)

@@ -1,6 +1,6 @@
 """A job's `__main__`: claims a run, heartbeats, calls the trainer, records the outcome.
 
-    python -m core.worker RUN_ID [--data-dir DIR]
+    python -m core.runs.worker RUN_ID [--data-dir DIR]
 
 `execute_run` is also what the command line calls in the foreground, so scripted runs and
 dashboard runs go through exactly the same code and land in the same store.
@@ -18,9 +18,9 @@ import time
 import traceback
 from typing import Any, Callable
 
-from . import config as cfgmod
-from .jobs import HEARTBEAT_S, dispatch
-from .store import RunStore
+from core import config as cfgmod
+from core.runs.jobs import HEARTBEAT_S, dispatch
+from core.runs.store import RunStore
 
 log = logging.getLogger("finetune_lab.worker")
 # Set by SIGTERM. A signal handler must not touch the store (the main thread may be inside
@@ -91,10 +91,10 @@ def execute_run(store: RunStore, run_id: str,
     Every outcome is recorded in the store; exceptions do not escape."""
     import torch
 
-    from .checkpoints import BEST_NAME, LAST_NAME, read_checkpoint, save_checkpoint
-    from .data import DataError, Preprocess, load_splits
-    from .model import WeightsError, build_model, physical_cores, resolve_device
-    from .train import (Cancelled, EpochEnd, ResumeState, TrainHooks, confusion_matrix,
+    from core.engine.checkpoints import BEST_NAME, LAST_NAME, read_checkpoint, save_checkpoint
+    from core.engine.data import DataError, Preprocess, load_splits
+    from core.engine.model import WeightsError, build_model, physical_cores, resolve_device
+    from core.engine.train import (Cancelled, EpochEnd, ResumeState, TrainHooks, confusion_matrix,
                         default_runtime, evaluate, run_stages)
 
     run = store.get_run(run_id)
@@ -251,8 +251,8 @@ def settle(store: RunStore, run_id: str, status: str, error: str | None = None) 
 
 def relative_weight_change(model: Any, start: dict[str, Any]) -> dict[str, float]:
     """Per layer group: ||W_now - W_start|| / ||W_start|| over the group's parameters."""
-    from .config import LAYER_GROUPS
-    from .model import GROUP_MODULES
+    from core.config import LAYER_GROUPS
+    from core.engine.model import GROUP_MODULES
 
     out = {}
     for g in LAYER_GROUPS:
@@ -267,7 +267,7 @@ def relative_weight_change(model: Any, start: dict[str, Any]) -> dict[str, float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m core.runs.worker", description=__doc__)
     parser.add_argument("run_id")
     parser.add_argument("--data-dir", default=None, help="run store folder")
     args = parser.parse_args(argv)

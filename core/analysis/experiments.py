@@ -20,13 +20,14 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from . import config as cfgmod
-from .atomic import atomic_write_json
-from .store import Run, RunStore
+from core import config as cfgmod
+from core.atomic import atomic_write_json
+from core.runs.store import Run, RunStore
 
 EXPERIMENTS_DIR = "experiments"
 CONFIDENCE = 0.95
@@ -244,7 +245,7 @@ class Experiment:
                             for r in self.recipes]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Experiment":
+    def from_dict(cls, d: dict[str, Any]) -> Experiment:
         try:
             return cls(id=str(d["id"]), name=str(d["name"]), created_at=float(d["created_at"]),
                        seeds=tuple(int(s) for s in d["seeds"]),
@@ -310,13 +311,13 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
     """Queue every (recipe, seed) run, grouped per recipe, and record the experiment.
     The record is written before any run is queued, so a crash part-way leaves a record
     whose missing runs show as missing rather than runs that belong to nothing."""
-    from . import jobs  # spawns processes; imported here so reading results stays light
+    from core.runs import jobs  # spawns processes; imported here so reading results stays light
 
     errors = validate_experiment(recipes, seeds)
     if not errors:
         # Data and weights too, for every recipe, before anything is queued: a bad
         # second recipe must not leave the first one's runs behind.
-        from .preflight import preflight
+        from core.runs.preflight import preflight
 
         for recipe_name, cfg in recipes:
             try:

@@ -1,7 +1,7 @@
 """Background jobs: one detached process per run, a queue with a concurrency limit,
 cancellation, and detection of runs whose worker died.
 
-A job is `python -m core.worker RUN_ID` started in its own session (process group), so a
+A job is `python -m core.runs.worker RUN_ID` started in its own session (process group), so a
 page rerun, a closed tab or a restarted Streamlit server does not stop it. The queue lives
 in the store: `dispatch` atomically claims queued runs up to the limit and starts their
 workers; each worker dispatches again when it ends, so the queue drains with no UI open.
@@ -19,10 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import config as cfgmod
-from .store import DATA_DIR_ENV, Run, RunStore
+from core import config as cfgmod
+from core.runs.store import DATA_DIR_ENV, Run, RunStore
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_JOBS_ENV = "FINETUNE_LAB_MAX_JOBS"
 HEARTBEAT_S = 2.0  # how often a worker reports it is alive, seconds
 # A running run with no heartbeat for this long is declared failed even when its process
@@ -47,11 +47,11 @@ def max_jobs() -> int:
 
 def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = "",
            start: bool = True, check_data: bool = True) -> Run:
-    """Validate `cfg` (values, then data and weights: core.preflight), queue it as a new
+    """Validate `cfg` (values, then data and weights: core.runs.preflight), queue it as a new
     run, and start workers if there is room. Raises ConfigError / PreflightError."""
     cfgmod.check(cfg)
     if check_data:
-        from .preflight import preflight
+        from core.runs.preflight import preflight
 
         preflight(cfg, store)
     run = store.create_run(cfgmod.to_dict(cfg), name=name, group=group)
@@ -63,7 +63,7 @@ def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = 
 def submit_seeds(store: RunStore, cfg: cfgmod.RunConfig, seeds: list[int], name: str,
                  group: str) -> list[Run]:
     """Queue one run per seed as a group (for mean ± std across seeds)."""
-    from .preflight import preflight
+    from core.runs.preflight import preflight
 
     cfgmod.check(cfg)
     preflight(cfg, store)  # once: the seeds share data and weights
@@ -74,7 +74,7 @@ def submit_seeds(store: RunStore, cfg: cfgmod.RunConfig, seeds: list[int], name:
 
 
 def worker_command(run_id: str, store: RunStore) -> list[str]:
-    return [sys.executable, "-m", "core.worker", run_id, "--data-dir", str(store.root)]
+    return [sys.executable, "-m", "core.runs.worker", run_id, "--data-dir", str(store.root)]
 
 
 def _spawn(store: RunStore, run: Run) -> int:
@@ -114,7 +114,7 @@ def pid_is_worker(pid: int, pid_start: str | None) -> bool:
     """Whether the process `pid` that was recorded for a run is still that process and
     alive: not a zombie, and started at the recorded time (so a reused pid does not count).
     Works for detached workers and for foreground CLI runs alike."""
-    from .store import proc_stat
+    from core.runs.store import proc_stat
 
     fields = proc_stat(pid)
     if fields is None:

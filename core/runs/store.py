@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 DATA_DIR_ENV = "FINETUNE_LAB_DATA"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "runs"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "runs"
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for the lock before giving up
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled")
@@ -97,7 +97,7 @@ class Run:
     best_epoch: int | None = None
     best_checkpoint: str | None = None
     test_acc: float | None = None
-    # Final evaluation: per_class_acc, confusion, classes, ... (see core.worker)
+    # Final evaluation: per_class_acc, confusion, classes, ... (see core.runs.worker)
     results: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LAYER_GROUPS, RunConfig, StageConfig
-from .data import (DataSplits, ImageSet, Preprocess, augment_batch, batch_indices, steps_per_epoch,
-                   training_batches)
-from .model import (FoldedPrefix, count_parameters, forward_prefix, forward_suffix,
-                    frozen_prefix, group_parameters, set_train_mode, set_trainable)
+from core.config import LAYER_GROUPS, RunConfig, StageConfig
+from core.engine.data import (
+    DataSplits,
+    ImageSet,
+    Preprocess,
+    augment_batch,
+    batch_indices,
+    steps_per_epoch,
+    training_batches,
+)
+from core.engine.model import (
+    FoldedPrefix,
+    count_parameters,
+    forward_prefix,
+    forward_suffix,
+    frozen_prefix,
+    group_parameters,
+    set_train_mode,
+    set_trainable,
+)
 
 MetricTuple = tuple[int, float, int, str, float]  # (stage, global epoch, step, key, value)
 LOG_POINTS_PER_EPOCH = 10  # step-level train-loss rows per epoch, for live curves
@@ -41,7 +57,7 @@ class TrainHooks:
     on_progress: Callable[[dict[str, Any]], None] = lambda progress: None
     should_stop: Callable[[], bool] = lambda: False
     # Called after every epoch with the epoch's summary; the worker saves checkpoints here.
-    on_epoch_end: Callable[["EpochEnd"], None] = lambda end: None
+    on_epoch_end: Callable[[EpochEnd], None] = lambda end: None
 
 
 @dataclass

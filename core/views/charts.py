@@ -6,13 +6,14 @@ shaded and labelled on the global epoch axis the trainer logs on.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from .config import LAYER_GROUPS
-from .views import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, series
+from core.config import LAYER_GROUPS
+from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, series
 
 EPOCH_AXIS = "epoch (global, across stages)"
 # Alternating stage shades; light enough that curves on top stay readable.

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write, atomic_write_text
-from .store import Run, RunStore
-from .views import metrics_csv
+from core.atomic import atomic_write, atomic_write_text
+from core.runs.store import Run, RunStore
+from core.views.tables import metrics_csv
 
 EXPORT_DIR = "export"
 TORCHSCRIPT_NAME = "model.torchscript.pt"
@@ -198,8 +198,8 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
     inputs otherwise)."""
     import torch
 
-    from .checkpoints import CheckpointError, read_checkpoint
-    from .data import Preprocess
+    from core.engine.checkpoints import CheckpointError, read_checkpoint
+    from core.engine.data import Preprocess
 
     if not run.best_checkpoint:
         raise ExportError("this run has no best checkpoint yet; export needs at least one finished epoch")
@@ -255,7 +255,7 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
         atomic_write_text(build / "classes.json", json.dumps(ckpt.classes, indent=2))
         atomic_write_text(build / "preprocess.json", json.dumps(ckpt.preprocess, indent=2))
         atomic_write_text(build / "config.json", json.dumps(run.config, indent=2, sort_keys=True))
-        # The same CSV as the Runs page's download (core.views.metrics_csv).
+        # The same CSV as the Runs page's download (core.views.tables.metrics_csv).
         csv_data = metrics_csv(store.metrics(run.id))
         atomic_write_text(build / "metrics.csv",
                           csv_data.decode() if isinstance(csv_data, bytes) else csv_data)

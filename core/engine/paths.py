@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .store import data_dir
+from core.runs.store import data_dir
 
 DATA_ROOTS_ENV = "FINETUNE_LAB_DATA_ROOTS"
 

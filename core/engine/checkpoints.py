@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_write
+from core.atomic import atomic_write
 
 FORMAT = "finetune-lab/checkpoint"
 FORMAT_VERSION = 1
@@ -47,7 +47,7 @@ class Checkpoint:
     training_state: dict[str, Any] | None = None  # last.pt only: optimizer/scheduler/RNG
 
     def build_model(self) -> nn.Module:
-        from .model import build_resnet18
+        from core.engine.model import build_resnet18
 
         model = build_resnet18(len(self.classes))
         try:

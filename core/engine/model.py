@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LAYER_GROUPS
-from .model_info import IMAGENET_WEIGHTS_FILE
+from core.config import LAYER_GROUPS
+from core.engine.model_info import IMAGENET_WEIGHTS_FILE
 
 # Modules of each layer group, by attribute name on torchvision's ResNet.
 GROUP_MODULES: dict[str, tuple[str, ...]] = {
@@ -254,7 +254,7 @@ def _imagenet_help(path: Path, why: str) -> str:
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A ResNet-18 state_dict from a .pth file: a raw state_dict or one of our checkpoints."""
-    from .checkpoints import CheckpointError, read_checkpoint
+    from core.engine.checkpoints import CheckpointError, read_checkpoint
 
     p = Path(path).expanduser()
     if not p.is_file():

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
-from .config import flatten
-from .store import MetricRow, Run
+from core.config import flatten
+from core.runs.store import MetricRow, Run
 
 # Metric keys a page can plot, with a readable name and the unit on the y axis.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -112,7 +113,7 @@ def run_label(run: Run) -> str:
 
 def group_label(members: list[Run]) -> str:
     """How a group of seeds is named: its runs' shared name without " seed N" (runs are
-    named "<name> seed <n>" by core.jobs.submit_seeds), else the first run's name."""
+    named "<name> seed <n>" by core.runs.jobs.submit_seeds), else the first run's name."""
     import os
     import re
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+from core.config import ConfigError, RunConfig
 
 
 class PreflightError(ConfigError):
@@ -27,7 +27,7 @@ class PreflightReport:
 
 def preflight(cfg: RunConfig, store=None) -> PreflightReport:
     """Raise PreflightError naming every problem; return what was found otherwise."""
-    from .data import DataError, check_same_classes, scan_folder, train_test_folders
+    from core.engine.data import DataError, check_same_classes, scan_folder, train_test_folders
 
     report = PreflightReport()
     errors: list[str] = []
@@ -61,7 +61,7 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
             errors.append(f"weights_run: run {cfg.weights_run} has no best checkpoint yet; "
                           f"pick a finished run")
     if cfg.weights == "imagenet":
-        from .model_info import imagenet_weights_path  # no torch needed for a path
+        from core.engine.model_info import imagenet_weights_path  # no torch needed for a path
 
         if not imagenet_weights_path().exists():
             report.notes.append("ImageNet weights are not cached yet: they will be downloaded "

@@ -1,5 +1,5 @@
 """Torch-free facts about image data sets (pages import this at start-up): the file
-extensions the app reads and the train/ + test/ folder layout. core.data re-exports both."""
+extensions the app reads and the train/ + test/ folder layout. core.engine.data re-exports both."""
 
 from __future__ import annotations
 

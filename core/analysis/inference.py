@@ -2,7 +2,7 @@
 say it in plain words, show the model's-eye view, explain with Grad-CAM, compare the model
 after stage 1 with the final one, and offer example images from the run's test data.
 
-Images go through THE preprocessing stored in the checkpoint (core.data.Preprocess), the
+Images go through THE preprocessing stored in the checkpoint (core.engine.data.Preprocess), the
 same code training used. Uploads are decoded from bytes in memory and never written to disk.
 """
 
@@ -11,20 +11,21 @@ from __future__ import annotations
 import io
 import random
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from .image_types import IMAGE_EXTENSIONS
+from core.engine.image_types import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     import torch
 
-    from .checkpoints import Checkpoint
-    from .explain import GradCam
-    from .store import Run, RunStore
+    from core.analysis.explain import GradCam
+    from core.engine.checkpoints import Checkpoint
+    from core.runs.store import Run, RunStore
 
 # Uploads above this many bytes are refused before decoding. Matches server.maxUploadSize
 # (20, in MB) in .streamlit/config.toml; checked here too so the limit holds outside Streamlit.
@@ -51,7 +52,7 @@ class Prediction:
 # ---------------------------------------------------------------- which run
 
 
-def classifiable_runs(store: "RunStore") -> list["Run"]:
+def classifiable_runs(store: RunStore) -> list[Run]:
     """Runs with a usable model: finished ones, and cancelled ones that kept a best
     checkpoint. Newest first (the store's order)."""
     out = []
@@ -61,7 +62,7 @@ def classifiable_runs(store: "RunStore") -> list["Run"]:
     return out
 
 
-def default_run(runs: Sequence["Run"], selected_id: str | None = None) -> "Run | None":
+def default_run(runs: Sequence[Run], selected_id: str | None = None) -> Run | None:
     """`selected_id` if it names one of `runs`, else the one with the best validation
     accuracy (ties: the newest), else None."""
     if not runs:
@@ -91,7 +92,7 @@ def decode_upload(data: bytes, name: str = "") -> Image.Image:
     MAX_UPLOAD_BYTES, something that is not an image, a damaged or truncated image, a
     decompression bomb, or a shape too extreme to resize.
     """
-    from .data import DataError, open_image, to_rgb
+    from core.engine.data import DataError, open_image, to_rgb
 
     what = f"“{name}”" if name else "This file"
     if not data:
@@ -129,8 +130,8 @@ class Predictor:
     Grad-CAM, which registers hooks, holds a lock.
     """
 
-    def __init__(self, checkpoint: "Checkpoint", path: str | Path | None = None):
-        from .data import Preprocess
+    def __init__(self, checkpoint: Checkpoint, path: str | Path | None = None):
+        from core.engine.data import Preprocess
 
         self.path = Path(path) if path is not None else None
         self.classes: list[str] = list(checkpoint.classes)
@@ -142,10 +143,10 @@ class Predictor:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path) -> "Predictor":
-        """Raises core.checkpoints.CheckpointError with a clear message for a missing file,
+    def load(cls, path: str | Path) -> Predictor:
+        """Raises core.engine.checkpoints.CheckpointError with a clear message for a missing file,
         a file that is not a checkpoint, or a checkpoint of another architecture."""
-        from .checkpoints import read_checkpoint
+        from core.engine.checkpoints import read_checkpoint
 
         return cls(read_checkpoint(path), path)
 
@@ -159,11 +160,11 @@ class Predictor:
         t = self.preprocess.to_uint8(img)  # 3 x R x R uint8
         return Image.fromarray(t.permute(1, 2, 0).numpy(), "RGB")
 
-    def input_tensor(self, img: Image.Image) -> "torch.Tensor":
+    def input_tensor(self, img: Image.Image) -> torch.Tensor:
         """1 x 3 x R x R normalised float input."""
         return self.preprocess.normalize(self.preprocess.to_uint8(img)[None])
 
-    def probabilities(self, img: Image.Image) -> "torch.Tensor":
+    def probabilities(self, img: Image.Image) -> torch.Tensor:
         import torch
 
         with torch.inference_mode():
@@ -178,8 +179,8 @@ class Predictor:
                 for p, i in zip(values.tolist(), indices.tolist())]
 
     def explain(self, img: Image.Image, class_index: int | None = None,
-                layer: str = "layer4") -> "GradCam":
-        from .explain import grad_cam
+                layer: str = "layer4") -> GradCam:
+        from core.analysis.explain import grad_cam
 
         with self._lock:
             return grad_cam(self.model, self.input_tensor(img), class_index, layer)
@@ -229,7 +230,7 @@ def stage_checkpoints(run_dir: str | Path, n_stages: int) -> StageModels:
     """Checkpoints for a "before and after" comparison: end of stage 1 vs end of the run.
 
     The end of the run is last.pt (the final weights), else best.pt."""
-    from .checkpoints import BEST_NAME, LAST_NAME
+    from core.engine.checkpoints import BEST_NAME, LAST_NAME
 
     run_dir = Path(run_dir)
     final = next((p for p in (run_dir / LAST_NAME, run_dir / BEST_NAME) if p.is_file()), None)
@@ -260,7 +261,7 @@ class GalleryItem:
         if self.image is not None:
             return self.image.convert("RGB")
         assert self.path is not None
-        from .data import DataError, open_image, to_rgb
+        from core.engine.data import DataError, open_image, to_rgb
 
         try:
             return to_rgb(open_image(self.path)).copy()
@@ -318,7 +319,7 @@ def gallery(config: dict[str, Any], classes: Sequence[str], per_class: int = 2,
                 "This data set has no separate test folder, so some examples may be pictures "
                 "the model trained on.")
         elif source == "cifar10":
-            from .data import default_datasets_dir
+            from core.engine.data import default_datasets_dir
 
             root = Path(path) if path else default_datasets_dir() / "cifar10"
             try:
