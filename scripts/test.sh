@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (dev requirements) and run the whole test suite.
+# Set up (dev and cluster requirements) and run the whole test suite, with PostgreSQL and a
+# Ray head started on loopback for the cluster tests (scripts/with_services.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh requirements-dev.txt
-exec .venv/bin/python -m pytest "$@"
+exec bash scripts/with_services.sh .venv/bin/python -m pytest "$@"
