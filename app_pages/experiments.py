@@ -85,11 +85,12 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
     st.markdown("**Settings shared by the presets**")
     fields, problems = data_fields(store)
     s = st.columns(5)
-    epochs = s[0].number_input("Epochs per stage", 1, 100, 1, key=P + "epochs",
+    epochs = s[0].number_input("Epochs per stage", 1, 100, cfgmod.PRESET_EPOCHS, key=P + "epochs",
                                help="One-stage presets train for twice this, so every recipe "
                                     "gets the same number of epochs.")
-    lr = s[1].select_slider("Learning rate", [0.001, 0.003, 0.01, 0.03, 0.1], value=0.01,
-                            key=P + "lr")
+    lr = s[1].select_slider("Learning rate", cfgmod.LR_GRID, value=cfgmod.PRESET_LR,
+                            format_func=lambda v: f"{v:g}", key=P + "lr",
+                            help="The first stage's; later stages scale it as the preset does.")
     cap = s[2].number_input("Training images cap (0 = all)", 0, 1_000_000, 2000, step=500,
                             key=P + "cap", help="Fewer images train faster; fine for a first look.")
     weights = s[3].selectbox("Starting weights", ("imagenet", "random"), key=P + "weights",

@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+import typing
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from core import config as cfgmod
 from core.runs.store import DATA_DIR_ENV, RunStore
@@ -33,33 +36,50 @@ def _parser() -> argparse.ArgumentParser:
                      help="stage recipe (default: Two-stage)")
     src.add_argument("--config", type=Path, help="a JSON run config (as downloaded from the dashboard)")
     t.add_argument("--name", default="", help="run name shown in the dashboard")
-    t.add_argument("--epochs", type=int, help="epochs per stage (presets only; default 1)")
-    t.add_argument("--lr", type=float, help="learning rate of the first stage (presets only; default 0.01)")
-    t.add_argument("--data-source", choices=cfgmod.DATA_SOURCES,
-                   help="cifar10 (torchvision, downloads) or folder (an image folder)")
-    t.add_argument("--data-path", help="image folder (train/ and test/ class folders, or one "
-                   "class-folder tree), or where CIFAR-10 is downloaded")
-    t.add_argument("--classes", help="comma-separated subset of classes (default: all)")
-    t.add_argument("--max-train-images", type=int, help="cap on training images, 0 = all")
-    t.add_argument("--val-fraction", type=float, help="validation share carved from train (default 0.1)")
-    t.add_argument("--resolution", type=int, help="input side in pixels, 32..224 (default 32)")
-    t.add_argument("--batch-size", type=int, help="batch size (default 128)")
-    t.add_argument("--no-augment", action="store_true", help="turn off random crop and flip")
-    t.add_argument("--seed", type=int, help="random seed (default 0)")
-    t.add_argument("--weights", choices=cfgmod.WEIGHT_SOURCES,
-                   help="starting weights: imagenet (default), random, file, run")
-    t.add_argument("--weights-path", help="weights file, with --weights file")
-    t.add_argument("--weights-run", help="run id whose best checkpoint starts training, with --weights run")
-    t.add_argument("--device", choices=cfgmod.DEVICES, help="auto (default): cuda, then mps, then cpu")
-    t.add_argument("--threads", type=int, help="CPU threads, 0 = one per physical core")
-    t.add_argument("--feature-cache", action="store_true",
-                   help="train stages that leave a frozen prefix on cached features (faster; no "
-                        "augmentation through the frozen part)")
+    t.add_argument("--epochs", type=int, help=f"epochs per stage (presets only; default "
+                   f"{cfgmod.PRESET_EPOCHS})")
+    t.add_argument("--lr", type=float, help=f"learning rate of the first stage (presets only; "
+                   f"default {cfgmod.PRESET_LR:g})")
+    for cls in (cfgmod.RunConfig, cfgmod.StageConfig):
+        for f, spec in cfgmod.specs(cls):
+            if spec.flag:
+                _add_field_flag(t, f, spec, typing.get_type_hints(cls)[f.name])
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     r = sub.add_parser("runs", help="list runs with status and best accuracy")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _comma_list(text: str) -> tuple[str, ...] | None:
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    return names or None  # an empty list changes nothing
+
+
+def _add_field_flag(parser: argparse.ArgumentParser, f: dataclasses.Field,
+                    spec: cfgmod.FieldSpec, kind: type) -> None:
+    """One option per config field, named after it: --field-name, or --no-field-name for a
+    switch that is on by default. A stage field's option applies to every stage. Every
+    option defaults to None: "not given", so the preset's or the config file's value stays."""
+    flag = "--" + f.name.replace("_", "-")
+    if kind is bool:
+        if f.default:
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                                default=None, help=f"turn off: {spec.help}")
+        else:
+            parser.add_argument(flag, action="store_true", default=None, help=spec.help)
+    elif typing.get_origin(kind) is tuple:
+        parser.add_argument(flag, type=_comma_list, help=f"comma-separated {spec.help}")
+    else:
+        default = f" (default: {f.default})" if f.default != "" else ""
+        parser.add_argument(flag, type=kind, choices=spec.choices or None,
+                            help=f"{spec.help}{default}")
+
+
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The config fields of `cls` given on the command line."""
+    return {f.name: getattr(args, f.name) for f, spec in cfgmod.specs(cls)
+            if spec.flag and getattr(args, f.name) is not None}
 
 
 def build_config(args: argparse.Namespace) -> cfgmod.RunConfig:
@@ -70,23 +90,12 @@ def build_config(args: argparse.Namespace) -> cfgmod.RunConfig:
             raise cfgmod.ConfigError([f"config: cannot read {args.config} ({exc.strerror})"]) from None
         cfg = cfgmod.from_json(text)
     else:
-        cfg = cfgmod.preset_config(args.preset, epochs=args.epochs or 1,
-                                   lr=args.lr if args.lr is not None else 0.01)
-    overrides = {
-        "data_source": args.data_source, "data_path": args.data_path,
-        "max_train_images": args.max_train_images, "val_fraction": args.val_fraction,
-        "resolution": args.resolution, "batch_size": args.batch_size, "seed": args.seed,
-        "weights": args.weights, "weights_path": args.weights_path, "weights_run": args.weights_run,
-        "device": args.device, "threads": args.threads,
-    }
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    if args.classes:
-        changes["classes"] = tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    if args.no_augment:
-        changes["augment"] = False
-    cfg = replace(cfg, **changes)
-    if args.feature_cache:
-        cfg = replace(cfg, stages=tuple(replace(s, feature_cache=True) for s in cfg.stages))
+        cfg = cfgmod.preset_config(
+            args.preset, epochs=args.epochs or cfgmod.PRESET_EPOCHS,
+            lr=args.lr if args.lr is not None else cfgmod.PRESET_LR)
+    cfg = replace(cfg, **_given(args, cfgmod.RunConfig))
+    stage_changes = _given(args, cfgmod.StageConfig)
+    cfg = replace(cfg, stages=tuple(replace(s, **stage_changes) for s in cfg.stages))
     return cfgmod.check(cfg)
 
 

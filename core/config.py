@@ -1,6 +1,11 @@
 """Run and stage configuration: frozen dataclasses, validation with field-named errors,
 presets, and a dict/JSON round-trip that rejects unknown keys and wrong types.
 
+The one config schema: each field's `FieldSpec` (label, help, widget kind, bounds, choices,
+command-line flag) sits in the field's metadata. The command line's options
+(core.cli) and the New run form's session-state keys and widgets (`form_state`,
+`from_form`) are derived from it.
+
 No torch import here: pages import this at start-up and must load fast.
 """
 
@@ -28,6 +33,14 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 
 MAX_STAGES = 4
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 224
+# Learning rates the form offers, on a log scale: 1, 2, 3, 5 per decade from 1e-5 to 1. A
+# config's exact LR is always offered too (a preset's lr/3 is not on the grid).
+LR_GRID: tuple[float, ...] = tuple(round(m * 10.0 ** e, 10) for e in range(-5, 0)
+                                   for m in (1, 2, 3, 5)) + (1.0,)
+BATCH_SIZES: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+# A preset's knobs: epochs per stage and the first stage's learning rate.
+PRESET_EPOCHS = 1
+PRESET_LR = 0.01
 
 
 class ConfigError(ValueError):
@@ -38,23 +51,95 @@ class ConfigError(ValueError):
         super().__init__("; ".join(self.errors))
 
 
+# ---------------------------------------------------------------- the schema
+
+# Widget kinds of the New run form ("" = not on the form).
+WIDGETS = ("", "number", "slider", "select_slider", "select", "radio", "checkbox", "text",
+           "multiselect", "toggles")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one config field is typed in: the one source of the command line's flags and the
+    New run form's widgets and session-state keys. Bounds are the form's (validation below
+    may allow more)."""
+
+    label: str  # widget label
+    help: str = ""  # widget tooltip and command-line help
+    widget: str = ""  # one of WIDGETS
+    choices: tuple[Any, ...] = ()  # the allowed values, in display order
+    suggested: tuple[Any, ...] = ()  # a grid the form offers; other values are allowed too
+    choice_labels: tuple[tuple[Any, str], ...] = ()  # display names of some choices
+    low: int | float | None = None  # the type of the field: an int field has int bounds
+    high: int | float | None = None
+    step: int | float | None = None
+    number_format: str | None = None  # printf-style, for number inputs
+    flag: bool = False  # a `python -m core train --field-name` option
+
+    def choice_label(self, value: Any) -> str:
+        return dict(self.choice_labels).get(value, f"{value:g}" if isinstance(value, float)
+                                            else str(value))
+
+    def options(self, current: Any) -> tuple[Any, ...]:
+        """The choices, or the suggested grid plus `current` if it is not on it: a value is
+        never rounded to the nearest grid point."""
+        if self.choices or current in self.suggested:
+            return self.choices or self.suggested
+        return tuple(sorted((*self.suggested, current)))
+
+
+def _spec(default: Any, **spec: Any) -> Any:
+    """A dataclass field with this default, described by FieldSpec(**spec)."""
+    return field(default=default, metadata={"spec": FieldSpec(**spec)})
+
+
+def specs(cls: type) -> list[tuple[dataclasses.Field, FieldSpec]]:
+    """The fields of a config dataclass that carry a FieldSpec, in declaration order."""
+    return [(f, f.metadata["spec"]) for f in fields(cls) if "spec" in f.metadata]
+
+
+def field_spec(cls: type, name: str) -> FieldSpec:
+    return next(spec for f, spec in specs(cls) if f.name == name)
+
+
 @dataclass(frozen=True)
 class StageConfig:
     # Layer groups trained in this stage; every other group is frozen.
-    groups: tuple[str, ...] = ("layer4", "fc")
-    epochs: int = 1
-    optimizer: str = "sgd"  # SGD with Nesterov-free momentum 0.9, or AdamW
-    lr: float = 0.01
+    groups: tuple[str, ...] = _spec(
+        ("layer4", "fc"), label="Layer groups", widget="toggles", choices=LAYER_GROUPS,
+        help="layer groups that train in this stage; the rest stay frozen")
+    epochs: int = _spec(1, label="Epochs", widget="number", low=1, high=1000, step=1)
+    # SGD with momentum 0.9 (no Nesterov), or AdamW
+    optimizer: str = _spec("sgd", label="Optimizer", widget="select", choices=OPTIMIZERS,
+                           choice_labels=(("sgd", "SGD + momentum"), ("adamw", "AdamW")))
+    lr: float = _spec(0.01, label="Learning rate", widget="select_slider", suggested=LR_GRID)
     # Per-group LR multiplier: a group k steps further from `fc` (input side) trains at
     # lr * group_lr_mult**k. 1.0 = one LR for all; 0.5 halves it per step deeper in.
-    group_lr_mult: float = 1.0
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0  # linear warm-up from 0 over this many epochs (fractions ok)
-    bn_policy: str = "eval"
+    group_lr_mult: float = _spec(
+        1.0, label="Per-group LR multiplier", widget="slider", low=0.1, high=1.0, step=0.05,
+        help="Each group one step further from the head trains at lr × this. 1 = one "
+             "learning rate for all.")
+    weight_decay: float = _spec(5e-4, label="Weight decay", widget="number", low=0.0, high=1.0,
+                                step=1e-4, number_format="%.5f")
+    schedule: str = _spec("cosine", label="Schedule", widget="select", choices=SCHEDULES,
+                          choice_labels=(("constant", "constant"), ("cosine", "cosine decay"),
+                                         ("step", "step decay"), ("onecycle", "one-cycle")))
+    # linear warm-up from 0 over this many epochs (fractions ok)
+    warmup_epochs: float = _spec(0.0, label="Warm-up (epochs)", widget="number", low=0.0,
+                                 high=100.0, step=0.5)
+    bn_policy: str = _spec(
+        "eval", label="Frozen BatchNorm", widget="select", choices=BN_POLICIES,
+        choice_labels=(("eval", "eval (fixed stats)"), ("train", "train (stats drift)")),
+        help="What BatchNorm layers in frozen groups do. 'eval' keeps their running "
+             "statistics fixed; with 'train' they keep updating even though their weights "
+             "are frozen.")
     # Train on cached outputs of the frozen prefix (computed once, without augmentation
     # through the frozen part). Much faster when only a suffix trains; see core.engine.train.
-    feature_cache: bool = False
+    # On the command line the flag turns it on for every stage.
+    feature_cache: bool = _spec(
+        False, label="Feature cache", widget="checkbox", flag=True,
+        help="Compute the frozen layers' outputs once and train on them: much faster when "
+             "only the last groups train; no augmentation then.")
 
     @property
     def trains(self) -> str:
@@ -67,21 +152,55 @@ class RunConfig:
     # Data. "cifar10": torchvision's CIFAR-10 (downloaded into data_path, or the default
     # data root); "folder": an image folder with train/ and test/ class folders, or one
     # class-folder tree that is split into train/test.
-    data_source: str = "cifar10"
-    data_path: str = ""
-    classes: tuple[str, ...] = ()  # empty = all classes of the data set
-    val_fraction: float = 0.1  # carved from train, stratified and seeded
-    test_fraction: float = 0.2  # only for a single class-folder tree without train/test
-    max_train_images: int = 0  # 0 = all; a cap for quick demos (taken before the split)
-    resolution: int = 32  # square input side in pixels
-    batch_size: int = 128
-    augment: bool = True  # random crop (padding 1/8 of the side) + horizontal flip
-    seed: int = 0
-    weights: str = "imagenet"
-    weights_path: str = ""  # weights == "file": a state_dict or checkpoint file
-    weights_run: str = ""  # weights == "run": the run id whose best checkpoint starts us
-    device: str = "auto"  # auto: cuda, then mps, then cpu
-    threads: int = 0  # torch intra-op threads; 0 = one per physical core
+    data_source: str = _spec(
+        "cifar10", label="Data source", widget="radio", choices=DATA_SOURCES, flag=True,
+        choice_labels=(("cifar10", "CIFAR-10 (torchvision)"), ("folder", "Image folder")),
+        help="cifar10 (torchvision, downloads) or folder (an image folder)")
+    data_path: str = _spec(
+        "", label="Data folder", widget="text", flag=True,
+        help="image folder (train/ and test/ class folders, or one class-folder tree), or "
+             "where CIFAR-10 is downloaded")
+    classes: tuple[str, ...] = _spec(  # empty = all classes of the data set
+        (), label="Classes (none = all)", widget="multiselect", flag=True,
+        help="subset of classes (default: all)")
+    val_fraction: float = _spec(  # carved from train, stratified and seeded
+        0.1, label="Validation fraction", widget="slider", low=0.05, high=0.5, step=0.05,
+        flag=True, help="Share of the training images held out to pick the best epoch. The "
+                        "test set is used once, at the end.")
+    # only for a single class-folder tree without train/test
+    test_fraction: float = _spec(0.2, label="Test fraction")
+    max_train_images: int = _spec(  # 0 = all; a cap for quick demos (taken before the split)
+        0, label="Training-image cap (0 = all)", widget="number", low=0, step=100, flag=True,
+        help="Train on a stratified sample: quick demos. 0 = all.")
+    resolution: int = _spec(  # square input side in pixels
+        32, label="Resolution (pixels)", widget="number", low=MIN_RESOLUTION,
+        high=MAX_RESOLUTION, step=16, flag=True,
+        help=f"square input side in pixels, {MIN_RESOLUTION}..{MAX_RESOLUTION}")
+    batch_size: int = _spec(128, label="Batch size", widget="select_slider",
+                            suggested=BATCH_SIZES, flag=True, help="images per training step")
+    augment: bool = _spec(  # random crop (padding 1/8 of the side) + horizontal flip
+        True, label="Augmentation (crop + flip)", widget="checkbox", flag=True,
+        help="random crop and horizontal flip of the training images")
+    seed: int = _spec(0, label="Seed", widget="number", low=0, step=1, flag=True,
+                      help="random seed")
+    weights: str = _spec(
+        "imagenet", label="Starting weights", widget="radio", choices=WEIGHT_SOURCES, flag=True,
+        choice_labels=(("imagenet", "ImageNet"), ("random", "Random (from scratch)"),
+                       ("file", "Weights file"), ("run", "Another run's best checkpoint")),
+        help="starting weights: imagenet, random, file (--weights-path), run (--weights-run)")
+    weights_path: str = _spec(  # weights == "file": a state_dict or checkpoint file
+        "", label="Weights file (.pth)", widget="text", flag=True,
+        help="weights file, with --weights file")
+    weights_run: str = _spec(  # weights == "run": the run id whose best checkpoint starts us
+        "", label="Start from run", widget="select", flag=True,
+        help="run id whose best checkpoint starts training, with --weights run")
+    device: str = _spec(  # auto: cuda, then mps, then cpu
+        "auto", label="Device", widget="select", choices=DEVICES, flag=True,
+        choice_labels=(("auto", "auto (GPU if any)"), ("cpu", "CPU"), ("cuda", "CUDA GPU"),
+                       ("mps", "Apple MPS")),
+        help="auto: cuda, then mps, then cpu")
+    threads: int = _spec(0, label="CPU threads", flag=True,
+                         help="torch intra-op threads, 0 = one per physical core")
 
     @property
     def total_epochs(self) -> int:
@@ -101,7 +220,8 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def preset_stages(name: str, epochs: int = 1, lr: float = 0.01) -> tuple[StageConfig, ...]:
+def preset_stages(name: str, epochs: int = PRESET_EPOCHS,
+                  lr: float = PRESET_LR) -> tuple[StageConfig, ...]:
     """The stage list of a named preset. `epochs` is per stage, `lr` the first stage's LR."""
     if name == "Two-stage":
         return (
@@ -126,7 +246,8 @@ def preset_stages(name: str, epochs: int = 1, lr: float = 0.01) -> tuple[StageCo
 PRESETS: tuple[str, ...] = tuple(PRESET_DESCRIPTIONS)
 
 
-def preset_config(name: str, epochs: int = 1, lr: float = 0.01, **run_fields: Any) -> RunConfig:
+def preset_config(name: str, epochs: int = PRESET_EPOCHS, lr: float = PRESET_LR,
+                  **run_fields: Any) -> RunConfig:
     return RunConfig(stages=preset_stages(name, epochs=epochs, lr=lr), **run_fields)
 
 
@@ -313,13 +434,8 @@ def with_stage(cfg: RunConfig, index: int, **changes: Any) -> RunConfig:
     return replace(cfg, stages=tuple(stages))
 
 
-def diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Flattened fields whose values differ between two config dicts ("stage 2.lr": (x, y))."""
-    fa, fb = flatten(a), flatten(b)
-    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
-
-
 def flatten(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as one level of display values: "stage 2.lr", groups joined by "+"."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if k == "stages":
@@ -329,3 +445,48 @@ def flatten(d: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = ",".join(v) if isinstance(v, list) else v
     return out
+
+
+# ---------------------------------------------------------------- form state
+
+# A form keeps one value per field under `prefix + field name`; a "toggles" field keeps one
+# bool per choice under `prefix + field name + "." + choice`. Pure: pages hand in their
+# session state, core never imports streamlit.
+
+
+def field_key(prefix: str, name: str, choice: str | None = None) -> str:
+    return f"{prefix}{name}" if choice is None else f"{prefix}{name}.{choice}"
+
+
+def form_state(obj: StageConfig | RunConfig, prefix: str) -> dict[str, Any]:
+    """The form values of every field of `obj` that has a widget."""
+    hints = typing.get_type_hints(type(obj))
+    out: dict[str, Any] = {}
+    for f, spec in specs(type(obj)):
+        value = getattr(obj, f.name)
+        if spec.widget == "toggles":
+            out.update({field_key(prefix, f.name, c): c in value for c in spec.choices})
+        elif spec.widget:
+            # A number widget needs the field's own type (an int warm-up breaks a float input).
+            kind = hints[f.name]
+            out[field_key(prefix, f.name)] = (list(value) if isinstance(value, tuple)
+                                              else kind(value) if kind in (int, float) else value)
+    return out
+
+
+def from_form(cls: type, state: Any, prefix: str, **fixed: Any) -> Any:
+    """A `cls` (StageConfig or RunConfig) from form values: each field with a widget is read
+    from `state` (a mapping) and cast to the field's type; `fixed` fields are given as they
+    are; every other field keeps its default."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f, spec in specs(cls):
+        if f.name in fixed or not spec.widget:
+            continue
+        if spec.widget == "toggles":
+            kwargs[f.name] = tuple(c for c in spec.choices if state.get(field_key(prefix, f.name, c)))
+        else:
+            value = state[field_key(prefix, f.name)]
+            kind = hints[f.name]
+            kwargs[f.name] = tuple(value) if typing.get_origin(kind) is tuple else kind(value)
+    return cls(**kwargs, **fixed)

@@ -102,8 +102,8 @@ def test_pages_with_an_empty_store_say_what_to_do_next(app_env, page):
 def test_new_run_with_an_empty_store_shows_the_default_recipe_and_summary(app_env):
     at = open_page("app_pages/new_run.py")
     assert at.selectbox(key="new_run.preset").value == "Two-stage"
-    assert at.toggle(key="new_run.s0.g.layer4").value and not at.toggle(key="new_run.s0.g.layer3").value
-    assert at.toggle(key="new_run.s1.g.layer3").value
+    assert at.toggle(key="new_run.s0.groups.layer4").value and not at.toggle(key="new_run.s0.groups.layer3").value
+    assert at.toggle(key="new_run.s1.groups.layer3").value
     assert at.radio(key="new_run.weights").value == "imagenet"
     assert at.radio(key="new_run.data_source").value == "cifar10"
     summary = at.dataframe[0].value
@@ -120,7 +120,7 @@ def test_new_run_with_an_empty_store_shows_the_default_recipe_and_summary(app_en
 def test_invalid_config_shows_its_error_and_starts_nothing(app_env, no_workers):
     at = open_page("app_pages/new_run.py")
     for g in ("layer4", "fc"):
-        at.toggle(key=f"new_run.s0.g.{g}").set_value(False)
+        at.toggle(key=f"new_run.s0.groups.{g}").set_value(False)
     at.run()
     errors = [e.value for e in at.error]
     assert "stage 1: trains nothing; pick at least one layer group" in errors
@@ -192,10 +192,11 @@ def test_a_preset_fills_in_its_stages(app_env):
     at = open_page("app_pages/new_run.py")
     at.selectbox(key="new_run.preset").set_value("Gradual").run()
     assert at.number_input(key="new_run.n_stages").value == 3
-    assert at.toggle(key="new_run.s0.g.fc").value and not at.toggle(key="new_run.s0.g.layer4").value
-    assert at.toggle(key="new_run.s2.g.layer3").value
-    # lr / 3 is not on the log grid: snapped to the nearest choice.
-    assert at.select_slider(key="new_run.s1.lr").value == 0.003
+    assert at.toggle(key="new_run.s0.groups.fc").value and not at.toggle(key="new_run.s0.groups.layer4").value
+    assert at.toggle(key="new_run.s2.groups.layer3").value
+    # lr / 3 is not on the log grid: the preset's exact value is kept (it used to be
+    # snapped to 0.003 while the command line trained at 0.00333...).
+    assert at.select_slider(key="new_run.s1.lr").value == cfgmod.PRESET_LR / 3
 
 
 # ---------------------------------------------------------------- Runs

@@ -3,7 +3,12 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
+import pytest
+
+from core import cli
+from core import config as cfgmod
 from core.runs.store import RunStore
 
 
@@ -53,3 +58,38 @@ def test_missing_data_folder_fails_fast_with_advice(tmp_path):
     assert res.returncode != 0
     assert "does not exist" in res.stderr and "Traceback" not in res.stderr
     assert RunStore(tmp_path).list_runs() == []  # refused before a run was created
+
+
+def _config(*argv: str) -> cfgmod.RunConfig:
+    return cli.build_config(cli._parser().parse_args(["train", *argv]))
+
+
+def test_every_flagged_field_has_its_option(capsys):
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    for cls in (cfgmod.RunConfig, cfgmod.StageConfig):
+        for f, spec in cfgmod.specs(cls):
+            if spec.flag:
+                flag = f.name.replace("_", "-")
+                assert f"--{flag} " in out or f"--no-{flag} " in out, f.name
+
+
+def test_options_override_the_preset_and_nothing_else():
+    assert _config() == cfgmod.preset_config("Two-stage")
+    cfg = _config("--preset", "Gradual", "--epochs", "2", "--lr", "0.03", "--classes",
+                  "cat, dog,", "--no-augment", "--feature-cache", "--batch-size", "100",
+                  "--val-fraction", "0.2")
+    expected = cfgmod.preset_config("Gradual", epochs=2, lr=0.03, classes=("cat", "dog"),
+                                    augment=False, batch_size=100, val_fraction=0.2)
+    assert cfg == replace(expected, stages=tuple(replace(s, feature_cache=True)
+                                                 for s in expected.stages))
+    assert cfg.stages[1].lr == 0.03 / 3  # the preset's exact value
+
+
+def test_options_override_a_config_file(tmp_path):
+    base = cfgmod.preset_config("Head only", seed=5, classes=("a", "b"))
+    path = tmp_path / "run.json"
+    path.write_text(cfgmod.to_json(base))
+    assert _config("--config", str(path)) == base
+    assert _config("--config", str(path), "--seed", "9", "--classes", "") == replace(base, seed=9)

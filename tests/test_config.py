@@ -1,6 +1,6 @@
 import json
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 
@@ -95,11 +95,58 @@ def test_bad_json_text():
         cfgmod.from_dict([1, 2])
 
 
-def test_diff_shows_only_differences():
-    a = cfgmod.to_dict(cfgmod.preset_config("Two-stage"))
-    b = cfgmod.to_dict(replace(cfgmod.preset_config("Two-stage"), seed=3))
-    assert cfgmod.diff(a, b) == {"seed": (0, 3)}
-    c = cfgmod.to_dict(cfgmod.preset_config("All at once"))
-    d = cfgmod.diff(a, c)
-    assert "stage 2.lr" in d and d["stage 2.lr"][1] is None
+def test_flatten_gives_one_display_value_per_field():
+    flat = cfgmod.flatten(cfgmod.to_dict(replace(cfgmod.preset_config("Two-stage"),
+                                                 classes=("cat", "dog"))))
+    assert flat["stage 2.lr"] == pytest.approx(0.001)
+    assert flat["stage 1.groups"] == "layer4+fc" and flat["classes"] == "cat,dog"
+    assert "stages" not in flat
     json.dumps(cfgmod.to_dict(RunConfig()))  # JSON-safe
+
+
+# ---------------------------------------------------------------- the schema
+
+
+def test_every_field_but_the_stage_list_has_a_spec():
+    for cls in (RunConfig, StageConfig):
+        named = {f.name for f, _ in cfgmod.specs(cls)}
+        assert named == {f.name for f in fields(cls)} - {"stages"}, cls
+        for f, spec in cfgmod.specs(cls):
+            assert spec.label and spec.widget in cfgmod.WIDGETS, f.name
+            assert not (spec.choices and spec.suggested), f.name
+
+
+def test_closed_choices_are_the_validated_ones():
+    assert cfgmod.field_spec(StageConfig, "groups").choices == cfgmod.LAYER_GROUPS
+    assert cfgmod.field_spec(StageConfig, "schedule").choices == cfgmod.SCHEDULES
+    assert cfgmod.field_spec(RunConfig, "weights").choices == cfgmod.WEIGHT_SOURCES
+    assert cfgmod.field_spec(RunConfig, "device").choices == cfgmod.DEVICES
+
+
+def test_a_grid_keeps_the_exact_value():
+    lr = cfgmod.field_spec(StageConfig, "lr")
+    third = cfgmod.PRESET_LR / 3
+    options = lr.options(third)
+    assert third in options and list(options) == sorted(options)
+    assert set(options) - {third} == set(cfgmod.LR_GRID)
+    assert lr.options(0.01) == cfgmod.LR_GRID
+    assert lr.choice_label(0.002) == "0.002"
+    assert cfgmod.field_spec(RunConfig, "device").choice_label("cpu") == "CPU"
+
+
+@pytest.mark.parametrize("preset", cfgmod.PRESETS)
+def test_form_state_round_trips_every_preset(preset):
+    cfg = replace(cfgmod.preset_config(preset), classes=("cat", "dog"), seed=4, augment=False)
+    state = cfgmod.form_state(cfg, "p.")
+    for i, stage in enumerate(cfg.stages):
+        state.update(cfgmod.form_state(stage, f"p.s{i}."))
+    stages = tuple(cfgmod.from_form(StageConfig, state, f"p.s{i}.") for i in range(len(cfg.stages)))
+    assert stages == cfg.stages  # exact learning rates: nothing snapped to a grid
+    assert cfgmod.from_form(RunConfig, state, "p.", stages=stages) == cfg
+    assert state["p.s0.groups.fc"] is True and state["p.classes"] == ["cat", "dog"]
+    assert "p.threads" not in state  # no widget: from_form keeps the default
+
+
+def test_form_state_gives_number_widgets_their_field_type():
+    state = cfgmod.form_state(StageConfig(warmup_epochs=1), "")
+    assert type(state["warmup_epochs"]) is float

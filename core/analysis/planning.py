@@ -1,0 +1,138 @@
+"""What a run config will do before it runs: split sizes, class count, trainable parameters
+and time per stage, the seeds of a repeat, and every problem with it. Pure arithmetic on
+typed inputs, so the New run page only draws widgets and renders a `RunPlan`.
+
+No torch import here (pages import this at start-up); scanning a folder imports the data
+module only when called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core import config as cfgmod
+from core.config import LAYER_GROUPS, RunConfig
+from core.engine.image_types import train_test_folders
+from core.engine.model_info import resnet18_parameters
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR10_TRAIN_IMAGES_PER_CLASS = 5000
+CIFAR10_TEST_IMAGES_PER_CLASS = 1000
+
+# Seconds per epoch for (groups, images, resolution in pixels, feature cache, device or None
+# for any): core.analysis.speed.estimate_epoch_seconds with a store bound.
+EpochEstimate = Callable[..., float]
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """An image folder as the form sees it: its classes, the training images per class
+    (the train/ part when it has train/ and test/), and why it could not be read."""
+
+    classes: tuple[str, ...] = ()
+    train_images: dict[str, int] = field(default_factory=dict)
+    has_test_split: bool = False
+    error: str = ""
+
+    @property
+    def total_train_images(self) -> int:
+        return sum(self.train_images.values())
+
+
+def scan_image_folder(root: Path) -> FolderScan:
+    """Classes and images per class of a data folder (reads the disk, imports torch)."""
+    from core.engine.data import DataError, scan_folder
+
+    parts = train_test_folders(root)
+    split = parts is not None
+    try:
+        classes, per_class, _ = scan_folder(parts[0] if parts else root)
+    except DataError as exc:
+        return FolderScan(has_test_split=split, error=str(exc))
+    except OSError as exc:
+        return FolderScan(has_test_split=split, error=f"cannot read {root}: {exc.strerror}")
+    return FolderScan(tuple(classes), {c: len(f) for c, f in zip(classes, per_class)}, split)
+
+
+def class_options(data_source: str, scan: FolderScan | None) -> tuple[str, ...]:
+    """The classes a run on this data can pick from."""
+    if data_source == "cifar10":
+        return CIFAR10_CLASSES
+    return scan.classes if scan else ()
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    trains: str  # "layer4+fc", or "nothing"
+    trainable_parameters: int
+    total_parameters: int
+    epochs: int
+    lr: float
+    epoch_seconds: float | None  # None: nothing to estimate from (no images or no groups)
+
+    @property
+    def stage_seconds(self) -> float | None:
+        return None if self.epoch_seconds is None else self.epoch_seconds * self.epochs
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    num_classes: int
+    train_images: int  # after the cap and the validation split
+    val_images: int
+    test_images: int | None  # None: a folder's test/ part, which the form does not scan
+    stages: tuple[StagePlan, ...]
+    errors: tuple[str, ...]  # path problems first, then config problems
+    seeds: tuple[int, ...]  # one run per seed
+
+
+def collect_errors(cfg: RunConfig, path_errors: Sequence[str]) -> tuple[str, ...]:
+    """Path problems, then the config's. A refused path was left blank in `cfg`, so the
+    config's own "needs a path" error for it would only repeat the problem."""
+    errors = cfgmod.validate(cfg)
+    if path_errors:
+        errors = [e for e in errors if not e.startswith(("data_path", "weights_path"))]
+    return (*path_errors, *errors)
+
+
+def plan_run(cfg: RunConfig, scan: FolderScan | None, path_errors: Sequence[str],
+             repeats: int, epoch_seconds: EpochEstimate) -> RunPlan:
+    """The plan of `cfg` (and `repeats` runs with seeds seed, seed+1, ...). `scan`: the data
+    folder of a folder run (None when there is none yet); `path_errors`: paths the form
+    refused."""
+    errors = list(path_errors)
+    if scan is not None and scan.error:
+        errors.append(f"data folder: {scan.error}")
+    scan_classes = scan.classes if scan is not None and not scan.error else ()
+    if cfg.data_source == "cifar10":
+        num_classes = len(cfg.classes) or len(CIFAR10_CLASSES)
+        pool = CIFAR10_TRAIN_IMAGES_PER_CLASS * num_classes
+        test: int | None = CIFAR10_TEST_IMAGES_PER_CLASS * num_classes
+    else:
+        num_classes = len(cfg.classes) or len(scan_classes) or len(CIFAR10_CLASSES)
+        counts = scan.train_images if scan is not None else {}
+        found = sum(counts[c] for c in (cfg.classes or scan_classes) if c in counts)
+        split = scan is not None and scan.has_test_split
+        pool = int(found * (1 if split else 1 - cfg.test_fraction))
+        test = None if split else found - pool
+    if cfg.max_train_images:
+        pool = min(pool, cfg.max_train_images)
+    n_train = int(pool * (1 - cfg.val_fraction))
+
+    total = resnet18_parameters(LAYER_GROUPS, num_classes)
+    # Measured speeds from earlier runs on the same kind of device count; "auto" uses any.
+    device = None if cfg.device == "auto" else cfg.device
+    stages = tuple(
+        StagePlan(trains=s.trains or "nothing",
+                  trainable_parameters=resnet18_parameters(s.groups, num_classes),
+                  total_parameters=total, epochs=s.epochs, lr=s.lr,
+                  epoch_seconds=(epoch_seconds(tuple(s.groups), n_train, cfg.resolution,
+                                               s.feature_cache, device)
+                                 if n_train and s.groups else None))
+        for s in cfg.stages)
+    return RunPlan(num_classes=num_classes, train_images=n_train, val_images=pool - n_train,
+                   test_images=test, stages=stages, errors=collect_errors(cfg, errors),
+                   seeds=tuple(cfg.seed + k for k in range(repeats)))
