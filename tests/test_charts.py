@@ -170,7 +170,7 @@ def test_confusion_figure_rows_are_true_classes():
 
 
 def test_recipe_figure_marks_trained_groups_per_stage():
-    fig = charts.recipe_figure(cfgmod.to_dict(TWO_STAGE)["stages"])
+    fig = charts.recipe_figure(TWO_STAGE.stages)
     z = [list(r) for r in fig.data[0].z]
     assert z == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]
 
