@@ -211,8 +211,8 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
 
 def before_after(run, img) -> None:
     st.subheader("Before and after")
-    n_stages = len(run.config.get("stages") or ())
-    models = inference.stage_checkpoints(get_store().run_dir(run.id), n_stages)
+    n_stages = len(run.config.stages)
+    models = inference.stage_checkpoints(get_store().files(run.id), n_stages)
     if models.note:
         st.caption(models.note)
         return

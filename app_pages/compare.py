@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_pages._common import get_store, no_runs_message
+from core import config as cfgmod
 from core.views import charts
 from core.views.tables import (
     METRIC_LABELS,
@@ -89,9 +90,9 @@ st.dataframe(final_metrics_table(entries), hide_index=True, key=P + "table")
 st.subheader("Config differences")
 named = []
 for name, members in entries:
-    cfg = dict(members[0].config)
+    cfg = cfgmod.to_dict(members[0].config)
     if len(members) > 1:
-        cfg["seed"] = ", ".join(str(v) for v in sorted(r.config.get("seed", 0) for r in members))
+        cfg["seed"] = ", ".join(str(v) for v in sorted(r.config.seed for r in members))
     named.append((name, cfg))
 diff = config_diff_table(named)
 if len(named) < 2:

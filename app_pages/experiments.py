@@ -107,7 +107,7 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
             label = f"config of {by_id[i].name}"
             if any(n == label for n, _ in recipes):  # two runs with one name
                 label += f" ({i})"
-            recipes.append((label, cfgmod.from_dict(by_id[i].config)))
+            recipes.append((label, cfgmod.check(by_id[i].config)))
         except cfgmod.ConfigError as exc:
             problems.append(f"run {i}: its config can no longer be used ({exc})")
     seeds = list(range(int(seeds_n)))
@@ -288,7 +288,7 @@ def confusion(run: Run) -> None:
     pairs = insights.confused_pairs(run.results, k=5)
     if not pairs:
         st.caption("No confusions recorded" + (" — every test image was right." if
-                                               run.results.get("confusion") else "."))
+                                               run.results.confusion else "."))
         return
     for p in pairs:
         st.markdown(f"- **{p.true}** taken for **{p.predicted}**: {p.count} time"

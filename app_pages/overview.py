@@ -18,7 +18,7 @@ st.markdown(
 
 left, right = st.columns([3, 2], vertical_alignment="center")
 with left:
-    recipe = cfgmod.to_dict(cfgmod.preset_config("Two-stage"))["stages"]
+    recipe = cfgmod.preset_stages("Two-stage")
     st.plotly_chart(charts.recipe_figure(recipe), key="overview.recipe")
 with right:
     st.markdown(f"**Two-stage recipe.** {cfgmod.PRESET_DESCRIPTIONS['Two-stage']}")

@@ -11,6 +11,7 @@ import pytest
 
 from core import config as cfgmod
 from core.analysis import experiments as ex
+from core.runs.store import RunResults
 from tests.conftest import tiny_config
 
 # ---------------------------------------------------------------- statistics
@@ -153,7 +154,7 @@ def test_submit_records_groups_and_results_compute_stats(store, tiny_folder, mon
 
     runs = {r.recipe.name: r for r in ex.experiment_results(store, exp).recipes}
     assert all(len(r.runs) == 3 and r.counts == {"queued": 3} for r in runs.values())
-    assert sorted(x.config["seed"] for x in runs["Two-stage"].runs) == [0, 1, 2]
+    assert sorted(x.config.seed for x in runs["Two-stage"].runs) == [0, 1, 2]
 
     # Pretend the runs finished with known accuracies.
     accs = {"Two-stage": [0.80, 0.82, 0.84], "All at once": [0.78, 0.79, 0.80]}
@@ -161,7 +162,7 @@ def test_submit_records_groups_and_results_compute_stats(store, tiny_folder, mon
         for run, acc in zip(rr.runs, accs[name]):
             assert store.claim_run_now(run.id, os.getpid())
             store.set_best(run.id, acc, 1, 1, "")
-            store.set_results(run.id, acc - 0.01, {})
+            store.set_results(run.id, RunResults(), test_acc=acc - 0.01)
             store.finish_run(run.id, "finished")
     res = ex.experiment_results(store, exp)
     two, all_ = res.recipes

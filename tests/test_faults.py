@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from core.config import RunConfig
 from core.engine.checkpoints import CheckpointError, atomic_torch_save, read_checkpoint
 from core.engine.model import WeightsError, build_model, imagenet_state_dict, load_weights_file
 from core.engine.paths import PathNotAllowed, resolve_user_path
@@ -48,9 +49,8 @@ def test_run_survives_the_server_process_group_being_killed(store, tiny_folder, 
 
 
 def test_stale_running_row_after_a_machine_restart_is_failed_and_resumable(store, tiny_folder):
-    from core import config as cfgmod
 
-    run = store.create_run(cfgmod.to_dict(tiny_config(tiny_folder)))
+    run = store.create_run(tiny_config(tiny_folder))
     # What a machine restart leaves: status running, a pid that no longer exists.
     store.claim_run_now(run.id, pid=2**22 + 12345)
     assert jobs.reconcile(store) == [run.id]
@@ -64,7 +64,7 @@ def test_stale_running_row_after_a_machine_restart_is_failed_and_resumable(store
 def test_heartbeat_bound_marks_silent_workers_on_other_hosts_failed(store):
     from dataclasses import replace
 
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.claim_run_now(run.id, os.getpid())
     elsewhere = replace(store.get_run(run.id), host="another-machine")  # its pid is not ours to check
     now = time.time()
@@ -77,14 +77,14 @@ def test_heartbeat_bound_marks_silent_workers_on_other_hosts_failed(store):
 
 def test_a_foreground_cli_run_is_not_declared_dead(store):
     """The CLI trains in its own process (no run id on its command line)."""
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.claim_run_now(run.id, os.getpid())
     assert jobs.reconcile(store) == []
     assert store.get_run(run.id).status == "running"
 
 
 def test_a_reused_pid_does_not_count_as_the_worker(store):
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.claim_run_now(run.id, os.getpid())
     with sqlite3.connect(store.db_path) as con:  # as if our pid had been recycled
         con.execute("UPDATE runs SET pid_start='1' WHERE id=?", (run.id,))
@@ -92,7 +92,7 @@ def test_a_reused_pid_does_not_count_as_the_worker(store):
 
 
 def test_a_settled_run_tells_its_worker_to_stop(store):
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.claim_run_now(run.id, os.getpid())
     assert store.heartbeat(run.id) is False
     store.finish_run(run.id, "failed", "declared dead")
@@ -158,3 +158,21 @@ def test_paths_are_confined_to_data_roots(tmp_path):
     for bad in ["/etc", "../secret", str(root / "flowers" / ".." / ".." / "secret"), "escape", ""]:
         with pytest.raises(PathNotAllowed):
             resolve_user_path(bad, [root])
+
+
+def test_process_identity_and_liveness_through_psutil():
+    from core.process import is_alive, physical_cores, process_identity
+
+    me = process_identity(os.getpid())
+    assert me is not None and me == process_identity(os.getpid())
+    assert is_alive(os.getpid(), me) and is_alive(os.getpid())
+    assert not is_alive(os.getpid(), "1")  # same pid, another process's start time
+    assert process_identity(2**22 + 12345) is None and not is_alive(2**22 + 12345)
+    # A child that exited but was not reaped yet is a zombie: dead for us.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    import psutil
+
+    wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, 30, "a zombie")
+    assert not is_alive(child.pid)
+    child.wait()
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)

@@ -15,9 +15,11 @@ from PIL import Image
 from core import config as cfgmod
 from core.analysis import inference
 from core.analysis.inference import Prediction, Predictor
-from core.engine.checkpoints import CheckpointError, atomic_torch_save, save_checkpoint
+from core.config import RunConfig, StageConfig
+from core.engine.checkpoints import Checkpoint, CheckpointError, atomic_torch_save, save_checkpoint
 from core.engine.data import Preprocess
 from core.engine.model import build_resnet18
+from core.runs.files import RunFiles
 from tests.conftest import make_image_folder, tiny_config
 
 torch.set_num_threads(1)
@@ -27,9 +29,9 @@ FIVE = ("red", "green", "blue", "cyan", "magenta")
 def write_checkpoint(path: Path, classes=FIVE, resolution: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = build_resnet18(len(classes))
-    save_checkpoint(path, model, {"data_source": "folder"}, list(classes),
-                    Preprocess(resolution=resolution).to_dict(), stage=2, epoch=1,
-                    metrics={"val_acc": 0.5})
+    save_checkpoint(path, Checkpoint.of_model(
+        model, {"data_source": "folder"}, list(classes), Preprocess(resolution=resolution).to_dict(),
+        stage=2, epoch=1, metrics={"val_acc": 0.5}))
     return path
 
 
@@ -156,7 +158,7 @@ def test_other_architecture_is_a_clear_error(tmp_path):
 
 
 def _make_run(store, status: str, val_acc: float | None, with_checkpoint: bool = True, name: str = ""):
-    run = store.create_run({"stages": [{}, {}]}, name=name or status)
+    run = store.create_run(RunConfig(stages=(StageConfig(), StageConfig())), name=name or status)
     if status != "queued":
         assert store.claim_run_now(run.id, os.getpid())
     if with_checkpoint:
@@ -189,27 +191,28 @@ def test_classifiable_runs_and_default_choice(store):
 
 
 def test_stage_checkpoints(tmp_path):
-    one = inference.stage_checkpoints(tmp_path, n_stages=1)
+    files = RunFiles(tmp_path, "r")
+    one = inference.stage_checkpoints(files, n_stages=1)
     assert one.stage1 is None and "only one stage" in one.note
     write_checkpoint(tmp_path / "last.pt")
-    early = inference.stage_checkpoints(tmp_path, n_stages=2)
+    early = inference.stage_checkpoints(files, n_stages=2)
     assert early.stage1 is None and "before stage 1 ended" in early.note
     assert early.final == tmp_path / "last.pt"
     write_checkpoint(tmp_path / "stage1.pt")
-    both = inference.stage_checkpoints(tmp_path, n_stages=2)
+    both = inference.stage_checkpoints(files, n_stages=2)
     assert (both.stage1, both.final, both.note) == (tmp_path / "stage1.pt", tmp_path / "last.pt", None)
 
 
 def test_before_and_after_on_a_real_two_stage_run(finished_run):
     store, run = finished_run
-    models = inference.stage_checkpoints(store.run_dir(run.id), len(run.config["stages"]))
+    models = inference.stage_checkpoints(store.files(run.id), len(run.config.stages))
     assert models.note is None
     before, after = Predictor.load(models.stage1), Predictor.load(models.final)
     assert before.stage == 1 and after.stage == 2
     img = Image.new("RGB", (32, 32), (200, 40, 40))
     # Stage 2 trained layer3 too: the two models must not be the same function.
     assert not torch.allclose(before.probabilities(img), after.probabilities(img))
-    assert [p.label for p in after.predict(img)] != [] and after.classes == run.results["classes"]
+    assert [p.label for p in after.predict(img)] != [] and after.classes == run.results.classes
 
 
 # ---------------------------------------------------------------- gallery

@@ -29,7 +29,6 @@ from core import config as cfgmod
 from core.atomic import atomic_write_json
 from core.runs.store import Run, RunStore
 
-EXPERIMENTS_DIR = "experiments"
 CONFIDENCE = 0.95
 MAX_SEEDS = 20  # one experiment queues recipes x seeds runs; more is almost surely a typo
 METRICS = {"val": "best validation accuracy", "test": "test accuracy"}
@@ -256,7 +255,7 @@ class Experiment:
 
 
 def experiments_dir(store: RunStore) -> Path:
-    return Path(store.root) / EXPERIMENTS_DIR
+    return store.layout.experiments
 
 
 def _slug(text: str) -> str:
@@ -426,7 +425,7 @@ def experiment_results(store: RunStore, exp: Experiment) -> ExperimentResults:
     recipe_results = []
     for recipe in exp.recipes:
         runs = tuple(sorted(store.list_runs(group=recipe.group),
-                            key=lambda r: int(r.config.get("seed", 0))))
+                            key=lambda r: r.config.seed))
         counts: dict[str, int] = {}
         for r in runs:
             counts[r.status] = counts.get(r.status, 0) + 1

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from core.engine.image_types import IMAGE_EXTENSIONS
+from core.runs.files import RunFiles
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,6 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_ASPECT_RATIO = 50
 # At or above this probability the verdict says "Pretty sure"; below it, "Not sure".
 DEFAULT_SURE_THRESHOLD = 0.6
-STAGE1_NAME = "stage1.pt"
 
 
 class ImageRejected(ValueError):
@@ -226,15 +226,12 @@ class StageModels:
     note: str | None  # plain words when there is nothing to compare
 
 
-def stage_checkpoints(run_dir: str | Path, n_stages: int) -> StageModels:
+def stage_checkpoints(files: RunFiles, n_stages: int) -> StageModels:
     """Checkpoints for a "before and after" comparison: end of stage 1 vs end of the run.
 
-    The end of the run is last.pt (the final weights), else best.pt."""
-    from core.engine.checkpoints import BEST_NAME, LAST_NAME
-
-    run_dir = Path(run_dir)
-    final = next((p for p in (run_dir / LAST_NAME, run_dir / BEST_NAME) if p.is_file()), None)
-    stage1 = run_dir / STAGE1_NAME
+    The end of the run is the last checkpoint (the final weights), else the best one."""
+    final = next((p for p in (files.last, files.best) if p.is_file()), None)
+    stage1 = files.stage_end(1)
     if n_stages < 2:
         return StageModels(None, final, "This run had only one stage, so there is no "
                                         "“after stage 1” model to compare with.")

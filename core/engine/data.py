@@ -347,9 +347,9 @@ def cap_stratified(data: ImageSet, max_images: int, seed: int) -> ImageSet:
 
 
 def default_datasets_dir() -> Path:
-    from core.runs.store import data_dir
+    from core.runs.files import StoreLayout
 
-    return data_dir() / "datasets"
+    return StoreLayout.default().datasets
 
 
 def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[str] = (),

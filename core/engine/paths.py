@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.runs.store import data_dir
+from core.runs.files import StoreLayout
 
 DATA_ROOTS_ENV = "FINETUNE_LAB_DATA_ROOTS"
 
@@ -22,7 +22,7 @@ def data_roots() -> list[Path]:
     raw = os.environ.get(DATA_ROOTS_ENV, "")
     roots = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
     if not roots:
-        roots = [data_dir() / "datasets", Path.home()]
+        roots = [StoreLayout.default().datasets, Path.home()]
     return [r.resolve() for r in roots]
 
 
