@@ -7,6 +7,9 @@ tested without a browser and the pages stay thin.
 from __future__ import annotations
 
 import math
+import os
+import re
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -114,9 +117,6 @@ def run_label(run: Run) -> str:
 def group_label(members: list[Run]) -> str:
     """How a group of seeds is named: its runs' shared name without " seed N" (runs are
     named "<name> seed <n>" by core.runs.jobs.submit_seeds), else the first run's name."""
-    import os
-    import re
-
     names = [re.sub(r"\s+seed\s+\d+$", "", r.name) for r in members]
     common = os.path.commonprefix(names).rstrip(" :-")
     return common or names[0]
@@ -179,15 +179,11 @@ def series(frame: pd.DataFrame, key: str) -> tuple[list[float], list[float]]:
 
 def ema(values: Sequence[float], weight: float) -> list[float]:
     """Exponential moving average with bias correction (as TensorBoard's smoothing):
-    weight 0 returns the values unchanged, 0.9 is heavy smoothing."""
+    weight 0 returns the values unchanged, 0.9 is heavy smoothing. pandas' `ewm` with
+    adjust=True is exactly this bias-corrected average."""
     if not 0 <= weight < 1:
         raise ValueError("smoothing weight must be in [0, 1)")
-    out, acc, norm = [], 0.0, 0.0
-    for v in values:
-        acc = weight * acc + (1 - weight) * v
-        norm = weight * norm + (1 - weight)
-        out.append(acc / norm)
-    return out
+    return pd.Series(values, dtype=float).ewm(alpha=1 - weight, adjust=True).mean().tolist()
 
 
 @dataclass
@@ -235,9 +231,7 @@ def final_metrics_table(entries: Sequence[tuple[str, Sequence[Run]]]) -> pd.Data
                 return "—"
             if len(vals) == 1:
                 return fmt_pct(vals[0], 2)
-            mean = sum(vals) / len(vals)
-            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-            return f"{100 * mean:.2f} ± {100 * std:.2f} %"
+            return f"{100 * statistics.fmean(vals):.2f} ± {100 * statistics.stdev(vals):.2f} %"
 
         one = runs[0] if len(runs) == 1 else None
         rows.append({
