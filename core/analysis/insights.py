@@ -140,10 +140,12 @@ class TopLoss:
     loss: float  # cross-entropy of the true class
 
 
-def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | None = None,
-               threads: int = 1) -> list[TopLoss]:
+def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | None = None
+               ) -> list[TopLoss]:
     """The k test images the best checkpoint got wrong with the highest confidence. The
-    test set is rebuilt exactly as the worker built it (same config, seed and preprocessing)."""
+    test set is rebuilt exactly as the worker built it (same config, seed and preprocessing).
+    Runs in the caller's process with torch's thread setting as it is (the dashboard's
+    server shares it across sessions: it is never changed here); batches of 256 bound memory."""
     import torch
     import torch.nn.functional as F
 
@@ -166,19 +168,14 @@ def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | 
     if splits.classes != ckpt.classes:
         raise InsightError("the data set's classes changed since this run was trained")
     model = ckpt.build_model()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        probs, losses = [], []
-        with torch.inference_mode():
-            for start in range(0, len(splits.test), 256):
-                x = pre.normalize(splits.test.images[start:start + 256])
-                y = splits.test.labels[start:start + 256]
-                logits = model(x).float()
-                probs.append(logits.softmax(1))
-                losses.append(F.cross_entropy(logits, y, reduction="none"))
-    finally:
-        torch.set_num_threads(old_threads)
+    probs, losses = [], []
+    with torch.inference_mode():
+        for start in range(0, len(splits.test), 256):
+            x = pre.normalize(splits.test.images[start:start + 256])
+            y = splits.test.labels[start:start + 256]
+            logits = model(x).float()
+            probs.append(logits.softmax(1))
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
     p = torch.cat(probs)
     loss = torch.cat(losses)
     conf, pred = p.max(1)
