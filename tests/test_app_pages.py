@@ -337,19 +337,38 @@ def test_parameter_table_matches_a_real_resnet18(num_classes):
 
 
 def test_torch_free_facts_match_torch(monkeypatch, tmp_path):
+    import torch
+    import torchvision
+
     import core.engine.data
     import core.engine.model
     from core.engine.image_types import IMAGE_EXTENSIONS
     from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path
 
+    def torch_cache_path() -> Path:  # where torchvision's download lands
+        return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_FILE
+
     assert set(IMAGE_EXTENSIONS) == set(core.engine.data.IMAGE_EXTENSIONS)
     assert IMAGENET_WEIGHTS_FILE == core.engine.model.IMAGENET_WEIGHTS_FILE
-    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
+    assert torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.endswith("/" + IMAGENET_WEIGHTS_FILE)
+    assert imagenet_weights_path() == torch_cache_path()
     monkeypatch.delenv("TORCH_HOME", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
+    assert imagenet_weights_path() == torch_cache_path()
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
+    assert imagenet_weights_path() == torch_cache_path()
+
+
+def test_the_model_reads_imagenet_weights_from_the_one_cache_path(monkeypatch, tmp_path):
+    """core.engine.model has no path of its own: offline, its advice names model_info's path."""
+    from core.engine.model import WeightsError, imagenet_state_dict
+    from core.engine.model_info import imagenet_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(WeightsError) as info:
+        imagenet_state_dict(download=False)
+    assert str(imagenet_weights_path()) in str(info.value)
+    assert str(imagenet_weights_path()).startswith(str(tmp_path / "torch-home"))
 
 
 def test_a_store_error_on_a_run_button_is_shown_not_raised(app_env, monkeypatch):

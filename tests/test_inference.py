@@ -246,3 +246,22 @@ def test_gallery_item_that_went_bad_is_a_plain_error(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(inference.ImageRejected, match="can't be opened"):
         inference.GalleryItem("red", "red 1", path=bad).open()
+
+
+def test_gallery_lists_a_class_folder_as_training_does(tmp_path):
+    """One listing rule: images in a nested folder of a class (photos/2024/…) are examples
+    too, as they are training images; other files and hidden files are not."""
+    from core.engine.data import scan_folder
+
+    root = make_image_folder(tmp_path / "data", per_class=3, classes=("red", "blue"))
+    nested = root / "test" / "red" / "2024" / "june"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(nested / "deep.png")
+    (root / "test" / "red" / "notes.txt").write_text("not a picture")
+    (root / "test" / "red" / ".hidden.png").write_bytes(b"")
+    items, _ = inference.gallery({"data_source": "folder", "data_path": str(root)}, ["red"],
+                                 per_class=50)
+    listed = sorted(i.path for i in items)
+    names, trained_on, _ = scan_folder(root / "test")
+    assert listed == sorted(trained_on[names.index("red")])
+    assert nested / "deep.png" in listed and len(listed) == 3

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from core.engine.image_types import IMAGE_EXTENSIONS
+from core.engine.image_types import list_image_files, train_test_folders
+from core.engine.paths import cifar10_dir
 
 if TYPE_CHECKING:
     import torch
@@ -271,15 +272,16 @@ class GalleryItem:
 
 def _folder_gallery(root: Path, classes: Sequence[str], per_class: int,
                     rng: random.Random) -> list[GalleryItem]:
-    test_root = root / "test" if (root / "test").is_dir() else root
+    """Examples from test/ when the data set has train/ + test/, else from the class folders;
+    a class folder is listed as training lists it (recursively, the same extensions)."""
+    parts = train_test_folders(root)
+    test_root = parts[1] if parts else root
     items = []
     for c in classes:
         d = test_root / c
         if not d.is_dir():
             continue
-        files = sorted(p for p in d.iterdir()
-                       if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files, _ = list_image_files(d)
         for i, p in enumerate(sorted(rng.sample(files, min(per_class, len(files))))):
             items.append(GalleryItem(c, f"{display_name(c)} {i + 1}", path=p))
     return items
@@ -315,13 +317,11 @@ def gallery(config: dict[str, Any], classes: Sequence[str], per_class: int = 2,
             if not root.is_dir():
                 return [], f"The run's image folder {root} is no longer there."
             items = _folder_gallery(root, classes, per_class, rng)
-            note = None if (root / "test").is_dir() else (
+            note = None if train_test_folders(root) else (
                 "This data set has no separate test folder, so some examples may be pictures "
                 "the model trained on.")
         elif source == "cifar10":
-            from core.engine.data import default_datasets_dir
-
-            root = Path(path) if path else default_datasets_dir() / "cifar10"
+            root = cifar10_dir(path)
             try:
                 items = _cifar_gallery(root, classes, per_class, rng)
             except Exception:  # torchvision raises RuntimeError when the files are missing
