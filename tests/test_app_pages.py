@@ -218,6 +218,26 @@ def test_runs_page_shows_a_real_finished_run_with_results_and_downloads(finished
     at.button(key="runs.insights").click().run()  # on to the run's insights
     assert at.session_state["selected_run_id"] == run.id
     assert not at.exception
+    assert [t.value for t in at.title] == ["Run insights"]
+    assert at.selectbox(key="insights.run").value == run.id
+
+
+def test_insights_opens_the_run_picked_last_on_another_page(app_env):
+    """The Runs page's "Insights and export" opens its run on the Run insights page, also
+    after another run was shown there; picking one there is the run Runs opens next."""
+    a = seed_finished(app_env, "first", tiny_config(Path("/x")), 0.6, 0.55)
+    b = seed_finished(app_env, "second", tiny_config(Path("/x")), 0.7, 0.65)
+    at = open_page("app_pages/insights.py")
+    assert at.selectbox(key="insights.run").value == b.id  # newest
+    at.switch_page("app_pages/runs.py").run()
+    at.selectbox(key="runs.pick").set_value(a.id).run()
+    at.button(key="runs.insights").click().run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Run insights"]
+    assert at.selectbox(key="insights.run").value == a.id
+    at.selectbox(key="insights.run").set_value(b.id).run()
+    at.switch_page("app_pages/runs.py").run()
+    assert at.selectbox(key="runs.pick").value == b.id
 
 
 def test_runs_page_live_view_of_a_running_run(running_run):
@@ -386,3 +406,20 @@ def test_a_store_error_on_a_run_button_is_shown_not_raised(app_env, monkeypatch)
     assert not at.exception
     assert "the run store is locked by another program; try again" in [e.value for e in at.error]
     assert app_env.get_run(run.id) is not None
+
+
+def test_every_page_file_is_registered_and_renders_on_an_empty_store(app_env):
+    """streamlit_app.py lists every page (no page is skipped while "still being written"),
+    and each one renders without an error before the first run exists."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    tree = ast.parse((root / "streamlit_app.py").read_text(encoding="utf-8"))
+    pages = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PAGES")
+    files = sorted(f"app_pages/{p.name}" for p in (root / "app_pages").glob("*.py")
+                   if not p.name.startswith("_"))
+    assert sorted(path for path, _, _ in pages) == files
+    for path in files:
+        at = open_page(path)
+        assert not at.exception, (path, [e.value for e in at.exception])

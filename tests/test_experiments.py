@@ -183,3 +183,14 @@ def test_load_experiment_rejects_bad_ids_and_records(store):
     (store.root / "experiments").mkdir()
     (store.root / "experiments" / "exp-bad.json").write_text("{not json")
     assert ex.list_experiments(store) == []
+
+
+def test_saved_run_recipes_name_each_run_once_and_report_unusable_configs(store, tmp_path):
+    cfg = tiny_config(tmp_path)
+    a = store.create_run(cfgmod.to_dict(cfg), name="mine")
+    b = store.create_run(cfgmod.to_dict(replace(cfg, seed=3)), name="mine")
+    broken = store.create_run({**cfgmod.to_dict(cfg), "optimizer": "nope"}, name="old")
+    recipes, problems = ex.saved_run_recipes([a, b, broken], taken=["Two-stage"])
+    assert [n for n, _ in recipes] == ["config of mine", f"config of mine ({b.id})"]
+    assert recipes[1][1] == replace(cfg, seed=3)
+    assert len(problems) == 1 and problems[0].startswith(f"run {broken.id}: its config can no longer")

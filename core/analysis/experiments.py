@@ -398,3 +398,21 @@ def preset_recipes(names: Sequence[str], epochs: int, lr: float,
     """Presets as recipes sharing every run-level field of `base` (data, resolution,
     batch size, weights, device): only the stage plan differs, so a comparison is fair."""
     return [(n, replace(base, stages=cfgmod.preset_stages(n, epochs=epochs, lr=lr))) for n in names]
+
+
+def saved_run_recipes(runs: Sequence[Run], taken: Sequence[str] = ()
+                      ) -> tuple[list[tuple[str, cfgmod.RunConfig]], list[str]]:
+    """Earlier runs' configs as recipes named "config of <run>" (with the run id when the
+    name is taken), and a problem per run whose config can no longer be used."""
+    recipes: list[tuple[str, cfgmod.RunConfig]] = []
+    problems: list[str] = []
+    for run in runs:
+        i = run.id
+        try:
+            label = f"config of {run.name}"
+            if any(n == label for n in [*taken, *(n for n, _ in recipes)]):  # two runs with one name
+                label += f" ({i})"
+            recipes.append((label, cfgmod.from_dict(run.config)))
+        except cfgmod.ConfigError as exc:
+            problems.append(f"run {i}: its config can no longer be used ({exc})")
+    return recipes, problems

@@ -71,6 +71,17 @@ def stage_attribution(store: RunStore, run: Run) -> list[StageGain]:
     return out
 
 
+def attribution_words(gains: Sequence[StageGain]) -> str:
+    """The gains in one sentence: "stage 1 (layer4+fc) added +40.0 points over chance
+    level; stage 2 (...) added +2.1 points over stage 1." Empty when no stage has a gain."""
+    parts = []
+    for g in gains:
+        if g.gain is not None:
+            base = "chance level" if g.stage == 1 else f"stage {g.stage - 1}"
+            parts.append(f"stage {g.stage} ({g.trains}) added {100 * g.gain:+.1f} points over {base}")
+    return "; ".join(parts) + "." if parts else ""
+
+
 # ---------------------------------------------------------------- weight change
 
 
@@ -99,6 +110,18 @@ def weight_changes(run: Run) -> list[WeightChange]:
             if g in groups and groups[g] is not None and math.isfinite(float(groups[g])):
                 out.append(WeightChange(s, g, float(groups[g]), g in trained))
     return out
+
+
+def moved_groups_words(changes: Sequence[WeightChange]) -> str:
+    """Per stage, the trained groups by how far they moved: "stage 1: layer4 3.2 %, fc 9.1 %"."""
+    notes = []
+    for s in sorted({c.stage for c in changes}):
+        moved = sorted((c for c in changes if c.stage == s and c.trained),
+                       key=lambda c: -c.relative_change)
+        if moved:
+            notes.append(f"stage {s}: " + ", ".join(f"{c.group} {100 * c.relative_change:.1f} %"
+                                                    for c in moved))
+    return "; ".join(notes)
 
 
 # ---------------------------------------------------------------- confusion

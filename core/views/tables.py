@@ -11,14 +11,17 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from core.config import flatten
 from core.runs.store import MetricRow, Run
+
+if TYPE_CHECKING:
+    from core.analysis.experiments import ExperimentResults
 
 # Metric keys a page can plot, with a readable name and the unit on the y axis.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -221,6 +224,44 @@ def group_curve(name: str, runs: Sequence[Run], frames: Sequence[pd.DataFrame], 
                  n_runs=len(runs), bounds=bounds)
 
 
+def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs that share a group (seeds of one recipe), by group name; runs without one are left out."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.group:
+            groups.setdefault(r.group, []).append(r)
+    return groups
+
+
+def comparison_curves(entries: Sequence[tuple[str, Sequence[Run]]],
+                      frame_of: Callable[[Run], pd.DataFrame], key: str,
+                      align_stage2: bool = False) -> list[Curve]:
+    """One curve per compared entry: a run's own, or a group's mean ± std. `frame_of` reads
+    a run's metric rows (each run is read once)."""
+    frames: dict[str, pd.DataFrame] = {}
+
+    def frame(run: Run) -> pd.DataFrame:
+        if run.id not in frames:
+            frames[run.id] = frame_of(run)
+        return frames[run.id]
+
+    return [run_curve(members[0], frame(members[0]), key, align_stage2) if len(members) == 1
+            else group_curve(name, members, [frame(r) for r in members], key, align_stage2)
+            for name, members in entries]
+
+
+def entry_configs(entries: Sequence[tuple[str, Sequence[Run]]]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, config) per compared entry, for the config diff: a group's config is its first
+    run's, with the seeds of all its runs listed."""
+    named = []
+    for name, members in entries:
+        cfg = dict(members[0].config)
+        if len(members) > 1:
+            cfg["seed"] = ", ".join(str(v) for v in sorted(r.config.get("seed", 0) for r in members))
+        named.append((name, cfg))
+    return named
+
+
 def final_metrics_table(entries: Sequence[tuple[str, Sequence[Run]]]) -> pd.DataFrame:
     """One row per compared entry (a run, or a group of seeds: mean ± std)."""
     rows = []
@@ -267,3 +308,26 @@ def config_diff_table(named_configs: Sequence[tuple[str, dict[str, Any]]]) -> pd
 
 def _cell(v: Any) -> str:
     return "" if v is None else str(v)
+
+
+def fmt_points(m: float, s: float) -> str:
+    """A mean ± spread in percentage points: "91.0 ± 1.4", "91.0" without a spread, "–"."""
+    if math.isnan(m):
+        return "–"
+    return f"{m:.1f}" if math.isnan(s) else f"{m:.1f} ± {s:.1f}"
+
+
+def recipe_results_table(res: ExperimentResults) -> pd.DataFrame:
+    """One row per recipe of an experiment: finished runs, mean ± std per metric, per seed."""
+    rows = []
+    for r in res.recipes:
+        vm, vs = r.stat("val")
+        tm, ts = r.stat("test")
+        rows.append({"recipe": r.recipe.name,
+                     "finished": f"{r.n_done} of {len(r.runs)}",
+                     "best val acc (%)": fmt_points(vm, vs),
+                     "test acc (%)": fmt_points(tm, ts),
+                     "val acc per seed (%)": ", ".join(f"{v:.1f}" for v in r.val),
+                     "other": ", ".join(f"{n} {k}" for k, n in sorted(r.counts.items())
+                                        if k != "finished")})
+    return pd.DataFrame(rows)
