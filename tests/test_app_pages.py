@@ -330,7 +330,7 @@ def test_compare_overlays_runs_and_groups_and_diffs_configs(app_env):
 PAGE_TOP_MODULES = ("app_pages._common", "core.engine.datasets", "core.views.tables", "core.views.charts",
                     "core.analysis.experiments", "core.analysis.insights", "core.analysis.inference", "core.analysis.export",
                     "core.analysis.speed", "core.engine.paths", "core.runs.store", "core.config", "core.runs.jobs",
-                    "core.engine.model_info", "core.engine.image_types")
+                    "core.engine.model_info", "core.engine.image_types", "core.views.images")
 
 
 @pytest.mark.parametrize("module", PAGE_TOP_MODULES)

@@ -194,3 +194,17 @@ def test_saved_run_recipes_name_each_run_once_and_report_unusable_configs(store,
     assert [n for n, _ in recipes] == ["config of mine", f"config of mine ({b.id})"]
     assert recipes[1][1] == replace(cfg, seed=3)
     assert len(problems) == 1 and problems[0].startswith(f"run {broken.id}: its config can no longer")
+
+
+def test_scipy_is_imported_only_when_statistics_are_computed():
+    """The Experiments page imports this module at start-up: scipy loads on first use."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from core.analysis import experiments as ex; before = 'scipy' in sys.modules; "
+            "ex.welch_difference([1.0, 2.0], [3.0, 5.0]); print(before, 'scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
