@@ -82,23 +82,25 @@ def new_run_link(label: str = "New run") -> None:
 @st.fragment(run_every=SIDEBAR_REFRESH_S)
 def jobs_panel() -> None:
     """Running and queued jobs with progress; refreshes itself without rerunning the page.
-    reconcile (inside summary) marks runs whose worker died as failed."""
+    Until a supervisor does it (a later issue), the sidebar advances the queue: runs whose
+    worker died are marked failed and queued runs start in their place."""
     store = get_store()
     try:
+        jobs.advance_queue(store)
         s = jobs.summary(store)
     except StoreError as exc:
         st.warning(f"Job status unavailable: {exc}")
         return
     st.markdown("**Jobs**")
-    if not s["running"] and not s["queued"]:
+    if not s.running and not s.queued:
         st.caption("Nothing running. Start a run on **New run**.")
         return
-    for run in s["running"]:
+    for run in s.running:
         st.markdown(f"▶️ {run.name}")
         st.progress(progress_fraction(run), text=progress_text(run))
-    if s["queued"]:
-        st.caption(f"{len(s['queued'])} queued: " + ", ".join(r.name for r in s["queued"][:5])
-                   + (" …" if len(s["queued"]) > 5 else ""))
+    if s.queued:
+        st.caption(f"{len(s.queued)} queued: " + ", ".join(r.name for r in s.queued[:5])
+                   + (" …" if len(s.queued) > 5 else ""))
 
 
 def render_sidebar() -> None:

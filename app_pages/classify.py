@@ -6,7 +6,6 @@ Thin page: widgets -> core.analysis.inference -> render. Uploads stay in memory.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -52,9 +51,9 @@ def usable_predictor(run) -> inference.Predictor:
 
 
 @st.cache_resource(max_entries=8, show_spinner="Finding example pictures…")
-def load_gallery(config_json: str, classes: tuple[str, ...], per_class: int):
-    """Example pictures for a run's data (keyed on its config as JSON: dicts don't hash)."""
-    return inference.gallery(json.loads(config_json), list(classes), per_class=per_class)
+def load_gallery(source: str, path: str, classes: tuple[str, ...], per_class: int):
+    """Example pictures from a run's data."""
+    return inference.gallery(source, path, list(classes), per_class=per_class)
 
 
 def model_label(run) -> str:
@@ -89,7 +88,7 @@ def get_picture(run, predictor):
             return None
         return inference.decode_upload(photo.getvalue(), "camera photo"), "your photo", None
 
-    items, note = load_gallery(json.dumps(predictor.config, sort_keys=True, default=str),
+    items, note = load_gallery(run.config.data_source, run.config.data_path,
                                tuple(predictor.classes), 2 if len(predictor.classes) <= 6 else 1)
     if note:
         st.caption(note)
@@ -176,8 +175,8 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
 
 def before_after(run, img) -> None:
     st.subheader("Before and after")
-    n_stages = len(run.config.get("stages") or ())
-    models = inference.stage_checkpoints(get_store().run_dir(run.id), n_stages)
+    n_stages = len(run.config.stages)
+    models = inference.stage_checkpoints(get_store().files(run.id), n_stages)
     if models.note:
         st.caption(models.note)
         return

@@ -60,7 +60,7 @@ def confusion(run: Run) -> None:
     pairs = insights.confused_pairs(run.results, k=5)
     if not pairs:
         st.caption("No confusions recorded" + (" — every test image was right." if
-                                               run.results.get("confusion") else "."))
+                                               run.results.confusion else "."))
         return
     for p in pairs:
         st.markdown(f"- **{p.true}** taken for **{p.predicted}**: {p.count} time"

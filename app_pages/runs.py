@@ -6,12 +6,12 @@ Thin page: pick a run -> the store and core.runs.jobs -> core.views (tables, cha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import streamlit as st
 
 from app_pages._common import INSIGHTS_PAGE, SELECTED_RUN, get_store, no_runs_message, open_run, pick_run
+from core import config as cfgmod
 from core.runs import jobs
 from core.runs.store import Run, RunStore, StoreError
 from core.views import charts
@@ -92,7 +92,7 @@ def live_view(run_id: str) -> None:
 
 
 def summary_metrics(run: Run) -> None:
-    r = run.results or {}
+    r = run.results
     c = st.columns([1.2, 1, 1, 1.5, 0.7])
     best_at = f"stage {run.best_stage}, epoch {run.best_epoch}" if run.best_stage else None
     c[0].metric("Best validation accuracy", fmt_pct(run.best_val_acc, 2), help=best_at,
@@ -100,23 +100,24 @@ def summary_metrics(run: Run) -> None:
     c[1].metric("Test accuracy", fmt_pct(run.test_acc, 2),
                 help="Measured once, at the end, with the best checkpoint.")
     c[2].metric("Training time", fmt_duration(run.duration_s))
-    sizes = r.get("sizes") or {}
+    sizes = r.sizes
     c[3].metric("Images: train · val · test",
-                " · ".join(str(sizes.get(k, "—")) for k in ("train", "val", "test")))
-    c[4].metric("Classes", len(r.get("classes") or []) or "—")
-    if r.get("skipped_files"):
-        with st.expander(f"⚠️ {r['skipped_files']} unreadable files were skipped"):
-            st.code("\n".join(r.get("skipped_examples") or []))
+                " · ".join(str(n) for n in (sizes.train, sizes.val, sizes.test)) if sizes
+                else " · ".join("—" * 3))
+    c[4].metric("Classes", len(r.classes) or "—")
+    if r.skipped_files:
+        with st.expander(f"⚠️ {r.skipped_files} unreadable files were skipped"):
+            st.code("\n".join(r.skipped_examples))
 
 
 def results_view(store: RunStore, run: Run) -> None:
-    r = run.results or {}
+    r = run.results
     if run.status == "failed":
         st.error(f"This run failed: {run.error or 'no reason recorded'}")
     elif run.status == "cancelled":
         st.warning(f"This run was cancelled ({run.error or 'by request'}).")
     if run.status in ("failed", "cancelled"):
-        if (store.run_dir(run.id) / "last.pt").exists():
+        if store.files(run.id).last.exists():
             if st.button("Resume from the last completed epoch", key=P + "resume"):
                 if act(jobs.resume, store, run.id):
                     st.rerun()
@@ -124,12 +125,12 @@ def results_view(store: RunStore, run: Run) -> None:
             st.caption("No completed epoch to resume from.")
     summary_metrics(run)
     curves(run, read_metrics(store, run), P + "done.")
-    classes = r.get("classes") or []
-    if r.get("confusion") and classes:
+    classes = r.classes
+    if r.confusion and classes:
         left, right = st.columns(2)
-        left.plotly_chart(charts.confusion_figure(r["confusion"], classes), key=P + "confusion")
-        if r.get("per_class_acc"):
-            right.plotly_chart(charts.per_class_figure(r["per_class_acc"], classes),
+        left.plotly_chart(charts.confusion_figure(r.confusion, classes), key=P + "confusion")
+        if r.per_class_acc:
+            right.plotly_chart(charts.per_class_figure(r.per_class_acc, classes),
                                key=P + "per_class")
     downloads(store, run)
     if run.status == "finished" and st.button(
@@ -149,14 +150,14 @@ def downloads(store: RunStore, run: Run) -> None:
     if best and best.is_file():
         # A callable: the ~45 MB checkpoint is read only when the button is clicked.
         c[0].download_button("Best checkpoint (.pt)", data=lambda: best.read_bytes(),
-                             file_name=f"{run.id}-best.pt", mime="application/octet-stream",
+                             file_name=f"{run.id}-{best.name}", mime="application/octet-stream",
                              key=P + "dl_ckpt", on_click="ignore")
     else:
         c[0].caption("No checkpoint was saved.")
     c[1].download_button("Metrics (.csv)", data=lambda: metrics_csv(store.metrics(run.id)),
                          file_name=f"{run.id}-metrics.csv", mime="text/csv",
                          key=P + "dl_csv", on_click="ignore")
-    c[2].download_button("Config (.json)", data=json.dumps(run.config, indent=2, sort_keys=True),
+    c[2].download_button("Config (.json)", data=cfgmod.to_json(run.config),
                          file_name=f"{run.id}-config.json", mime="application/json",
                          key=P + "dl_cfg", on_click="ignore")
 
@@ -209,7 +210,7 @@ if not runs:
 run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was picked
 st.caption(f"**{recipe_text(run.config)}** · id `{run.id}`"
            + (f" · group {run.group}" if run.group else "")
-           + f" · {run.config.get('data_source')}, {run.config.get('weights')} weights")
+           + f" · {run.config.data_source}, {run.config.weights} weights")
 
 if run.is_active:
     stop_buttons(store, run)

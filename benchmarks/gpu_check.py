@@ -60,12 +60,12 @@ def main(argv=None) -> int:
                                        data_path=args.data, weights="random", device=args.device,
                                        max_train_images=args.max_images, batch_size=128)
             cfg = cfgmod.with_stage(cfg, 0, feature_cache=cache)
-            run = store.create_run(cfgmod.to_dict(cfg), name=f"gpu check cache={cache}")
+            run = store.create_run(cfg, name=f"gpu check cache={cache}")
             assert store.claim_run_now(run.id, os.getpid())
             status = execute_run(store, run.id)
             r = store.get_run(run.id)
             ips = [m.value for m in store.metrics(run.id, keys=["images_per_s"])]
-            res = {"status": status, "error": r.error, "device": (r.results or {}).get("device"),
+            res = {"status": status, "error": r.error, "device": r.results.device,
                    "best_val_acc": r.best_val_acc, "test_acc": r.test_acc,
                    "images_per_s_by_epoch": [round(v) for v in ips]}
             print(f"run (stage-1 feature cache={cache}):", res, flush=True)

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from core import config as cfgmod
-from core.runs.store import DATA_DIR_ENV, RunStore
+from core.runs.store import DATA_DIR_ENV, RunProgress, RunStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     report = preflight(cfg, store)  # bad data/weights fail here, before a run exists
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
-    run = store.create_run(cfgmod.to_dict(cfg), name=args.name)
+    run = store.create_run(cfg, name=args.name)
     # Claim it for this process (bypassing the queue: the user asked for it now).
     store.claim_run_now(run.id, os.getpid())
     print(f"run {run.id}: {' -> '.join(s.trains for s in cfg.stages)} "
@@ -112,14 +112,13 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     bar = tqdm(total=1000, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
                file=sys.stderr)
 
-    def on_progress(p: dict) -> None:
-        frac = p.get("fraction") or 0.0
-        bar.n = int(frac * 1000)
-        desc = p.get("phase", "")
-        if p.get("stage"):
-            desc = f"stage {p['stage']}/{p['stages']} epoch {p.get('epoch', '-')}/{p.get('epochs', '-')}"
-        elif p.get("message"):
-            desc = p["message"]
+    def on_progress(p: RunProgress) -> None:
+        bar.n = int(p.fraction * 1000)
+        desc = p.phase
+        if p.stage:
+            desc = f"stage {p.stage}/{p.stages} epoch {p.epoch or '-'}/{p.epochs or '-'}"
+        elif p.message:
+            desc = p.message
         bar.set_description(desc, refresh=False)
         bar.refresh()
 

@@ -87,7 +87,7 @@ def finished_run(tmp_path_factory, tiny_folder):
     from core.runs.worker import execute_run
 
     store = RunStore(tmp_path_factory.mktemp("finished") / "runs")
-    run = store.create_run(cfgmod.to_dict(tiny_config(tiny_folder)), name="tiny finished")
+    run = store.create_run(tiny_config(tiny_folder), name="tiny finished")
     assert store.claim_run_now(run.id, os.getpid())
     assert execute_run(store, run.id) == "finished"
     return store, store.get_run(run.id)

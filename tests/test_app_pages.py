@@ -18,7 +18,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import config as cfgmod
-from core.runs.store import RunStore
+from core.runs.store import RunProgress, RunResults, RunStore, SplitSizes
 from tests.conftest import tiny_config
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
@@ -45,7 +45,7 @@ def texts(at: AppTest) -> str:
 def seed_finished(store: RunStore, name: str, cfg: cfgmod.RunConfig, val: float, test: float,
                   group: str = ""):
     """A finished run with plausible metrics and results, written without training."""
-    run = store.create_run(cfgmod.to_dict(cfg), name=name, group=group)
+    run = store.create_run(cfg, name=name, group=group)
     assert store.claim_run_now(run.id, os.getpid())
     e1 = cfg.stages[0].epochs
     rows = []
@@ -60,10 +60,11 @@ def seed_finished(store: RunStore, name: str, cfg: cfgmod.RunConfig, val: float,
                  (stage, float(ge), 2 * ge, "val/acc", val * ge / cfg.total_epochs)]
     store.log_metrics(run.id, rows)
     store.set_best(run.id, val, len(cfg.stages), cfg.stages[-1].epochs, "")
-    store.set_results(run.id, test, {"classes": ["red", "green", "blue"],
-                                     "sizes": {"train": 27, "val": 9, "test": 12},
-                                     "per_class_acc": [1.0, 0.5, None],
-                                     "confusion": [[4, 0, 0], [2, 2, 0], [0, 0, 0]]})
+    store.set_results(run.id, RunResults(classes=["red", "green", "blue"],
+                                         sizes=SplitSizes(train=27, val=9, test=12),
+                                         per_class_acc=[1.0, 0.5, None],
+                                         confusion=[[4, 0, 0], [2, 2, 0], [0, 0, 0]]),
+                      test_acc=test)
     store.finish_run(run.id, "finished")
     return store.get_run(run.id)
 
@@ -73,15 +74,15 @@ def running_run(app_env, tiny_folder):
     """A run in status running whose 'worker' is a live stand-in process (its command line
     names the run, as jobs.reconcile checks), with progress and a few metrics."""
     store = app_env
-    run = store.create_run(cfgmod.to_dict(tiny_config(tiny_folder)), name="live one")
+    run = store.create_run(tiny_config(tiny_folder), name="live one")
     # Blocks on stdin until the test closes it: alive for exactly as long as needed.
     stand_in = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", run.id],
                                 stdin=subprocess.PIPE)
     try:
         assert store.claim_run_now(run.id, stand_in.pid)
-        store.heartbeat(run.id, {"phase": "training", "stage": 1, "stages": 2, "epoch": 1,
-                                 "epochs": 1, "global_epoch": 1, "total_epochs": 2, "step": 2,
-                                 "steps_per_epoch": 4, "fraction": 0.25, "eta_s": 30})
+        store.heartbeat(run.id, RunProgress(phase="training", stage=1, stages=2, epoch=1,
+                                            epochs=1, global_epoch=1, total_epochs=2, step=2,
+                                            steps_per_epoch=4, fraction=0.25, eta_s=30))
         store.log_metrics(run.id, [(1, 0.25, 1, "train/step_loss", 1.2), (1, 0.25, 1, "lr", 0.01),
                                    (1, 0.5, 2, "train/step_loss", 1.1), (1, 0.5, 2, "lr", 0.009)])
         yield store, store.get_run(run.id)
@@ -158,7 +159,7 @@ def test_a_valid_config_queues_a_run_and_opens_it(app_env, no_workers, tiny_fold
     assert len(runs) == 1
     run = runs[0]
     assert run.status == "queued" and run.name == "from the form"
-    cfg = cfgmod.from_dict(run.config)
+    cfg = cfgmod.check(run.config)
     assert cfg.data_source == "folder" and cfg.data_path == str(tiny_folder.resolve())
     assert cfg.weights == "random" and cfg.batch_size == 8
     assert [s.groups for s in cfg.stages] == [("layer4", "fc"), ("layer3", "layer4", "fc")]
@@ -176,7 +177,7 @@ def test_repeat_with_seeds_queues_a_group(app_env, no_workers, tiny_folder):
     at.number_input(key="new_run.repeats").set_value(3).run()
     at.button(key="new_run.start").click().run()
     runs = app_env.list_runs()
-    assert sorted(r.config["seed"] for r in runs) == [7, 8, 9]
+    assert sorted(r.config.seed for r in runs) == [7, 8, 9]
     assert {r.group for r in runs} == {"from the form"}
     assert all(r.status == "queued" for r in runs)
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from core.analysis.inference import MAX_UPLOAD_BYTES, ImageRejected, Predictor, decode_upload
-from core.engine.checkpoints import save_checkpoint
+from core.engine.checkpoints import Checkpoint, save_checkpoint
 from core.engine.data import Preprocess
 from core.engine.model import build_resnet18
 
@@ -26,8 +26,8 @@ torch.set_num_threads(1)
 def predictor(tmp_path_factory) -> Predictor:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_checkpoint(path, build_resnet18(5), {}, ["a", "b", "c", "d", "e"],
-                    Preprocess(resolution=32).to_dict(), 1, 1, {})
+    save_checkpoint(path, Checkpoint.of_model(build_resnet18(5), {}, ["a", "b", "c", "d", "e"],
+                                              Preprocess(resolution=32).to_dict(), 1, 1, {}))
     return Predictor.load(path)
 
 

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 
 from core import config as cfgmod
-from core.runs.store import MetricRow, Run
+from core.runs.store import MetricRow, Run, RunProgress
 from core.views import charts
 from core.views import tables as views
 
-TWO_STAGE = cfgmod.to_dict(cfgmod.preset_config("Two-stage", epochs=2))  # stages of 2 + 2 epochs
-ONE_STAGE = cfgmod.to_dict(cfgmod.preset_config("All at once", epochs=2))  # one stage, 4 epochs
+TWO_STAGE = cfgmod.preset_config("Two-stage", epochs=2)  # stages of 2 + 2 epochs
+ONE_STAGE = cfgmod.preset_config("All at once", epochs=2)  # one stage, 4 epochs
 
 
 def make_run(config=TWO_STAGE, name="r", **fields) -> Run:
@@ -76,12 +76,13 @@ def test_alignment_moves_stage_2_start_to_zero_but_leaves_one_stage_runs():
 
 def test_config_diff_table_lists_only_fields_that_differ():
     b = cfgmod.to_dict(cfgmod.with_stage(cfgmod.preset_config("Two-stage", epochs=2), 1, lr=0.005))
-    table = views.config_diff_table([("recipe", TWO_STAGE), ("lower lr", b), ("one stage", ONE_STAGE)])
+    two, one = cfgmod.to_dict(TWO_STAGE), cfgmod.to_dict(ONE_STAGE)
+    table = views.config_diff_table([("recipe", two), ("lower lr", b), ("one stage", one)])
     assert "stage 2.lr" in table.index
     assert "batch_size" not in table.index  # equal everywhere
     assert table.loc["stage 2.lr", "lower lr"] == "0.005"
     assert table.loc["stage 2.lr", "one stage"] == "—"  # it has no stage 2
-    same = views.config_diff_table([("a", TWO_STAGE), ("b", TWO_STAGE)])
+    same = views.config_diff_table([("a", two), ("b", two)])
     assert same.empty
 
 
@@ -96,9 +97,9 @@ def test_final_metrics_table_aggregates_groups_as_mean_and_std():
 
 
 def test_progress_text_and_fraction_describe_where_a_run_is():
-    running = make_run(status="running", progress={
-        "phase": "training", "stage": 2, "stages": 2, "epoch": 1, "epochs": 3, "step": 5,
-        "steps_per_epoch": 10, "fraction": 0.7, "eta_s": 125})
+    running = make_run(status="running", progress=RunProgress(
+        phase="training", stage=2, stages=2, epoch=1, epochs=3, step=5,
+        steps_per_epoch=10, fraction=0.7, eta_s=125))
     assert views.progress_text(running) == "Stage 2/2 · epoch 1/3 · step 5/10 · about 2 min 05 s left"
     assert views.progress_fraction(running) == 0.7
     assert views.progress_fraction(make_run(status="finished")) == 1.0
@@ -169,7 +170,7 @@ def test_confusion_figure_rows_are_true_classes():
 
 
 def test_recipe_figure_marks_trained_groups_per_stage():
-    fig = charts.recipe_figure(TWO_STAGE["stages"])
+    fig = charts.recipe_figure(TWO_STAGE.stages)
     z = [list(r) for r in fig.data[0].z]
     assert z == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]
 
@@ -193,7 +194,7 @@ def test_group_label_drops_the_seed_suffix():
     from core.views.tables import group_label
 
     def run(name):
-        return Run(id=name, name=name, group="g", status="finished", config={}, created_at=0.0)
+        return Run(id=name, name=name, group="g", status="finished", config=cfgmod.RunConfig(), created_at=0.0)
 
     assert group_label([run("Exp: Two-stage seed 0"), run("Exp: Two-stage seed 1")]) == "Exp: Two-stage"
     assert group_label([run("alpha"), run("beta")]) == "alpha"

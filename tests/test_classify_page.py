@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from core import config as cfgmod
 from core.analysis.inference import MAX_UPLOAD_BYTES
-from core.engine.checkpoints import save_checkpoint
+from core.engine.checkpoints import Checkpoint, save_checkpoint
 from core.engine.data import Preprocess
 from core.engine.model import build_resnet18
 from core.runs.store import RunStore
@@ -34,21 +34,22 @@ def png_bytes(colour=(200, 40, 40), size=(40, 30), fmt="PNG") -> bytes:
     return buf.getvalue()
 
 
-def add_model_run(store: RunStore, config: dict, name: str, val_acc: float, seed: int = 0):
+def add_model_run(store: RunStore, config: cfgmod.RunConfig, name: str, val_acc: float,
+                  seed: int = 0):
     """A finished run with random-weight checkpoints (best, last and, for multi-stage runs,
     stage1): what the worker leaves behind, without spending time training."""
     run = store.create_run(config, name=name)
     assert store.claim_run_now(run.id, os.getpid())
-    run_dir = store.run_dir(run.id)
-    pre = Preprocess(resolution=config["resolution"]).to_dict()
-    n_stages = len(config["stages"])
-    for file_name, stage in (("best.pt", n_stages), ("last.pt", n_stages), ("stage1.pt", 1)):
-        if file_name == "stage1.pt" and n_stages < 2:
+    files = store.files(run.id)
+    pre = Preprocess(resolution=config.resolution).to_dict()
+    n_stages = len(config.stages)
+    for path, stage in ((files.best, n_stages), (files.last, n_stages), (files.stage_end(1), 1)):
+        if path == files.stage_end(1) and n_stages < 2:
             continue
         torch.manual_seed(seed + stage)
-        save_checkpoint(run_dir / file_name, build_resnet18(len(FIVE)), config, list(FIVE), pre,
-                        stage, 1, {"val_acc": val_acc})
-    store.set_best(run.id, val_acc, n_stages, 1, str(run_dir / "best.pt"))
+        save_checkpoint(path, Checkpoint.of_model(build_resnet18(len(FIVE)), cfgmod.to_dict(config),
+                                                  list(FIVE), pre, stage, 1, {"val_acc": val_acc}))
+    store.set_best(run.id, val_acc, n_stages, 1, files.best)
     store.finish_run(run.id, "finished")
     return store.get_run(run.id)
 
@@ -59,9 +60,9 @@ def five_class_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("classify")
     data = make_image_folder(root / "colors5", per_class=6, classes=FIVE)
     store = RunStore(root / "runs")
-    two = cfgmod.to_dict(tiny_config(data, classes=FIVE))
-    one = cfgmod.to_dict(cfgmod.preset_config("Head only", data_source="folder", data_path=str(data),
-                                              weights="random", classes=FIVE, device="cpu"))
+    two = tiny_config(data, classes=FIVE)
+    one = cfgmod.preset_config("Head only", data_source="folder", data_path=str(data),
+                               weights="random", classes=FIVE, device="cpu")
     runs = {
         "two-stage": add_model_run(store, two, "two-stage", 0.80),
         "one-stage": add_model_run(store, one, "one-stage", 0.60, seed=10),
@@ -114,7 +115,7 @@ def test_real_finished_run_classifies_an_example(monkeypatch, finished_run):
     assert at.selectbox(key="classify.run").value == run.id
     at.radio(key="classify.source").set_value("Pick an example").run()
     assert_ok(at)
-    assert best_guess(at) in run.results["classes"]
+    assert best_guess(at) in run.results.classes
     assert at.header[0].value.startswith(("Pretty sure this is", "Not sure"))
     assert "This example really is:" in texts(at)
     assert len(chart_classes(at)) == 3  # three classes: top-5 shows all three

@@ -192,7 +192,7 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     runs = store.list_runs()
     assert [r.status for r in runs] == ["finished"], [(r.status, r.error) for r in runs]
     assert runs[0].name == "browser run"
-    cfg = cfgmod.from_dict(runs[0].config)
+    cfg = cfgmod.check(runs[0].config)
     assert cfg.data_source == "folder" and cfg.weights == "random"
     wait_idle(page)
     shot(page, "run-finished", "run.png", height=1900)

@@ -11,6 +11,7 @@ import pytest
 
 from core import config as cfgmod
 from core.analysis import experiments as ex
+from core.runs.store import RunResults
 from tests.conftest import tiny_config
 
 # ---------------------------------------------------------------- statistics
@@ -153,7 +154,7 @@ def test_submit_records_groups_and_results_compute_stats(store, tiny_folder, mon
 
     runs = {r.recipe.name: r for r in ex.experiment_results(store, exp).recipes}
     assert all(len(r.runs) == 3 and r.counts == {"queued": 3} for r in runs.values())
-    assert sorted(x.config["seed"] for x in runs["Two-stage"].runs) == [0, 1, 2]
+    assert sorted(x.config.seed for x in runs["Two-stage"].runs) == [0, 1, 2]
 
     # Pretend the runs finished with known accuracies.
     accs = {"Two-stage": [0.80, 0.82, 0.84], "All at once": [0.78, 0.79, 0.80]}
@@ -161,7 +162,7 @@ def test_submit_records_groups_and_results_compute_stats(store, tiny_folder, mon
         for run, acc in zip(rr.runs, accs[name]):
             assert store.claim_run_now(run.id, os.getpid())
             store.set_best(run.id, acc, 1, 1, "")
-            store.set_results(run.id, acc - 0.01, {})
+            store.set_results(run.id, RunResults(), test_acc=acc - 0.01)
             store.finish_run(run.id, "finished")
     res = ex.experiment_results(store, exp)
     two, all_ = res.recipes
@@ -187,13 +188,19 @@ def test_load_experiment_rejects_bad_ids_and_records(store):
 
 def test_saved_run_recipes_name_each_run_once_and_report_unusable_configs(store, tmp_path):
     cfg = tiny_config(tmp_path)
-    a = store.create_run(cfgmod.to_dict(cfg), name="mine")
-    b = store.create_run(cfgmod.to_dict(replace(cfg, seed=3)), name="mine")
-    broken = store.create_run({**cfgmod.to_dict(cfg), "optimizer": "nope"}, name="old")
-    recipes, problems = ex.saved_run_recipes([a, b, broken], taken=["Two-stage"])
+    a = store.create_run(cfg, name="mine")
+    b = store.create_run(replace(cfg, seed=3), name="mine")
+    invalid = store.create_run(replace(cfg, val_fraction=5.0), name="old rules")
+    unreadable = store.create_run(cfg, name="old schema")
+    with store._write() as con:  # a config written by a version whose fields are gone
+        con.execute("UPDATE runs SET config=? WHERE id=?", ('{"stages": "nope"}', unreadable.id))
+    unreadable = store.get_run(unreadable.id)
+    assert unreadable.config_error
+    recipes, problems = ex.saved_run_recipes([a, b, invalid, unreadable], taken=["Two-stage"])
     assert [n for n, _ in recipes] == ["config of mine", f"config of mine ({b.id})"]
     assert recipes[1][1] == replace(cfg, seed=3)
-    assert len(problems) == 1 and problems[0].startswith(f"run {broken.id}: its config can no longer")
+    assert [p.split(":")[0] for p in problems] == [f"run {invalid.id}", f"run {unreadable.id}"]
+    assert all("its config can no longer be used" in p for p in problems)
 
 
 def test_scipy_is_imported_only_when_statistics_are_computed():

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
+from core import config as cfgmod
 from core.analysis import experiments as ex
 from core.runs import jobs
-from core.runs.store import RunStore
+from core.runs.store import RunResults, RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = str(ROOT / "app_pages" / "experiments.py")
@@ -62,11 +63,11 @@ def test_submit_experiment_then_verdict(app_env, no_workers):
     # The runs "finish" with known accuracies: the page shows the statistics and verdict.
     accs = {0: [0.90, 0.92], 1: [0.70, 0.71]}
     for i, recipe in enumerate(exp.recipes):
-        for run, acc in zip(sorted(app_env.list_runs(group=recipe.group), key=lambda r: r.config["seed"]),
+        for run, acc in zip(sorted(app_env.list_runs(group=recipe.group), key=lambda r: r.config.seed),
                             accs[i]):
             app_env.claim_run_now(run.id, os.getpid())
             app_env.set_best(run.id, acc, 1, 1, "")
-            app_env.set_results(run.id, acc, {})
+            app_env.set_results(run.id, RunResults(), test_acc=acc)
             app_env.finish_run(run.id, "finished")
     at.run()
     assert not at.exception
@@ -86,7 +87,7 @@ def test_insights_page_with_finished_run(app_env, finished_run, monkeypatch):
     assert "Most confused classes" in body
     at.toggle(key=f"insights.losses.{run.id}").set_value(True).run()
     assert not at.exception
-    wrong = sum(run.results["confusion"][i][j] for i in range(3) for j in range(3) if i != j)
+    wrong = sum(run.results.confusion[i][j] for i in range(3) for j in range(3) if i != j)
     if wrong:
         assert len(at.get("image")) >= 1
     else:
@@ -185,4 +186,4 @@ def test_saved_run_config_as_a_recipe(finished_run, monkeypatch, tmp_path, tiny_
     [exp] = ex.list_experiments(RunStore(root))
     assert [r.name for r in exp.recipes] == ["All at once", "config of tiny finished"]
     saved = exp.recipes[1].config
-    assert saved["stages"] == run.config["stages"] and saved["batch_size"] == 8
+    assert saved["stages"] == cfgmod.to_dict(run.config)["stages"] and saved["batch_size"] == 8

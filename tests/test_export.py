@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from core.analysis import export
+from core.config import RunConfig
 from core.engine.checkpoints import read_checkpoint
 from core.engine.data import Preprocess, load_splits
 
@@ -31,8 +32,8 @@ def _test_images(run):
     cfg = run.config
     ckpt = read_checkpoint(run.best_checkpoint)
     pre = Preprocess.from_dict(ckpt.preprocess)
-    splits = load_splits("folder", cfg["data_path"], pre, val_fraction=cfg["val_fraction"],
-                         seed=cfg["seed"])
+    splits = load_splits("folder", cfg.data_path, pre, val_fraction=cfg.val_fraction,
+                         seed=cfg.seed)
     return ckpt, pre, splits.test.images
 
 
@@ -65,7 +66,7 @@ def test_export_folder_readme_metrics_and_zip(exported):
     names = set(result.files)
     assert {export.TORCHSCRIPT_NAME, "README.md", "metrics.csv", "classes.json",
             "preprocess.json", "config.json"} <= names
-    assert json.loads((result.folder / "classes.json").read_text()) == run.results["classes"]
+    assert json.loads((result.folder / "classes.json").read_text()) == run.results.classes
     readme = (result.folder / "README.md").read_text()
     assert "torch.jit.load" in readme and "N x 3 x 32 x 32" in readme
     assert "[0.485, 0.456, 0.406]" in readme and "onnxruntime" in readme
@@ -78,7 +79,7 @@ def test_export_folder_readme_metrics_and_zip(exported):
 
 
 def test_export_without_checkpoint_fails_plainly(store):
-    run = store.create_run({"stages": []}, name="empty")
+    run = store.create_run(RunConfig(stages=()), name="empty")
     with pytest.raises(export.ExportError, match="no best checkpoint"):
         export.export_run(store, run)
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from core.config import RunConfig
 from core.engine.checkpoints import CheckpointError, atomic_torch_save, read_checkpoint
 from core.engine.model import WeightsError, build_model, imagenet_state_dict, load_weights_file
 from core.engine.paths import PathNotAllowed, resolve_user_path
@@ -48,9 +49,8 @@ def test_run_survives_the_server_process_group_being_killed(store, tiny_folder, 
 
 
 def test_stale_running_row_after_a_machine_restart_is_failed_and_resumable(store, tiny_folder):
-    from core import config as cfgmod
 
-    run = store.create_run(cfgmod.to_dict(tiny_config(tiny_folder)))
+    run = store.create_run(tiny_config(tiny_folder))
     # What a machine restart leaves: status running, a pid that no longer exists.
     store.claim_run_now(run.id, pid=2**22 + 12345)
     assert jobs.reconcile(store) == [run.id]
@@ -64,7 +64,7 @@ def test_stale_running_row_after_a_machine_restart_is_failed_and_resumable(store
 def test_heartbeat_bound_marks_silent_workers_on_other_hosts_failed(store):
     from dataclasses import replace
 
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.claim_run_now(run.id, os.getpid())
     elsewhere = replace(store.get_run(run.id), host="another-machine")  # its pid is not ours to check
     now = time.time()
@@ -77,14 +77,14 @@ def test_heartbeat_bound_marks_silent_workers_on_other_hosts_failed(store):
 
 def test_a_foreground_cli_run_is_not_declared_dead(store):
     """The CLI trains in its own process (no run id on its command line)."""
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.claim_run_now(run.id, os.getpid())
     assert jobs.reconcile(store) == []
     assert store.get_run(run.id).status == "running"
 
 
 def test_a_reused_pid_does_not_count_as_the_worker(store):
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.claim_run_now(run.id, os.getpid())
     with sqlite3.connect(store.db_path) as con:  # as if our pid had been recycled
         con.execute("UPDATE runs SET pid_start='1' WHERE id=?", (run.id,))
@@ -92,7 +92,7 @@ def test_a_reused_pid_does_not_count_as_the_worker(store):
 
 
 def test_a_settled_run_tells_its_worker_to_stop(store):
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.claim_run_now(run.id, os.getpid())
     assert store.heartbeat(run.id) is False
     store.finish_run(run.id, "failed", "declared dead")

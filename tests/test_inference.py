@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from core import config as cfgmod
 from core.analysis import inference
 from core.analysis.inference import Prediction, Predictor
-from core.engine.checkpoints import CheckpointError, atomic_torch_save, save_checkpoint
+from core.config import RunConfig, StageConfig
+from core.engine.checkpoints import Checkpoint, CheckpointError, atomic_torch_save, save_checkpoint
 from core.engine.data import Preprocess
 from core.engine.model import build_resnet18
+from core.runs.files import RunFiles
 from tests.conftest import make_image_folder, tiny_config
 
 torch.set_num_threads(1)
@@ -27,9 +28,9 @@ FIVE = ("red", "green", "blue", "cyan", "magenta")
 def write_checkpoint(path: Path, classes=FIVE, resolution: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = build_resnet18(len(classes))
-    save_checkpoint(path, model, {"data_source": "folder"}, list(classes),
-                    Preprocess(resolution=resolution).to_dict(), stage=2, epoch=1,
-                    metrics={"val_acc": 0.5})
+    save_checkpoint(path, Checkpoint.of_model(
+        model, {"data_source": "folder"}, list(classes), Preprocess(resolution=resolution).to_dict(),
+        stage=2, epoch=1, metrics={"val_acc": 0.5}))
     return path
 
 
@@ -156,7 +157,7 @@ def test_other_architecture_is_a_clear_error(tmp_path):
 
 
 def _make_run(store, status: str, val_acc: float | None, with_checkpoint: bool = True, name: str = ""):
-    run = store.create_run({"stages": [{}, {}]}, name=name or status)
+    run = store.create_run(RunConfig(stages=(StageConfig(), StageConfig())), name=name or status)
     if status != "queued":
         assert store.claim_run_now(run.id, os.getpid())
     if with_checkpoint:
@@ -189,27 +190,28 @@ def test_classifiable_runs_and_default_choice(store):
 
 
 def test_stage_checkpoints(tmp_path):
-    one = inference.stage_checkpoints(tmp_path, n_stages=1)
+    files = RunFiles(tmp_path, "r")
+    one = inference.stage_checkpoints(files, n_stages=1)
     assert one.stage1 is None and "only one stage" in one.note
     write_checkpoint(tmp_path / "last.pt")
-    early = inference.stage_checkpoints(tmp_path, n_stages=2)
+    early = inference.stage_checkpoints(files, n_stages=2)
     assert early.stage1 is None and "before stage 1 ended" in early.note
     assert early.final == tmp_path / "last.pt"
     write_checkpoint(tmp_path / "stage1.pt")
-    both = inference.stage_checkpoints(tmp_path, n_stages=2)
+    both = inference.stage_checkpoints(files, n_stages=2)
     assert (both.stage1, both.final, both.note) == (tmp_path / "stage1.pt", tmp_path / "last.pt", None)
 
 
 def test_before_and_after_on_a_real_two_stage_run(finished_run):
     store, run = finished_run
-    models = inference.stage_checkpoints(store.run_dir(run.id), len(run.config["stages"]))
+    models = inference.stage_checkpoints(store.files(run.id), len(run.config.stages))
     assert models.note is None
     before, after = Predictor.load(models.stage1), Predictor.load(models.final)
     assert before.stage == 1 and after.stage == 2
     img = Image.new("RGB", (32, 32), (200, 40, 40))
     # Stage 2 trained layer3 too: the two models must not be the same function.
     assert not torch.allclose(before.probabilities(img), after.probabilities(img))
-    assert [p.label for p in after.predict(img)] != [] and after.classes == run.results["classes"]
+    assert [p.label for p in after.predict(img)] != [] and after.classes == run.results.classes
 
 
 # ---------------------------------------------------------------- gallery
@@ -217,27 +219,27 @@ def test_before_and_after_on_a_real_two_stage_run(finished_run):
 
 def test_gallery_from_test_folder_is_stable(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=9, classes=FIVE)
-    cfg = cfgmod.to_dict(tiny_config(root))
-    items, note = inference.gallery(cfg, list(FIVE), per_class=2)
+    cfg = tiny_config(root)
+    items, note = inference.gallery(cfg.data_source, cfg.data_path, list(FIVE), per_class=2)
     assert note is None
     assert len(items) == 10
     assert [i.true_label for i in items] == [c for c in FIVE for _ in range(2)]
     assert all(i.path.parent.parent == root / "test" for i in items)  # never training images
     assert items[0].open().mode == "RGB"
-    again, _ = inference.gallery(cfg, list(FIVE), per_class=2)
+    again, _ = inference.gallery(cfg.data_source, cfg.data_path, list(FIVE), per_class=2)
     assert [i.path for i in again] == [i.path for i in items]
     # Only the model's classes.
-    some, _ = inference.gallery(cfg, ["blue"], per_class=3)
+    some, _ = inference.gallery(cfg.data_source, cfg.data_path, ["blue"], per_class=3)
     assert {i.true_label for i in some} == {"blue"} and len(some) == 3
 
 
 def test_gallery_notes(tmp_path):
     flat = make_image_folder(tmp_path / "flat", per_class=3, split=False)
-    items, note = inference.gallery({"data_source": "folder", "data_path": str(flat)}, ["red"])
+    items, note = inference.gallery("folder", str(flat), ["red"])
     assert len(items) == 2 and "may be pictures the model trained on" in note
-    items, note = inference.gallery({"data_source": "folder", "data_path": str(tmp_path / "gone")}, ["red"])
+    items, note = inference.gallery("folder", str(tmp_path / "gone"), ["red"])
     assert items == [] and "no longer there" in note
-    items, note = inference.gallery({"data_source": "cifar10", "data_path": str(tmp_path / "none")}, ["cat"])
+    items, note = inference.gallery("cifar10", str(tmp_path / "none"), ["cat"])
     assert items == [] and "CIFAR-10" in note
 
 
@@ -259,8 +261,7 @@ def test_gallery_lists_a_class_folder_as_training_does(tmp_path):
     Image.new("RGB", (8, 8), (200, 0, 0)).save(nested / "deep.png")
     (root / "test" / "red" / "notes.txt").write_text("not a picture")
     (root / "test" / "red" / ".hidden.png").write_bytes(b"")
-    items, _ = inference.gallery({"data_source": "folder", "data_path": str(root)}, ["red"],
-                                 per_class=50)
+    items, _ = inference.gallery("folder", str(root), ["red"], per_class=50)
     listed = sorted(i.path for i in items)
     names, trained_on, _ = scan_folder(root / "test")
     assert listed == sorted(trained_on[names.index("red")])

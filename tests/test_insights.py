@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from core import config as cfgmod
 from core.analysis import insights
-from core.runs.store import Run
+from core.runs.store import Run, RunResults, results_from_json
 from tests.conftest import tiny_config
 
 
 def _run_with(store, cfg, results=None) -> Run:
-    run = store.create_run(cfgmod.to_dict(cfg), name="synthetic")
+    """A run whose stored results are `results` as JSON (read back by the store's parser)."""
+    run = store.create_run(cfg, name="synthetic")
     if results is not None:
-        store.set_results(run.id, None, results)
+        store.set_results(run.id, results_from_json(json.dumps(results)))
     return store.get_run(run.id)
 
 
@@ -61,13 +63,13 @@ def test_weight_changes_marks_trained_groups(store, tiny_folder):
 
 
 def test_confused_pairs_sorted_by_count_with_rates():
-    results = {"classes": ["cat", "dog", "car"],
-               "confusion": [[5, 4, 1], [2, 8, 0], [0, 0, 10]]}
+    results = RunResults(classes=["cat", "dog", "car"],
+                         confusion=[[5, 4, 1], [2, 8, 0], [0, 0, 10]])
     pairs = insights.confused_pairs(results, k=2)
     assert [(p.true, p.predicted, p.count) for p in pairs] == [("cat", "dog", 4), ("dog", "cat", 2)]
     assert pairs[0].rate == pytest.approx(0.4)
-    assert insights.confused_pairs({"confusion": [[3, 0], [0, 3]]}) == []
-    assert insights.confused_pairs({}) == []
+    assert insights.confused_pairs(RunResults(confusion=[[3, 0], [0, 3]])) == []
+    assert insights.confused_pairs(RunResults()) == []
 
 
 def test_finished_run_has_attribution_and_weight_change(finished_run):
@@ -86,8 +88,8 @@ def test_finished_run_has_attribution_and_weight_change(finished_run):
 def test_top_losses_are_wrong_and_sorted_by_confidence(finished_run):
     store, run = finished_run
     losses = insights.top_losses(store, run, k=50)
-    n_test = run.results["sizes"]["test"]
-    wrong_total = n_test - sum(run.results["confusion"][i][i] for i in range(3))
+    n_test = run.results.sizes.test
+    wrong_total = n_test - sum(run.results.confusion[i][i] for i in range(3))
     assert len(losses) == wrong_total
     assert all(t.true != t.predicted for t in losses)
     conf = [t.confidence for t in losses]
@@ -96,10 +98,10 @@ def test_top_losses_are_wrong_and_sorted_by_confidence(finished_run):
     if losses:
         assert losses[0].image.shape == (32, 32, 3) and str(losses[0].image.dtype) == "uint8"
         # Agrees with the stored confusion matrix: each (true, pred) cell count matches.
-        classes = run.results["classes"]
+        classes = run.results.classes
         for t in {(x.true, x.predicted) for x in losses}:
             n = sum(1 for x in losses if (x.true, x.predicted) == t)
-            assert n == run.results["confusion"][classes.index(t[0])][classes.index(t[1])]
+            assert n == run.results.confusion[classes.index(t[0])][classes.index(t[1])]
 
 
 def test_top_losses_without_checkpoint(store, tiny_folder):

@@ -96,7 +96,7 @@ def test_killed_worker_is_reported_failed_and_can_resume(store, tiny_folder):
     read_checkpoint(failed.best_checkpoint)  # intact
     epochs_before = {m.epoch for m in store.metrics(run.id, keys=["val/acc"])}
 
-    last_step = store.get_run(run.id).results["last_step"]
+    last_step = store.get_run(run.id).last_step
     assert store.requeue(run.id)  # rows past the resumable point go in the same transaction
     assert max(m.step for m in store.metrics(run.id)) <= last_step
     jobs.resume(store, run.id)
@@ -133,12 +133,12 @@ def test_corrupt_and_non_image_files_are_skipped_and_counted(store, tmp_path):
     root = make_image_folder(tmp_path / "dirty", per_class=6)
     (root / "train" / "red" / "notes.txt").write_text("not an image")
     (root / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    run = store.create_run(cfgmod.to_dict(tiny_config(root)))
+    run = store.create_run(tiny_config(root))
     store.claim_run_now(run.id, os.getpid())
     assert execute_run(store, run.id) == "finished"
     results = store.get_run(run.id).results
-    assert results["skipped_files"] == 2
-    assert any("broken.jpg" in s for s in results["skipped_examples"])
+    assert results.skipped_files == 2
+    assert any("broken.jpg" in s for s in results.skipped_examples)
 
 
 def test_start_from_another_runs_checkpoint_with_new_classes(store, finished_run, tmp_path):
@@ -148,15 +148,15 @@ def test_start_from_another_runs_checkpoint_with_new_classes(store, finished_run
     other = make_image_folder(tmp_path / "two", per_class=6, classes=("cyan", "pink"))
     # A run in another store cannot be named by id; use its checkpoint as a weights file.
     cfg = tiny_config(other, weights="file", weights_path=src.best_checkpoint)
-    run = store.create_run(cfgmod.to_dict(cfg))
+    run = store.create_run(cfg)
     store.claim_run_now(run.id, os.getpid())
     assert execute_run(store, run.id) == "finished", store.get_run(run.id).error
-    assert "new head" in store.get_run(run.id).results["weights"]
+    assert "new head" in store.get_run(run.id).results.weights
 
 
 def test_force_stop_ends_a_run_that_ignores_cancel(store, tiny_folder):
     run = jobs.submit(store, _long_config(tiny_folder))
-    wait_for(lambda: store.get_run(run.id).progress.get("phase") == "training", 120, "training")
+    wait_for(lambda: store.get_run(run.id).progress.phase == "training", 120, "training")
     pid = store.get_run(run.id).pid
     stopped = jobs.kill(store, run.id)
     assert stopped.status == "cancelled" and "force-stopped" in stopped.error
@@ -171,7 +171,19 @@ def test_a_dead_workers_queue_moves_on_when_a_page_looks(store, tiny_folder, mon
     assert store.get_run(second.id).status == "queued"
     os.kill(store.get_run(first.id).pid, signal.SIGKILL)
     # What the sidebar does on every refresh: the dead run is settled, the next one starts.
-    wait_for(lambda: jobs.summary(store)["running"] and store.get_run(second.id).status != "queued",
+    wait_for(lambda: jobs.advance_queue(store) is not None and jobs.summary(store).running
+             and store.get_run(second.id).status != "queued",
              30, "the queued run to start")
     assert store.get_run(first.id).status == "failed"
     wait_for(lambda: store.get_run(second.id).status == "finished", 120, "the second run")
+
+
+def test_the_sidebar_read_starts_nothing(store, tiny_folder):
+    run = jobs.submit(store, tiny_config(tiny_folder), start=False)
+    first = jobs.summary(store)
+    assert [r.id for r in first.queued] == [run.id] and first.running == []
+    assert store.get_run(run.id).status == "queued" and store.get_run(run.id).pid is None
+    # The named action is what starts it.
+    assert jobs.advance_queue(store) == [run.id]
+    assert [r.id for r in jobs.summary(store).running] == [run.id]
+    wait_for(lambda: store.get_run(run.id).status == "finished", 120, "the run")

@@ -35,6 +35,7 @@ from core.engine.train import (
     make_scheduler,
     train_one_epoch,
 )
+from core.runs.store import RunResults
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -283,8 +284,8 @@ def test_estimate_model_orders_stages_sensibly():
 
 def test_estimate_uses_measured_speed_from_the_store(store):
     cfg = cfgmod.preset_config("Two-stage", resolution=32)
-    run = store.create_run(cfgmod.to_dict(cfg), name="measured")
-    store.merge_results(run.id, {"device": "cpu"})
+    run = store.create_run(cfg, name="measured")
+    store.set_results(run.id, RunResults(device="cpu"))
     store.log_metrics(run.id, [(1, 1.0, 10, "images_per_s", 1000.0),
                                (1, 2.0, 20, "images_per_s", 1200.0),
                                (2, 3.0, 30, "images_per_s", 500.0)])

@@ -1,6 +1,5 @@
 """The run store: entities, incremental reads, concurrency, and failure modes."""
 
-import json
 import sqlite3
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import time
 
 import pytest
 
+from core.config import RunConfig
 from core.runs.store import RunStore, StoreError
 
 WRITERS, READERS = 4, 8
@@ -16,8 +16,9 @@ BATCHES, ROWS_PER_BATCH = 150, 5  # per writer: 750 rows, one transaction per ba
 
 
 def test_runs_are_plain_entities(store):
-    run = store.create_run({"a": 1}, name="first", group="g")
-    assert run.status == "queued" and run.config == {"a": 1} and run.group == "g"
+    config = RunConfig(seed=1)
+    run = store.create_run(config, name="first", group="g")
+    assert run.status == "queued" and run.config == config and run.group == "g"
     assert store.get_run("nope") is None
     assert [r.id for r in store.list_runs(statuses=("queued",))] == [run.id]
     assert store.list_runs(group="other") == []
@@ -29,7 +30,7 @@ def test_runs_are_plain_entities(store):
 
 
 def test_incremental_metric_reads(store):
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.log_metrics(run.id, [(1, 0.5, 1, "train/step_loss", 2.0), (1, 1.0, 2, "val/acc", 0.5)])
     first = store.metrics(run.id)
     assert [m.key for m in first] == ["train/step_loss", "val/acc"]
@@ -41,16 +42,16 @@ def test_incremental_metric_reads(store):
 
 WRITER = """
 import sys
-from core.runs.store import RunStore
+from core.runs.store import RunProgress, RunStore
 store = RunStore(sys.argv[1])
 for b in range({batches}):
     store.log_metrics(sys.argv[2], [(1, b, b * {rows} + i, "train/step_loss", float(i)) for i in range({rows})])
-    store.heartbeat(sys.argv[2], {{"step": b}})
+    store.heartbeat(sys.argv[2], RunProgress(step=b))
 """
 
 
 def test_four_writers_and_eight_readers_lose_nothing(store):
-    runs = [store.create_run({}, name=f"w{i}") for i in range(WRITERS)]
+    runs = [store.create_run(RunConfig(), name=f"w{i}") for i in range(WRITERS)]
     script = WRITER.format(batches=BATCHES, rows=ROWS_PER_BATCH)
     errors: list[BaseException] = []
     reads = [0] * READERS
@@ -99,7 +100,7 @@ def test_unusable_data_dir_is_a_clear_error(tmp_path):
 
 
 def test_full_disk_is_a_clear_error_and_the_store_survives(store, monkeypatch):
-    run = store.create_run({})
+    run = store.create_run(RunConfig())
     store.log_metrics(run.id, [(1, 1.0, 1, "val/acc", 0.5)])
     original = RunStore._connect
 
@@ -123,4 +124,4 @@ def test_full_disk_is_a_clear_error_and_the_store_survives(store, monkeypatch):
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store.log_metrics(run.id, [(1, 2.0, 2, "val/acc", 0.6)])
     assert len(store.metrics(run.id)) == 2
-    json.dumps(store.get_run(run.id).config)
+    assert store.get_run(run.id).config == RunConfig()

@@ -1,6 +1,5 @@
 """The stage loop: freezing, BN policy, optimizer contents, schedules, determinism."""
 
-import os
 from dataclasses import replace
 
 import pytest
@@ -153,14 +152,14 @@ def test_best_checkpoint_reproduces_its_validation_accuracy(finished_run, tiny_f
 def test_finished_run_records_results_and_weight_change(finished_run):
     store, run = finished_run
     r = run.results
-    assert r["classes"] == ["blue", "green", "red"]
-    assert len(r["confusion"]) == 3 and sum(map(sum, r["confusion"])) == r["sizes"]["test"]
-    assert len(r["per_class_acc"]) == 3
-    changes = {w["stage"]: w["groups"] for w in r["weight_change"]}
+    assert r.classes == ["blue", "green", "red"]
+    assert len(r.confusion) == 3 and sum(map(sum, r.confusion)) == r.sizes.test
+    assert len(r.per_class_acc) == 3
+    changes = {w.stage: w.groups for w in r.weight_change}
     assert set(changes) == {1, 2}
     assert changes[1]["layer4"] > 0 and changes[1]["layer3"] == 0 and changes[1]["conv1"] == 0
     assert changes[2]["layer3"] > 0
-    assert os.path.exists(os.path.join(store.run_dir(run.id), "stage1.pt"))
+    assert store.files(run.id).stage_end(1).exists()
 
 
 def test_logged_learning_rate_is_the_one_each_step_used(splits, tiny_folder):

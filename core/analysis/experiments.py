@@ -30,7 +30,6 @@ from core import config as cfgmod
 from core.atomic import atomic_write_json
 from core.runs.store import Run, RunStore
 
-EXPERIMENTS_DIR = "experiments"
 CONFIDENCE = 0.95
 MAX_SEEDS = 20  # one experiment queues recipes x seeds runs; more is almost surely a typo
 METRICS = {"val": "best validation accuracy", "test": "test accuracy"}
@@ -200,7 +199,7 @@ class Experiment:
 
 
 def experiments_dir(store: RunStore) -> Path:
-    return Path(store.root) / EXPERIMENTS_DIR
+    return store.layout.experiments
 
 
 def _slug(text: str) -> str:
@@ -370,7 +369,7 @@ def experiment_results(store: RunStore, exp: Experiment) -> ExperimentResults:
     recipe_results = []
     for recipe in exp.recipes:
         runs = tuple(sorted(store.list_runs(group=recipe.group),
-                            key=lambda r: int(r.config.get("seed", 0))))
+                            key=lambda r: r.config.seed))
         counts: dict[str, int] = {}
         for r in runs:
             counts[r.status] = counts.get(r.status, 0) + 1
@@ -412,7 +411,9 @@ def saved_run_recipes(runs: Sequence[Run], taken: Sequence[str] = ()
             label = f"config of {run.name}"
             if any(n == label for n in [*taken, *(n for n, _ in recipes)]):  # two runs with one name
                 label += f" ({i})"
-            recipes.append((label, cfgmod.from_dict(run.config)))
+            if run.config_error:  # run.config is a placeholder then, not what it ran with
+                raise cfgmod.ConfigError([run.config_error])
+            recipes.append((label, cfgmod.check(run.config)))
         except cfgmod.ConfigError as exc:
             problems.append(f"run {i}: its config can no longer be used ({exc})")
     return recipes, problems

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core import config as cfgmod
 from core.atomic import atomic_write, atomic_write_text
 from core.runs.store import Run, RunStore
 from core.views.tables import metrics_csv
 
-EXPORT_DIR = "export"
 TORCHSCRIPT_NAME = "model.torchscript.pt"
 ONNX_NAME = "model.onnx"
 ONNX_OPSET = 18
@@ -216,10 +216,10 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
     x_check = pre.normalize(check_inputs)
     example = x_check[:2]
 
-    run_dir = store.run_dir(run.id)
-    folder = run_dir / EXPORT_DIR
+    run_files = store.files(run.id)
+    run_dir, folder = run_files.folder, run_files.export_dir
     # Build in a temp folder and swap it in: a failed export never leaves a mixed folder.
-    build = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
+    build = Path(tempfile.mkdtemp(prefix=run_files.EXPORT_BUILD_PREFIX, dir=run_dir))
     notes: list[str] = []
     try:
         with torch.inference_mode():
@@ -254,7 +254,7 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
 
         atomic_write_text(build / "classes.json", json.dumps(ckpt.classes, indent=2))
         atomic_write_text(build / "preprocess.json", json.dumps(ckpt.preprocess, indent=2))
-        atomic_write_text(build / "config.json", json.dumps(run.config, indent=2, sort_keys=True))
+        atomic_write_text(build / "config.json", cfgmod.to_json(run.config))
         # The same CSV as the Runs page's download (core.views.tables.metrics_csv).
         csv_data = metrics_csv(store.metrics(run.id))
         atomic_write_text(build / "metrics.csv",
@@ -262,7 +262,7 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
         onnx_missing = "" if onnx_ok else (notes[0] if notes and include_onnx else "")
         atomic_write_text(build / "README.md", readme_text(run, ckpt.classes, ckpt.preprocess, onnx_ok,
                                                      ckpt.stage, ckpt.epoch, onnx_missing))
-        old = run_dir / f".export-old-{time.time_ns()}"
+        old = run_dir / f"{run_files.EXPORT_BUILD_PREFIX}old-{time.time_ns()}"
         if folder.exists():
             os.replace(folder, old)
         os.replace(build, folder)
@@ -272,7 +272,7 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
         raise
 
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
-    zip_path = run_dir / f"{run.id}-export.zip"
+    zip_path = run_files.export_zip
 
     def write_zip(p: Path) -> None:
         with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as z:

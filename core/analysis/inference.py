@@ -20,6 +20,7 @@ from PIL import Image
 
 from core.engine.image_types import list_image_files, train_test_folders
 from core.engine.paths import cifar10_dir
+from core.runs.files import RunFiles
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +37,6 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_ASPECT_RATIO = 50
 # At or above this probability the verdict says "Pretty sure"; below it, "Not sure".
 DEFAULT_SURE_THRESHOLD = 0.6
-STAGE1_NAME = "stage1.pt"
 
 
 class ImageRejected(ValueError):
@@ -227,15 +227,12 @@ class StageModels:
     note: str | None  # plain words when there is nothing to compare
 
 
-def stage_checkpoints(run_dir: str | Path, n_stages: int) -> StageModels:
+def stage_checkpoints(files: RunFiles, n_stages: int) -> StageModels:
     """Checkpoints for a "before and after" comparison: end of stage 1 vs end of the run.
 
-    The end of the run is last.pt (the final weights), else best.pt."""
-    from core.engine.checkpoints import BEST_NAME, LAST_NAME
-
-    run_dir = Path(run_dir)
-    final = next((p for p in (run_dir / LAST_NAME, run_dir / BEST_NAME) if p.is_file()), None)
-    stage1 = run_dir / STAGE1_NAME
+    The end of the run is the last checkpoint (the final weights), else the best one."""
+    final = next((p for p in (files.last, files.best) if p.is_file()), None)
+    stage1 = files.stage_end(1)
     if n_stages < 2:
         return StageModels(None, final, "This run had only one stage, so there is no "
                                         "“after stage 1” model to compare with.")
@@ -302,14 +299,12 @@ def _cifar_gallery(root: Path, classes: Sequence[str], per_class: int,
     return items
 
 
-def gallery(config: dict[str, Any], classes: Sequence[str], per_class: int = 2,
+def gallery(source: str, path: str, classes: Sequence[str], per_class: int = 2,
             seed: int = 0) -> tuple[list[GalleryItem], str | None]:
-    """Example images from the run's test data (the part training never saw when the data
-    has a test/ folder): `per_class` per class, chosen with a fixed seed so the gallery is
-    stable across reruns. Returns (items, a plain note when there are none or they may
-    include training images)."""
-    source = config.get("data_source")
-    path = config.get("data_path") or ""
+    """Example images from a run's test data (its config's data_source and data_path; the
+    part training never saw when the data has a test/ folder): `per_class` per class, chosen
+    with a fixed seed so the gallery is stable across reruns. Returns (items, a plain note
+    when there are none or they may include training images)."""
     rng = random.Random(seed)
     try:
         if source == "folder":

@@ -8,13 +8,13 @@ and weight-change computation import torch lazily.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.config import LAYER_GROUPS
-from core.runs.store import Run, RunStore
+from core.runs.store import Run, RunResults, RunStore
 
 
 class InsightError(ValueError):
@@ -47,22 +47,22 @@ def stage_attribution(store: RunStore, run: Run) -> list[StageGain]:
     """How much each stage added to validation accuracy: val/acc at the end of the stage
     minus at the end of the previous one (chance level before stage 1). A stage that did
     not complete (cancelled, failed) has val_after None, or its last completed epoch."""
-    stages = run.config.get("stages") or []
+    stages = run.config.stages
     rows = store.metrics(run.id, keys=("val/acc",))
     by_epoch: dict[int, float] = {}
     for r in rows:  # integer global epochs; a resumed run may rewrite one, keep the latest
         by_epoch[int(round(r.epoch))] = r.value
-    classes = run.results.get("classes") or run.config.get("classes") or []
+    classes = run.results.classes or run.config.classes
     chance = 1.0 / len(classes) if classes else None
     out: list[StageGain] = []
     start = 0
     before = chance
     for i, stage in enumerate(stages, 1):
-        epochs = int(stage.get("epochs", 1))
+        epochs = stage.epochs
         span = range(start + 1, start + epochs + 1)
         seen = [by_epoch[e] for e in span if e in by_epoch]
         after = seen[-1] if seen else None
-        out.append(StageGain(stage=i, trains="+".join(stage.get("groups", [])),
+        out.append(StageGain(stage=i, trains=stage.trains,
                              first_epoch=span.start, last_epoch=span.stop - 1,
                              val_before=before, val_after=after,
                              best_in_stage=max(seen) if seen else None))
@@ -94,18 +94,14 @@ class WeightChange:
 
 
 def weight_changes(run: Run) -> list[WeightChange]:
-    """Rows from run.results["weight_change"] (written by the worker:
-    [{"stage": s, "groups": {group: relative_change}}]), every layer group of every stage,
-    in LAYER_GROUPS order. Empty when the run predates weight-change tracking."""
-    stages = run.config.get("stages") or []
+    """Rows from run.results.weight_change (written by the worker at each stage end),
+    every layer group of every stage, in LAYER_GROUPS order. Empty when the run predates
+    weight-change tracking."""
+    stages = run.config.stages
     out = []
-    for entry in run.results.get("weight_change") or []:
-        try:
-            s = int(entry["stage"])
-            groups: Mapping[str, Any] = entry["groups"]
-        except (KeyError, TypeError, ValueError):
-            continue
-        trained = set(stages[s - 1].get("groups", [])) if 0 < s <= len(stages) else set()
+    for entry in run.results.weight_change:
+        s, groups = entry.stage, entry.groups
+        trained = set(stages[s - 1].groups) if 0 < s <= len(stages) else set()
         for g in LAYER_GROUPS:
             if g in groups and groups[g] is not None and math.isfinite(float(groups[g])):
                 out.append(WeightChange(s, g, float(groups[g]), g in trained))
@@ -135,11 +131,11 @@ class ConfusedPair:
     rate: float  # fraction of the true class's test images predicted as `predicted`
 
 
-def confused_pairs(results: Mapping[str, Any], k: int = 5) -> list[ConfusedPair]:
+def confused_pairs(results: RunResults, k: int = 5) -> list[ConfusedPair]:
     """The k largest off-diagonal cells of the test confusion matrix (rows = true class,
     columns = predicted), like fastai's most_confused. Empty when nothing was confused."""
-    cm = results.get("confusion") or []
-    classes = results.get("classes") or [str(i) for i in range(len(cm))]
+    cm = results.confusion
+    classes = results.classes or [str(i) for i in range(len(cm))]
     pairs = []
     for i, row in enumerate(cm):
         total = sum(row)
@@ -182,10 +178,9 @@ def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | 
     cfg = run.config
     pre = Preprocess.from_dict(ckpt.preprocess)
     try:
-        splits = load_splits(cfg.get("data_source", "cifar10"), cfg.get("data_path", ""), pre,
-                             tuple(cfg.get("classes") or ()), cfg.get("val_fraction", 0.1),
-                             cfg.get("test_fraction", 0.2), cfg.get("max_train_images", 0),
-                             cfg.get("seed", 0), cache_dir=Path(store.root) / "cache")
+        splits = load_splits(cfg.data_source, cfg.data_path, pre, cfg.classes,
+                             cfg.val_fraction, cfg.test_fraction, cfg.max_train_images,
+                             cfg.seed, cache_dir=store.layout.cache)
     except DataError as exc:
         raise InsightError(f"the run's test images cannot be loaded: {exc}") from None
     if splits.classes != ckpt.classes:

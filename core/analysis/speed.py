@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from core.config import LAYER_GROUPS
@@ -57,10 +56,11 @@ def model_epoch_seconds(groups: Sequence[str], n_images: int, resolution: int = 
 
 
 def _default_store() -> Any:
-    from core.runs.store import RunStore, data_dir
+    from core.runs.files import StoreLayout
+    from core.runs.store import RunStore
 
-    root = data_dir()
-    if not (Path(root) / "runs.sqlite3").exists():
+    root = StoreLayout.default().root
+    if not StoreLayout(root).database.exists():
         return None  # do not create a store just to estimate
     return RunStore(root)
 
@@ -75,14 +75,13 @@ def measured_images_per_s(groups: Sequence[str], resolution: int = 32, feature_c
         want = set(groups)
         samples: list[float] = []
         for run in store.list_runs()[:MAX_RUNS_SCANNED]:
-            cfg = run.config or {}
-            if int(cfg.get("resolution", 32)) != resolution:
+            cfg = run.config
+            if cfg.resolution != resolution:
                 continue
-            if device and not str((run.results or {}).get("device", "")).startswith(device):
+            if device and not run.results.device.startswith(device):
                 continue
-            stages = [i for i, s in enumerate(cfg.get("stages") or [], 1)
-                      if set(s.get("groups") or ()) == want
-                      and bool(s.get("feature_cache", False)) == bool(feature_cache)]
+            stages = [i for i, s in enumerate(cfg.stages, 1)
+                      if set(s.groups) == want and s.feature_cache == bool(feature_cache)]
             if not stages:
                 continue
             rows = [m for m in store.metrics(run.id, keys=["images_per_s"]) if m.stage in stages]

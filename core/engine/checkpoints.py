@@ -8,6 +8,7 @@ scheduler and RNG state so a run can resume.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,6 @@ from core.atomic import atomic_write
 FORMAT = "finetune-lab/checkpoint"
 FORMAT_VERSION = 1
 ARCH = "resnet18"
-BEST_NAME = "best.pt"
-LAST_NAME = "last.pt"
 
 
 class CheckpointError(ValueError):
@@ -35,16 +34,41 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 @dataclass
+class TrainingState:
+    """What a "last" checkpoint adds so a run can resume after its epoch."""
+
+    global_epoch: int  # completed epochs across the run
+    step: int  # global optimizer steps so far
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: torch.Tensor  # data-order generator state
+    best_val_acc: float
+    best_stage: int
+    best_epoch: int
+
+
+@dataclass
 class Checkpoint:
     state_dict: dict[str, torch.Tensor]
-    config: dict[str, Any]
+    config: dict[str, Any]  # the run's config as core.config.to_dict wrote it
     classes: list[str]
     preprocess: dict[str, Any]
     stage: int  # 1-based
     epoch: int  # 1-based, within the stage
     metrics: dict[str, float] = field(default_factory=dict)
     arch: str = ARCH
-    training_state: dict[str, Any] | None = None  # last.pt only: optimizer/scheduler/RNG
+    training_state: TrainingState | None = None  # last.pt only: optimizer/scheduler/RNG
+
+    @classmethod
+    def of_model(cls, model: nn.Module, config: dict[str, Any], classes: list[str],
+                 preprocess: dict[str, Any], stage: int, epoch: int,
+                 metrics: dict[str, float], training_state: TrainingState | None = None,
+                 ) -> Checkpoint:
+        """A checkpoint of `model` now: its weights copied to the CPU."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return cls(state_dict=state, config=config, classes=list(classes), preprocess=preprocess,
+                   stage=stage, epoch=epoch, metrics={k: float(v) for k, v in metrics.items()},
+                   training_state=training_state)
 
     def build_model(self) -> nn.Module:
         from core.engine.model import build_resnet18
@@ -58,20 +82,20 @@ class Checkpoint:
         return model.eval()
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, config: dict[str, Any],
-                    classes: list[str], preprocess: dict[str, Any], stage: int, epoch: int,
-                    metrics: dict[str, float], training_state: dict[str, Any] | None = None) -> None:
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> None:
+    """Write `checkpoint` atomically; read_checkpoint(path) gives it back."""
+    ts = checkpoint.training_state
     atomic_torch_save({
-        "format": FORMAT, "version": FORMAT_VERSION, "arch": ARCH,
-        "state_dict": state, "config": config, "classes": list(classes),
-        "preprocess": preprocess, "stage": stage, "epoch": epoch,
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "training_state": training_state,
+        "format": FORMAT, "version": FORMAT_VERSION, "arch": checkpoint.arch,
+        "state_dict": checkpoint.state_dict, "config": checkpoint.config,
+        "classes": list(checkpoint.classes), "preprocess": checkpoint.preprocess,
+        "stage": checkpoint.stage, "epoch": checkpoint.epoch, "metrics": checkpoint.metrics,
+        "training_state": dataclasses.asdict(ts) if ts is not None else None,
     }, path)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """The checkpoint save_checkpoint wrote, checked to be ours and loaded safely."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
@@ -85,9 +109,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"{p.name} is for architecture {obj.get('arch')!r}, not {ARCH}")
     if obj.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{p.name} was written by a newer version of this app; update it")
+    ts = obj.get("training_state")
     return Checkpoint(
         state_dict=obj["state_dict"], config=obj["config"], classes=list(obj["classes"]),
         preprocess=obj["preprocess"], stage=int(obj["stage"]), epoch=int(obj["epoch"]),
         metrics=dict(obj.get("metrics") or {}), arch=obj["arch"],
-        training_state=obj.get("training_state"),
+        training_state=TrainingState(**ts) if isinstance(ts, dict) else None,
     )

@@ -326,19 +326,6 @@ def resolve_device(choice: str) -> torch.device:
 
 def physical_cores() -> int:
     """Physical cores (not hyper-threads): one torch thread per core is fastest for convs."""
-    import os
+    from core.process import physical_cores as cores
 
-    try:
-        cores = set()
-        with open("/proc/cpuinfo") as f:
-            phys = core = None
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    cores.add((phys, core))
-        avail = len(os.sched_getaffinity(0))
-        return max(1, min(len(cores) or avail, avail))
-    except (OSError, AttributeError):
-        return max(1, (os.cpu_count() or 2))
+    return cores()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.runs.store import data_dir
+from core.runs.files import StoreLayout
 
 DATA_ROOTS_ENV = "FINETUNE_LAB_DATA_ROOTS"
 
@@ -20,8 +20,8 @@ class PathNotAllowed(ValueError):
 
 def default_datasets_dir() -> Path:
     """The data sets folder inside the data directory: the first data root by default,
-    where zips are imported and CIFAR-10 is downloaded."""
-    return data_dir() / "datasets"
+    where zips are imported and CIFAR-10 is downloaded (its name is StoreLayout's)."""
+    return StoreLayout.default().datasets
 
 
 def cifar10_dir(data_path: str = "") -> Path:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import LAYER_GROUPS, RunConfig, StageConfig
+from core.engine.checkpoints import TrainingState
 from core.engine.data import (
     DataSplits,
     ImageSet,
@@ -79,7 +80,7 @@ class EpochEnd:
     val_loss: float
     val_acc: float
     is_best: bool
-    training_state: dict[str, Any]  # optimizer, scheduler, RNG: enough to resume after this epoch
+    training_state: TrainingState  # optimizer, scheduler, RNG: enough to resume after this epoch
 
 
 @dataclass
@@ -496,11 +497,11 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
             hooks.on_epoch_end(EpochEnd(
                 model=model, stage=s_idx, epoch=epoch, global_epoch=g_epoch, step=step,
                 train=train_metrics, val_loss=val_loss, val_acc=val_acc, is_best=is_best,
-                training_state={
-                    "global_epoch": g_epoch, "step": step, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": generator.get_state(),
-                    "best_val_acc": best[0], "best_stage": best[1], "best_epoch": best[2],
-                }))
+                training_state=TrainingState(
+                    global_epoch=g_epoch, step=step, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), rng=generator.get_state(),
+                    best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
+                )))
     return TrainingResult(best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
                           epochs_run=global_epoch, seconds=time.perf_counter() - start)
 

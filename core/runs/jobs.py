@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from core import config as cfgmod
-from core.runs.store import DATA_DIR_ENV, Run, RunStore
+from core.process import is_alive
+from core.runs.files import DATA_DIR_ENV, RunFiles
+from core.runs.store import Run, RunStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_JOBS_ENV = "FINETUNE_LAB_MAX_JOBS"
@@ -30,7 +31,6 @@ HEARTBEAT_S = 2.0  # how often a worker reports it is alive, seconds
 STALE_AFTER_S = 30.0
 # A claimed run whose worker never wrote its pid within this long failed to start.
 START_GRACE_S = 60.0
-LOG_NAME = "worker.log"
 
 # Popen handles of workers this process started: polled so they are reaped, not zombies.
 _children: list[subprocess.Popen[bytes]] = []
@@ -54,7 +54,7 @@ def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = 
         from core.runs.preflight import preflight
 
         preflight(cfg, store)
-    run = store.create_run(cfgmod.to_dict(cfg), name=name, group=group)
+    run = store.create_run(cfg, name=name, group=group)
     if start:
         dispatch(store)
     return store.get_run(run.id) or run
@@ -78,7 +78,7 @@ def worker_command(run_id: str, store: RunStore) -> list[str]:
 
 
 def _spawn(store: RunStore, run: Run) -> int:
-    log_path = store.run_dir(run.id) / LOG_NAME
+    log_path = store.files(run.id).log
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, DATA_DIR_ENV: str(store.root), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
@@ -114,20 +114,7 @@ def pid_is_worker(pid: int, pid_start: str | None) -> bool:
     """Whether the process `pid` that was recorded for a run is still that process and
     alive: not a zombie, and started at the recorded time (so a reused pid does not count).
     Works for detached workers and for foreground CLI runs alike."""
-    from core.runs.store import proc_stat
-
-    fields = proc_stat(pid)
-    if fields is None:
-        if Path("/proc").is_dir():
-            return False  # no such process
-        try:  # no procfs (macOS): a signal probe is the best available check
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-    if fields[0] in (b"Z", b"X"):  # a zombie is a dead worker not yet reaped
-        return False
-    return pid_start is None or (len(fields) > 19 and fields[19].decode() == pid_start)
+    return is_alive(pid, pid_start)
 
 
 def liveness_problem(run: Run, now: float | None = None) -> str | None:
@@ -160,15 +147,15 @@ def reconcile(store: RunStore) -> list[str]:
         problem = liveness_problem(run)
         if problem and store.finish_run(run.id, "failed", problem, only_if_running=True):
             failed.append(run.id)
-            remove_partial_files(store.run_dir(run.id))
+            remove_partial_files(store.files(run.id))
     return failed
 
 
-def remove_partial_files(run_dir: Path) -> list[Path]:
-    """Delete temp files a killed worker left mid-write (atomic writes go through
-    `.<name>.*.tmp` first, so the real files are always whole)."""
+def remove_partial_files(files: RunFiles) -> list[Path]:
+    """Delete temp files a killed worker left mid-write (atomic writes go through temp
+    files first, so the real files are always whole)."""
     removed = []
-    for tmp in run_dir.glob(".*.tmp"):
+    for tmp in files.temp_files():
         try:
             tmp.unlink()
             removed.append(tmp)
@@ -199,7 +186,7 @@ def kill(store: RunStore, run_id: str) -> Run | None:
     if run and run.status == "running":
         store.finish_run(run_id, "cancelled", "force-stopped (the run did not stop on request)",
                          only_if_running=True)
-        remove_partial_files(store.run_dir(run_id))
+        remove_partial_files(store.files(run_id))
     return store.get_run(run_id)
 
 
@@ -211,7 +198,7 @@ def resume(store: RunStore, run_id: str) -> Run | None:
 
 
 def log_tail(store: RunStore, run_id: str, max_bytes: int = 8000) -> str:
-    path = store.run_dir(run_id) / LOG_NAME
+    path = store.files(run_id).log
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -222,10 +209,23 @@ def log_tail(store: RunStore, run_id: str, max_bytes: int = 8000) -> str:
         return ""
 
 
-def summary(store: RunStore) -> dict[str, Any]:
-    """Running and queued runs, after settling dead workers and starting queued runs in
-    their place (a killed worker cannot start the next one itself); for the sidebar."""
-    dispatch(store)
+@dataclass(frozen=True)
+class ActiveRuns:
+    """What the sidebar shows: runs training now and runs waiting, newest first."""
+
+    running: list[Run]
+    queued: list[Run]
+
+
+def summary(store: RunStore) -> ActiveRuns:
+    """Running and queued runs, as the store has them. A read: starts and settles nothing."""
     runs = store.list_runs(statuses=("queued", "running"))
-    return {"running": [r for r in runs if r.status == "running"],
-            "queued": [r for r in runs if r.status == "queued"]}
+    return ActiveRuns(running=[r for r in runs if r.status == "running"],
+                      queued=[r for r in runs if r.status == "queued"])
+
+
+def advance_queue(store: RunStore) -> list[str]:
+    """Settle runs whose worker died and start queued runs in their place (a killed worker
+    cannot start the next one itself). An action: the sidebar calls it by this name until a
+    supervisor advances the queue (a later issue). Returns the ids started."""
+    return dispatch(store)

@@ -4,156 +4,207 @@ Pages and the CLI create runs and request cancellation; the worker writes a run'
 Every call opens a short-lived connection, so any number of processes can share the file;
 writes take the write lock up front (BEGIN IMMEDIATE) and wait on a busy timeout, which is
 what keeps several writers and many readers from ever seeing "database is locked".
-Everything returned is a plain entity (dataclass), never a DB row.
+
+Everything returned is a typed entity (core.runs.entities), never a row or a dict: JSON is
+only the storage format inside a few columns, converted here by one to/from pair per entity.
+The schema changes only through MIGRATIONS, numbered by SQLite's `user_version`. All SQL of
+the project is in this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import socket
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-DATA_DIR_ENV = "FINETUNE_LAB_DATA"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "runs"
+from core import config as cfgmod
+from core.config import RunConfig
+from core.runs.entities import (
+    ACTIVE,
+    DONE,
+    STATUSES,
+    MetricRow,
+    Run,
+    RunProgress,
+    RunResults,
+    SplitSizes,
+    StageWeightChange,
+)
+from core.runs.files import DATA_DIR_ENV, DEFAULT_DATA_DIR, RunFiles, StoreLayout, data_dir
+from core.process import process_identity
+
+__all__ = ["ACTIVE", "DATA_DIR_ENV", "DEFAULT_DATA_DIR", "DONE", "STATUSES", "MetricRow", "Run",
+           "RunProgress", "RunResults", "RunStore", "SplitSizes", "StageWeightChange",
+           "StoreError", "data_dir"]
+
+log = logging.getLogger("finetune_lab.store")
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for the lock before giving up
-
-STATUSES = ("queued", "running", "finished", "failed", "cancelled")
-ACTIVE = ("queued", "running")
-DONE = ("finished", "failed", "cancelled")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    grp TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL,
-    config TEXT NOT NULL,
-    pid INTEGER,
-    pid_start TEXT,
-    host TEXT,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    ended_at REAL,
-    heartbeat_at REAL,
-    error TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    progress TEXT NOT NULL DEFAULT '{}',
-    best_val_acc REAL,
-    best_stage INTEGER,
-    best_epoch INTEGER,
-    best_checkpoint TEXT,
-    test_acc REAL,
-    results TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created_at);
-CREATE TABLE IF NOT EXISTS metrics (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL,
-    stage INTEGER NOT NULL,
-    epoch REAL NOT NULL,
-    step INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    value REAL NOT NULL,
-    time REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, id);
-"""
 
 
 class StoreError(RuntimeError):
     """The store cannot be used (unwritable directory, full disk, corrupt file)."""
 
 
-@dataclass(frozen=True)
-class Run:
-    id: str
-    name: str
-    group: str
-    status: str
-    config: dict[str, Any]
-    created_at: float
-    pid: int | None = None
-    # The process's start time (kernel ticks since boot, from /proc): with the pid it names
-    # one process, so a reused pid is never mistaken for the worker.
-    pid_start: str | None = None
-    host: str | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    heartbeat_at: float | None = None
-    error: str | None = None
-    cancel_requested: bool = False
-    # Worker-reported position: stage, epoch (1-based), step, steps_per_epoch, total_epochs,
-    # epochs_done, fraction (0..1 of the whole run), eta_s.
-    progress: dict[str, Any] = field(default_factory=dict)
-    best_val_acc: float | None = None
-    best_stage: int | None = None
-    best_epoch: int | None = None
-    best_checkpoint: str | None = None
-    test_acc: float | None = None
-    # Final evaluation: per_class_acc, confusion, classes, ... (see core.runs.worker)
-    results: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in ACTIVE
-
-    @property
-    def duration_s(self) -> float | None:
-        if self.started_at is None:
-            return None
-        return (self.ended_at or time.time()) - self.started_at
+# ---------------------------------------------------------------- schema migrations
+# Each step moves the schema from version i to i + 1 (PRAGMA user_version). Steps run in one
+# write transaction with the version bump, so a crash or a second process never sees half a
+# migration. A database written before versioning (user_version 0) may already have some of
+# these changes, so the early steps check before they change.
 
 
-@dataclass(frozen=True)
-class MetricRow:
-    id: int
-    run_id: str
-    stage: int
-    epoch: float  # fractional inside an epoch for step-level rows (e.g. 1.25)
-    step: int  # global optimizer step within the run
-    key: str  # "train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_s", ...
-    value: float
-    time: float
+def _columns(con: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
 
 
-def proc_stat(pid: int) -> list[bytes] | None:
-    """Fields of /proc/<pid>/stat after the command name (state first), or None when there
-    is no such process or no procfs."""
+def _m1_initial(con: sqlite3.Connection) -> None:
+    """The tables as first created."""
+    con.execute("""
+        CREATE TABLE IF NOT EXISTS runs (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            grp TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL,
+            config TEXT NOT NULL,
+            pid INTEGER,
+            host TEXT,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            heartbeat_at REAL,
+            error TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            progress TEXT NOT NULL DEFAULT '{}',
+            best_val_acc REAL,
+            best_stage INTEGER,
+            best_epoch INTEGER,
+            best_checkpoint TEXT,
+            test_acc REAL,
+            results TEXT NOT NULL DEFAULT '{}'
+        )""")
+    con.execute("CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created_at)")
+    con.execute("""
+        CREATE TABLE IF NOT EXISTS metrics (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL,
+            stage INTEGER NOT NULL,
+            epoch REAL NOT NULL,
+            step INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            value REAL NOT NULL,
+            time REAL NOT NULL
+        )""")
+    con.execute("CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, id)")
+
+
+def _m2_pid_start(con: sqlite3.Connection) -> None:
+    """The worker process's start time, so a reused pid is not mistaken for the worker."""
+    if "pid_start" not in _columns(con, "runs"):
+        con.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
+
+
+def _m3_last_step_column(con: sqlite3.Connection) -> None:
+    """The resume point moves out of the results JSON into its own column."""
+    con.execute("ALTER TABLE runs ADD COLUMN last_step INTEGER NOT NULL DEFAULT -1")
+    for run_id, results in con.execute("SELECT id, results FROM runs").fetchall():
+        data = _json_object(results)
+        if "last_step" in data:
+            step = data.pop("last_step")
+            con.execute("UPDATE runs SET last_step=?, results=? WHERE id=?",
+                        (int(step) if isinstance(step, (int, float)) else -1, json.dumps(data),
+                         run_id))
+
+
+def _m4_relative_best_checkpoint(con: sqlite3.Connection) -> None:
+    """best_checkpoint was an absolute path; it becomes relative to the run's folder (so the
+    data directory can move). Process start times change from /proc ticks to psutil's
+    creation time: old ones cannot be compared, so they are dropped (the pid still counts)."""
+    rows = con.execute("SELECT id, best_checkpoint FROM runs WHERE best_checkpoint IS NOT NULL")
+    for run_id, path in rows.fetchall():
+        p = Path(path)
+        if p.is_absolute() and p.parent.name == run_id:
+            con.execute("UPDATE runs SET best_checkpoint=? WHERE id=?", (p.name, run_id))
+    con.execute("UPDATE runs SET pid_start=NULL")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# ---------------------------------------------------------------- JSON columns <-> entities
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
+        data = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def process_start(pid: int) -> str | None:
-    """A process's start time in kernel ticks since boot (/proc/<pid>/stat field 22), or
-    None where there is no procfs."""
-    fields = proc_stat(pid)
-    return fields[19].decode() if fields and len(fields) > 19 else None
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `data` that are fields of `cls` (rows written by older versions may
+    hold keys that are gone)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+def config_to_json(config: RunConfig) -> str:
+    return json.dumps(cfgmod.to_dict(config))
+
+
+def config_from_json(text: str) -> tuple[RunConfig, str | None]:
+    """The stored config, and why it no longer loads when it does not. Values are not
+    validated: a run made under older rules still shows what it ran with."""
+    try:
+        return cfgmod.from_dict(_json_object(text), validate_values=False), None
+    except cfgmod.ConfigError as exc:
+        return RunConfig(), f"the stored config no longer loads: {exc}"
+
+
+def progress_to_json(progress: RunProgress) -> str:
+    return json.dumps(dataclasses.asdict(progress))
+
+
+def progress_from_json(text: str) -> RunProgress:
+    return RunProgress(**_known(RunProgress, _json_object(text)))
+
+
+def results_to_json(results: RunResults) -> str:
+    return json.dumps(dataclasses.asdict(results))
+
+
+def results_from_json(text: str) -> RunResults:
+    data = _known(RunResults, _json_object(text))
+    sizes = data.pop("sizes", None)
+    changes = data.pop("weight_change", None) or []
+    return RunResults(
+        **data,
+        sizes=SplitSizes(**_known(SplitSizes, sizes)) if isinstance(sizes, dict) else None,
+        weight_change=[StageWeightChange(stage=int(c["stage"]), groups=dict(c["groups"]))
+                       for c in changes if isinstance(c, dict) and "stage" in c and "groups" in c],
+    )
 
 
 class RunStore:
     def __init__(self, root: str | os.PathLike[str] | None = None):
-        self.root = Path(root) if root is not None else data_dir()
-        self.db_path = self.root / "runs.sqlite3"
+        self.layout = StoreLayout(Path(root) if root is not None else data_dir())
+        self.root = self.layout.root
+        self.db_path = self.layout.database
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
-                con.executescript(SCHEMA)
-                self._migrate(con)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"Cannot use the run store at {self.root}: {exc}. Check that the folder is "
@@ -162,12 +213,18 @@ class RunStore:
 
     # ---------------------------------------------------------------- plumbing
 
-    @staticmethod
-    def _migrate(con: sqlite3.Connection) -> None:
-        """Columns added after a store was created."""
-        have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
-        if "pid_start" not in have:
-            con.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, one numbered step at a time."""
+        with self._connect() as con:
+            (version,) = con.execute("PRAGMA user_version").fetchone()
+        if version >= SCHEMA_VERSION:
+            return
+        with self._write() as con:  # re-read under the lock: another process may have won
+            (version,) = con.execute("PRAGMA user_version").fetchone()
+            for number in range(version, SCHEMA_VERSION):
+                MIGRATIONS[number](con)
+                con.execute(f"PRAGMA user_version={number + 1}")
+                log.info("run store %s: schema version %d", self.db_path, number + 1)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -206,32 +263,40 @@ class RunStore:
             con.row_factory = sqlite3.Row
             return con.execute(sql, params).fetchall()
 
-    @staticmethod
-    def _run(row: sqlite3.Row) -> Run:
+    def _run(self, row: sqlite3.Row) -> Run:
+        config, config_error = config_from_json(row["config"])
+        best = row["best_checkpoint"]
         return Run(
             id=row["id"], name=row["name"], group=row["grp"], status=row["status"],
-            config=json.loads(row["config"]), created_at=row["created_at"], pid=row["pid"],
+            config=config, config_error=config_error, created_at=row["created_at"], pid=row["pid"],
             pid_start=row["pid_start"],
             host=row["host"], started_at=row["started_at"], ended_at=row["ended_at"],
             heartbeat_at=row["heartbeat_at"], error=row["error"],
-            cancel_requested=bool(row["cancel_requested"]), progress=json.loads(row["progress"]),
+            cancel_requested=bool(row["cancel_requested"]),
+            progress=progress_from_json(row["progress"]),
             best_val_acc=row["best_val_acc"], best_stage=row["best_stage"],
-            best_epoch=row["best_epoch"], best_checkpoint=row["best_checkpoint"],
-            test_acc=row["test_acc"], results=json.loads(row["results"]),
+            best_epoch=row["best_epoch"],
+            best_checkpoint=str(self.files(row["id"]).resolve(best)) if best else None,
+            test_acc=row["test_acc"], last_step=row["last_step"],
+            results=results_from_json(row["results"]),
         )
 
+    def files(self, run_id: str) -> RunFiles:
+        """Every path in a run's folder."""
+        return self.layout.run(run_id)
+
     def run_dir(self, run_id: str) -> Path:
-        return self.root / run_id
+        return self.files(run_id).folder
 
     # ---------------------------------------------------------------- runs
 
-    def create_run(self, config: dict[str, Any], name: str = "", group: str = "") -> Run:
+    def create_run(self, config: RunConfig, name: str = "", group: str = "") -> Run:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         now = time.time()
         with self._write() as con:
             con.execute(
                 "INSERT INTO runs (id, name, grp, status, config, created_at) VALUES (?,?,?,?,?,?)",
-                (run_id, name or run_id, group, "queued", json.dumps(config), now),
+                (run_id, name or run_id, group, "queued", config_to_json(config), now),
             )
         self.run_dir(run_id).mkdir(parents=True, exist_ok=True)
         return self.get_run(run_id)  # type: ignore[return-value]
@@ -281,15 +346,15 @@ class RunStore:
             cur = con.execute(
                 "UPDATE runs SET status='running', started_at=?, heartbeat_at=?, host=?, pid=?, "
                 "pid_start=? WHERE id=? AND status='queued'",
-                (now, now, socket.gethostname(), pid, process_start(pid), run_id))
+                (now, now, socket.gethostname(), pid, process_identity(pid), run_id))
             return cur.rowcount > 0
 
     def set_pid(self, run_id: str, pid: int) -> None:
         with self._write() as con:
             con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
-                        (pid, process_start(pid), socket.gethostname(), run_id))
+                        (pid, process_identity(pid), socket.gethostname(), run_id))
 
-    def heartbeat(self, run_id: str, progress: dict[str, Any] | None = None) -> bool:
+    def heartbeat(self, run_id: str, progress: RunProgress | None = None) -> bool:
         """Record liveness (and progress). Returns whether the worker should stop:
         cancellation requested, or the run is no longer 'running'."""
         with self._write() as con:
@@ -297,7 +362,7 @@ class RunStore:
                 con.execute("UPDATE runs SET heartbeat_at=? WHERE id=?", (time.time(), run_id))
             else:
                 con.execute("UPDATE runs SET heartbeat_at=?, progress=? WHERE id=?",
-                            (time.time(), json.dumps(progress), run_id))
+                            (time.time(), progress_to_json(progress), run_id))
             row = con.execute("SELECT cancel_requested, status FROM runs WHERE id=?",
                               (run_id,)).fetchone()
         # A run someone else settled (declared dead, deleted) must stop too.
@@ -316,26 +381,26 @@ class RunStore:
             con.execute("UPDATE runs SET cancel_requested=1 WHERE id=? AND status='running'", (run_id,))
         return self.get_run(run_id)
 
-    def set_best(self, run_id: str, val_acc: float, stage: int, epoch: int, checkpoint: str) -> None:
+    def set_best(self, run_id: str, val_acc: float, stage: int, epoch: int,
+                 checkpoint: str | os.PathLike[str] | None) -> None:
+        """Record the best epoch so far and its checkpoint (a path in the run's folder; the
+        record keeps it relative to that folder), or no checkpoint."""
+        name = self.files(run_id).relative(checkpoint) if checkpoint else None
         with self._write() as con:
             con.execute(
                 "UPDATE runs SET best_val_acc=?, best_stage=?, best_epoch=?, best_checkpoint=? WHERE id=?",
-                (val_acc, stage, epoch, checkpoint, run_id))
+                (val_acc, stage, epoch, name, run_id))
 
-    def set_results(self, run_id: str, test_acc: float | None, results: dict[str, Any]) -> None:
-        """Record the test accuracy and merge `results` into the run's results."""
-        self.merge_results(run_id, results, test_acc=test_acc)
-
-    def merge_results(self, run_id: str, extra: dict[str, Any], test_acc: float | None = None) -> None:
-        """Add or replace keys of a run's results (and set test_acc when given),
-        read-modify-write in one transaction."""
+    def set_last_step(self, run_id: str, step: int) -> None:
+        """Record where a resume picks up: the global step of the last saved epoch."""
         with self._write() as con:
-            row = con.execute("SELECT results FROM runs WHERE id=?", (run_id,)).fetchone()
-            if row is None:
-                return
-            merged = {**json.loads(row[0]), **extra}
+            con.execute("UPDATE runs SET last_step=? WHERE id=?", (step, run_id))
+
+    def set_results(self, run_id: str, results: RunResults, test_acc: float | None = None) -> None:
+        """Replace the run's results (and set test_acc when given)."""
+        with self._write() as con:
             con.execute("UPDATE runs SET results=?, test_acc=COALESCE(?, test_acc) WHERE id=?",
-                        (json.dumps(merged), test_acc, run_id))
+                        (results_to_json(results), test_acc, run_id))
 
     def finish_run(self, run_id: str, status: str, error: str | None = None,
                    only_if_running: bool = False) -> bool:
@@ -351,16 +416,15 @@ class RunStore:
 
     def requeue(self, run_id: str) -> bool:
         """Put a failed/cancelled run back in the queue (resume). Metric rows past the last
-        resumable point (results["last_step"], the step of the last saved epoch) are
-        dropped in the same transaction, so no reader ever sees the rows the resumed
-        worker is about to write again. Returns whether the run was requeued."""
+        resumable point (last_step, the step of the last saved epoch) are dropped in the
+        same transaction, so no reader ever sees the rows the resumed worker is about to
+        write again. Returns whether the run was requeued."""
         with self._write() as con:
-            row = con.execute("SELECT results FROM runs WHERE id=? AND status IN "
+            row = con.execute("SELECT last_step FROM runs WHERE id=? AND status IN "
                               "('failed','cancelled')", (run_id,)).fetchone()
             if row is None:
                 return False
-            last_step = json.loads(row[0]).get("last_step", -1)
-            con.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, last_step))
+            con.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, row[0]))
             con.execute(
                 "UPDATE runs SET status='queued', error=NULL, ended_at=NULL, pid=NULL, "
                 "pid_start=NULL, cancel_requested=0 WHERE id=?", (run_id,))

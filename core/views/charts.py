@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.config import LAYER_GROUPS
+from core.config import LAYER_GROUPS, StageConfig
 from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, series
 
 EPOCH_AXIS = "epoch (global, across stages)"
@@ -120,10 +120,10 @@ def per_class_figure(per_class: Sequence[float | None], classes: Sequence[str]) 
     return fig
 
 
-def recipe_figure(stages: Sequence[dict[str, Any]], title: str = "The recipe: which layer groups "
+def recipe_figure(stages: Sequence[StageConfig], title: str = "The recipe: which layer groups "
                   "train in which stage") -> go.Figure:
     """Stage-by-group grid: filled = trains in that stage, empty = frozen."""
-    z = [[1 if g in s.get("groups", ()) else 0 for g in LAYER_GROUPS] for s in stages]
+    z = [[1 if g in s.groups else 0 for g in LAYER_GROUPS] for s in stages]
     labels = [[("trains" if v else "frozen") for v in row] for row in z]
     y = [f"Stage {i}" for i in range(1, len(stages) + 1)]
     fig = go.Figure(go.Heatmap(z=z, x=list(LAYER_GROUPS), y=y, zmin=0, zmax=1, showscale=False,

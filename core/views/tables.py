@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from core.config import flatten
+from core.config import RunConfig, flatten, to_dict
 from core.runs.store import MetricRow, Run
 
 if TYPE_CHECKING:
@@ -66,27 +66,26 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
-def recipe_text(config: dict[str, Any]) -> str:
-    """'layer4+fc → layer3+layer4+fc' from a config dict."""
-    return " → ".join("+".join(s.get("groups", ())) for s in config.get("stages", []))
+def recipe_text(config: RunConfig) -> str:
+    """'layer4+fc → layer3+layer4+fc' from a run's config."""
+    return " → ".join(s.trains for s in config.stages)
 
 
-def stage_bounds(config: dict[str, Any]) -> list[tuple[float, float, str]]:
+def stage_bounds(config: RunConfig) -> list[tuple[float, float, str]]:
     """(start, end, label) per stage on the global epoch axis: stage 1 covers (0, e1],
     stage 2 (e1, e1+e2], ... — the same axis the trainer logs metrics on."""
     out, start = [], 0.0
-    for i, s in enumerate(config.get("stages", []), 1):
-        end = start + float(s.get("epochs", 0))
-        out.append((start, end, f"Stage {i}: {'+'.join(s.get('groups', ()))}"))
+    for i, s in enumerate(config.stages, 1):
+        end = start + float(s.epochs)
+        out.append((start, end, f"Stage {i}: {s.trains}"))
         start = end
     return out
 
 
-def stage2_offset(config: dict[str, Any]) -> float:
+def stage2_offset(config: RunConfig) -> float:
     """Global epoch where stage 2 starts (0 for one-stage runs): subtracting it aligns runs
     at the start of their second stage."""
-    stages = config.get("stages", [])
-    return float(stages[0].get("epochs", 0)) if len(stages) > 1 else 0.0
+    return float(config.stages[0].epochs) if len(config.stages) > 1 else 0.0
 
 
 def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
@@ -129,33 +128,32 @@ def progress_fraction(run: Run) -> float:
     """0..1 of the whole run; finished runs are 1, queued ones 0."""
     if run.status == "finished":
         return 1.0
-    f = run.progress.get("fraction")
-    return float(min(1.0, max(0.0, f))) if isinstance(f, (int, float)) else 0.0
+    return float(min(1.0, max(0.0, run.progress.fraction)))
 
 
 def progress_text(run: Run) -> str:
     """Where a run is, in words: 'Stage 2/2 · epoch 3/5 · step 40/98 · 1 min 10 s left'."""
-    p = run.progress or {}
+    p = run.progress
     if run.status == "queued":
         return "Waiting in the queue for a free worker"
     if run.status != "running":
         return run.status
-    phase = p.get("phase") or "starting"
+    phase = p.phase or "starting"
     if phase == "loading data":
-        msg = p.get("message") or "Loading data"
-        df = p.get("data_fraction")
-        return f"{msg} ({100 * df:.0f} %)" if isinstance(df, (int, float)) else msg
+        msg = p.message or "Loading data"
+        df = p.data_fraction
+        return f"{msg} ({100 * df:.0f} %)" if df is not None else msg
     parts = []
-    if p.get("stage"):
-        parts.append(f"Stage {p['stage']}/{p.get('stages', '?')}")
-    if p.get("epoch"):
-        parts.append(f"epoch {p['epoch']}/{p.get('epochs', '?')}")
-    if phase == "training" and p.get("step"):
-        parts.append(f"step {p['step']}/{p.get('steps_per_epoch', '?')}")
+    if p.stage:
+        parts.append(f"Stage {p.stage}/{p.stages or '?'}")
+    if p.epoch:
+        parts.append(f"epoch {p.epoch}/{p.epochs or '?'}")
+    if phase == "training" and p.step:
+        parts.append(f"step {p.step}/{p.steps_per_epoch or '?'}")
     elif phase != "training":
         parts.append(phase)
-    eta = p.get("eta_s")
-    parts.append(f"about {fmt_duration(eta)} left" if isinstance(eta, (int, float))
+    eta = p.eta_s
+    parts.append(f"about {fmt_duration(eta)} left" if eta is not None
                  else "time left known after the first epoch")
     return " · ".join(parts)
 
@@ -255,9 +253,9 @@ def entry_configs(entries: Sequence[tuple[str, Sequence[Run]]]) -> list[tuple[st
     run's, with the seeds of all its runs listed."""
     named = []
     for name, members in entries:
-        cfg = dict(members[0].config)
+        cfg = to_dict(members[0].config)
         if len(members) > 1:
-            cfg["seed"] = ", ".join(str(v) for v in sorted(r.config.get("seed", 0) for r in members))
+            cfg["seed"] = ", ".join(str(v) for v in sorted(r.config.seed for r in members))
         named.append((name, cfg))
     return named
 
