@@ -11,13 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# An atomic write's temp file is `.<name>.<random>.tmp` beside its target; core.runs.files
+# derives the pattern that finds the ones a killed worker left behind from these.
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Call write(temp_path) for a temp file next to `path` (named `.<name>.*.tmp`, which
     core.runs.jobs cleans up after a killed worker), fsync it, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX,
+                               dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))

@@ -158,3 +158,21 @@ def test_paths_are_confined_to_data_roots(tmp_path):
     for bad in ["/etc", "../secret", str(root / "flowers" / ".." / ".." / "secret"), "escape", ""]:
         with pytest.raises(PathNotAllowed):
             resolve_user_path(bad, [root])
+
+
+def test_process_identity_and_liveness_through_psutil():
+    from core.process import is_alive, physical_cores, process_identity
+
+    me = process_identity(os.getpid())
+    assert me is not None and me == process_identity(os.getpid())
+    assert is_alive(os.getpid(), me) and is_alive(os.getpid())
+    assert not is_alive(os.getpid(), "1")  # same pid, another process's start time
+    assert process_identity(2**22 + 12345) is None and not is_alive(2**22 + 12345)
+    # A child that exited but was not reaped yet is a zombie: dead for us.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    import psutil
+
+    wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, 30, "a zombie")
+    assert not is_alive(child.pid)
+    child.wait()
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)

@@ -187,3 +187,18 @@ def test_the_sidebar_read_starts_nothing(store, tiny_folder):
     assert jobs.advance_queue(store) == [run.id]
     assert [r.id for r in jobs.summary(store).running] == [run.id]
     wait_for(lambda: store.get_run(run.id).status == "finished", 120, "the run")
+
+
+def test_a_run_whose_stored_config_no_longer_loads_fails_with_the_reason(store, tiny_folder):
+    import json
+    import sqlite3
+
+    from core.runs.worker import execute_run
+
+    run = store.create_run(tiny_config(tiny_folder))
+    stored = {**cfgmod.to_dict(run.config), "mixup": 0.2}  # a field this version does not know
+    with sqlite3.connect(store.db_path) as con:
+        con.execute("UPDATE runs SET config=? WHERE id=?", (json.dumps(stored), run.id))
+    assert store.claim_run_now(run.id, os.getpid())
+    assert execute_run(store, run.id) == "failed"
+    assert "mixup" in store.get_run(run.id).error

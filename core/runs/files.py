@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.atomic import TEMP_PREFIX, TEMP_SUFFIX
+
 DATA_DIR_ENV = "FINETUNE_LAB_DATA"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "runs"
 
@@ -29,9 +31,9 @@ class RunFiles:
     folder: Path
     run_id: str
 
-    # Temp files of atomic writes (core.atomic) are `.<name>.*.tmp`; exports are built in
-    # `.export-*` folders. A killed worker may leave either behind.
-    TEMP_GLOB = ".*.tmp"
+    # Temp files of atomic writes (core.atomic); exports are built in `.export-*` folders.
+    # A killed worker may leave either behind.
+    TEMP_GLOB = f"{TEMP_PREFIX}*{TEMP_SUFFIX}"
     EXPORT_BUILD_PREFIX = ".export-"
 
     @property
