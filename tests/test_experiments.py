@@ -215,3 +215,16 @@ def test_scipy_is_imported_only_when_statistics_are_computed():
                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_an_experiment_record_hands_out_typed_recipe_configs(store, tiny_folder, monkeypatch):
+    """The record stores each recipe's config as JSON and reads it back as the RunConfig
+    it was queued with (no dict read by key)."""
+    from core.runs import jobs
+
+    monkeypatch.setattr(jobs, "dispatch", lambda s: [])  # no processes
+    recipes = _recipes(tiny_folder)
+    exp = ex.submit_experiment(store, recipes, [0], name="typed")
+    loaded = ex.load_experiment(store, exp.id)
+    assert [r.config for r in loaded.recipes] == [c for _, c in recipes]
+    assert all(isinstance(r.config, cfgmod.RunConfig) for r in loaded.recipes)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from core import config as cfgmod
 from core.analysis import experiments as ex
 from core.runs import jobs
 from core.runs.store import RunResults, RunStore
@@ -57,7 +56,7 @@ def test_submit_experiment_then_verdict(app_env, no_workers):
     assert not at.exception
     [exp] = ex.list_experiments(app_env)
     assert len(app_env.list_runs()) == 4 and exp.seeds == (0, 1)
-    assert exp.recipes[0].config["data_path"].endswith("colors")
+    assert exp.recipes[0].config.data_path.endswith("colors")
     assert "Queued 4 runs" in texts(at) and "0 of 2" in at.dataframe[0].value.to_string()
 
     # The runs "finish" with known accuracies: the page shows the statistics and verdict.
@@ -186,4 +185,4 @@ def test_saved_run_config_as_a_recipe(finished_run, monkeypatch, tmp_path, tiny_
     [exp] = ex.list_experiments(RunStore(root))
     assert [r.name for r in exp.recipes] == ["All at once", "config of tiny finished"]
     saved = exp.recipes[1].config
-    assert saved["stages"] == cfgmod.to_dict(run.config)["stages"] and saved["batch_size"] == 8
+    assert saved.stages == run.config.stages and saved.batch_size == 8

@@ -170,7 +170,7 @@ def verdict(name_a: str, name_b: str, difference: Difference, what: str = "valid
 class Recipe:
     name: str  # shown to the user: a preset name or "config of run X"
     group: str  # run-store group its seed runs were queued under
-    config: dict[str, Any]  # the RunConfig dict (seed replaced per run)
+    config: cfgmod.RunConfig  # the recipe's config (seed replaced per run)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "created_at": self.created_at,
                 "seeds": list(self.seeds),
-                "recipes": [{"name": r.name, "group": r.group, "config": r.config}
+                "recipes": [{"name": r.name, "group": r.group, "config": cfgmod.to_dict(r.config)}
                             for r in self.recipes]}
 
     @classmethod
@@ -192,9 +192,10 @@ class Experiment:
         try:
             return cls(id=str(d["id"]), name=str(d["name"]), created_at=float(d["created_at"]),
                        seeds=tuple(int(s) for s in d["seeds"]),
-                       recipes=tuple(Recipe(str(r["name"]), str(r["group"]), dict(r["config"]))
+                       recipes=tuple(Recipe(str(r["name"]), str(r["group"]),
+                                            cfgmod.from_dict(r["config"], validate_values=False))
                                      for r in d["recipes"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
             raise ExperimentError(f"experiment record is malformed ({exc})") from None
 
 
@@ -274,7 +275,7 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
     exp = Experiment(
         id=exp_id, name=name.strip() or " vs ".join(n for n, _ in recipes), created_at=now,
         seeds=tuple(seeds),
-        recipes=tuple(Recipe(n, f"{exp_id}-{_slug(n)}-{i}", cfgmod.to_dict(c))
+        recipes=tuple(Recipe(n, f"{exp_id}-{_slug(n)}-{i}", c)
                       for i, (n, c) in enumerate(recipes, 1)))
     atomic_write_json(experiments_dir(store) / f"{exp_id}.json", exp.to_dict())
     for (recipe_name, cfg), recipe in zip(recipes, exp.recipes):
