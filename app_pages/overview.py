@@ -25,7 +25,7 @@ INTRO = (
 def recipe_panel() -> None:
     left, right = st.columns([3, 2], vertical_alignment="center")
     with left:
-        recipe = cfgmod.preset_config("Two-stage").stages
+        recipe = cfgmod.preset_stages("Two-stage")
         st.plotly_chart(charts.recipe_figure(recipe), key=P + "recipe")
     with right:
         st.markdown(f"**Two-stage recipe.** {cfgmod.PRESET_DESCRIPTIONS['Two-stage']}")

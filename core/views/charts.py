@@ -7,13 +7,16 @@ shaded and labelled on the global epoch axis the trainer logs on.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from core.config import LAYER_GROUPS, StageConfig
 from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, series
+
+if TYPE_CHECKING:
+    from core.analysis.insights import WeightChange
 
 EPOCH_AXIS = "epoch (global, across stages)"
 # Alternating stage shades; light enough that curves on top stay readable.
@@ -200,9 +203,9 @@ def seed_box_figure(values: Sequence[tuple[str, Sequence[float]]]) -> go.Figure:
     return fig
 
 
-def weight_change_figure(changes: Sequence[Any]) -> go.Figure:
+def weight_change_figure(changes: Sequence[WeightChange]) -> go.Figure:
     """Grouped bars: one group of bars per layer group (input side first), one bar per stage;
-    frozen groups show as empty (0). `changes` are core.analysis.insights.WeightChange."""
+    frozen groups show as empty (0)."""
     fig = go.Figure()
     for s in sorted({c.stage for c in changes}):
         rows = [c for c in changes if c.stage == s]
