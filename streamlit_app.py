@@ -14,13 +14,12 @@ if str(HERE) not in sys.path:  # `from app_pages._common import ...` and `import
 
 from app_pages._common import render_sidebar  # noqa: E402
 
-# (file, title, icon). A page is registered only when its file exists, so the app works
-# while pages owned by others are still being written.
-PAGES = (
+PAGES = (  # (file, title, icon); the first is the home page
     ("app_pages/overview.py", "Overview", ":material/home:"),
     ("app_pages/new_run.py", "New run", ":material/add_circle:"),
     ("app_pages/runs.py", "Runs", ":material/monitoring:"),
     ("app_pages/compare.py", "Compare", ":material/compare_arrows:"),
+    ("app_pages/insights.py", "Run insights", ":material/insights:"),
     ("app_pages/classify.py", "Classify", ":material/image_search:"),
     ("app_pages/experiments.py", "Experiments", ":material/science:"),
     ("app_pages/datasets.py", "Datasets", ":material/folder_open:"),
@@ -29,6 +28,6 @@ PAGES = (
 st.set_page_config(page_title="Two-Stage Fine-Tuning Lab", page_icon=":material/layers:",
                    layout="wide")
 nav = st.navigation([st.Page(path, title=title, icon=icon, default=(i == 0))
-                     for i, (path, title, icon) in enumerate(PAGES) if (HERE / path).is_file()])
+                     for i, (path, title, icon) in enumerate(PAGES)])
 render_sidebar()
 nav.run()

@@ -1,4 +1,9 @@
-"""Helpers shared by the pages: store access and the sidebar job panel.
+"""Helpers shared by the pages: store access, the sidebar job panel, the run picker and the
+links between pages.
+
+Session keys: each page prefixes its own keys with its name ("runs.", "compare.",
+"insights.", ...); the few keys that carry a choice from one page to another are defined
+here, once.
 
 The store is not cached across reruns: it is re-opened on every call (cheap: one SQLite
 connection per query), so new runs always show. The data-set folder scan is cached for 30 s.
@@ -6,6 +11,7 @@ connection per query), so new runs always show. The data-set folder scan is cach
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
@@ -13,10 +19,16 @@ import streamlit as st
 from core.engine.datasets import DatasetInfo, list_datasets
 from core.engine.paths import data_roots
 from core.runs import jobs
-from core.runs.store import RunStore, StoreError
+from core.runs.store import Run, RunStore, StoreError
 from core.views.tables import progress_fraction, progress_text
 
-SELECTED_RUN = "selected_run_id"  # shared session key: the run the Runs page opens
+# Cross-page session keys.
+SELECTED_RUN = "selected_run_id"  # the run last picked: Runs, Run insights and Classify open it
+HANDED_DATA_PATH = "new_run_data_path"  # a data folder handed to New run (used there once)
+
+RUNS_PAGE = "app_pages/runs.py"
+INSIGHTS_PAGE = "app_pages/insights.py"
+NEW_RUN_PAGE = "app_pages/new_run.py"
 SIDEBAR_REFRESH_S = 3  # seconds between sidebar job-panel refreshes
 
 
@@ -31,10 +43,40 @@ def get_store() -> RunStore:
         raise  # unreachable; st.stop raises
 
 
-def open_run(run_id: str) -> None:
-    """Open a run on the Runs page."""
+def open_run(run_id: str, page: str = RUNS_PAGE) -> None:
+    """Open a run on the Runs page (or another page that shows one run)."""
     st.session_state[SELECTED_RUN] = run_id
-    st.switch_page("app_pages/runs.py")
+    st.switch_page(page)
+
+
+def pick_run(label: str, runs: list[Run], key: str, format_func: Callable[[Run], str],
+             default_id: str | None = None, help: str | None = None) -> Run:
+    """A run picker that opens on the run picked last on any page (SELECTED_RUN), else on
+    `default_id`, else on the first run; picking one here makes it the shared choice."""
+    by_id = {r.id: r for r in runs}
+    shared = st.session_state.get(SELECTED_RUN)
+    st.session_state[key] = (shared if shared in by_id
+                             else default_id if default_id in by_id else runs[0].id)
+
+    def remember() -> None:
+        st.session_state[SELECTED_RUN] = st.session_state[key]
+
+    st.selectbox(label, list(by_id), key=key, on_change=remember,
+                 format_func=lambda i: format_func(by_id[i]), help=help)
+    return by_id[st.session_state[key]]
+
+
+def page_link(page: str, label: str, icon: str, title: str) -> None:
+    """A link to another page; in words when that page is not registered (a page served
+    alone, as the page tests do). `title` is the page's name in the navigation."""
+    try:
+        st.page_link(page, label=label, icon=icon)
+    except Exception:  # streamlit raises when the page is not part of the app
+        st.markdown(f"Open **{title}** in the navigation.")
+
+
+def new_run_link(label: str = "New run") -> None:
+    page_link(NEW_RUN_PAGE, label, ":material/add_circle:", "New run")
 
 
 @st.fragment(run_every=SIDEBAR_REFRESH_S)
@@ -68,7 +110,7 @@ def render_sidebar() -> None:
 
 def no_runs_message() -> None:
     st.info("No runs yet — start one on **New run**.")
-    st.page_link("app_pages/new_run.py", label="New run", icon=":material/add_circle:")
+    new_run_link()
 
 
 @st.cache_data(ttl=30, show_spinner=False)

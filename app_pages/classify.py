@@ -6,23 +6,20 @@ Thin page: widgets -> core.analysis.inference -> render. Uploads stay in memory.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from pathlib import Path
 
 import streamlit as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # standalone (AppTest.from_file) as well as via streamlit_app.py
-    sys.path.insert(0, str(ROOT))
-
-from app_pages._common import SELECTED_RUN, get_store  # noqa: E402
-from core.analysis import inference  # noqa: E402
-from core.engine.image_types import IMAGE_EXTENSIONS  # noqa: E402
+from app_pages._common import get_store, new_run_link, pick_run
+from core.analysis import inference
+from core.engine.image_types import IMAGE_EXTENSIONS
+from core.views import charts
+from core.views.images import panel, pixelated
 
 log = logging.getLogger("finetune_lab.classify")
 
+P = "classify."
 SOURCES = ("Upload a picture", "Take a photo", "Pick an example")
 DISPLAY_PX = 256  # on-screen side of the picture panels, in pixels
 TOP_K = 5
@@ -41,64 +38,43 @@ def predictor_for(path: str | Path) -> inference.Predictor:
     return load_predictor(str(p), p.stat().st_mtime_ns)
 
 
+def usable_predictor(run) -> inference.Predictor:
+    """The run's best model, or the page stops with a plain reason."""
+    from core.engine.checkpoints import CheckpointError  # imports torch: only once a model is used
+
+    try:
+        return predictor_for(run.best_checkpoint)
+    except (CheckpointError, OSError) as exc:
+        st.error(f"This model can't be used: {exc}. Pick another one above.")
+        st.stop()
+        raise  # unreachable; st.stop raises
+
+
 @st.cache_resource(max_entries=8, show_spinner="Finding example pictures…")
-def load_gallery(config_json: str, classes: tuple[str, ...], per_class: int):
-    """Example pictures for a run's data (keyed on its config as JSON: dicts don't hash)."""
-    return inference.gallery(json.loads(config_json), list(classes), per_class=per_class)
+def load_gallery(source: str, path: str, classes: tuple[str, ...], per_class: int):
+    """Example pictures from a run's data."""
+    return inference.gallery(source, path, list(classes), per_class=per_class)
 
 
-def run_label(run) -> str:
+def model_label(run) -> str:
     name = run.name or run.id
     acc = f"{run.best_val_acc:.0%} right on held-out pictures" if run.best_val_acc is not None else "not scored"
     stopped = " · stopped early" if run.status == "cancelled" else ""
     return f"{name} — {acc}{stopped}"
 
 
-def no_model_message() -> None:
-    st.info("No trained model yet — start a run on New run")
-    try:
-        st.page_link("app_pages/new_run.py", label="New run", icon=":material/add_circle:")
-    except Exception:  # page not registered (standalone page or New run not there yet)
-        st.markdown("Open **New run** in the navigation to train one.")
-
-
-def pick_run(runs):
-    chosen = inference.default_run(runs, st.session_state.get(SELECTED_RUN))
-    ids = [r.id for r in runs]
-    by_id = {r.id: r for r in runs}
-
-    def remember() -> None:  # share the choice with the other pages
-        st.session_state[SELECTED_RUN] = st.session_state["classify_run"]
-
-    run_id = st.selectbox("Model", ids, index=ids.index(chosen.id), format_func=lambda i: run_label(by_id[i]),
-                          key="classify_run", on_change=remember,
-                          help="Which trained model to ask. The best one is picked for you.")
-    return by_id[run_id]
-
-
-def enlarge(img, px: int = DISPLAY_PX):
-    """Nearest-neighbour enlargement so a 32x32 picture shows its real pixels."""
-    from PIL import Image
-
-    return img.resize((px, px), Image.Resampling.NEAREST)
-
-
-def shown_size(img):
-    """The original at panel width; small pictures enlarged without blurring."""
-    from PIL import Image
-
-    height = max(1, round(DISPLAY_PX * img.height / img.width))
-    smooth = Image.Resampling.NEAREST if img.width < DISPLAY_PX else Image.Resampling.LANCZOS
-    return img.resize((DISPLAY_PX, height), smooth)
+def sure_threshold() -> float:
+    """The probability (0..1) from which the verdict says "pretty sure" (set under Details)."""
+    return st.session_state.get(P + "threshold", int(inference.DEFAULT_SURE_THRESHOLD * 100)) / 100
 
 
 def get_picture(run, predictor):
     """The chosen picture as (RGB PIL image, caption, true label or None), or None."""
-    source = st.radio("Picture", SOURCES, horizontal=True, key="classify_source",
+    source = st.radio("Picture", SOURCES, horizontal=True, key=P + "source",
                       label_visibility="collapsed")
     if source == SOURCES[0]:
         upload = st.file_uploader(
-            "Choose a picture from your computer", key="classify_upload",
+            "Choose a picture from your computer", key=P + "upload",
             type=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS),
             max_upload_size=inference.MAX_UPLOAD_BYTES // 1024**2,  # MB, a photo's worth
             help=f"JPEG, PNG, GIF, WebP, BMP or TIFF, up to {inference.MAX_UPLOAD_BYTES // 1024**2} MB.")
@@ -107,18 +83,18 @@ def get_picture(run, predictor):
         # Bytes stay in memory: decoded from a BytesIO, never saved.
         return inference.decode_upload(upload.getvalue(), upload.name), upload.name, None
     if source == SOURCES[1]:
-        photo = st.camera_input("Take a photo", key="classify_camera")
+        photo = st.camera_input("Take a photo", key=P + "camera")
         if photo is None:
             return None
         return inference.decode_upload(photo.getvalue(), "camera photo"), "your photo", None
 
-    items, note = load_gallery(json.dumps(predictor.config, sort_keys=True, default=str),
+    items, note = load_gallery(run.config.data_source, run.config.data_path,
                                tuple(predictor.classes), 2 if len(predictor.classes) <= 6 else 1)
     if note:
         st.caption(note)
     if not items:
         return None
-    pick_key = f"classify_pick_{run.id}"
+    pick_key = P + f"pick.{run.id}"
     picked = min(st.session_state.get(pick_key, 0), len(items) - 1)
     per_row = 8
     for start in range(0, len(items), per_row):
@@ -127,11 +103,11 @@ def get_picture(run, predictor):
             item = items[i]
             with col:
                 try:
-                    st.image(enlarge(item.open(), 72), caption=item.caption)
+                    st.image(pixelated(item.open(), 72), caption=item.caption)
                 except inference.ImageRejected as exc:
                     st.caption(str(exc))
                     continue
-                if st.button("Try this" if i != picked else "Chosen", key=f"classify_try_{i}",
+                if st.button("Try this" if i != picked else "Chosen", key=P + f"try.{i}",
                              type="primary" if i == picked else "secondary", disabled=i == picked):
                     st.session_state[pick_key] = i
                     st.rerun()
@@ -139,26 +115,10 @@ def get_picture(run, predictor):
     return item.open(), f"example: {item.caption}", item.true_label
 
 
-def top_chart(preds):
-    import plotly.graph_objects as go
-
-    names = [inference.display_name(p.label) for p in preds][::-1]  # most likely on top
-    values = [p.probability * 100 for p in preds][::-1]
-    fig = go.Figure(go.Bar(x=values, y=names, orientation="h", marker_color="#2F6FDE",
-                           text=[inference.percent(p.probability) for p in preds][::-1],
-                           textposition="outside", cliponaxis=False,
-                           hovertemplate="%{y}: %{x:.1f} %<extra></extra>"))
-    fig.update_layout(height=60 + 36 * len(preds), margin=dict(l=10, r=40, t=10, b=30),
-                      xaxis=dict(range=[0, 105], title="How sure (%)"), yaxis=dict(title=None),
-                      showlegend=False)
-    return fig
-
-
 def show_result(run, predictor, img, caption: str, true_label: str | None) -> None:
-    threshold = st.session_state.get("classify_threshold", int(inference.DEFAULT_SURE_THRESHOLD * 100)) / 100
     preds = predictor.predict(img, TOP_K)
     top = preds[0]
-    st.header(inference.verdict(preds, threshold))
+    st.header(inference.verdict(preds, sure_threshold()))
     st.markdown(f"Best guess: **{inference.display_name(top.label)}** ({inference.percent(top.probability)} sure)")
     if true_label is not None:
         right = "got it right" if true_label == top.label else "got it wrong"
@@ -166,16 +126,20 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
 
     left, middle, chart = st.columns([1, 1, 1.4])
     with left:
-        st.image(shown_size(img), caption=f"Your picture ({caption})")
+        st.image(panel(img, DISPLAY_PX), caption=f"Your picture ({caption})")
     with middle:
         r = predictor.resolution
-        st.image(enlarge(predictor.model_view(img)), caption=f"What the model sees: {r} × {r} pixels")
+        st.image(pixelated(predictor.model_view(img), DISPLAY_PX),
+                 caption=f"What the model sees: {r} × {r} pixels")
     with chart:
         st.markdown("**Its top guesses**")
-        st.plotly_chart(top_chart(preds), key="classify_chart", config={"displayModeBar": False})
+        st.plotly_chart(charts.top_guesses_figure([inference.display_name(p.label) for p in preds],
+                                                  [p.probability for p in preds],
+                                                  [inference.percent(p.probability) for p in preds]),
+                        key=P + "chart", config={"displayModeBar": False})
 
     st.subheader("What did it look at?")
-    layer = st.session_state.get("classify_cam_layer", "layer4")
+    layer = st.session_state.get(P + "cam_layer", "layer4")
     cam = predictor.explain(img, top.index, layer=layer)
     from core.analysis.explain import overlay
 
@@ -198,10 +162,10 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
 
         st.dataframe(pd.DataFrame({"class": [p.label for p in preds],
                                    "probability": [round(p.probability, 4) for p in preds]}),
-                     hide_index=True, key="classify_table")
+                     hide_index=True, key=P + "table")
         st.slider("Say “pretty sure” from this confidence (%)", 10, 95,
-                  int(inference.DEFAULT_SURE_THRESHOLD * 100), step=5, key="classify_threshold")
-        st.radio("Heat map from", ("layer4", "layer3"), horizontal=True, key="classify_cam_layer",
+                  int(inference.DEFAULT_SURE_THRESHOLD * 100), step=5, key=P + "threshold")
+        st.radio("Heat map from", ("layer4", "layer3"), horizontal=True, key=P + "cam_layer",
                  help="layer4 is the last convolutional block (Grad-CAM's usual choice); layer3 "
                       "has a grid twice as fine.")
         st.markdown(f"Checkpoint `{predictor.path}` — stage {predictor.stage}, epoch {predictor.epoch}; "
@@ -228,44 +192,36 @@ def before_after(run, img) -> None:
             except (CheckpointError, OSError) as exc:
                 st.caption(f"That model can't be loaded: {exc}")
                 continue
-            threshold = st.session_state.get("classify_threshold",
-                                             int(inference.DEFAULT_SURE_THRESHOLD * 100)) / 100
-            st.markdown(inference.verdict(preds, threshold))
+            st.markdown(inference.verdict(preds, sure_threshold()))
             st.caption(" · ".join(f"{inference.display_name(p.label)} {inference.percent(p.probability)}"
                                   for p in preds))
     st.caption("Stage 1 trains only the last layers of the network; the later stages also "
                "adjust deeper layers. Seeing both shows what that second step changed.")
 
 
-def main() -> None:
-    st.title("Classify a picture")
-    store = get_store()
-    runs = inference.classifiable_runs(store)
-    if not runs:
-        no_model_message()
-        return
-    run = pick_run(runs)
-    from core.engine.checkpoints import CheckpointError
+# ---------------------------------------------------------------- page
 
-    try:
-        predictor = predictor_for(run.best_checkpoint)
-    except (CheckpointError, OSError) as exc:
-        st.error(f"This model can't be used: {exc}. Pick another one above.")
-        return
-    try:
-        picture = get_picture(run, predictor)
-    except inference.ImageRejected as exc:
-        st.error(str(exc))
-        return
-    if picture is None:
-        st.caption("Choose a picture above to see what the model thinks it is.")
-        return
-    try:
-        show_result(run, predictor, *picture)
-    except Exception as exc:  # the page must stay usable whatever the picture does
-        log.exception("classify failed")
-        st.error(f"Something went wrong while looking at this picture ({type(exc).__name__}: {exc}). "
-                 f"Try another picture.")
-
-
-main()
+st.title("Classify a picture")
+store = get_store()
+runs = inference.classifiable_runs(store)
+if not runs:
+    st.info("No trained model yet — start a run on New run")
+    new_run_link()
+    st.stop()
+run = pick_run("Model", runs, P + "run", model_label, default_id=inference.default_run(runs).id,
+               help="Which trained model to ask. The best one is picked for you.")
+predictor = usable_predictor(run)
+try:
+    picture = get_picture(run, predictor)
+except inference.ImageRejected as exc:
+    st.error(str(exc))
+    st.stop()
+if picture is None:
+    st.caption("Choose a picture above to see what the model thinks it is.")
+    st.stop()
+try:
+    show_result(run, predictor, *picture)
+except Exception as exc:  # the page must stay usable whatever the picture does
+    log.exception("classify failed")
+    st.error(f"Something went wrong while looking at this picture ({type(exc).__name__}: {exc}). "
+             f"Try another picture.")

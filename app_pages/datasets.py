@@ -1,6 +1,9 @@
 """Datasets: bring your own images. Upload a zip of class folders (or pick a folder under
 the data folders), see it validated (classes, counts, unreadable and skipped files) and
-previewed per class, then use it in a new run."""
+previewed per class, then use it in a new run.
+
+Thin page: upload or pick -> core.engine.datasets (import, checks, preview) -> render.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_pages._common import forget_datasets, found_datasets
+from app_pages._common import HANDED_DATA_PATH, NEW_RUN_PAGE, forget_datasets, found_datasets
 from core.engine.datasets import DatasetSummary, ImportRejected, import_zip, preview_samples, summarize_folder
 from core.engine.paths import PathNotAllowed, data_roots, resolve_user_path
+from core.views.images import thumbnail
 
 P = "datasets."
-DATA_KEY = "new_run_data_path"  # read by the New run page
 CURRENT = P + "current"  # the DatasetSummary on show
 PREVIEW_PER_CLASS = 6
 CHECK_PER_CLASS = 100  # images decoded per class when checking an existing (maybe big) folder
@@ -28,22 +31,14 @@ def suggested_name(filename: str) -> str:
 
 
 @st.cache_data(max_entries=500, show_spinner=False)
-def thumbnail(path: str, mtime: float):
-    """A preview tile: small images scaled up with visible pixels, big ones scaled down."""
-    from PIL import Image
-
+def preview_tile(path: str, mtime: float):
+    """A preview tile of an image file (None if it cannot be read); keyed on its mtime."""
     from core.engine.data import DataError, open_image, to_rgb
 
     try:
-        img = to_rgb(open_image(path))
+        return thumbnail(to_rgb(open_image(path)), THUMB_PX)
     except DataError:
         return None
-    if max(img.size) < THUMB_PX:
-        scale = THUMB_PX / max(img.size)
-        return img.resize((round(img.width * scale), round(img.height * scale)),
-                          Image.Resampling.NEAREST)
-    img.thumbnail((THUMB_PX * 2, THUMB_PX * 2))
-    return img
 
 
 def upload_section() -> None:
@@ -132,9 +127,9 @@ def show_current(summary: DatasetSummary) -> None:
             st.code("\n".join(summary.non_images[:200]), language=None)
 
     if st.button("Use in a new run", type="primary", key=P + "use"):
-        st.session_state[DATA_KEY] = str(summary.path)
+        st.session_state[HANDED_DATA_PATH] = str(summary.path)
         try:
-            st.switch_page("app_pages/new_run.py")
+            st.switch_page(NEW_RUN_PAGE)
         except Exception:  # the New run page is not registered (e.g. this page alone)
             st.info(f"Open **New run** and use the data folder {summary.path}.")
 
@@ -148,12 +143,14 @@ def show_current(summary: DatasetSummary) -> None:
         cols = st.columns([1.2] + [1] * PREVIEW_PER_CLASS)
         cols[0].markdown(f"**{cls}**")
         for col, p in zip(cols[1:], paths):
-            tile = thumbnail(str(p), p.stat().st_mtime)
+            tile = preview_tile(str(p), p.stat().st_mtime)
             if tile is None:
                 col.caption("unreadable")
             else:
                 col.image(tile, width="stretch")
 
+
+# ---------------------------------------------------------------- page
 
 st.title("Datasets")
 st.caption("Your own images as a data set: classes are the folder names.")

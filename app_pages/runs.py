@@ -1,5 +1,8 @@
 """Runs: the live view of a running run (curves stream in via a fragment that reruns on a
-timer, never a sleep loop) and the results of a finished one."""
+timer, never a sleep loop) and the results of a finished one.
+
+Thin page: pick a run -> the store and core.runs.jobs -> core.views (tables, charts).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_pages._common import SELECTED_RUN, get_store, no_runs_message
+from app_pages._common import INSIGHTS_PAGE, SELECTED_RUN, get_store, no_runs_message, open_run, pick_run
 from core import config as cfgmod
 from core.runs import jobs
 from core.runs.store import Run, RunStore, StoreError
@@ -134,8 +137,7 @@ def results_view(store: RunStore, run: Run) -> None:
             "Insights and export →", key=P + "insights",
             help="What each stage added, which layers moved, confused classes, top mistakes, "
                  "TorchScript/ONNX export"):
-        st.session_state[SELECTED_RUN] = run.id
-        st.switch_page("app_pages/experiments.py")
+        open_run(run.id, INSIGHTS_PAGE)
     with st.expander("Log"):
         log_tail(store, run.id)
     delete_section(store, run)
@@ -182,34 +184,8 @@ def delete_section(store: RunStore, run: Run) -> None:
         st.rerun()
 
 
-# ---------------------------------------------------------------- page
-
-store = get_store()
-st.title("Runs")
-runs = store.list_runs()
-if not runs:
-    no_runs_message()
-    st.stop()
-
-by_id = {r.id: r for r in runs}
-ids = list(by_id)
-if st.session_state.get(SELECTED_RUN) not in by_id:
-    st.session_state[SELECTED_RUN] = ids[0]  # newest
-st.session_state[P + "pick"] = st.session_state[SELECTED_RUN]
-
-
-def _picked() -> None:
-    st.session_state[SELECTED_RUN] = st.session_state[P + "pick"]
-
-
-st.selectbox("Run", ids, key=P + "pick", on_change=_picked,
-             format_func=lambda i: run_label(by_id[i]))
-run = by_id[st.session_state[SELECTED_RUN]]
-st.caption(f"**{recipe_text(run.config)}** · id `{run.id}`"
-           + (f" · group {run.group}" if run.group else "")
-           + f" · {run.config.data_source}, {run.config.weights} weights")
-
-if run.is_active:
+def stop_buttons(store: RunStore, run: Run) -> None:
+    """Cancel (honoured after the current batch), then Force stop if that was not enough."""
     cols = st.columns([1, 1, 4])
     if not run.cancel_requested:
         if cols[0].button("Cancel run", key=P + "cancel",
@@ -220,6 +196,24 @@ if run.is_active:
                         help="The run did not stop on request: end its process."):
         if act(jobs.kill, store, run.id):
             st.rerun()
+
+
+# ---------------------------------------------------------------- page
+
+st.title("Runs")
+store = get_store()
+runs = store.list_runs()
+if not runs:
+    no_runs_message()
+    st.stop()
+
+run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was picked
+st.caption(f"**{recipe_text(run.config)}** · id `{run.id}`"
+           + (f" · group {run.group}" if run.group else "")
+           + f" · {run.config.data_source}, {run.config.weights} weights")
+
+if run.is_active:
+    stop_buttons(store, run)
     live_view(run.id)
 else:
     results_view(store, run)

@@ -220,6 +220,26 @@ def test_runs_page_shows_a_real_finished_run_with_results_and_downloads(finished
     at.button(key="runs.insights").click().run()  # on to the run's insights
     assert at.session_state["selected_run_id"] == run.id
     assert not at.exception
+    assert [t.value for t in at.title] == ["Run insights"]
+    assert at.selectbox(key="insights.run").value == run.id
+
+
+def test_insights_opens_the_run_picked_last_on_another_page(app_env):
+    """The Runs page's "Insights and export" opens its run on the Run insights page, also
+    after another run was shown there; picking one there is the run Runs opens next."""
+    a = seed_finished(app_env, "first", tiny_config(Path("/x")), 0.6, 0.55)
+    b = seed_finished(app_env, "second", tiny_config(Path("/x")), 0.7, 0.65)
+    at = open_page("app_pages/insights.py")
+    assert at.selectbox(key="insights.run").value == b.id  # newest
+    at.switch_page("app_pages/runs.py").run()
+    at.selectbox(key="runs.pick").set_value(a.id).run()
+    at.button(key="runs.insights").click().run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Run insights"]
+    assert at.selectbox(key="insights.run").value == a.id
+    at.selectbox(key="insights.run").set_value(b.id).run()
+    at.switch_page("app_pages/runs.py").run()
+    assert at.selectbox(key="runs.pick").value == b.id
 
 
 def test_runs_page_live_view_of_a_running_run(running_run):
@@ -312,7 +332,7 @@ def test_compare_overlays_runs_and_groups_and_diffs_configs(app_env):
 PAGE_TOP_MODULES = ("app_pages._common", "core.engine.datasets", "core.views.tables", "core.views.charts",
                     "core.analysis.experiments", "core.analysis.insights", "core.analysis.inference", "core.analysis.export",
                     "core.analysis.speed", "core.engine.paths", "core.runs.store", "core.config", "core.runs.jobs",
-                    "core.engine.model_info", "core.engine.image_types")
+                    "core.engine.model_info", "core.engine.image_types", "core.views.images")
 
 
 @pytest.mark.parametrize("module", PAGE_TOP_MODULES)
@@ -339,19 +359,38 @@ def test_parameter_table_matches_a_real_resnet18(num_classes):
 
 
 def test_torch_free_facts_match_torch(monkeypatch, tmp_path):
+    import torch
+    import torchvision
+
     import core.engine.data
     import core.engine.model
     from core.engine.image_types import IMAGE_EXTENSIONS
     from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path
 
+    def torch_cache_path() -> Path:  # where torchvision's download lands
+        return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_FILE
+
     assert set(IMAGE_EXTENSIONS) == set(core.engine.data.IMAGE_EXTENSIONS)
     assert IMAGENET_WEIGHTS_FILE == core.engine.model.IMAGENET_WEIGHTS_FILE
-    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
+    assert torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.endswith("/" + IMAGENET_WEIGHTS_FILE)
+    assert imagenet_weights_path() == torch_cache_path()
     monkeypatch.delenv("TORCH_HOME", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
+    assert imagenet_weights_path() == torch_cache_path()
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert imagenet_weights_path() == core.engine.model.imagenet_cache_path()
+    assert imagenet_weights_path() == torch_cache_path()
+
+
+def test_the_model_reads_imagenet_weights_from_the_one_cache_path(monkeypatch, tmp_path):
+    """core.engine.model has no path of its own: offline, its advice names model_info's path."""
+    from core.engine.model import WeightsError, imagenet_state_dict
+    from core.engine.model_info import imagenet_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(WeightsError) as info:
+        imagenet_state_dict(download=False)
+    assert str(imagenet_weights_path()) in str(info.value)
+    assert str(imagenet_weights_path()).startswith(str(tmp_path / "torch-home"))
 
 
 def test_a_store_error_on_a_run_button_is_shown_not_raised(app_env, monkeypatch):
@@ -369,3 +408,20 @@ def test_a_store_error_on_a_run_button_is_shown_not_raised(app_env, monkeypatch)
     assert not at.exception
     assert "the run store is locked by another program; try again" in [e.value for e in at.error]
     assert app_env.get_run(run.id) is not None
+
+
+def test_every_page_file_is_registered_and_renders_on_an_empty_store(app_env):
+    """streamlit_app.py lists every page (no page is skipped while "still being written"),
+    and each one renders without an error before the first run exists."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    tree = ast.parse((root / "streamlit_app.py").read_text(encoding="utf-8"))
+    pages = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PAGES")
+    files = sorted(f"app_pages/{p.name}" for p in (root / "app_pages").glob("*.py")
+                   if not p.name.startswith("_"))
+    assert sorted(path for path, _, _ in pages) == files
+    for path in files:
+        at = open_page(path)
+        assert not at.exception, (path, [e.value for e in at.exception])

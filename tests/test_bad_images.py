@@ -207,3 +207,25 @@ def test_uploads_are_never_written_to_disk(predictor, tmp_path, monkeypatch):
     predictor.model_view(img)
     assert list(temp_dir.iterdir()) == [] and list(work_dir.iterdir()) == []
     assert not any(Path(p).name == "holiday.png" for p in tmp_path.rglob("*"))
+
+
+def test_importing_the_data_module_leaves_pil_settings_alone():
+    """The pixel limit is checked where images are decoded, not set on PIL at import."""
+    import subprocess
+    import sys
+
+    code = ("from PIL import Image, ImageFile; before = (Image.MAX_IMAGE_PIXELS, "
+            "ImageFile.LOAD_TRUNCATED_IMAGES); import core.engine.data, core.analysis.inference; "
+            "print(before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
+def test_the_pixel_limit_holds_at_open_image_whatever_pil_allows(monkeypatch):
+    from core.engine import data
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL's own check switched off
+    with pytest.raises(data.DataError, match="too large"):
+        data.open_image(io.BytesIO(png_header_only(7000, 7000)))

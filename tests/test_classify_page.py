@@ -112,8 +112,8 @@ def test_real_finished_run_classifies_an_example(monkeypatch, finished_run):
     store, run = finished_run
     at = app(monkeypatch, store.root)
     assert_ok(at)
-    assert at.selectbox(key="classify_run").value == run.id
-    at.radio(key="classify_source").set_value("Pick an example").run()
+    assert at.selectbox(key="classify.run").value == run.id
+    at.radio(key="classify.source").set_value("Pick an example").run()
     assert_ok(at)
     assert best_guess(at) in run.results.classes
     assert at.header[0].value.startswith(("Pretty sure this is", "Not sure"))
@@ -124,8 +124,8 @@ def test_real_finished_run_classifies_an_example(monkeypatch, finished_run):
 def test_five_classes_for_a_test_image(monkeypatch, five_class_store):
     root, runs = five_class_store
     at = app(monkeypatch, root)
-    assert at.selectbox(key="classify_run").value == runs["two-stage"].id  # best val acc
-    at.radio(key="classify_source").set_value("Pick an example").run()
+    assert at.selectbox(key="classify.run").value == runs["two-stage"].id  # best val acc
+    at.radio(key="classify.source").set_value("Pick an example").run()
     assert_ok(at)
     assert sorted(chart_classes(at)) == sorted(FIVE)
     table = at.dataframe[0].value
@@ -134,7 +134,7 @@ def test_five_classes_for_a_test_image(monkeypatch, five_class_store):
     # Before and after: both models answered.
     assert {"**After stage 1**", "**At the end of training**"} <= {m.value for m in at.markdown}
     # Another example: the page follows the click.
-    at.button(key="classify_try_5").click().run()
+    at.button(key="classify.try.5").click().run()
     assert_ok(at)
     assert "This example really is: blue — the model got it" in texts(at)
 
@@ -142,7 +142,7 @@ def test_five_classes_for_a_test_image(monkeypatch, five_class_store):
 def test_upload_png_shows_top_class_as_text(monkeypatch, five_class_store):
     root, _ = five_class_store
     at = app(monkeypatch, root)
-    at.file_uploader(key="classify_upload").set_value(("mine.png", png_bytes(), "image/png")).run()
+    at.file_uploader(key="classify.upload").set_value(("mine.png", png_bytes(), "image/png")).run()
     assert_ok(at)
     assert best_guess(at) in FIVE
     assert at.header[0].value.startswith(("Pretty sure this is", "Not sure"))
@@ -152,8 +152,8 @@ def test_upload_png_shows_top_class_as_text(monkeypatch, five_class_store):
 def test_camera_photo(monkeypatch, five_class_store):
     root, _ = five_class_store
     at = app(monkeypatch, root)
-    at.radio(key="classify_source").set_value("Take a photo").run()
-    at.camera_input(key="classify_camera").set_value(
+    at.radio(key="classify.source").set_value("Take a photo").run()
+    at.camera_input(key="classify.camera").set_value(
         ("shot.jpg", png_bytes(size=(64, 48), fmt="JPEG"), "image/jpeg")).run()
     assert_ok(at)
     assert best_guess(at) in FIVE
@@ -170,13 +170,13 @@ BAD_UPLOADS = {
 def test_bad_uploads_give_a_message_and_the_page_stays_usable(monkeypatch, five_class_store):
     root, _ = five_class_store
     at = app(monkeypatch, root)
-    uploader = at.file_uploader(key="classify_upload")
+    uploader = at.file_uploader(key="classify.upload")
     for name, (data, message) in BAD_UPLOADS.items():
         uploader.set_value((name, data, "application/octet-stream")).run()
         assert_ok(at)
         assert len(at.error) == 1 and message in at.error[0].value, (name, texts(at))
         assert not at.header  # no verdict for a file we could not read
-        uploader = at.file_uploader(key="classify_upload")  # still there
+        uploader = at.file_uploader(key="classify.upload")  # still there
     uploader.set_value(("fine.png", png_bytes(), "image/png")).run()
     assert_ok(at)
     assert not at.error and best_guess(at) in FIVE
@@ -188,22 +188,22 @@ def test_bad_uploads_give_a_message_and_the_page_stays_usable(monkeypatch, five_
 def test_selected_run_is_honoured_and_one_stage_says_so(monkeypatch, five_class_store):
     root, runs = five_class_store
     at = app(monkeypatch, root, {"selected_run_id": runs["one-stage"].id})
-    assert at.selectbox(key="classify_run").value == runs["one-stage"].id
-    at.radio(key="classify_source").set_value("Pick an example").run()
+    assert at.selectbox(key="classify.run").value == runs["one-stage"].id
+    at.radio(key="classify.source").set_value("Pick an example").run()
     assert_ok(at)
     assert "only one stage" in texts(at)
     # Unknown ids fall back to the best run.
     other = app(monkeypatch, root, {"selected_run_id": "no-such-run"})
-    assert other.selectbox(key="classify_run").value == runs["two-stage"].id
+    assert other.selectbox(key="classify.run").value == runs["two-stage"].id
 
 
 def test_threshold_changes_the_verdict(monkeypatch, five_class_store):
     root, _ = five_class_store
     at = app(monkeypatch, root)
-    at.radio(key="classify_source").set_value("Pick an example").run()
-    at.slider(key="classify_threshold").set_value(95).run()
+    at.radio(key="classify.source").set_value("Pick an example").run()
+    at.slider(key="classify.threshold").set_value(95).run()
     assert at.header[0].value.startswith("Not sure")  # random weights are never 95 % sure
-    at.slider(key="classify_threshold").set_value(10).run()
+    at.slider(key="classify.threshold").set_value(10).run()
     assert at.header[0].value.startswith("Pretty sure this is")  # top of 5 is >= 20 %
 
 
@@ -216,10 +216,10 @@ def test_broken_checkpoint_is_a_clear_error_and_other_runs_still_work(monkeypatc
     Path(broken.best_checkpoint).write_bytes(b"definitely not a checkpoint")
     at = app(monkeypatch, store.root)
     assert_ok(at)
-    assert at.selectbox(key="classify_run").value == broken.id
+    assert at.selectbox(key="classify.run").value == broken.id
     assert "This model can't be used" in at.error[0].value
-    at.selectbox(key="classify_run").set_value(good.id).run()
-    at.radio(key="classify_source").set_value("Pick an example").run()
+    at.selectbox(key="classify.run").set_value(good.id).run()
+    at.radio(key="classify.source").set_value("Pick an example").run()
     assert_ok(at)
     assert not at.error and best_guess(at) in FIVE
     assert at.session_state["selected_run_id"] == good.id  # shared with other pages

@@ -167,3 +167,28 @@ def test_summarize_folder_reports_without_modifying(tmp_path, flat_folder):
     assert (flat_folder / "red" / "bad.jpg").exists()
     sampled = di.summarize_folder(flat_folder, max_check_per_class=1)
     assert sampled.total_images == 13
+
+
+def test_train_and_test_with_different_classes_say_so_as_training_does(tmp_path):
+    """One rule for the train/ + test/ layout: the data-set check refuses mismatched class
+    folders with the same message preflight and training give."""
+    from core.engine.data import DataError, check_same_classes
+
+    root = make_image_folder(tmp_path / "split", per_class=3, classes=("red", "blue"))
+    (root / "test" / "blue").rename(root / "test" / "green")
+    with pytest.raises(di.ImportRejected) as rejected:
+        di.summarize_folder(root)
+    with pytest.raises(DataError) as training:
+        check_same_classes(root, ["blue", "red"], ["green", "red"])
+    assert str(rejected.value) == str(training.value)
+    assert "only in train: blue; only in test: green" in str(rejected.value)
+
+
+def test_the_default_data_set_folder_is_one_place(tmp_path, monkeypatch):
+    from core.engine import paths
+
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
+    monkeypatch.delenv("FINETUNE_LAB_DATA_ROOTS", raising=False)
+    assert paths.data_roots()[0] == paths.default_datasets_dir().resolve()
+    assert paths.cifar10_dir() == paths.default_datasets_dir() / "cifar10"
+    assert paths.cifar10_dir(str(tmp_path / "mine")) == tmp_path / "mine"

@@ -184,3 +184,47 @@ def test_load_experiment_rejects_bad_ids_and_records(store):
     (store.root / "experiments").mkdir()
     (store.root / "experiments" / "exp-bad.json").write_text("{not json")
     assert ex.list_experiments(store) == []
+
+
+def test_saved_run_recipes_name_each_run_once_and_report_unusable_configs(store, tmp_path):
+    cfg = tiny_config(tmp_path)
+    a = store.create_run(cfg, name="mine")
+    b = store.create_run(replace(cfg, seed=3), name="mine")
+    invalid = store.create_run(replace(cfg, val_fraction=5.0), name="old rules")
+    unreadable = store.create_run(cfg, name="old schema")
+    with store._write() as con:  # a config written by a version whose fields are gone
+        con.execute("UPDATE runs SET config=? WHERE id=?", ('{"stages": "nope"}', unreadable.id))
+    unreadable = store.get_run(unreadable.id)
+    assert unreadable.config_error
+    recipes, problems = ex.saved_run_recipes([a, b, invalid, unreadable], taken=["Two-stage"])
+    assert [n for n, _ in recipes] == ["config of mine", f"config of mine ({b.id})"]
+    assert recipes[1][1] == replace(cfg, seed=3)
+    assert [p.split(":")[0] for p in problems] == [f"run {invalid.id}", f"run {unreadable.id}"]
+    assert all("its config can no longer be used" in p for p in problems)
+
+
+def test_scipy_is_imported_only_when_statistics_are_computed():
+    """The Experiments page imports this module at start-up: scipy loads on first use."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from core.analysis import experiments as ex; before = 'scipy' in sys.modules; "
+            "ex.welch_difference([1.0, 2.0], [3.0, 5.0]); print(before, 'scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_an_experiment_record_hands_out_typed_recipe_configs(store, tiny_folder, monkeypatch):
+    """The record stores each recipe's config as JSON and reads it back as the RunConfig
+    it was queued with (no dict read by key)."""
+    from core.runs import jobs
+
+    monkeypatch.setattr(jobs, "dispatch", lambda s: [])  # no processes
+    recipes = _recipes(tiny_folder)
+    exp = ex.submit_experiment(store, recipes, [0], name="typed")
+    loaded = ex.load_experiment(store, exp.id)
+    assert [r.config for r in loaded.recipes] == [c for _, c in recipes]
+    assert all(isinstance(r.config, cfgmod.RunConfig) for r in loaded.recipes)

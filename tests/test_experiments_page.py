@@ -1,6 +1,7 @@
-"""AppTest of the Experiments and Datasets pages, each served alone (AppTest.from_file):
-empty store, a finished run (insights, mistakes gallery, export), submitting an experiment
-and reading its verdict, checking a folder data set and handing it to New run."""
+"""AppTest of the Experiments, Run insights and Datasets pages, each served alone
+(AppTest.from_file): empty store, a finished run (insights, mistakes gallery, export),
+submitting an experiment and reading its verdict, checking a folder data set and handing it
+to New run."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from core import config as cfgmod
 from core.analysis import experiments as ex
 from core.runs import jobs
 from core.runs.store import RunResults, RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = str(ROOT / "app_pages" / "experiments.py")
+INSIGHTS = str(ROOT / "app_pages" / "insights.py")
 DATASETS = str(ROOT / "app_pages" / "datasets.py")
 TIMEOUT_S = 120  # per script run; the first export/top-losses render imports torch
 
@@ -38,8 +39,10 @@ def run_page(path, **state) -> AppTest:
 def test_experiments_page_empty_store(app_env):
     at = run_page(EXPERIMENTS)
     body = texts(at)
-    assert "No experiments yet" in body and "Insights appear here" in body
+    assert "No experiments yet" in body
     assert at.multiselect(key="experiments.presets").value == ["Two-stage", "All at once"]
+    at = run_page(INSIGHTS)
+    assert "Insights appear here" in texts(at)
 
 
 def test_submit_experiment_then_verdict(app_env, no_workers):
@@ -53,7 +56,7 @@ def test_submit_experiment_then_verdict(app_env, no_workers):
     assert not at.exception
     [exp] = ex.list_experiments(app_env)
     assert len(app_env.list_runs()) == 4 and exp.seeds == (0, 1)
-    assert exp.recipes[0].config["data_path"].endswith("colors")
+    assert exp.recipes[0].config.data_path.endswith("colors")
     assert "Queued 4 runs" in texts(at) and "0 of 2" in at.dataframe[0].value.to_string()
 
     # The runs "finish" with known accuracies: the page shows the statistics and verdict.
@@ -72,23 +75,23 @@ def test_submit_experiment_then_verdict(app_env, no_workers):
     assert any(s.value.startswith("Two-stage beat All at once by 20.5") for s in at.success)
 
 
-def test_experiments_page_with_finished_run(app_env, finished_run, monkeypatch):
+def test_insights_page_with_finished_run(app_env, finished_run, monkeypatch):
     store, run = finished_run
     monkeypatch.setenv("FINETUNE_LAB_DATA", str(store.root))
-    at = run_page(EXPERIMENTS)
-    assert at.selectbox(key="experiments.run").value == run.id
+    at = run_page(INSIGHTS)
+    assert at.selectbox(key="insights.run").value == run.id
     body = texts(at)
     assert "What each stage added" in body and "stage 1 (layer4+fc) added" in body
     assert "How far each layer group" in body
     assert "Most confused classes" in body
-    at.toggle(key=f"experiments.losses.{run.id}").set_value(True).run()
+    at.toggle(key=f"insights.losses.{run.id}").set_value(True).run()
     assert not at.exception
     wrong = sum(run.results.confusion[i][j] for i in range(3) for j in range(3) if i != j)
     if wrong:
         assert len(at.get("image")) >= 1
     else:
         assert any("every test image right" in s.value for s in at.success)
-    at.button(key=f"experiments.export.{run.id}").click().run()
+    at.button(key=f"insights.export.{run.id}").click().run()
     assert not at.exception
     assert (store.run_dir(run.id) / f"{run.id}-export.zip").is_file()
     assert at.get("download_button")
@@ -182,4 +185,4 @@ def test_saved_run_config_as_a_recipe(finished_run, monkeypatch, tmp_path, tiny_
     [exp] = ex.list_experiments(RunStore(root))
     assert [r.name for r in exp.recipes] == ["All at once", "config of tiny finished"]
     saved = exp.recipes[1].config
-    assert saved["stages"] == cfgmod.to_dict(run.config)["stages"] and saved["batch_size"] == 8
+    assert saved.stages == run.config.stages and saved.batch_size == 8

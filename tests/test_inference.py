@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from core import config as cfgmod
 from core.analysis import inference
 from core.analysis.inference import Prediction, Predictor
 from core.config import RunConfig, StageConfig
@@ -220,27 +219,27 @@ def test_before_and_after_on_a_real_two_stage_run(finished_run):
 
 def test_gallery_from_test_folder_is_stable(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=9, classes=FIVE)
-    cfg = cfgmod.to_dict(tiny_config(root))
-    items, note = inference.gallery(cfg, list(FIVE), per_class=2)
+    cfg = tiny_config(root)
+    items, note = inference.gallery(cfg.data_source, cfg.data_path, list(FIVE), per_class=2)
     assert note is None
     assert len(items) == 10
     assert [i.true_label for i in items] == [c for c in FIVE for _ in range(2)]
     assert all(i.path.parent.parent == root / "test" for i in items)  # never training images
     assert items[0].open().mode == "RGB"
-    again, _ = inference.gallery(cfg, list(FIVE), per_class=2)
+    again, _ = inference.gallery(cfg.data_source, cfg.data_path, list(FIVE), per_class=2)
     assert [i.path for i in again] == [i.path for i in items]
     # Only the model's classes.
-    some, _ = inference.gallery(cfg, ["blue"], per_class=3)
+    some, _ = inference.gallery(cfg.data_source, cfg.data_path, ["blue"], per_class=3)
     assert {i.true_label for i in some} == {"blue"} and len(some) == 3
 
 
 def test_gallery_notes(tmp_path):
     flat = make_image_folder(tmp_path / "flat", per_class=3, split=False)
-    items, note = inference.gallery({"data_source": "folder", "data_path": str(flat)}, ["red"])
+    items, note = inference.gallery("folder", str(flat), ["red"])
     assert len(items) == 2 and "may be pictures the model trained on" in note
-    items, note = inference.gallery({"data_source": "folder", "data_path": str(tmp_path / "gone")}, ["red"])
+    items, note = inference.gallery("folder", str(tmp_path / "gone"), ["red"])
     assert items == [] and "no longer there" in note
-    items, note = inference.gallery({"data_source": "cifar10", "data_path": str(tmp_path / "none")}, ["cat"])
+    items, note = inference.gallery("cifar10", str(tmp_path / "none"), ["cat"])
     assert items == [] and "CIFAR-10" in note
 
 
@@ -249,3 +248,21 @@ def test_gallery_item_that_went_bad_is_a_plain_error(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(inference.ImageRejected, match="can't be opened"):
         inference.GalleryItem("red", "red 1", path=bad).open()
+
+
+def test_gallery_lists_a_class_folder_as_training_does(tmp_path):
+    """One listing rule: images in a nested folder of a class (photos/2024/…) are examples
+    too, as they are training images; other files and hidden files are not."""
+    from core.engine.data import scan_folder
+
+    root = make_image_folder(tmp_path / "data", per_class=3, classes=("red", "blue"))
+    nested = root / "test" / "red" / "2024" / "june"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(nested / "deep.png")
+    (root / "test" / "red" / "notes.txt").write_text("not a picture")
+    (root / "test" / "red" / ".hidden.png").write_bytes(b"")
+    items, _ = inference.gallery("folder", str(root), ["red"], per_class=50)
+    listed = sorted(i.path for i in items)
+    names, trained_on, _ = scan_folder(root / "test")
+    assert listed == sorted(trained_on[names.index("red")])
+    assert nested / "deep.png" in listed and len(listed) == 3

@@ -108,3 +108,16 @@ def test_top_losses_without_checkpoint(store, tiny_folder):
     run = _run_with(store, tiny_config(tiny_folder), {})
     with pytest.raises(insights.InsightError, match="no best checkpoint"):
         insights.top_losses(store, run)
+
+
+def test_analysis_and_pages_never_change_torchs_thread_count():
+    """The dashboard's server process is shared by every session: page code and the analyses
+    it triggers leave torch's global thread setting alone (only the worker sets it)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = [str(p.relative_to(root)) for folder in ("app_pages", "core/analysis", "core/views")
+                 for p in sorted((root / folder).glob("*.py"))
+                 if "set_num_threads" in p.read_text(encoding="utf-8")]
+    offenders += [f for f in ("streamlit_app.py",) if "set_num_threads" in (root / f).read_text()]
+    assert offenders == []

@@ -9,8 +9,8 @@ record never goes stale while runs finish.
 Statistics: per recipe the mean and sample standard deviation (n - 1) of best validation
 and test accuracy, in percentage points; between two recipes Welch's difference of means
 with a 95 % confidence interval from Student's t with Welch-Satterthwaite degrees of
-freedom. The t quantile is computed here (regularised incomplete beta + bisection) so the
-app needs no scipy. No torch import: the Experiments page imports this at start-up.
+freedom, from scipy.stats (imported inside the functions, so pages that import this module
+at start-up stay fast). No torch import either.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import time
 import uuid
 from collections.abc import Sequence
@@ -44,90 +45,31 @@ class ExperimentError(ValueError):
 def mean(xs: Sequence[float]) -> float:
     if not xs:
         raise ValueError("mean of no values")
-    return math.fsum(xs) / len(xs)
+    return statistics.fmean(xs)
 
 
 def sample_std(xs: Sequence[float]) -> float:
     """Standard deviation with Bessel's correction (divides by n - 1). NaN for n < 2:
     one seed says nothing about spread."""
-    n = len(xs)
-    if n < 2:
-        return math.nan
-    m = mean(xs)
-    return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction for the incomplete beta function (modified Lentz's method)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    # The continued fraction converges fast for x < (a + 1) / (a + b + 2); use symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+    return statistics.stdev(xs) if len(xs) >= 2 else math.nan
 
 
 def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with `df` (> 0, may be fractional) degrees of freedom."""
+    from scipy import stats  # lazily: pages that import this module stay fast
+
     if df <= 0:
         raise ValueError("degrees of freedom must be positive")
-    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
+    return float(stats.t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
     """The t value with P(T <= t) = p (e.g. p = 0.975 for a two-sided 95 % interval)."""
+    from scipy import stats
+
     if not 0.0 < p < 1.0:
         raise ValueError("p must be in (0, 1)")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    if p == 0.5:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:  # bracket: heavy tails at tiny df need a wide range
-        lo, hi = hi, hi * 2.0
-        if hi > 1e12:
-            return math.inf
-    for _ in range(200):  # bisection: the CDF is monotone, so this always converges
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    return float(stats.t.ppf(p, df))
 
 
 @dataclass(frozen=True)
@@ -165,13 +107,15 @@ def welch_difference(a: Sequence[float], b: Sequence[float],
     na, nb = len(a), len(b)
     if na < 2 or nb < 2:
         return Difference(d, math.nan, math.nan, math.nan, na, nb, confidence)
-    va, vb = sample_std(a) ** 2 / na, sample_std(b) ** 2 / nb
-    se = math.sqrt(va + vb)
-    if se == 0.0:  # identical values within each recipe: no sampling noise to bound
+    if sample_std(a) == 0.0 and sample_std(b) == 0.0:
+        # identical values within each recipe: no sampling noise to bound (scipy gives NaN)
         return Difference(d, d, d, math.inf, na, nb, confidence)
-    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
-    half = t_quantile(0.5 + confidence / 2.0, df) * se
-    return Difference(d, d - half, d + half, df, na, nb, confidence)
+    from scipy import stats
+
+    test = stats.ttest_ind(a, b, equal_var=False)
+    interval = test.confidence_interval(confidence)
+    return Difference(d, float(interval.low), float(interval.high), float(test.df), na, nb,
+                      confidence)
 
 
 # ---------------------------------------------------------------- verdict
@@ -226,7 +170,7 @@ def verdict(name_a: str, name_b: str, difference: Difference, what: str = "valid
 class Recipe:
     name: str  # shown to the user: a preset name or "config of run X"
     group: str  # run-store group its seed runs were queued under
-    config: dict[str, Any]  # the RunConfig dict (seed replaced per run)
+    config: cfgmod.RunConfig  # the recipe's config (seed replaced per run)
 
 
 @dataclass(frozen=True)
@@ -240,7 +184,7 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "created_at": self.created_at,
                 "seeds": list(self.seeds),
-                "recipes": [{"name": r.name, "group": r.group, "config": r.config}
+                "recipes": [{"name": r.name, "group": r.group, "config": cfgmod.to_dict(r.config)}
                             for r in self.recipes]}
 
     @classmethod
@@ -248,9 +192,10 @@ class Experiment:
         try:
             return cls(id=str(d["id"]), name=str(d["name"]), created_at=float(d["created_at"]),
                        seeds=tuple(int(s) for s in d["seeds"]),
-                       recipes=tuple(Recipe(str(r["name"]), str(r["group"]), dict(r["config"]))
+                       recipes=tuple(Recipe(str(r["name"]), str(r["group"]),
+                                            cfgmod.from_dict(r["config"], validate_values=False))
                                      for r in d["recipes"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
             raise ExperimentError(f"experiment record is malformed ({exc})") from None
 
 
@@ -330,7 +275,7 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
     exp = Experiment(
         id=exp_id, name=name.strip() or " vs ".join(n for n, _ in recipes), created_at=now,
         seeds=tuple(seeds),
-        recipes=tuple(Recipe(n, f"{exp_id}-{_slug(n)}-{i}", cfgmod.to_dict(c))
+        recipes=tuple(Recipe(n, f"{exp_id}-{_slug(n)}-{i}", c)
                       for i, (n, c) in enumerate(recipes, 1)))
     atomic_write_json(experiments_dir(store) / f"{exp_id}.json", exp.to_dict())
     for (recipe_name, cfg), recipe in zip(recipes, exp.recipes):
@@ -453,3 +398,23 @@ def preset_recipes(names: Sequence[str], epochs: int, lr: float,
     """Presets as recipes sharing every run-level field of `base` (data, resolution,
     batch size, weights, device): only the stage plan differs, so a comparison is fair."""
     return [(n, replace(base, stages=cfgmod.preset_stages(n, epochs=epochs, lr=lr))) for n in names]
+
+
+def saved_run_recipes(runs: Sequence[Run], taken: Sequence[str] = ()
+                      ) -> tuple[list[tuple[str, cfgmod.RunConfig]], list[str]]:
+    """Earlier runs' configs as recipes named "config of <run>" (with the run id when the
+    name is taken), and a problem per run whose config can no longer be used."""
+    recipes: list[tuple[str, cfgmod.RunConfig]] = []
+    problems: list[str] = []
+    for run in runs:
+        i = run.id
+        try:
+            label = f"config of {run.name}"
+            if any(n == label for n in [*taken, *(n for n, _ in recipes)]):  # two runs with one name
+                label += f" ({i})"
+            if run.config_error:  # run.config is a placeholder then, not what it ran with
+                raise cfgmod.ConfigError([run.config_error])
+            recipes.append((label, cfgmod.check(run.config)))
+        except cfgmod.ConfigError as exc:
+            problems.append(f"run {i}: its config can no longer be used ({exc})")
+    return recipes, problems

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from core.engine.image_types import IMAGE_EXTENSIONS
+from core.engine.image_types import list_image_files, train_test_folders
+from core.engine.paths import cifar10_dir
 from core.runs.files import RunFiles
 
 if TYPE_CHECKING:
@@ -268,15 +269,16 @@ class GalleryItem:
 
 def _folder_gallery(root: Path, classes: Sequence[str], per_class: int,
                     rng: random.Random) -> list[GalleryItem]:
-    test_root = root / "test" if (root / "test").is_dir() else root
+    """Examples from test/ when the data set has train/ + test/, else from the class folders;
+    a class folder is listed as training lists it (recursively, the same extensions)."""
+    parts = train_test_folders(root)
+    test_root = parts[1] if parts else root
     items = []
     for c in classes:
         d = test_root / c
         if not d.is_dir():
             continue
-        files = sorted(p for p in d.iterdir()
-                       if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files, _ = list_image_files(d)
         for i, p in enumerate(sorted(rng.sample(files, min(per_class, len(files))))):
             items.append(GalleryItem(c, f"{display_name(c)} {i + 1}", path=p))
     return items
@@ -297,14 +299,12 @@ def _cifar_gallery(root: Path, classes: Sequence[str], per_class: int,
     return items
 
 
-def gallery(config: dict[str, Any], classes: Sequence[str], per_class: int = 2,
+def gallery(source: str, path: str, classes: Sequence[str], per_class: int = 2,
             seed: int = 0) -> tuple[list[GalleryItem], str | None]:
-    """Example images from the run's test data (the part training never saw when the data
-    has a test/ folder): `per_class` per class, chosen with a fixed seed so the gallery is
-    stable across reruns. Returns (items, a plain note when there are none or they may
-    include training images)."""
-    source = config.get("data_source")
-    path = config.get("data_path") or ""
+    """Example images from a run's test data (its config's data_source and data_path; the
+    part training never saw when the data has a test/ folder): `per_class` per class, chosen
+    with a fixed seed so the gallery is stable across reruns. Returns (items, a plain note
+    when there are none or they may include training images)."""
     rng = random.Random(seed)
     try:
         if source == "folder":
@@ -312,13 +312,11 @@ def gallery(config: dict[str, Any], classes: Sequence[str], per_class: int = 2,
             if not root.is_dir():
                 return [], f"The run's image folder {root} is no longer there."
             items = _folder_gallery(root, classes, per_class, rng)
-            note = None if (root / "test").is_dir() else (
+            note = None if train_test_folders(root) else (
                 "This data set has no separate test folder, so some examples may be pictures "
                 "the model trained on.")
         elif source == "cifar10":
-            from core.engine.data import default_datasets_dir
-
-            root = Path(path) if path else default_datasets_dir() / "cifar10"
+            root = cifar10_dir(path)
             try:
                 items = _cifar_gallery(root, classes, per_class, rng)
             except Exception:  # torchvision raises RuntimeError when the files are missing

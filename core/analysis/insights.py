@@ -71,6 +71,17 @@ def stage_attribution(store: RunStore, run: Run) -> list[StageGain]:
     return out
 
 
+def attribution_words(gains: Sequence[StageGain]) -> str:
+    """The gains in one sentence: "stage 1 (layer4+fc) added +40.0 points over chance
+    level; stage 2 (...) added +2.1 points over stage 1." Empty when no stage has a gain."""
+    parts = []
+    for g in gains:
+        if g.gain is not None:
+            base = "chance level" if g.stage == 1 else f"stage {g.stage - 1}"
+            parts.append(f"stage {g.stage} ({g.trains}) added {100 * g.gain:+.1f} points over {base}")
+    return "; ".join(parts) + "." if parts else ""
+
+
 # ---------------------------------------------------------------- weight change
 
 
@@ -95,6 +106,18 @@ def weight_changes(run: Run) -> list[WeightChange]:
             if g in groups and groups[g] is not None and math.isfinite(float(groups[g])):
                 out.append(WeightChange(s, g, float(groups[g]), g in trained))
     return out
+
+
+def moved_groups_words(changes: Sequence[WeightChange]) -> str:
+    """Per stage, the trained groups by how far they moved: "stage 1: layer4 3.2 %, fc 9.1 %"."""
+    notes = []
+    for s in sorted({c.stage for c in changes}):
+        moved = sorted((c for c in changes if c.stage == s and c.trained),
+                       key=lambda c: -c.relative_change)
+        if moved:
+            notes.append(f"stage {s}: " + ", ".join(f"{c.group} {100 * c.relative_change:.1f} %"
+                                                    for c in moved))
+    return "; ".join(notes)
 
 
 # ---------------------------------------------------------------- confusion
@@ -136,10 +159,12 @@ class TopLoss:
     loss: float  # cross-entropy of the true class
 
 
-def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | None = None,
-               threads: int = 1) -> list[TopLoss]:
+def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | None = None
+               ) -> list[TopLoss]:
     """The k test images the best checkpoint got wrong with the highest confidence. The
-    test set is rebuilt exactly as the worker built it (same config, seed and preprocessing)."""
+    test set is rebuilt exactly as the worker built it (same config, seed and preprocessing).
+    Runs in the caller's process with torch's thread setting as it is (the dashboard's
+    server shares it across sessions: it is never changed here); batches of 256 bound memory."""
     import torch
     import torch.nn.functional as F
 
@@ -161,19 +186,14 @@ def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | 
     if splits.classes != ckpt.classes:
         raise InsightError("the data set's classes changed since this run was trained")
     model = ckpt.build_model()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        probs, losses = [], []
-        with torch.inference_mode():
-            for start in range(0, len(splits.test), 256):
-                x = pre.normalize(splits.test.images[start:start + 256])
-                y = splits.test.labels[start:start + 256]
-                logits = model(x).float()
-                probs.append(logits.softmax(1))
-                losses.append(F.cross_entropy(logits, y, reduction="none"))
-    finally:
-        torch.set_num_threads(old_threads)
+    probs, losses = [], []
+    with torch.inference_mode():
+        for start in range(0, len(splits.test), 256):
+            x = pre.normalize(splits.test.images[start:start + 256])
+            y = splits.test.labels[start:start + 256]
+            logits = model(x).float()
+            probs.append(logits.softmax(1))
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
     p = torch.cat(probs)
     loss = torch.cat(losses)
     conf, pred = p.max(1)

@@ -14,21 +14,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
-from core.engine.image_types import IMAGE_EXTENSIONS, train_test_folders  # shared with torch-free pages
+from core.engine.image_types import (  # shared with torch-free pages
+    IMAGE_EXTENSIONS,  # noqa: F401 (re-exported: core.engine.data names the whole data rule)
+    list_image_files,
+    train_test_folders,
+)
+from core.engine.paths import cifar10_dir
 
 # ImageNet statistics: the pretrained backbone expects inputs normalised with these, and
 # we keep them for random init too so every checkpoint is interchangeable.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Refuse images above this many pixels before decoding them (decompression bombs).
+# Refuse images above this many pixels before decoding them (decompression bombs). Checked
+# in open_image, where images are decoded: PIL's own global limit is left as it is.
 MAX_IMAGE_PIXELS = 40_000_000
 # A decoded data set must fit in memory with room to spare; above this we refuse with advice.
 MAX_DECODED_BYTES = 6 * 1024**3
-
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError above 2x this
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 
 # Bump when Preprocess.to_uint8 changes its pixels: decoded-data caches are keyed on it.
 PREPROCESS_VERSION = "2"
@@ -110,7 +113,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(path_or_file) -> Image.Image:
-    """Open and fully decode an image, raising DataError with a plain reason on failure."""
+    """Open and fully decode an image, raising DataError with a plain reason on failure.
+    The size is checked from the header, before decoding: above MAX_IMAGE_PIXELS nothing is
+    decoded. A truncated file is an error, not a grey image (PIL's default, which we keep)."""
     import warnings
 
     try:
@@ -168,14 +173,8 @@ def _list_class_dirs(root: Path) -> list[Path]:
 
 
 def _list_images(class_dir: Path) -> tuple[list[Path], list[str]]:
-    files, skipped = [], []
-    for p in sorted(class_dir.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(p)
-            else:
-                skipped.append(f"{p}: not an image file (skipped)")
-    return files, skipped
+    files, others = list_image_files(class_dir)
+    return files, [f"{p}: not an image file (skipped)" for p in others]
 
 
 def scan_folder(root: Path, classes: Sequence[str] = ()) -> tuple[list[str], list[list[Path]], list[str]]:
@@ -346,12 +345,6 @@ def cap_stratified(data: ImageSet, max_images: int, seed: int) -> ImageSet:
     return data.subset(keep)
 
 
-def default_datasets_dir() -> Path:
-    from core.runs.files import StoreLayout
-
-    return StoreLayout.default().datasets
-
-
 def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[str] = (),
                 val_fraction: float = 0.1, test_fraction: float = 0.2,
                 max_train_images: int = 0, seed: int = 0, cache_dir: Path | None = None,
@@ -359,7 +352,7 @@ def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[
     """Load a data source into train/val/test ImageSets. Validation is carved from train
     (stratified, seeded); the test set is left untouched for the final evaluation."""
     if source == "cifar10":
-        root = Path(data_path) if data_path else default_datasets_dir() / "cifar10"
+        root = cifar10_dir(data_path)
         if on_progress:
             on_progress("Loading CIFAR-10", 0.0)
         train_all = load_cifar10(root, True, pre, classes)

@@ -226,7 +226,7 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     class folders, or one class-folder tree). `check_images` decodes every image (or
     `max_check_per_class` of each class, sampled, for big folders); `remove_corrupt`
     deletes the unreadable ones (only for our own imported copy)."""
-    from core.engine.data import DataError, open_image, scan_folder
+    from core.engine.data import DataError, check_same_classes, open_image, scan_folder
 
     folder = Path(folder)
     parts = _parts_of(folder)
@@ -242,11 +242,11 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
             raise ImportRejected(str(exc)) from None
         if classes is None:
             classes = names
-        elif names != classes:
-            only_train = sorted(set(classes) - set(names))
-            only_test = sorted(set(names) - set(classes))
-            raise ImportRejected(f"train/ and test/ have different class folders (only in train: "
-                                 f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'})")
+        else:
+            try:
+                check_same_classes(folder, classes, names)
+            except DataError as exc:
+                raise ImportRejected(str(exc)) from None
         non_images += [s.split(": not an image")[0] for s in skipped]
         counts[part] = {c: len(files) for c, files in zip(names, per_class)}
         for c, files in zip(names, per_class):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import LAYER_GROUPS
-from core.engine.model_info import IMAGENET_WEIGHTS_FILE
+from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path
 
 # Modules of each layer group, by attribute name on torchvision's ResNet.
 GROUP_MODULES: dict[str, tuple[str, ...]] = {
@@ -224,15 +224,11 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Con
 # ---------------------------------------------------------------- starting weights
 
 
-def imagenet_cache_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_FILE
-
-
 def imagenet_state_dict(download: bool = True) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet ResNet-18 weights, from the torch cache (downloaded once)."""
     import torchvision
 
-    path = imagenet_cache_path()
+    path = imagenet_weights_path()
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
     if not download:

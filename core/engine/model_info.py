@@ -44,5 +44,6 @@ def torch_hub_dir() -> Path:
 
 
 def imagenet_weights_path() -> Path:
-    """Where torch caches the ImageNet ResNet-18 weights (core.engine.model.imagenet_cache_path)."""
+    """Where torch caches the ImageNet ResNet-18 weights (torch.hub.get_dir()'s checkpoints/):
+    the one definition, core.engine.model reads the weights from here."""
     return torch_hub_dir() / "checkpoints" / IMAGENET_WEIGHTS_FILE

@@ -18,11 +18,23 @@ class PathNotAllowed(ValueError):
     """A user-typed path outside every allowed data root."""
 
 
+def default_datasets_dir() -> Path:
+    """The data sets folder inside the data directory: the first data root by default,
+    where zips are imported and CIFAR-10 is downloaded (its name is StoreLayout's)."""
+    return StoreLayout.default().datasets
+
+
+def cifar10_dir(data_path: str = "") -> Path:
+    """Where CIFAR-10 is read from (and downloaded to): a run's data_path if it names one,
+    else `<datasets>/cifar10`."""
+    return Path(data_path) if data_path else default_datasets_dir() / "cifar10"
+
+
 def data_roots() -> list[Path]:
     raw = os.environ.get(DATA_ROOTS_ENV, "")
     roots = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
     if not roots:
-        roots = [StoreLayout.default().datasets, Path.home()]
+        roots = [default_datasets_dir(), Path.home()]
     return [r.resolve() for r in roots]
 
 

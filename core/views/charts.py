@@ -7,12 +7,16 @@ shaded and labelled on the global epoch axis the trainer logs on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from core.config import LAYER_GROUPS, StageConfig
 from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, series
+
+if TYPE_CHECKING:
+    from core.analysis.insights import WeightChange
 
 EPOCH_AXIS = "epoch (global, across stages)"
 # Alternating stage shades; light enough that curves on top stay readable.
@@ -34,17 +38,9 @@ def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, height: int 
     return fig
 
 
-def shade_stages(fig: go.Figure, bounds: Sequence[tuple[float, float, str]], lines_only: bool = False
-                 ) -> go.Figure:
-    """Each stage as a shaded, labelled band (or, with lines_only, a dashed line where each
-    stage after the first begins: for overlays whose runs have different stage lengths)."""
+def shade_stages(fig: go.Figure, bounds: Sequence[tuple[float, float, str]]) -> go.Figure:
+    """Each stage as a shaded, labelled band."""
     for i, (x0, x1, label) in enumerate(bounds):
-        if lines_only:
-            if i > 0:
-                fig.add_vline(x=x0, line_dash="dash", line_color="grey", opacity=0.6,
-                              annotation_text=label.split(":")[0] + " starts",
-                              annotation_position="top left")
-            continue
         fig.add_vrect(x0=x0, x1=x1, fillcolor=STAGE_FILLS[i % 2], line_width=0, layer="below",
                       annotation_text=label, annotation_position="top left",
                       annotation_font_size=11)
@@ -61,8 +57,8 @@ def _scale(key: str, values: Sequence[float]) -> list[float]:
     return [100 * v for v in values] if key in ACCURACY_KEYS else list(values)
 
 
-def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float, float, str]],
-                  title: str | None = None) -> go.Figure:
+def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float, float, str]]
+                  ) -> go.Figure:
     """Training and validation of one metric ('loss' or 'acc') on one chart.
     For loss, the per-step training loss is drawn faintly under the per-epoch mean."""
     fig = go.Figure()
@@ -80,8 +76,8 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
                                      line={"color": color, "width": 2}))
     shade_stages(fig, bounds)
     y_title = METRIC_LABELS[f"val/{metric}"][1]
-    name = {"loss": "Loss", "acc": "Accuracy"}.get(metric, metric)
-    _layout(fig, title or f"{name}: training and validation", EPOCH_AXIS, y_title)
+    name = {"loss": "Loss", "acc": "Accuracy"}[metric]
+    _layout(fig, f"{name}: training and validation", EPOCH_AXIS, y_title)
     if bounds:
         fig.update_xaxes(range=[0, max(b[1] for b in bounds)])
     return fig
@@ -193,3 +189,46 @@ def _rgba(hex_color: str, alpha: float) -> str:
     h = hex_color.lstrip("#")
     r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r}, {g}, {b}, {alpha})"
+
+
+def seed_box_figure(values: Sequence[tuple[str, Sequence[float]]]) -> go.Figure:
+    """One box per recipe of its best validation accuracies (in %), one dot per seed."""
+    fig = go.Figure()
+    for name, vals in values:
+        if vals:
+            fig.add_trace(go.Box(y=list(vals), name=name, boxpoints="all", jitter=0.3,
+                                 pointpos=0, boxmean=True))
+    fig.update_layout(title="Best validation accuracy, one dot per seed", yaxis_title="%",
+                      showlegend=False, height=320, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def weight_change_figure(changes: Sequence[WeightChange]) -> go.Figure:
+    """Grouped bars: one group of bars per layer group (input side first), one bar per stage;
+    frozen groups show as empty (0)."""
+    fig = go.Figure()
+    for s in sorted({c.stage for c in changes}):
+        rows = [c for c in changes if c.stage == s]
+        fig.add_trace(go.Bar(x=[c.group for c in rows], y=[100 * c.relative_change for c in rows],
+                             name=f"stage {s}",
+                             customdata=["trained" if c.trained else "frozen" for c in rows],
+                             hovertemplate="%{x}: %{y:.2f} %% (%{customdata})<extra>stage " + str(s)
+                                           + "</extra>"))
+    fig.update_layout(barmode="group", height=300, yaxis_title="relative change (%)",
+                      xaxis=dict(categoryorder="array", categoryarray=list(LAYER_GROUPS)),
+                      margin=dict(l=10, r=10, t=10, b=10), legend_title_text="")
+    return fig
+
+
+def top_guesses_figure(names: Sequence[str], probabilities: Sequence[float],
+                       texts: Sequence[str]) -> go.Figure:
+    """Horizontal bars of a prediction's top classes, most likely first (drawn on top);
+    probabilities are 0..1, `texts` their labels ("87 %")."""
+    fig = go.Figure(go.Bar(x=[100 * p for p in probabilities][::-1], y=list(names)[::-1],
+                           orientation="h", marker_color="#2F6FDE", text=list(texts)[::-1],
+                           textposition="outside", cliponaxis=False,
+                           hovertemplate="%{y}: %{x:.1f} %<extra></extra>"))
+    fig.update_layout(height=60 + 36 * len(names), margin=dict(l=10, r=40, t=10, b=30),
+                      xaxis=dict(range=[0, 105], title="How sure (%)"), yaxis=dict(title=None),
+                      showlegend=False)
+    return fig

@@ -7,15 +7,21 @@ tested without a browser and the pages stay thin.
 from __future__ import annotations
 
 import math
+import os
+import re
+import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from core.config import RunConfig, flatten
+from core.config import RunConfig, flatten, to_dict
 from core.runs.store import MetricRow, Run
+
+if TYPE_CHECKING:
+    from core.analysis.experiments import ExperimentResults
 
 # Metric keys a page can plot, with a readable name and the unit on the y axis.
 METRIC_LABELS: dict[str, tuple[str, str]] = {
@@ -113,9 +119,6 @@ def run_label(run: Run) -> str:
 def group_label(members: list[Run]) -> str:
     """How a group of seeds is named: its runs' shared name without " seed N" (runs are
     named "<name> seed <n>" by core.runs.jobs.submit_seeds), else the first run's name."""
-    import os
-    import re
-
     names = [re.sub(r"\s+seed\s+\d+$", "", r.name) for r in members]
     common = os.path.commonprefix(names).rstrip(" :-")
     return common or names[0]
@@ -177,15 +180,11 @@ def series(frame: pd.DataFrame, key: str) -> tuple[list[float], list[float]]:
 
 def ema(values: Sequence[float], weight: float) -> list[float]:
     """Exponential moving average with bias correction (as TensorBoard's smoothing):
-    weight 0 returns the values unchanged, 0.9 is heavy smoothing."""
+    weight 0 returns the values unchanged, 0.9 is heavy smoothing. pandas' `ewm` with
+    adjust=True is exactly this bias-corrected average."""
     if not 0 <= weight < 1:
         raise ValueError("smoothing weight must be in [0, 1)")
-    out, acc, norm = [], 0.0, 0.0
-    for v in values:
-        acc = weight * acc + (1 - weight) * v
-        norm = weight * norm + (1 - weight)
-        out.append(acc / norm)
-    return out
+    return pd.Series(values, dtype=float).ewm(alpha=1 - weight, adjust=True).mean().tolist()
 
 
 @dataclass
@@ -223,6 +222,44 @@ def group_curve(name: str, runs: Sequence[Run], frames: Sequence[pd.DataFrame], 
                  n_runs=len(runs), bounds=bounds)
 
 
+def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs that share a group (seeds of one recipe), by group name; runs without one are left out."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.group:
+            groups.setdefault(r.group, []).append(r)
+    return groups
+
+
+def comparison_curves(entries: Sequence[tuple[str, Sequence[Run]]],
+                      frame_of: Callable[[Run], pd.DataFrame], key: str,
+                      align_stage2: bool = False) -> list[Curve]:
+    """One curve per compared entry: a run's own, or a group's mean ± std. `frame_of` reads
+    a run's metric rows (each run is read once)."""
+    frames: dict[str, pd.DataFrame] = {}
+
+    def frame(run: Run) -> pd.DataFrame:
+        if run.id not in frames:
+            frames[run.id] = frame_of(run)
+        return frames[run.id]
+
+    return [run_curve(members[0], frame(members[0]), key, align_stage2) if len(members) == 1
+            else group_curve(name, members, [frame(r) for r in members], key, align_stage2)
+            for name, members in entries]
+
+
+def entry_configs(entries: Sequence[tuple[str, Sequence[Run]]]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, config) per compared entry, for the config diff: a group's config is its first
+    run's, with the seeds of all its runs listed."""
+    named = []
+    for name, members in entries:
+        cfg = to_dict(members[0].config)
+        if len(members) > 1:
+            cfg["seed"] = ", ".join(str(v) for v in sorted(r.config.seed for r in members))
+        named.append((name, cfg))
+    return named
+
+
 def final_metrics_table(entries: Sequence[tuple[str, Sequence[Run]]]) -> pd.DataFrame:
     """One row per compared entry (a run, or a group of seeds: mean ± std)."""
     rows = []
@@ -233,9 +270,7 @@ def final_metrics_table(entries: Sequence[tuple[str, Sequence[Run]]]) -> pd.Data
                 return "—"
             if len(vals) == 1:
                 return fmt_pct(vals[0], 2)
-            mean = sum(vals) / len(vals)
-            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-            return f"{100 * mean:.2f} ± {100 * std:.2f} %"
+            return f"{100 * statistics.fmean(vals):.2f} ± {100 * statistics.stdev(vals):.2f} %"
 
         one = runs[0] if len(runs) == 1 else None
         rows.append({
@@ -271,3 +306,26 @@ def config_diff_table(named_configs: Sequence[tuple[str, dict[str, Any]]]) -> pd
 
 def _cell(v: Any) -> str:
     return "" if v is None else str(v)
+
+
+def fmt_points(m: float, s: float) -> str:
+    """A mean ± spread in percentage points: "91.0 ± 1.4", "91.0" without a spread, "–"."""
+    if math.isnan(m):
+        return "–"
+    return f"{m:.1f}" if math.isnan(s) else f"{m:.1f} ± {s:.1f}"
+
+
+def recipe_results_table(res: ExperimentResults) -> pd.DataFrame:
+    """One row per recipe of an experiment: finished runs, mean ± std per metric, per seed."""
+    rows = []
+    for r in res.recipes:
+        vm, vs = r.stat("val")
+        tm, ts = r.stat("test")
+        rows.append({"recipe": r.recipe.name,
+                     "finished": f"{r.n_done} of {len(r.runs)}",
+                     "best val acc (%)": fmt_points(vm, vs),
+                     "test acc (%)": fmt_points(tm, ts),
+                     "val acc per seed (%)": ", ".join(f"{v:.1f}" for v in r.val),
+                     "other": ", ".join(f"{n} {k}" for k, n in sorted(r.counts.items())
+                                        if k != "finished")})
+    return pd.DataFrame(rows)

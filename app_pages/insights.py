@@ -1,0 +1,136 @@
+"""Run insights: look inside one run — what each stage added, which layer groups moved,
+which classes it confuses, its most confident mistakes — and export its best model.
+
+Thin page: pick a run -> core.analysis.insights / core.analysis.export -> render.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from app_pages._common import get_store, pick_run
+from core.analysis import insights
+from core.runs.store import Run, RunStore
+from core.views import charts
+from core.views.images import pixelated
+
+P = "insights."
+TOP_LOSSES = 12
+TILE_PX = 128  # on-screen side of a mistake's picture
+
+
+@st.cache_data(max_entries=4, show_spinner="Looking for the most confident mistakes…")
+def cached_top_losses(root: str, run_id: str, checkpoint: str, mtime: float) -> list:
+    """Top losses of a run; keyed on the checkpoint file's mtime so a new best is picked up."""
+    store = RunStore(root)
+    run = store.get_run(run_id)
+    return insights.top_losses(store, run, k=TOP_LOSSES)  # type: ignore[arg-type]
+
+
+def attribution(store: RunStore, run: Run) -> None:
+    gains = insights.stage_attribution(store, run)
+    st.markdown("**What each stage added to validation accuracy**")
+    if not gains:
+        st.caption("This run has no stages recorded.")
+        return
+    st.dataframe(pd.DataFrame(insights.stage_attribution_table(gains)), hide_index=True,
+                 width="stretch")
+    if words := insights.attribution_words(gains):
+        st.markdown("In words: " + words)
+
+
+def weight_movement(run: Run) -> None:
+    changes = insights.weight_changes(run)
+    st.markdown("**How far each layer group's weights moved in each stage**")
+    if not changes:
+        st.caption("Not recorded for this run (it predates weight-change tracking, or no "
+                   "stage completed).")
+        return
+    st.plotly_chart(charts.weight_change_figure(changes), key=P + f"wc.{run.id}")
+    st.caption("Change = ‖W_end − W_start‖ / ‖W_start‖ over the group's weights; frozen groups "
+               "stay at 0. A trained group that barely moved learned little. "
+               + insights.moved_groups_words(changes))
+
+
+def confusion(run: Run) -> None:
+    st.markdown("**Most confused classes (test set)**")
+    pairs = insights.confused_pairs(run.results, k=5)
+    if not pairs:
+        st.caption("No confusions recorded" + (" — every test image was right." if
+                                               run.results.confusion else "."))
+        return
+    for p in pairs:
+        st.markdown(f"- **{p.true}** taken for **{p.predicted}**: {p.count} time"
+                    f"{'s' * (p.count != 1)} ({100 * p.rate:.0f} % of the {p.true} test images)")
+
+
+def mistakes(store: RunStore, run: Run) -> None:
+    st.markdown("**The test images it got wrong most confidently**")
+    if not st.toggle("Show the gallery (loads the test images and runs the model)",
+                     key=P + f"losses.{run.id}"):
+        return
+    ckpt = run.best_checkpoint or ""
+    try:
+        mtime = Path(ckpt).stat().st_mtime if ckpt else 0.0
+        losses = cached_top_losses(str(store.root), run.id, ckpt, mtime)
+    except (insights.InsightError, OSError) as exc:
+        st.warning(str(exc))
+        return
+    if not losses:
+        st.success("It got every test image right.")
+        return
+    cols = st.columns(6)
+    for i, t in enumerate(losses):
+        cols[i % 6].image(pixelated(t.image, TILE_PX), width="stretch",
+                          caption=f"is {t.true}, said {t.predicted} ({100 * t.confidence:.0f} %)")
+
+
+def export_section(store: RunStore, run: Run) -> None:
+    st.markdown("**Export the best model**")
+    st.caption("TorchScript and ONNX files, a README on loading them, the class names and the "
+               "metrics as CSV, in one zip.")
+    if st.button("Export", key=P + f"export.{run.id}"):
+        from core.analysis.export import ExportError, export_run
+
+        with st.spinner("Exporting and checking the exported models…"):
+            try:
+                result = export_run(store, run)
+            except ExportError as exc:
+                st.warning(str(exc))
+                return
+            except OSError as exc:  # disk full, permissions, a vanished run folder
+                st.error(f"The export could not be written to {store.run_dir(run.id)}: "
+                         f"{exc.strerror or exc}. Free some disk space and try again.")
+                return
+        st.session_state[P + "exported"] = (run.id, str(result.zip_path), result.notes)
+    done = st.session_state.get(P + "exported")
+    if done and done[0] == run.id and Path(done[1]).is_file():
+        for note in done[2]:
+            st.info(note)
+        zip_path = Path(done[1])
+        # A callable: the zip (tens of MB) is read only when the button is clicked.
+        st.download_button("Download the export (zip)", data=lambda: zip_path.read_bytes(),
+                           file_name=zip_path.name, mime="application/zip",
+                           key=P + f"download.{run.id}", on_click="ignore")
+
+
+# ---------------------------------------------------------------- page
+
+st.title("Run insights")
+store = get_store()
+runs = [r for r in store.list_runs() if r.best_checkpoint or r.status == "finished"]
+if not runs:
+    st.info("Insights appear here once a run has finished an epoch.")
+    st.stop()
+run = pick_run("Run", runs, P + "run", lambda r: f"{r.name} ({r.status}, {r.id})")
+attribution(store, run)
+weight_movement(run)
+confusion(run)
+if run.status == "finished":
+    mistakes(store, run)
+    export_section(store, run)
+else:
+    st.caption("The mistakes gallery and export need a finished run.")
