@@ -13,7 +13,7 @@ from typing import Any
 
 import streamlit as st
 
-from app_pages._common import SELECTED_RUN, get_store
+from app_pages._common import HANDED_DATA_PATH, SELECTED_RUN, get_store
 from core import config as cfgmod
 from core.analysis import planning
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
@@ -24,7 +24,6 @@ from core.runs.store import RunStore, StoreError
 from core.views.tables import fmt_count, fmt_duration, run_label
 
 P = "new_run."  # session-state prefix of this page
-HANDED_DATA_PATH = "new_run_data_path"  # set by Datasets: "use in a new run"
 STAGE_GRID = [1.1] + [1] * len(LAYER_GROUPS) + [1.2, 2.6, 1.6]
 
 
