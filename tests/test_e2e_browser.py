@@ -153,7 +153,7 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     page.get_by_text("Advanced: optimizer, data, weights, device").click()
     page.get_by_text("Image folder", exact=True).click()
     wait_idle(page)
-    data_input = page.get_by_label("Data folder")
+    data_input = page.get_by_role("textbox", name="Data folder")
     data_input.fill(str(folder))
     data_input.press("Enter")
     n_train = 40 * 3 if big else 12 * 3
@@ -171,7 +171,7 @@ def test_form_run_live_curves_compare_and_classify(served, page):
             box.fill("4")
             box.press("Enter")
             wait_idle(page)
-    name = page.get_by_label("Run name")
+    name = page.get_by_role("textbox", name="Run name")
     name.fill("browser run")
     name.press("Enter")
     wait_idle(page)
