@@ -192,3 +192,74 @@ def test_the_default_data_set_folder_is_one_place(tmp_path, monkeypatch):
     assert paths.data_roots()[0] == paths.default_datasets_dir().resolve()
     assert paths.cifar10_dir() == paths.default_datasets_dir() / "cifar10"
     assert paths.cifar10_dir(str(tmp_path / "mine")) == tmp_path / "mine"
+
+
+# ---------------------------------------------------------------- links out of the roots
+
+
+@pytest.fixture
+def linked_roots(tmp_path, monkeypatch):
+    """A data root holding a data set with links: one image and one class folder lead
+    outside the roots, one image links to another inside them. Returns (root, data set)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(root))
+    data = make_image_folder(root / "pets", per_class=4, split=False)
+    secrets = make_image_folder(outside, per_class=4, classes=("purple", "secret"), split=False)
+    (data / "red" / "stolen.png").symlink_to(secrets / "secret" / "000.png")
+    (data / "purple").symlink_to(secrets / "purple", target_is_directory=True)
+    (data / "blue" / "twin.png").symlink_to(data / "green" / "000.png")  # inside: followed
+    make_image_folder(outside / "elsewhere", per_class=2, split=False)
+    (root / "escaped").symlink_to(outside / "elsewhere", target_is_directory=True)
+    return root, data
+
+
+def test_links_outside_the_roots_are_not_listed_previewed_or_trained_on(linked_roots):
+    from core.engine.data import Preprocess, load_splits, scan_folder
+    from core.engine.image_types import list_image_files
+
+    root, data = linked_roots
+    listing = list_image_files(data / "red")
+    assert [p.name for p in listing.images] == ["000.png", "001.png", "002.png", "003.png"]
+    assert [p.name for p in listing.outside] == ["stolen.png"]
+    assert "twin.png" in [p.name for p in list_image_files(data / "blue").images]
+
+    names, per_class, skipped = scan_folder(data)
+    assert names == ["blue", "green", "red"]  # no "purple" from outside
+    assert all(root.resolve() in p.resolve().parents for files in per_class for p in files)
+    assert sum("not followed" in s for s in skipped) == 2
+
+    summary = di.summarize_folder(data)
+    assert summary.classes == ["blue", "green", "red"]
+    assert summary.counts["all"] == {"blue": 5, "green": 4, "red": 4}
+    assert sorted(Path(p).name for p in summary.outside_links) == ["purple", "stolen.png"]
+    assert any("not followed" in w for w in summary.warnings)
+
+    preview = di.preview_samples(data, per_class=10)
+    assert set(preview) == {"blue", "green", "red"}
+    assert all(root.resolve() in p.resolve().parents for ps in preview.values() for p in ps)
+
+    splits = load_splits("folder", str(data), Preprocess(32), val_fraction=0.25, test_fraction=0.25)
+    assert splits.classes == ["blue", "green", "red"]
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 13
+
+    assert [d.name for d in di.list_datasets()] == ["pets"]  # not the linked "escaped"
+
+
+def test_linked_train_folder_outside_the_roots_is_not_a_train_folder(linked_roots, tmp_path):
+    from core.engine.image_types import train_test_folders
+
+    root, _ = linked_roots
+    split = make_image_folder(root / "split", per_class=3)
+    assert train_test_folders(split) is not None
+    (split / "train").rename(tmp_path / "outside" / "train")
+    (split / "train").symlink_to(tmp_path / "outside" / "train", target_is_directory=True)
+    assert train_test_folders(split) is None
+
+
+def test_the_gallery_skips_linked_class_folders_outside_the_roots(linked_roots):
+    from core.analysis.inference import gallery
+
+    _, data = linked_roots
+    items, _ = gallery("folder", str(data), ["red", "purple"], per_class=10)
+    assert {i.true_label for i in items} == {"red"}
+    assert all(i.path.name != "stolen.png" for i in items)

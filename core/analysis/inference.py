@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from core.engine.image_types import list_image_files, train_test_folders
-from core.engine.paths import cifar10_dir
+from core.engine.paths import cifar10_dir, link_allowed
 from core.runs.files import RunFiles
 
 if TYPE_CHECKING:
@@ -276,9 +276,9 @@ def _folder_gallery(root: Path, classes: Sequence[str], per_class: int,
     items = []
     for c in classes:
         d = test_root / c
-        if not d.is_dir():
+        if not d.is_dir() or not link_allowed(d):
             continue
-        files, _ = list_image_files(d)
+        files = list_image_files(d).images
         for i, p in enumerate(sorted(rng.sample(files, min(per_class, len(files))))):
             items.append(GalleryItem(c, f"{display_name(c)} {i + 1}", path=p))
     return items

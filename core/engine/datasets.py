@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from core.engine.image_types import IMAGE_EXTENSIONS, train_test_folders
-from core.engine.paths import data_roots
+from core.engine.image_types import IMAGE_EXTENSIONS, OUTSIDE_LINK, train_test_folders
+from core.engine.paths import data_roots, link_allowed
 
 # core.engine.data (open_image, scan_folder, DataError) imports torch: it is imported inside the
 # functions that read images, so pages importing this module load fast.
@@ -62,6 +62,7 @@ class DatasetSummary:
     non_images: list[str] = field(default_factory=list)  # skipped: not an image extension
     corrupt: list[str] = field(default_factory=list)  # "file: reason"; removed on import
     ignored: int = 0  # OS junk (__MACOSX, .DS_Store, hidden files)
+    outside_links: list[str] = field(default_factory=list)  # links out of the data roots: not followed
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -233,6 +234,7 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     counts: dict[str, dict[str, int]] = {}
     classes: list[str] | None = None
     non_images: list[str] = []
+    outside_links: list[str] = []
     corrupt: list[str] = []
     to_check: list[tuple[str, str, Path]] = []
     for part, path in parts.items():
@@ -247,7 +249,11 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
                 check_same_classes(folder, classes, names)
             except DataError as exc:
                 raise ImportRejected(str(exc)) from None
-        non_images += [s.split(": not an image")[0] for s in skipped]
+        for s in skipped:
+            if s.endswith(OUTSIDE_LINK):
+                outside_links.append(s[: -len(OUTSIDE_LINK) - 2])
+            else:
+                non_images.append(s.split(": not an image")[0])
         counts[part] = {c: len(files) for c, files in zip(names, per_class)}
         for c, files in zip(names, per_class):
             chosen = files
@@ -274,7 +280,7 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     summary = DatasetSummary(name=name or folder.name, path=folder,
                              layout="split" if "train" in parts else "single",
                              classes=classes, counts=counts, non_images=non_images,
-                             corrupt=corrupt)
+                             corrupt=corrupt, outside_links=outside_links)
     totals = summary.per_class_total()
     few = [c for c, k in totals.items() if k < FEW_IMAGES]
     if few:
@@ -286,6 +292,9 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     if summary.layout == "single":
         summary.warnings.append("no train/ and test/ folders: a test split is carved out of "
                                 "the images automatically (the run's test fraction)")
+    if outside_links:
+        summary.warnings.append(f"{len(outside_links)} link(s) lead outside the data folders and "
+                                f"were not followed; copy those images in instead")
     if corrupt and remove_corrupt:
         summary.warnings.append(f"{len(corrupt)} unreadable file(s) were left out")
     return summary
@@ -305,7 +314,8 @@ def _looks_like_dataset(folder: Path) -> bool:
         return True
     with_images = 0
     try:
-        subdirs = [d for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")][:200]
+        subdirs = [d for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")
+                   and link_allowed(Path(d.path))][:200]
         for d in subdirs:
             with os.scandir(d.path) as it:
                 for n, entry in enumerate(it):
@@ -322,11 +332,14 @@ def _looks_like_dataset(folder: Path) -> bool:
 
 
 def list_datasets(roots: Sequence[Path] | None = None) -> list[DatasetInfo]:
-    """Data-set folders directly under each data root, by name."""
+    """Data-set folders directly under each data root, by name (a linked one only when the
+    link stays inside the data roots)."""
     out = []
-    for root in (data_roots() if roots is None else [Path(r) for r in roots]):
+    roots = data_roots() if roots is None else [Path(r).resolve() for r in roots]
+    for root in roots:
         try:
-            children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                              and link_allowed(p, roots))
         except OSError:
             continue
         for child in children[:500]:
