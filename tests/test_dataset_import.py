@@ -263,3 +263,127 @@ def test_the_gallery_skips_linked_class_folders_outside_the_roots(linked_roots):
     items, _ = gallery("folder", str(data), ["red", "purple"], per_class=10)
     assert {i.true_label for i in items} == {"red"}
     assert all(i.path.name != "stolen.png" for i in items)
+
+
+# ---------------------------------------------------------------- zip bombs and bad zips
+
+
+def _zip_entries(entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytearray:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return bytearray(buf.getvalue())
+
+
+def _patch_headers(raw: bytearray, local_offset: int, central_offset: int, value: bytes) -> None:
+    """Overwrite a field in every entry's local and central header."""
+    for sig, off in ((b"PK\x03\x04", local_offset), (b"PK\x01\x02", central_offset)):
+        i = raw.find(sig)
+        while i != -1:
+            raw[i + off:i + off + len(value)] = value
+            i = raw.find(sig, i + 4)
+
+
+def _good_pngs(flat_folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(flat_folder).as_posix(): p.read_bytes() for p in flat_folder.rglob("*.png")}
+
+
+def _refused(data: bytes | bytearray, root: Path, **limits) -> tuple[str, list[str]]:
+    """Import `data`, expect a refusal; returns (message, progress messages seen)."""
+    seen: list[str] = []
+    with pytest.raises(di.ImportRejected) as refused:
+        di.import_zip(io.BytesIO(bytes(data)), "bad", root=root, limits=di.Limits(**limits),
+                      on_progress=lambda m, f: seen.append(m))
+    assert list(root.iterdir()) == []  # nothing imported, no temp folder left
+    return str(refused.value), seen
+
+
+def test_zip_bomb_is_refused_by_ratio_before_anything_is_written(tmp_path, flat_folder):
+    bomb = _zip_entries({**_good_pngs(flat_folder), "red/zeros.png": b"\0" * (5 * 1024**2)})
+    assert len(bomb) < 100_000  # a few MB of zeros packs into a few KB
+    message, progress = _refused(bomb, tmp_path / "ds")
+    assert "zip bomb" in message and "red/zeros.png" in message and "times bigger" in message
+    assert progress == []  # refused from the directory: nothing was unpacked
+    # Many small entries that each pass but together balloon: the whole-zip ratio.
+    many = _zip_entries({f"c{i % 2}/{i}.png": b"\0" * 200_000 for i in range(20)})
+    message, progress = _refused(many, tmp_path / "ds")
+    assert "the zip would unpack from" in message and "zip bomb" in message and progress == []
+
+
+def test_zip_larger_than_the_free_space_is_refused_before_unpacking(tmp_path, flat_folder):
+    import os
+    import shutil
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    data = _zip_entries({**_good_pngs(flat_folder), "red/big.bmp": os.urandom(3 * 1024**2)},
+                        compression=zipfile.ZIP_STORED)
+    free = shutil.disk_usage(root).free
+    message, progress = _refused(data, root, keep_free_bytes=free - 1024**2)
+    assert "the disk has room for" in message and progress == []
+
+
+def test_header_that_lies_about_the_size_is_caught_while_unpacking(tmp_path, flat_folder):
+    """Header says 1,000 bytes, the deflate stream holds 5 MB: passes every check made from
+    the directory, and is stopped at the declared size while unpacking."""
+    raw = _zip_entries({"red/liar.png": b"\0" * (5 * 1024**2), **_good_pngs(flat_folder)})
+    i = raw.find(b"PK\x03\x04")
+    raw[i + 22:i + 26] = (1000).to_bytes(4, "little")
+    j = raw.find(b"PK\x01\x02")
+    raw[j + 24:j + 28] = (1000).to_bytes(4, "little")
+    message, _ = _refused(raw, tmp_path / "ds")
+    assert "red/liar.png" in message and "header" in message and "nothing was imported" in message
+    assert "CRC" not in message
+
+
+def test_bad_zips_get_plain_messages_without_server_paths(tmp_path, flat_folder):
+    good = _good_pngs(flat_folder)
+    root = tmp_path / "ds"
+    cases = {}
+    encrypted = _zip_entries(good)
+    _patch_headers(encrypted, 6, 8, (1).to_bytes(2, "little"))  # general-purpose flag: encrypted
+    cases["password-protected"] = encrypted
+    corrupt = _zip_entries({"red/x.png": bytes(range(256)) * 400, **good})
+    k = corrupt.find(b"PK\x03\x04")
+    data_at = k + 30 + int.from_bytes(corrupt[k + 26:k + 28], "little") + int.from_bytes(corrupt[k + 28:k + 30], "little")
+    corrupt[data_at] = 0x07  # deflate block type 3: invalid
+    cases["cannot be decompressed"] = corrupt
+    cases["longer than 255 bytes"] = _zip_entries({**good, "red/" + "n" * 300 + ".png": b"x"})
+    cases["both a file and a folder named red/a.png"] = _zip_entries(
+        {**good, "red/a.png": good["red/000.png"], "red/a.png/b.png": good["red/001.png"]})
+    cases["both a file and a folder named red/z.png"] = _zip_entries(
+        {**good, "red/z.png/b.png": good["red/001.png"], "red/z.png": good["red/000.png"]})
+    for words, data in cases.items():
+        message, _ = _refused(data, root)
+        assert words in message, (words, message)
+        assert str(tmp_path) not in message and ".import-" not in message
+
+
+def test_datasets_page_shows_a_bad_zip_plainly_and_clears_the_progress(tmp_path, monkeypatch, flat_folder):
+    """AppTest: an encrypted zip and a zip bomb on the Datasets page: a plain error, no
+    traceback, no server path, no progress bar left at "Unpacking…"."""
+    from streamlit.testing.v1 import AppTest
+
+    page = str(Path(__file__).resolve().parent.parent / "app_pages" / "datasets.py")
+    roots = tmp_path / "roots"
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(roots))
+    encrypted = _zip_entries(_good_pngs(flat_folder))
+    _patch_headers(encrypted, 6, 8, (1).to_bytes(2, "little"))
+    bomb = _zip_entries({**_good_pngs(flat_folder), "red/zeros.png": b"\0" * (5 * 1024**2)})
+    at = AppTest.from_file(page, default_timeout=60).run()
+    for data, words in ((encrypted, "password-protected"), (bomb, "zip bomb")):
+        at.file_uploader(key="datasets.zip").set_value(("photos.zip", bytes(data), "application/zip")).run()
+        at.button(key="datasets.import").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert len(at.error) == 1 and at.error[0].value.startswith("Not imported: "), at.error
+        assert words in at.error[0].value
+        assert str(tmp_path) not in at.error[0].value
+        assert not at.get("progress")
+    assert not roots.exists() or not any(roots.iterdir())
+    good = _zip_entries(_good_pngs(flat_folder))
+    at.file_uploader(key="datasets.zip").set_value(("colors.zip", bytes(good), "application/zip")).run()
+    at.button(key="datasets.import").click().run()
+    assert not at.exception and not at.error
+    assert (roots / "colors").is_dir()
