@@ -187,7 +187,7 @@ class RunConfig:
     augment: bool = _spec(  # random crop (padding 1/8 of the side) + horizontal flip
         True, label="Augmentation (crop + flip)", widget="checkbox", flag=True,
         help="random crop and horizontal flip of the training images")
-    seed: int = _spec(0, label="Seed", widget="number", low=0, high=MAX_SEED, step=1, flag=True,
+    seed: int = _spec(0, label="Seed", widget="number", low=0, step=1, flag=True,
                       help=f"random seed, 0..{MAX_SEED}")
     weights: str = _spec(
         "imagenet", label="Starting weights", widget="radio", choices=WEIGHT_SOURCES, flag=True,
