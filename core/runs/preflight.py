@@ -95,8 +95,9 @@ def _sniff(head: bytes) -> str | None:
         return "a Python pickle that is not a PyTorch weights file"
     try:
         head.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return None
     return "a text file"
 
 
