@@ -13,7 +13,6 @@ import streamlit as st
 
 from app_pages._common import get_store, new_run_link, pick_run
 from core.analysis import inference
-from core.engine.image_types import IMAGE_EXTENSIONS
 from core.views import charts
 from core.views.images import panel, pixelated
 
@@ -73,10 +72,10 @@ def get_picture(run, predictor):
     source = st.radio("Picture", SOURCES, horizontal=True, key=P + "source",
                       label_visibility="collapsed")
     if source == SOURCES[0]:
+        # Any file is accepted and checked in core, so a refusal (HEIC, SVG, too big, not a
+        # picture) is said in words on the page, not only as a mark on the upload chip.
         upload = st.file_uploader(
             "Choose a picture from your computer", key=P + "upload",
-            type=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS),
-            max_upload_size=inference.MAX_UPLOAD_BYTES // 1024**2,  # MB, a photo's worth
             help=f"JPEG, PNG, GIF, WebP, BMP or TIFF, up to {inference.MAX_UPLOAD_BYTES // 1024**2} MB.")
         if upload is None:
             return None

@@ -7,6 +7,7 @@ Thin page: upload or pick -> core.engine.datasets (import, checks, preview) -> r
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from app_pages._common import HANDED_DATA_PATH, NEW_RUN_PAGE, forget_datasets, f
 from core.engine.datasets import DatasetSummary, ImportRejected, import_zip, preview_samples, summarize_folder
 from core.engine.paths import PathNotAllowed, data_roots, resolve_user_path
 from core.views.images import thumbnail
+
+log = logging.getLogger("finetune_lab.datasets")
 
 P = "datasets."
 CURRENT = P + "current"  # the DatasetSummary on show
@@ -58,10 +61,15 @@ def upload_section() -> None:
         try:
             summary = import_zip(upload, name, on_progress=lambda m, f: bar.progress(min(1.0, f), text=m))
         except ImportRejected as exc:
-            bar.empty()
             st.error(f"Not imported: {exc}")
             return
-        bar.empty()
+        except Exception as exc:  # never a traceback (or a server path) on the page
+            log.exception("zip import failed")
+            st.error(f"Not imported: the zip could not be unpacked ({type(exc).__name__}). "
+                     f"Check that it opens on your computer and zip the folders again.")
+            return
+        finally:
+            bar.empty()  # the progress never stays at "Unpacking…"
         forget_datasets()  # the new data set shows in the lists at once
         st.session_state[CURRENT] = summary
         st.success(f"Imported **{summary.name}**: {summary.total_images:,} images in "
@@ -125,6 +133,9 @@ def show_current(summary: DatasetSummary) -> None:
     if summary.non_images:
         with st.expander(f"Skipped files that are not images ({len(summary.non_images)})"):
             st.code("\n".join(summary.non_images[:200]), language=None)
+    if summary.outside_links:
+        with st.expander(f"Links to outside the data folders, not followed ({len(summary.outside_links)})"):
+            st.code("\n".join(summary.outside_links[:200]), language=None)
 
     if st.button("Use in a new run", type="primary", key=P + "use"):
         st.session_state[HANDED_DATA_PATH] = str(summary.path)

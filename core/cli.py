@@ -36,10 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="stage recipe (default: Two-stage)")
     src.add_argument("--config", type=Path, help="a JSON run config (as downloaded from the dashboard)")
     t.add_argument("--name", default="", help="run name shown in the dashboard")
-    t.add_argument("--epochs", type=int, help=f"epochs per stage (presets only; default "
-                   f"{cfgmod.PRESET_EPOCHS})")
-    t.add_argument("--lr", type=float, help=f"learning rate of the first stage (presets only; "
-                   f"default {cfgmod.PRESET_LR:g})")
+    t.add_argument("--epochs", type=_positive_int, metavar="N", help=_epochs_help())
+    t.add_argument("--lr", type=float, help=f"learning rate of the first stage (presets only, "
+                   f"not with --config; default {cfgmod.PRESET_LR:g})")
     for cls in (cfgmod.RunConfig, cfgmod.StageConfig):
         for f, spec in cfgmod.specs(cls):
             if spec.flag:
@@ -49,6 +48,35 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list runs with status and best accuracy")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} epochs: give 1 or more")
+    return value
+
+
+def preset_epoch_plan(name: str) -> str:
+    """What `--epochs N` trains for a preset, in words, read off the preset's own stages
+    (so the help cannot drift from what runs): "2 stages of N epochs (2xN in all)"."""
+    per_stage = [s.epochs for s in cfgmod.preset_stages(name, epochs=1)]
+    total = f"{sum(per_stage)}xN"
+    if len(set(per_stage)) == 1:
+        each = "N" if per_stage[0] == 1 else f"{per_stage[0]}xN"
+        stages = f"{len(per_stage)} stage{'s' if len(per_stage) > 1 else ''} of {each} epochs"
+    else:
+        stages = "stages of " + " + ".join("N" if k == 1 else f"{k}xN" for k in per_stage) + " epochs"
+    return f"{stages} ({total} in all)"
+
+
+def _epochs_help() -> str:
+    plans = "; ".join(f"{name}: {preset_epoch_plan(name)}" for name in cfgmod.PRESETS)
+    return (f"the preset's length, N >= 1 (default {cfgmod.PRESET_EPOCHS}): {plans}. Not with "
+            f"--config (set each stage's epochs in the file)")
 
 
 def _comma_list(text: str) -> tuple[str, ...] | None:
@@ -84,14 +112,19 @@ def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 def build_config(args: argparse.Namespace) -> cfgmod.RunConfig:
     if args.config:
+        preset_knobs = [f"--{k}" for k in ("epochs", "lr") if getattr(args, k) is not None]
+        if preset_knobs:  # a config's stages each have their own epochs and lr
+            raise cfgmod.ConfigError([f"{' and '.join(preset_knobs)}: set a preset's stages, "
+                                      f"not a config file's; edit the stages' epochs and lr "
+                                      f"in {args.config}, or use --preset"])
         try:
-            text = args.config.read_text()
+            text = args.config.read_bytes()
         except OSError as exc:
             raise cfgmod.ConfigError([f"config: cannot read {args.config} ({exc.strerror})"]) from None
         cfg = cfgmod.from_json(text)
     else:
         cfg = cfgmod.preset_config(
-            args.preset, epochs=args.epochs or cfgmod.PRESET_EPOCHS,
+            args.preset, epochs=args.epochs if args.epochs is not None else cfgmod.PRESET_EPOCHS,
             lr=args.lr if args.lr is not None else cfgmod.PRESET_LR)
     cfg = replace(cfg, **_given(args, cfgmod.RunConfig))
     stage_changes = _given(args, cfgmod.StageConfig)

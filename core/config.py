@@ -41,6 +41,12 @@ BATCH_SIZES: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
 # A preset's knobs: epochs per stage and the first stage's learning rate.
 PRESET_EPOCHS = 1
 PRESET_LR = 0.01
+# The largest seed: torch.Generator.manual_seed takes 64-bit seeds, and a run adds small
+# offsets to its seed (seed + 1 for the test split), so the bound is the signed 64-bit one.
+MAX_SEED = 2**63 - 1
+# How deeply a config file may nest: a real config is 3 levels deep; the bound keeps a
+# hostile file from exhausting the parser's recursion.
+MAX_JSON_DEPTH = 32
 
 
 class ConfigError(ValueError):
@@ -182,7 +188,7 @@ class RunConfig:
         True, label="Augmentation (crop + flip)", widget="checkbox", flag=True,
         help="random crop and horizontal flip of the training images")
     seed: int = _spec(0, label="Seed", widget="number", low=0, step=1, flag=True,
-                      help="random seed")
+                      help=f"random seed, 0..{MAX_SEED}")
     weights: str = _spec(
         "imagenet", label="Starting weights", widget="radio", choices=WEIGHT_SOURCES, flag=True,
         choice_labels=(("imagenet", "ImageNet"), ("random", "Random (from scratch)"),
@@ -318,8 +324,8 @@ def validate(cfg: RunConfig) -> list[str]:
         e.append(f"resolution must be a whole number from {MIN_RESOLUTION} to {MAX_RESOLUTION} pixels")
     if not isinstance(cfg.batch_size, int) or not 2 <= cfg.batch_size <= 4096:
         e.append("batch_size must be a whole number from 2 to 4096")
-    if not isinstance(cfg.seed, int) or cfg.seed < 0:
-        e.append("seed must be a whole number, 0 or more")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed <= MAX_SEED:
+        e.append(f"seed must be a whole number from 0 to {MAX_SEED} (2**63 - 1)")
     if cfg.weights not in WEIGHT_SOURCES:
         e.append(f"weights must be one of {', '.join(WEIGHT_SOURCES)}")
     if cfg.weights == "file" and not cfg.weights_path.strip():
@@ -419,11 +425,48 @@ def from_dict(data: Any, validate_values: bool = True) -> RunConfig:
     return cfg
 
 
-def from_json(text: str) -> RunConfig:
+def _json_depth(text: str) -> int:
+    """The deepest nesting of objects and arrays in JSON text (brackets inside strings do
+    not count), found without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def from_json(text: str | bytes) -> RunConfig:
+    """A RunConfig from JSON text, or from a file's bytes (which must be UTF-8). Every
+    problem, including text that is not JSON, not UTF-8 or nested absurdly deep, is a
+    ConfigError with a plain message."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")  # a byte-order mark from Windows editors is fine
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"config: not UTF-8 text (byte 0x{text[exc.start]:02x} at "
+                               f"position {exc.start}); save the file as UTF-8"]) from None
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise ConfigError([f"config: nested more than {MAX_JSON_DEPTH} levels deep; a run "
+                           f"config is an object with a list of stage objects"])
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError([f"config: not valid JSON ({exc.msg} at line {exc.lineno})"]) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of over 4,300 digits
+        raise ConfigError([f"config: not a usable JSON file ({exc})"]) from None
     return from_dict(data)
 
 

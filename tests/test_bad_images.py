@@ -229,3 +229,19 @@ def test_the_pixel_limit_holds_at_open_image_whatever_pil_allows(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL's own check switched off
     with pytest.raises(data.DataError, match="too large"):
         data.open_image(io.BytesIO(png_header_only(7000, 7000)))
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("IMG_0001.heic", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 100, "HEIC photo"),
+    ("drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG drawing"),
+    ("named-wrong.png", b'<?xml version="1.0"?><svg/>', "SVG drawing"),
+    ("paper.pdf", b"%PDF-1.4\n" + b"x" * 100, "PDF document"),
+    ("report.docx", b"PK\x03\x04" + b"\0" * 100, "is a .docx file, not a picture"),
+])
+def test_known_non_pictures_are_named(name, data, words):
+    with pytest.raises(ImageRejected, match=words):
+        decode_upload(data, name)
+
+
+def test_a_picture_with_another_extension_is_still_a_picture():
+    assert decode_upload(encode(quadrants(), "PNG"), "photo.dat").size == (48, 48)

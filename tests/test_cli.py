@@ -93,3 +93,73 @@ def test_options_override_a_config_file(tmp_path):
     path.write_text(cfgmod.to_json(base))
     assert _config("--config", str(path)) == base
     assert _config("--config", str(path), "--seed", "9", "--classes", "") == replace(base, seed=9)
+
+
+def _help_text(capsys) -> str:
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["train", "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+@pytest.mark.parametrize("preset", cfgmod.PRESETS)
+def test_epochs_help_states_what_each_preset_trains(capsys, preset):
+    """--epochs N: the help states each preset's stages and total, and they are what runs."""
+    text = _help_text(capsys)
+    assert "epochs per stage (presets only" not in text  # the old, false claim
+    cfg = _config("--preset", preset, "--epochs", "3")
+    per_stage = [s.epochs // 3 for s in cfg.stages]
+    assert all(s.epochs == 3 * k for s, k in zip(cfg.stages, per_stage))
+    total = f"({sum(per_stage)}xN in all)"
+    claim = f"{preset}: {cli.preset_epoch_plan(preset)}"
+    assert claim in text and claim.endswith(total), (claim, text)
+    assert cfg.total_epochs == 3 * sum(per_stage)
+    if len(cfg.stages) == 1:
+        assert f"{preset}: 1 stage of {per_stage[0]}xN epochs" in text
+
+
+def test_zero_or_negative_epochs_are_errors(tmp_path):
+    for bad in ("0", "-2"):
+        res = _cli("train", "--epochs", bad, "--print-config", data_dir=tmp_path)
+        assert res.returncode == 2 and "--epochs" in res.stderr and "1 or more" in res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_epochs_and_lr_with_a_config_file_are_refused_not_ignored(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(cfgmod.to_json(cfgmod.preset_config("Head only")))
+    for extra in (("--epochs", "5"), ("--lr", "0.1"), ("--epochs", "5", "--lr", "0.1")):
+        with pytest.raises(cfgmod.ConfigError) as refused:
+            _config("--config", str(path), *extra)
+        assert "not a config file's" in str(refused.value)
+        assert all(flag in str(refused.value) for flag in extra if flag.startswith("--"))
+    res = _cli("train", "--config", str(path), "--epochs", "5", data_dir=tmp_path)
+    assert res.returncode == 2 and "--epochs" in res.stderr and "Traceback" not in res.stderr
+    assert RunStore(tmp_path).list_runs() == []
+
+
+def test_seed_beyond_torch_and_bad_config_files_fail_as_config_errors(tmp_path):
+    res = _cli("train", "--seed", str(10**40), "--print-config", data_dir=tmp_path)
+    assert res.returncode == 2 and "seed must be a whole number from 0 to" in res.stderr
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"data_path": "caf\xe9"}'.encode("latin-1"))
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 50_000 + "]" * 50_000)
+    for path, message in ((latin1, "not UTF-8"), (nested, "nested more than")):
+        res = _cli("train", "--config", str(path), data_dir=tmp_path)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert RunStore(tmp_path).list_runs() == []
+
+
+def test_runs_into_a_closed_pipe_ends_cleanly(tmp_path):
+    """`python -m core runs | head -1`: the reader leaves early; no BrokenPipeError."""
+    RunStore(tmp_path).create_run(cfgmod.preset_config("Two-stage"), name="one")
+    proc = subprocess.Popen([sys.executable, "-m", "core", "--data-dir", str(tmp_path), "runs"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before the child (still importing) writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err
+    res = subprocess.run(f"set -o pipefail; {sys.executable} -m core --data-dir {tmp_path} runs | head -1",
+                         shell=True, executable="/bin/bash", capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith("id") and res.stderr == ""

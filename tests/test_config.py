@@ -150,3 +150,32 @@ def test_form_state_round_trips_every_preset(preset):
 def test_form_state_gives_number_widgets_their_field_type():
     state = cfgmod.form_state(StageConfig(warmup_epochs=1), "")
     assert type(state["warmup_epochs"]) is float
+
+
+def test_seed_is_bounded_to_what_torch_takes():
+    """A seed torch.Generator cannot take fails validation, not the run."""
+    import torch
+
+    top = replace(RunConfig(), seed=cfgmod.MAX_SEED)
+    assert cfgmod.validate(top) == []
+    torch.Generator().manual_seed(top.seed + 1)  # the largest offset a run adds still works
+    for seed in (10**40, cfgmod.MAX_SEED + 1, -1):
+        errors = cfgmod.validate(replace(RunConfig(), seed=seed))
+        assert errors and errors[0].startswith("seed must be a whole number from 0 to"), seed
+    d = cfgmod.to_dict(RunConfig())
+    d["seed"] = 10**40
+    with pytest.raises(ConfigError, match="seed must be"):
+        cfgmod.from_json(json.dumps(d))
+
+
+def test_deeply_nested_and_non_utf8_json_are_plain_config_errors():
+    with pytest.raises(ConfigError, match="nested more than"):
+        cfgmod.from_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        cfgmod.from_json('{"name": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not a usable JSON file"):
+        cfgmod.from_json('{"seed": ' + "9" * 5000 + "}")
+    # Brackets inside strings do not count as nesting; UTF-8 bytes (with a BOM) are read.
+    d = cfgmod.to_dict(RunConfig())
+    d["data_path"] = "[" * 100
+    assert cfgmod.from_json(("\ufeff" + json.dumps(d)).encode()).data_path == "[" * 100

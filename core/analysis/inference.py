@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from core.engine.image_types import list_image_files, train_test_folders
-from core.engine.paths import cifar10_dir
+from core.engine.image_types import IMAGE_EXTENSIONS, list_image_files, train_test_folders
+from core.engine.paths import cifar10_dir, link_allowed
 from core.runs.files import RunFiles
 
 if TYPE_CHECKING:
@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from core.engine.checkpoints import Checkpoint
     from core.runs.store import Run, RunStore
 
-# Uploads above this many bytes are refused before decoding. Matches server.maxUploadSize
-# (20, in MB) in .streamlit/config.toml; checked here too so the limit holds outside Streamlit.
+# Uploads above this many bytes (a photo's worth) are refused before decoding, with the reason
+# in words. Classify's uploader takes any file up to server.maxUploadSize (the zip limit in
+# .streamlit/config.toml), so this check, not the browser, says no.
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # An image more than this many times longer than wide (or the reverse) is refused: resizing
 # its short side to the model's input would blow its long side up to gigapixels.
@@ -86,12 +87,40 @@ _PLAIN_REASONS: tuple[tuple[str, str], ...] = (
 )
 
 
+# ISO media "ftyp" brands of HEIF containers: iPhone photos (HEIC) and AVIF.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",
+                b"mif1", b"msf1", b"avif", b"avis"}
+_USE_INSTEAD = "Use a JPEG, PNG, GIF, WebP, BMP or TIFF image."
+
+
+def _known_non_image(data: bytes, name: str, what: str) -> str | None:
+    """Plain words for an upload PIL could not open that we recognise (an iPhone photo, a
+    drawing, a document, a file type that is not a picture), else None."""
+    suffix = Path(name).suffix.lower()
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        kind = "an AVIF" if data[8:12] in (b"avif", b"avis") else "a HEIC"
+        return (f"{what} is {kind} photo (the format iPhones and some Android phones save), "
+                f"which can't be opened here. Export it as JPEG (on an iPhone: Settings › "
+                f"Camera › Formats › Most Compatible), then upload that.")
+    head = data[:2048].lstrip().lower()
+    if suffix == ".svg" or (head.startswith((b"<?xml", b"<svg", b"<!doctype svg")) and b"<svg" in head):
+        return (f"{what} is an SVG drawing (vector graphics), not a photo. Export it as PNG "
+                f"or JPEG first.")
+    if data.startswith(b"%PDF"):
+        return f"{what} is a PDF document, not a picture. Export the page as PNG or JPEG first."
+    if suffix and suffix not in IMAGE_EXTENSIONS:
+        return f"{what} is a {suffix} file, not a picture. {_USE_INSTEAD}"
+    return None
+
+
 def decode_upload(data: bytes, name: str = "") -> Image.Image:
     """An uploaded file's bytes as an RGB PIL image, fully decoded in memory.
 
     Raises ImageRejected with a plain message for an empty file, a file over
-    MAX_UPLOAD_BYTES, something that is not an image, a damaged or truncated image, a
-    decompression bomb, or a shape too extreme to resize.
+    MAX_UPLOAD_BYTES, something that is not an image (saying what it is when we know: a
+    HEIC photo, an SVG drawing, a PDF, another file type), a damaged or truncated image, a
+    decompression bomb, or a shape too extreme to resize. The content decides, not the
+    name: a picture with an odd extension is still classified.
     """
     from core.engine.data import DataError, open_image, to_rgb
 
@@ -105,6 +134,9 @@ def decode_upload(data: bytes, name: str = "") -> Image.Image:
         img = open_image(io.BytesIO(data))
     except DataError as exc:
         reason = str(exc)
+        known = _known_non_image(data, name, what)
+        if known and "too large" not in reason:
+            raise ImageRejected(known) from None
         for key, plain in _PLAIN_REASONS:
             if key in reason:
                 if key == "too large":
@@ -276,9 +308,9 @@ def _folder_gallery(root: Path, classes: Sequence[str], per_class: int,
     items = []
     for c in classes:
         d = test_root / c
-        if not d.is_dir():
+        if not d.is_dir() or not link_allowed(d):
             continue
-        files, _ = list_image_files(d)
+        files = list_image_files(d).images
         for i, p in enumerate(sorted(rng.sample(files, min(per_class, len(files))))):
             items.append(GalleryItem(c, f"{display_name(c)} {i + 1}", path=p))
     return items

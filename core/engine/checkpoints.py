@@ -102,7 +102,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{p.name} is not a checkpoint that can be loaded safely ({exc})") from None
+        from core.engine.model_info import load_refusal
+
+        raise CheckpointError(f"{p.name} is not a checkpoint that can be loaded safely "
+                              f"({load_refusal(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{p.name} is not a Fine-Tuning Lab checkpoint")
     if obj.get("arch") != ARCH:

@@ -18,6 +18,8 @@ from PIL import Image, ImageOps
 
 from core.engine.image_types import (  # shared with torch-free pages
     IMAGE_EXTENSIONS,  # noqa: F401 (re-exported: core.engine.data names the whole data rule)
+    OUTSIDE_LINK,
+    list_class_folders,
     list_image_files,
     train_test_folders,
 )
@@ -168,20 +170,17 @@ class DataSplits:
     source: str  # human description
 
 
-def _list_class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def _list_images(class_dir: Path) -> tuple[list[Path], list[str]]:
-    files, others = list_image_files(class_dir)
-    return files, [f"{p}: not an image file (skipped)" for p in others]
+    files, others, outside = list_image_files(class_dir)
+    return files, ([f"{p}: not an image file (skipped)" for p in others]
+                   + [f"{p}: {OUTSIDE_LINK}" for p in outside])
 
 
 def scan_folder(root: Path, classes: Sequence[str] = ()) -> tuple[list[str], list[list[Path]], list[str]]:
     """Class names, per-class image paths, and skipped files of one class-folder tree."""
     if not root.is_dir():
         raise DataError(f"folder {root} does not exist; check the path")
-    class_dirs = _list_class_dirs(root)
+    class_dirs, outside = list_class_folders(root)
     if classes:
         names = {d.name for d in class_dirs}
         missing = [c for c in classes if c not in names]
@@ -189,7 +188,7 @@ def scan_folder(root: Path, classes: Sequence[str] = ()) -> tuple[list[str], lis
             raise DataError(f"{root}: no folder for class(es) {', '.join(missing)}; "
                             f"found {', '.join(sorted(names)) or 'none'}")
         class_dirs = [d for d in class_dirs if d.name in classes]
-    per_class, skipped = [], []
+    per_class, skipped = [], [f"{d}: {OUTSIDE_LINK}" for d in outside]
     for d in class_dirs:
         files, skip = _list_images(d)
         skipped += skip

@@ -1,10 +1,13 @@
 """Your own data: import a zip of class folders as a data set, validate a folder, list the
 data sets under the data roots, and pick preview images per class.
 
-A zip is untrusted input. Entries with absolute paths, `..` components or symlinks make the
-whole zip rejected (a zip built that way is either broken or hostile); the number of files
-and the bytes actually decompressed are capped (zip bombs lie in their headers, so the cap
-is enforced while reading). The zip is unpacked into a hidden temp folder under the target
+A zip is untrusted input. Entries with absolute paths, `..` components, symlinks, names
+over 255 bytes, encryption, or a file and a folder of one name make the whole zip rejected
+(a zip built that way is either broken or hostile). Before anything is written, the sizes
+its directory declares are checked per file, in all, against the free disk space and by
+compression ratio (a zip bomb); while unpacking, the bytes really decompressed are counted
+and stop at each entry's declared size (headers can lie). Every failure is an
+ImportRejected with a plain message: no traceback, no server path. The zip is unpacked into a hidden temp folder under the target
 root and moved into place with one rename only once it validated, so a half-imported data
 set never appears. No torch import at module load.
 """
@@ -18,13 +21,14 @@ import shutil
 import stat
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from core.engine.image_types import IMAGE_EXTENSIONS, train_test_folders
-from core.engine.paths import data_roots
+from core.engine.image_types import IMAGE_EXTENSIONS, OUTSIDE_LINK, train_test_folders
+from core.engine.paths import data_roots, link_allowed
 
 # core.engine.data (open_image, scan_folder, DataError) imports torch: it is imported inside the
 # functions that read images, so pages importing this module load fast.
@@ -32,6 +36,15 @@ from core.engine.paths import data_roots
 MAX_FILES = 200_000  # entries in one zip
 MAX_TOTAL_BYTES = 4 * 1024**3  # decompressed bytes of one zip
 MAX_FILE_BYTES = 64 * 1024**2  # decompressed bytes of one image file
+# Images are compressed already (JPEG, PNG, WebP) and barely shrink in a zip; even raw BMP or
+# TIFF photos shrink a few times. An entry (or a whole zip) that would grow more than this
+# many times is a zip bomb. Entries under RATIO_MIN_BYTES (decompressed) are too small to
+# matter, and tiny flat images legitimately compress well.
+MAX_RATIO = 100
+RATIO_MIN_BYTES = 1024**2
+# Bytes an import leaves free on the disk it unpacks to (room for the runs that use it).
+KEEP_FREE_BYTES = 256 * 1024**2
+MAX_NAME_BYTES = 255  # one file or folder name, as most file systems allow
 JUNK_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 JUNK_DIRS = {"__MACOSX"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -49,6 +62,8 @@ class Limits:
     max_files: int = MAX_FILES
     max_total_bytes: int = MAX_TOTAL_BYTES
     max_file_bytes: int = MAX_FILE_BYTES
+    max_ratio: float = MAX_RATIO
+    keep_free_bytes: int = KEEP_FREE_BYTES
 
 
 @dataclass
@@ -62,6 +77,7 @@ class DatasetSummary:
     non_images: list[str] = field(default_factory=list)  # skipped: not an image extension
     corrupt: list[str] = field(default_factory=list)  # "file: reason"; removed on import
     ignored: int = 0  # OS junk (__MACOSX, .DS_Store, hidden files)
+    outside_links: list[str] = field(default_factory=list)  # links out of the data roots: not followed
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -77,6 +93,9 @@ class DatasetSummary:
 
 
 # ---------------------------------------------------------------- zip entries
+
+
+_READABLE_COMPRESSION = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
 def _entry_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
@@ -96,6 +115,16 @@ def _entry_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
                              f"it was rejected for safety")
     if any("\0" in p for p in parts):
         raise ImportRejected(f"the zip contains an invalid file name ({raw!r})")
+    long = next((p for p in parts if len(p.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise ImportRejected(f"the zip holds a name longer than {MAX_NAME_BYTES} bytes "
+                             f"({long[:40]}…); shorten it and zip the folders again")
+    if info.flag_bits & 0x1:
+        raise ImportRejected(f"the zip is password-protected ({raw} is encrypted); unzip it "
+                             f"and zip the folders again without a password")
+    if info.compress_type not in _READABLE_COMPRESSION:
+        raise ImportRejected(f"the zip uses a compression method this app cannot read (for "
+                             f"{raw}); zip the folders again with the usual (deflate) method")
     return parts
 
 
@@ -122,26 +151,91 @@ def validate_name(name: str) -> str:
     return name
 
 
-def _copy_limited(src: IO[bytes], dst: IO[bytes], limit: int, budget: list[int], label: str) -> None:
-    """Copy at most `limit` bytes and no more than what is left in `budget[0]`, counting
-    the bytes really decompressed (headers can lie)."""
+def _mb(n: int) -> str:
+    return f"{n / 1024**2:,.1f} MB"
+
+
+def _check_layout(paths: list[tuple[str, ...]]) -> None:
+    """Refuse paths that cannot all be written: one twice, or a file where another entry
+    needs a folder of the same name."""
+    files, folders = set(), set()
+    for p in paths:
+        if p in files:
+            raise ImportRejected(f"the zip holds {'/'.join(p)} twice; keep one and zip it again")
+        files.add(p)
+        folders.update(p[:i] for i in range(1, len(p)))
+    clash = files & folders
+    if clash:
+        raise ImportRejected(f"the zip holds both a file and a folder named "
+                             f"{'/'.join(min(clash))}; rename one and zip it again")
+
+
+def _check_sizes(images: list[zipfile.ZipInfo], root: Path, limits: Limits) -> int:
+    """Refuse, from the zip's directory and before anything is written, a zip that would
+    unpack too big: per file, in all, against the free disk space, or by compression ratio
+    (a zip bomb). Returns the bytes the images may unpack to (what the unpacking loop
+    counts against: headers can lie)."""
+    for info in images:
+        if info.file_size > limits.max_file_bytes:
+            raise ImportRejected(f"{info.filename} is larger than {limits.max_file_bytes // 1024**2} MB "
+                                 f"uncompressed; resize the images first")
+        if info.file_size >= RATIO_MIN_BYTES and info.file_size > limits.max_ratio * max(1, info.compress_size):
+            raise ImportRejected(
+                f"{info.filename} would unpack from {_mb(info.compress_size)} to {_mb(info.file_size)} "
+                f"({info.file_size / max(1, info.compress_size):,.0f} times bigger); images do not "
+                f"shrink like that, so this looks like a zip bomb and nothing was unpacked")
+    total = sum(i.file_size for i in images)
+    packed = sum(i.compress_size for i in images)
+    if total >= RATIO_MIN_BYTES and total > limits.max_ratio * max(1, packed):
+        raise ImportRejected(f"the zip would unpack from {_mb(packed)} to {_mb(total)} "
+                             f"({total / max(1, packed):,.0f} times bigger); images do not shrink "
+                             f"like that, so this looks like a zip bomb and nothing was unpacked")
+    if total > limits.max_total_bytes:
+        raise ImportRejected(f"the zip unpacks to more than {limits.max_total_bytes / 1024**3:.1f} GB; "
+                             f"split it or resize the images")
+    room = shutil.disk_usage(root).free - limits.keep_free_bytes
+    if total > room:
+        raise ImportRejected(f"the zip unpacks to {_mb(total)} but the disk has room for "
+                             f"{_mb(max(0, room))} (keeping {_mb(limits.keep_free_bytes)} free); "
+                             f"free some space or import a smaller zip")
+    return total
+
+
+def _copy_checked(src: IO[bytes], dst: IO[bytes], declared: int, budget: list[int], label: str) -> None:
+    """Copy one entry, counting the bytes really decompressed: more than its header
+    declared (asked for one byte past it, so a lie shows) or more than the zip's remaining
+    budget stops the import."""
     written = 0
-    while chunk := src.read(1 << 20):
+    while chunk := src.read(min(1 << 20, declared - written + 1)):
         written += len(chunk)
         budget[0] -= len(chunk)
-        if written > limit:
-            raise ImportRejected(f"{label} is larger than {limit // 1024**2} MB uncompressed; "
-                                 f"resize the images first")
-        if budget[0] < 0:
-            raise ImportRejected("the zip unpacks to more data than allowed (a possible zip "
-                                 "bomb, or simply too big); split it or resize the images")
+        if written > declared or budget[0] < 0:
+            raise ImportRejected(f"{label} holds more data than the zip's header says "
+                                 f"({declared:,} bytes): the zip is damaged or built to mislead "
+                                 f"(a zip bomb); nothing was imported")
         dst.write(chunk)
+
+
+def _unpack_error(exc: BaseException, label: str) -> ImportRejected:
+    """A plain message (no server paths, no traceback) for an entry that failed to unpack."""
+    if isinstance(exc, zipfile.BadZipFile) and "CRC" in str(exc):
+        return ImportRejected(f"{label} does not match the zip's checksum or header (the zip is "
+                              f"damaged, or lies about its sizes); nothing was imported")
+    if isinstance(exc, (zipfile.BadZipFile, zlib.error, EOFError)):
+        return ImportRejected(f"the zip is damaged: {label} cannot be decompressed; make the "
+                              f"zip again")
+    if isinstance(exc, OSError):
+        return ImportRejected(f"{label} could not be written ({exc.strerror or type(exc).__name__}); "
+                              f"nothing was imported")
+    return ImportRejected(f"{label} could not be unpacked ({type(exc).__name__}); nothing was imported")
 
 
 def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path | None = None,
                limits: Limits = Limits(), on_progress: ProgressFn | None = None) -> DatasetSummary:
     """Unpack a zip of class folders into `<root>/<name>` (root: the first data root) and
-    validate it. Raises ImportRejected (nothing is left behind) when it cannot be used."""
+    validate it. Raises ImportRejected (nothing is left behind) when it cannot be used:
+    every entry's name, encryption, sizes and compression ratio are checked before the
+    first byte is written, and the bytes really decompressed are counted while writing."""
     name = validate_name(name)
     root = Path(root) if root is not None else data_roots()[0]
     root.mkdir(parents=True, exist_ok=True)
@@ -150,10 +244,10 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
         raise ImportRejected(f"a data set named {name} already exists in {root}; pick another name")
     try:
         zf = zipfile.ZipFile(source)
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
         raise ImportRejected("the upload is not a valid zip file") from None
     except OSError as exc:
-        raise ImportRejected(f"the zip cannot be read ({exc})") from None
+        raise ImportRejected(f"the zip cannot be read ({exc.strerror or type(exc).__name__})") from None
     tmp = root / f".import-{name}-{uuid.uuid4().hex[:8]}"
     try:
         with zf:
@@ -161,9 +255,6 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
             if len(infos) > limits.max_files:
                 raise ImportRejected(f"the zip has {len(infos):,} files; the limit is "
                                      f"{limits.max_files:,}")
-            if sum(i.file_size for i in infos) > limits.max_total_bytes:
-                raise ImportRejected(f"the zip unpacks to more than "
-                                     f"{limits.max_total_bytes / 1024**3:.1f} GB; split it or resize the images")
             images, non_images, ignored = [], [], 0
             for info in infos:
                 parts = _entry_parts(info)  # checks every entry before writing anything
@@ -183,16 +274,24 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
                 loose = next("/".join(p) for p in stripped if len(p) < 2)
                 raise ImportRejected(f"images must sit in one folder per class, but {loose} is "
                                      f"not in a class folder")
+            _check_layout(stripped)
+            budget = [_check_sizes([info for _, info in images], root, limits)]
             tmp.mkdir()
-            budget = [limits.max_total_bytes]
             for n, (parts, (_, info)) in enumerate(zip(stripped, images)):
+                label = "/".join(parts)
                 target = tmp.joinpath(*parts)
                 # Belt and braces: the components were checked, but never write outside tmp.
                 if tmp.resolve() not in target.resolve().parents:
                     raise ImportRejected(f"unsafe path in the zip: {info.filename}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    _copy_limited(src, dst, limits.max_file_bytes, budget, "/".join(parts))
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "wb") as dst:
+                        _copy_checked(src, dst, info.file_size, budget, label)
+                except ImportRejected:
+                    raise
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
+                        NotImplementedError) as exc:
+                    raise _unpack_error(exc, label) from None
                 if on_progress and n % 50 == 0:
                     on_progress(f"Unpacking {n + 1:,}/{len(images):,}", 0.5 * (n + 1) / len(images))
         summary = summarize_folder(tmp, name=name, check_images=True, remove_corrupt=True,
@@ -205,7 +304,10 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
         return summary
     except zipfile.BadZipFile as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ImportRejected(f"the zip is damaged ({exc})") from None
+        raise _unpack_error(exc, "an entry") from None
+    except OSError as exc:  # e.g. the disk filled while checking, or the final rename
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ImportRejected(f"the data set could not be saved ({exc.strerror or type(exc).__name__})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -233,6 +335,7 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     counts: dict[str, dict[str, int]] = {}
     classes: list[str] | None = None
     non_images: list[str] = []
+    outside_links: list[str] = []
     corrupt: list[str] = []
     to_check: list[tuple[str, str, Path]] = []
     for part, path in parts.items():
@@ -247,7 +350,11 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
                 check_same_classes(folder, classes, names)
             except DataError as exc:
                 raise ImportRejected(str(exc)) from None
-        non_images += [s.split(": not an image")[0] for s in skipped]
+        for s in skipped:
+            if s.endswith(OUTSIDE_LINK):
+                outside_links.append(s[: -len(OUTSIDE_LINK) - 2])
+            else:
+                non_images.append(s.split(": not an image")[0])
         counts[part] = {c: len(files) for c, files in zip(names, per_class)}
         for c, files in zip(names, per_class):
             chosen = files
@@ -274,7 +381,7 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     summary = DatasetSummary(name=name or folder.name, path=folder,
                              layout="split" if "train" in parts else "single",
                              classes=classes, counts=counts, non_images=non_images,
-                             corrupt=corrupt)
+                             corrupt=corrupt, outside_links=outside_links)
     totals = summary.per_class_total()
     few = [c for c, k in totals.items() if k < FEW_IMAGES]
     if few:
@@ -286,6 +393,9 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     if summary.layout == "single":
         summary.warnings.append("no train/ and test/ folders: a test split is carved out of "
                                 "the images automatically (the run's test fraction)")
+    if outside_links:
+        summary.warnings.append(f"{len(outside_links)} link(s) lead outside the data folders and "
+                                f"were not followed; copy those images in instead")
     if corrupt and remove_corrupt:
         summary.warnings.append(f"{len(corrupt)} unreadable file(s) were left out")
     return summary
@@ -305,7 +415,8 @@ def _looks_like_dataset(folder: Path) -> bool:
         return True
     with_images = 0
     try:
-        subdirs = [d for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")][:200]
+        subdirs = [d for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")
+                   and link_allowed(Path(d.path))][:200]
         for d in subdirs:
             with os.scandir(d.path) as it:
                 for n, entry in enumerate(it):
@@ -322,11 +433,14 @@ def _looks_like_dataset(folder: Path) -> bool:
 
 
 def list_datasets(roots: Sequence[Path] | None = None) -> list[DatasetInfo]:
-    """Data-set folders directly under each data root, by name."""
+    """Data-set folders directly under each data root, by name (a linked one only when the
+    link stays inside the data roots)."""
     out = []
-    for root in (data_roots() if roots is None else [Path(r) for r in roots]):
+    roots = data_roots() if roots is None else [Path(r).resolve() for r in roots]
+    for root in roots:
         try:
-            children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                              and link_allowed(p, roots))
         except OSError:
             continue
         for child in children[:500]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import LAYER_GROUPS
-from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path
+from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path, load_refusal
 
 # Modules of each layer group, by attribute name on torchvision's ResNet.
 GROUP_MODULES: dict[str, tuple[str, ...]] = {
@@ -262,7 +262,8 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{p} is not a PyTorch weights file we can read safely ({exc})") from None
+        raise WeightsError(f"{p} is not a PyTorch weights file we can read safely "
+                           f"({load_refusal(exc)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or "conv1.weight" not in obj:

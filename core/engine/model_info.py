@@ -47,3 +47,14 @@ def imagenet_weights_path() -> Path:
     """Where torch caches the ImageNet ResNet-18 weights (torch.hub.get_dir()'s checkpoints/):
     the one definition, core.engine.model reads the weights from here."""
     return torch_hub_dir() / "checkpoints" / IMAGENET_WEIGHTS_FILE
+
+
+def load_refusal(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in words to show a user. torch's
+    own text for a pickle of arbitrary objects advises loading it with weights_only=False,
+    which would run whatever code the file holds: that advice is never passed on."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only" in text or "WeightsUnpickler" in text:
+        return ("it holds Python objects other than tensors; it was not loaded, since "
+                "loading it could run code")
+    return text.splitlines()[0] if text.strip() else type(exc).__name__

@@ -1,4 +1,6 @@
-"""Confine paths typed into the UI to configured data roots (no reading arbitrary files).
+"""Confine paths to configured data roots (no reading arbitrary files): paths typed into
+the UI, and symbolic links met inside a data folder (a link to /etc or another user's files
+is not followed). One rule, `within_roots`, for both.
 
 Roots come from FINETUNE_LAB_DATA_ROOTS (os.pathsep-separated); by default the run store's
 `datasets/` folder and the user's home. No torch import here.
@@ -7,6 +9,7 @@ Roots come from FINETUNE_LAB_DATA_ROOTS (os.pathsep-separated); by default the r
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.runs.files import StoreLayout
@@ -49,9 +52,24 @@ def resolve_user_path(text: str, roots: list[Path] | None = None) -> Path:
     if not p.is_absolute():
         p = roots[0] / p
     real = p.resolve()
-    for root in roots:
-        if real == root or root in real.parents:
-            return real
+    if within_roots(real, roots):
+        return real
     raise PathNotAllowed(
         f"{text} is outside the allowed data folders ({', '.join(str(r) for r in roots)}); "
         f"put the data under one of them, or add its folder to {DATA_ROOTS_ENV}")
+
+
+def within_roots(path: Path, roots: Sequence[Path] | None = None) -> bool:
+    """Whether the real location of `path` (every symlink and '..' resolved) is an allowed
+    root or lies under one. `roots` must be resolved (data_roots() gives them so)."""
+    real = Path(path).resolve()
+    return any(real == root or root in real.parents
+               for root in (data_roots() if roots is None else roots))
+
+
+def link_allowed(path: Path, roots: Sequence[Path] | None = None) -> bool:
+    """Whether a path met while listing a data folder may be followed: it is no symbolic
+    link, or the link leads (through every further link) to somewhere under a data root.
+    Listing never descends through a link it has not checked, so checking each entry as it
+    is met confines the whole walk."""
+    return not path.is_symlink() or within_roots(path, roots)

@@ -6,6 +6,7 @@ Cheap: folders are listed, not decoded (corrupt files are found and counted whil
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +52,10 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
                 report.notes.append(f"{len(skipped)} non-image file(s) will be skipped")
         except DataError as exc:
             errors.append(f"data: {exc}")
-    if cfg.weights == "file" and not Path(cfg.weights_path).expanduser().is_file():
-        errors.append(f"weights_path: {cfg.weights_path} does not exist")
+    if cfg.weights == "file":
+        problem = weights_file_problem(Path(cfg.weights_path).expanduser())
+        if problem:
+            errors.append(f"weights_path: {cfg.weights_path} {problem}")
     if cfg.weights == "run" and store is not None:
         other = store.get_run(cfg.weights_run)
         if other is None:
@@ -69,3 +72,101 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
     if errors:
         raise PreflightError(errors)
     return report
+
+
+# ---------------------------------------------------------------- the weights file
+
+EXPECTED_WEIGHTS = ("expected a ResNet-18 state dict (a dict of tensors saved with "
+                    "torch.save(model.state_dict(), path)) or a checkpoint of this app")
+# Blocks per layer group and block kind -> the torchvision ResNet that has them.
+_RESNETS = {((2, 2, 2, 2), False): "ResNet-18", ((3, 4, 6, 3), False): "ResNet-34",
+            ((3, 4, 6, 3), True): "ResNet-50", ((3, 4, 23, 3), True): "ResNet-101",
+            ((3, 8, 36, 3), True): "ResNet-152"}
+
+
+def _sniff(head: bytes) -> str | None:
+    """What a file that torch cannot load is, from its first bytes, in words."""
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        return "a JSON file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive that is not a PyTorch file"
+    if head.startswith(b"\x80"):
+        return "a Python pickle that is not a PyTorch weights file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return None
+    return "a text file"
+
+
+def _architecture(state: dict) -> str | None:
+    """The torchvision ResNet whose layer structure `state`'s tensor names have, if any."""
+    blocks = {}
+    for key in state:
+        m = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if m:
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    shape = tuple(blocks.get(i, 0) for i in range(1, 5))
+    bottleneck = any(".conv3." in k for k in state)
+    return _RESNETS.get((shape, bottleneck))
+
+
+def weights_file_problem(path: Path) -> str | None:
+    """Why `path` cannot start a run ("is a JSON file; expected ..."), or None when it holds
+    ResNet-18 weights. Opened with torch.load(weights_only=True): nothing in the file runs.
+    torch's own message is never passed on (it suggests weights_only=False, which would
+    run whatever code the file holds)."""
+    if not path.is_file():
+        return "does not exist; check the path"
+    import pickle
+
+    import torch
+
+    from core.engine.checkpoints import ARCH, FORMAT
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not head:
+        return f"is empty; {EXPECTED_WEIGHTS}"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A torch file or pickle holding objects other than tensors (a whole model, an
+        # optimizer, arbitrary classes): refused unopened, as loading it could run code.
+        what = _sniff(head) or "a binary file"
+        if head.startswith((b"PK\x03\x04", b"\x80")):
+            what = ("a pickle of Python objects, not only tensors (for example a whole model "
+                    "saved with torch.save(model)); it was not opened, since loading it "
+                    "could run code")
+        return f"is {what}; {EXPECTED_WEIGHTS}"
+    except Exception:  # damaged or foreign files: torch's messages vary by version
+        return f"is {_sniff(head) or 'not a PyTorch file (or a damaged one)'}; {EXPECTED_WEIGHTS}"
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if obj.get("arch") != ARCH:
+            return f"is a checkpoint for {obj.get('arch')!r}, not {ARCH}; {EXPECTED_WEIGHTS}"
+        obj = obj.get("state_dict")
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__
+        return f"holds a {kind} that is not a state dict (tensor names to tensors); {EXPECTED_WEIGHTS}"
+    arch = _architecture(obj)
+    if arch is None:
+        example = next(iter(obj))
+        return (f"holds tensors that are not a ResNet's (e.g. {example!r}); {EXPECTED_WEIGHTS}")
+    if arch != "ResNet-18":
+        return f"holds {arch} weights; {EXPECTED_WEIGHTS}"
+    from core.engine.model import build_resnet18
+
+    own = build_resnet18(2).state_dict()
+    wrong = [k for k, v in own.items() if not k.startswith("fc.")
+             and (k not in obj or tuple(obj[k].shape) != tuple(v.shape))]
+    if wrong:
+        return (f"has ResNet-18's tensor names but {len(wrong)} backbone tensors are missing or "
+                f"of another shape (e.g. {wrong[0]}); {EXPECTED_WEIGHTS}")
+    return None
