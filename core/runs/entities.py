@@ -88,6 +88,10 @@ class Run:
     # names one process, so a reused pid is never mistaken for the worker.
     pid_start: str | None = None
     host: str | None = None
+    # Where it executes: "local" or "ray" (None: not dispatched yet, or recorded before
+    # executors existed), and the executor's id for it (a Ray submission id).
+    executor: str | None = None
+    job_id: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
     heartbeat_at: float | None = None

@@ -135,8 +135,16 @@ def _m4_relative_best_checkpoint(con: sqlite3.Connection) -> None:
     con.execute("UPDATE runs SET pid_start=NULL")
 
 
+def _m5_executor_and_job(con: sqlite3.Connection) -> None:
+    """Where a run executes: the executor ("local" or "ray") and its job id there (a Ray
+    submission id), beside the host."""
+    con.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
+    con.execute("ALTER TABLE runs ADD COLUMN job_id TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint)
+    _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint,
+    _m5_executor_and_job)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -270,7 +278,8 @@ class RunStore:
             id=row["id"], name=row["name"], group=row["grp"], status=row["status"],
             config=config, config_error=config_error, created_at=row["created_at"], pid=row["pid"],
             pid_start=row["pid_start"],
-            host=row["host"], started_at=row["started_at"], ended_at=row["ended_at"],
+            host=row["host"], executor=row["executor"], job_id=row["job_id"],
+            started_at=row["started_at"], ended_at=row["ended_at"],
             heartbeat_at=row["heartbeat_at"], error=row["error"],
             cancel_requested=bool(row["cancel_requested"]),
             progress=progress_from_json(row["progress"]),
@@ -353,6 +362,14 @@ class RunStore:
         with self._write() as con:
             con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
                         (pid, process_identity(pid), socket.gethostname(), run_id))
+
+    def set_job(self, run_id: str, executor: str, job_id: str | None,
+                host: str | None = None) -> None:
+        """Record where a run executes: the executor ("local" or "ray"), its job id there
+        (e.g. the Ray submission id), and the host when known (None keeps the recorded one)."""
+        with self._write() as con:
+            con.execute("UPDATE runs SET executor=?, job_id=?, host=COALESCE(?, host) WHERE id=?",
+                        (executor, job_id, host, run_id))
 
     def heartbeat(self, run_id: str, progress: RunProgress | None = None) -> bool:
         """Record liveness (and progress). Returns whether the worker should stop:
