@@ -108,6 +108,8 @@ class Run:
     # The global step of the last saved epoch: where a resume picks up (-1: none saved).
     last_step: int = -1
     results: RunResults = field(default_factory=RunResults)
+    note: str = ""  # the user's free-text note
+    tags: tuple[str, ...] = ()  # the user's labels, sorted
 
     @property
     def is_active(self) -> bool:
