@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from core.config import RunConfig
 from core.runs.store import RunStore, StoreError
@@ -102,22 +103,18 @@ def test_unusable_data_dir_is_a_clear_error(tmp_path):
 def test_full_disk_is_a_clear_error_and_the_store_survives(store, monkeypatch):
     run = store.create_run(RunConfig())
     store.log_metrics(run.id, [(1, 1.0, 1, "val/acc", 0.5)])
-    original = RunStore._connect
 
-    import contextlib
+    def tiny_disk(dbapi_con, _record):
+        # SQLite's own "disk full": the file may not grow past its current pages.
+        (pages,) = dbapi_con.execute("PRAGMA page_count").fetchone()
+        dbapi_con.execute(f"PRAGMA max_page_count={pages}")
 
-    @contextlib.contextmanager
-    def tiny_disk(self):
-        with original(self) as con:
-            # SQLite's own "disk full": the file may not grow past its current pages.
-            (pages,) = con.execute("PRAGMA page_count").fetchone()
-            con.execute(f"PRAGMA max_page_count={pages}")
-            yield con
-
-    monkeypatch.setattr(RunStore, "_connect", tiny_disk)
-    with pytest.raises(StoreError, match="disk is full|full"):
-        store.log_metrics(run.id, [(1, 1.0, i, "x", 1.0) for i in range(20000)])
-    monkeypatch.setattr(RunStore, "_connect", original)
+    sa.event.listen(store.engine, "connect", tiny_disk)  # every call opens a connection
+    try:
+        with pytest.raises(StoreError, match="disk is full|full"):
+            store.log_metrics(run.id, [(1, 1.0, i, "x", 1.0) for i in range(20000)])
+    finally:
+        sa.event.remove(store.engine, "connect", tiny_disk)
     # Nothing half-written; the store still works.
     assert [m.value for m in store.metrics(run.id)] == [0.5]
     with sqlite3.connect(store.db_path) as con:

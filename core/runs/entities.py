@@ -124,6 +124,8 @@ class Run:
 
 @dataclass(frozen=True)
 class MetricRow:
+    # The row's number within its run (1, 2, ... in the order they were committed): the
+    # cursor of incremental reads (RunStore.metrics(after_id=...)).
     id: int
     run_id: str
     stage: int
