@@ -757,24 +757,30 @@ class RunStore:
     # ---------------------------------------------------------------- metrics
 
     def log_metrics(self, run_id: str, rows: Sequence[tuple[int, float, int, str, float]]) -> None:
-        """Append rows of (stage, epoch, step, key, value) in one transaction. Their `seq`
-        numbers come from the run's counter, whose row lock orders the commits of the run's
-        writers by seq. Rows for a run that no longer exists are dropped."""
+        """Append rows of (stage, epoch, step, key, value) in one transaction. Rows for a
+        run that no longer exists are dropped."""
         if not rows:
             return
-        now = time.time()
         with self._write() as con:
-            last = con.execute(
-                runs.update().where(runs.c.id == run_id)
-                .values(metric_seq=runs.c.metric_seq + len(rows))
-                .returning(runs.c.metric_seq)).scalar()
-            if last is None:
-                return
-            first = last - len(rows) + 1
-            con.execute(metrics.insert(), [
-                {"run_id": run_id, "seq": first + i, "stage": int(s), "epoch": float(e),
-                 "step": int(st), "key": k, "value": float(v), "time": now}
-                for i, (s, e, st, k, v) in enumerate(rows)])
+            self._append_metrics(con, run_id, rows)
+
+    def _append_metrics(self, con: Connection, run_id: str,
+                        rows: Sequence[tuple[int, float, int, str, float]]) -> None:
+        """Insert metric rows inside the write transaction `con`. Their `seq` numbers come
+        from the run's counter: updating it locks the run's row until commit, so two writers
+        of one run (a worker declared dead that still runs, and its resumed successor)
+        commit in seq order and an incremental reader never skips a row."""
+        last = con.execute(
+            runs.update().where(runs.c.id == run_id)
+            .values(metric_seq=runs.c.metric_seq + len(rows))
+            .returning(runs.c.metric_seq)).scalar()
+        if last is None:
+            return
+        first, now = last - len(rows) + 1, time.time()
+        con.execute(metrics.insert(), [
+            {"run_id": run_id, "seq": first + i, "stage": int(s), "epoch": float(e),
+             "step": int(st), "key": k, "value": float(v), "time": now}
+            for i, (s, e, st, k, v) in enumerate(rows)])
 
     def truncate_metrics(self, run_id: str, after_step: int) -> None:
         """Drop rows past `after_step` (a resumed run replays from its last checkpoint)."""
