@@ -296,3 +296,10 @@ def test_an_unreachable_postgresql_is_a_clear_error_without_the_password(tmp_pat
     with pytest.raises(StoreError, match="Cannot use the run store at postgresql") as info:
         RunStore(tmp_path / "runs", url="postgresql://lab:s3cret@127.0.0.1:1/lab")
     assert "s3cret" not in str(info.value) and "FINETUNE_LAB_DB" in str(info.value)
+
+
+def test_a_store_whose_file_became_unreadable_is_a_clear_error(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    store.db_path.write_bytes(b"not a database" * 100)  # replaced behind its back
+    with pytest.raises(StoreError, match="Could not read the run store"):
+        store.list_runs()

@@ -512,15 +512,23 @@ class RunStore:
                     except sa.exc.OperationalError as exc:
                         raise StoreError(f"run store is busy or unwritable: {_reason(exc)}") from exc
                 yield con
-        except sa.exc.OperationalError as exc:
+        except sa.exc.DatabaseError as exc:
+            if not _is_store_failure(exc):
+                raise
             hint = (f"If the disk is full, free space; if the folder is read-only, set "
                     f"{DATA_DIR_ENV}." if self.is_sqlite else
                     f"Check that the server at {self.location} is running and has space.")
             raise StoreError(f"Could not write to the run store ({_reason(exc)}). {hint}") from exc
 
     def _read(self, statement: sa.Executable) -> list[sa.Row]:
-        with self.engine.connect() as con:
-            return list(con.execute(statement).all())
+        try:
+            with self.engine.connect() as con:
+                return list(con.execute(statement).all())
+        except sa.exc.DatabaseError as exc:
+            if not _is_store_failure(exc):
+                raise
+            raise StoreError(f"Could not read the run store at {self.location} "
+                             f"({_reason(exc)}).") from exc
 
     def _tags(self, run_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
         tags: dict[str, list[str]] = {}
@@ -799,6 +807,12 @@ class RunStore:
         return [MetricRow(id=r.seq, run_id=r.run_id, stage=r.stage, epoch=r.epoch, step=r.step,
                           key=r.key, value=r.value, time=r.time)
                 for r in self._read(query.order_by(metrics.c.seq))]
+
+
+def _is_store_failure(exc: sa.exc.DatabaseError) -> bool:
+    """Whether a database error is the store's condition (disk full, locked, server gone,
+    corrupt file) rather than a mistake in a query (ProgrammingError, IntegrityError)."""
+    return isinstance(exc, sa.exc.OperationalError) or type(exc) is sa.exc.DatabaseError
 
 
 def _reason(exc: BaseException) -> str:
