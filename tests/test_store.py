@@ -303,3 +303,11 @@ def test_a_store_whose_file_became_unreadable_is_a_clear_error(tmp_path):
     store.db_path.write_bytes(b"not a database" * 100)  # replaced behind its back
     with pytest.raises(StoreError, match="Could not read the run store"):
         store.list_runs()
+
+
+def test_rows_logged_for_a_deleted_run_are_dropped(store):
+    run = store.create_run(RunConfig())
+    store.log_metrics(run.id, [(1, 1.0, 1, "val/acc", 0.5)])
+    store.delete_run(run.id)
+    store.log_metrics(run.id, [(1, 2.0, 2, "val/acc", 0.6)])  # its worker had not noticed yet
+    assert store.metrics(run.id) == [] and store.get_run(run.id) is None

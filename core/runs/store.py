@@ -757,6 +757,9 @@ class RunStore:
 
     def delete_run(self, run_id: str) -> None:
         with self._write() as con:
+            # The run's row first: a worker logging meanwhile waits, then finds no run and
+            # drops its rows, instead of leaving them behind without a run.
+            con.execute(sa.select(runs.c.id).where(runs.c.id == run_id).with_for_update())
             con.execute(metrics.delete().where(metrics.c.run_id == run_id))
             con.execute(run_tags.delete().where(run_tags.c.run_id == run_id))
             con.execute(runs.delete().where(runs.c.id == run_id))
