@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.runs.files import StoreLayout
+from core.settings import StoreLayout
 
 DATA_ROOTS_ENV = "FINETUNE_LAB_DATA_ROOTS"
 
