@@ -11,6 +11,7 @@ import os
 import re
 import statistics
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,18 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "epoch_s": ("Epoch time", "seconds"),
 }
 ACCURACY_KEYS = ("val/acc", "train/acc", "test/acc")
-STATUS_ICONS = {"queued": "⏳", "running": "▶️", "finished": "✅", "failed": "❌", "cancelled": "⏹️"}
+# Status marks as Streamlit material icons (rendered from the app's own font, so they show
+# where no emoji font is installed); tables show the plain word.
+STATUS_ICONS = {"queued": ":material/schedule:", "running": ":material/play_circle:",
+                "finished": ":material/check_circle:", "failed": ":material/error:",
+                "cancelled": ":material/stop_circle:"}
+ENDED_BADLY = ("failed", "cancelled")  # statuses Overview hides unless asked
+SHORT_ID_CHARS = 6  # how much of a run id pickers show: enough to tell same-named runs apart
+# Validation sets smaller than this give accuracies too coarse to compare (6 images: steps of
+# 17 points); such runs carry a caveat and are not picked as the default model.
+MIN_VAL_IMAGES = 50
+RUN_COLORS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
+              "#B6E880", "#FF97FF", "#FECB52")
 
 
 def fmt_pct(x: float | None, digits: int = 1) -> str:
@@ -95,7 +107,7 @@ def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
         best_at = f"stage {r.best_stage}, epoch {r.best_epoch}" if r.best_stage else "—"
         rows.append({
             "Run": r.name,
-            "Status": f"{STATUS_ICONS.get(r.status, '')} {r.status}",
+            "Status": r.status,
             "Progress": progress_fraction(r),
             "Recipe": recipe_text(r.config),
             "Best val acc": fmt_pct(r.best_val_acc),
@@ -110,10 +122,46 @@ def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
                                        "Best at", "Test acc", "Group", "Started", "Duration", "Id"])
 
 
+def short_id(run_id: str) -> str:
+    """The start of a run id, as pickers and chips show it."""
+    return run_id[:SHORT_ID_CHARS]
+
+
 def run_label(run: Run) -> str:
-    """How a run is named in pickers: name, status and best accuracy."""
+    """How a run is named in pickers: name and short id (two runs may share a name), its
+    live status and best accuracy."""
     best = f", best val {fmt_pct(run.best_val_acc)}" if run.best_val_acc is not None else ""
-    return f"{run.name} ({run.status}{best})"
+    return f"{run.name} · {short_id(run.id)} ({run.status}{best})"
+
+
+def run_chip(run: Run) -> str:
+    """A short picker label for chips (multiselects): short id first, so a cut keeps the end
+    of the name, never the id."""
+    return f"{short_id(run.id)} {run.name}"
+
+
+def run_color(run_id: str) -> str:
+    """A run's colour, the same on every page and every rerun: picked by a stable hash of
+    its id (Python's hash() is salted per process, so crc32)."""
+    return RUN_COLORS[zlib.crc32(run_id.encode()) % len(RUN_COLORS)]
+
+
+def tiny_validation(run: Run) -> int | None:
+    """The validation set's size when it is too small for its accuracy to mean much
+    (under MIN_VAL_IMAGES), else None."""
+    sizes = run.results.sizes
+    if sizes is not None and 0 < sizes.val < MIN_VAL_IMAGES:
+        return sizes.val
+    return None
+
+
+def val_caveat(run: Run) -> str:
+    """Plain words on a tiny validation set, or ''."""
+    n = tiny_validation(run)
+    if n is None:
+        return ""
+    return (f"Scored on only {n} validation image{'s' * (n != 1)}: one more right or wrong "
+            f"moves it by {100 / n:.0f} points, so this accuracy says little.")
 
 
 def group_label(members: list[Run]) -> str:
@@ -196,12 +244,13 @@ class Curve:
     std: list[float] | None = None  # per point, for groups of seeds
     n_runs: int = 1
     bounds: list[tuple[float, float, str]] = field(default_factory=list)
+    color_key: str = ""  # what picks its colour (run_color): the run id, or the group name
 
 
 def run_curve(run: Run, frame: pd.DataFrame, key: str, align_stage2: bool = False) -> Curve:
     x, y = series(frame, key)
     shift = stage2_offset(run.config) if align_stage2 else 0.0
-    return Curve(run.name, [v - shift for v in x], y,
+    return Curve(run.name, [v - shift for v in x], y, color_key=run.id,
                  bounds=[(a - shift, b - shift, label) for a, b, label in stage_bounds(run.config)])
 
 
@@ -214,12 +263,12 @@ def group_curve(name: str, runs: Sequence[Run], frames: Sequence[pd.DataFrame], 
         c = run_curve(run, frame, key, align_stage2)
         parts.append(pd.DataFrame({"x": [round(v, 6) for v in c.x], "y": c.y}))
     if not parts or all(p.empty for p in parts):
-        return Curve(name, [], [], [], n_runs=len(runs))
+        return Curve(name, [], [], [], n_runs=len(runs), color_key=name)
     stats = pd.concat(parts).groupby("x")["y"].agg(["mean", "std", "count"]).reset_index()
     stats["std"] = stats["std"].fillna(0.0)
     bounds = run_curve(runs[0], frames[0], key, align_stage2).bounds if runs else []
     return Curve(name, stats["x"].tolist(), stats["mean"].tolist(), stats["std"].tolist(),
-                 n_runs=len(runs), bounds=bounds)
+                 n_runs=len(runs), bounds=bounds, color_key=name)
 
 
 def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
