@@ -125,3 +125,33 @@ def test_full_disk_is_a_clear_error_and_the_store_survives(store, monkeypatch):
     store.log_metrics(run.id, [(1, 2.0, 2, "val/acc", 0.6)])
     assert len(store.metrics(run.id)) == 2
     assert store.get_run(run.id).config == RunConfig()
+
+
+def test_where_a_run_executes_is_recorded(store):
+    run = store.create_run(RunConfig())
+    assert (run.executor, run.job_id) == (None, None)
+    store.set_job(run.id, "ray", "raysubmit-1", host="node-7")
+    got = store.get_run(run.id)
+    assert (got.executor, got.job_id, got.host) == ("ray", "raysubmit-1", "node-7")
+    store.set_job(run.id, "local", None)  # no host given: the recorded one stays
+    got = store.get_run(run.id)
+    assert (got.executor, got.job_id, got.host) == ("local", None, "node-7")
+
+
+def test_notes_and_tags(store):
+    a = store.create_run(RunConfig(), name="a")
+    b = store.create_run(RunConfig(), name="b")
+    assert (a.note, a.tags) == ("", ())
+    store.set_note(a.id, "lr too high?")
+    assert store.set_tags(a.id, [" baseline", "lr", "lr", ""]) == ("baseline", "lr")
+    store.set_tags(b.id, ["lr"])
+    got = store.get_run(a.id)
+    assert (got.note, got.tags) == ("lr too high?", ("baseline", "lr"))
+    assert [r.name for r in store.list_runs(tag="lr")] == ["b", "a"]
+    assert [r.name for r in store.list_runs(tag="baseline")] == ["a"]
+    assert store.list_runs(tag="nope") == []
+    assert store.all_tags() == ["baseline", "lr"]
+    store.set_tags(a.id, [])
+    assert store.get_run(a.id).tags == () and store.all_tags() == ["lr"]
+    store.delete_run(b.id)
+    assert store.all_tags() == []

@@ -88,6 +88,10 @@ class Run:
     # names one process, so a reused pid is never mistaken for the worker.
     pid_start: str | None = None
     host: str | None = None
+    # Where it executes: "local" or "ray" (None: not dispatched yet, or recorded before
+    # executors existed), and the executor's id for it (a Ray submission id).
+    executor: str | None = None
+    job_id: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
     heartbeat_at: float | None = None
@@ -104,6 +108,8 @@ class Run:
     # The global step of the last saved epoch: where a resume picks up (-1: none saved).
     last_step: int = -1
     results: RunResults = field(default_factory=RunResults)
+    note: str = ""  # the user's free-text note
+    tags: tuple[str, ...] = ()  # the user's labels, sorted
 
     @property
     def is_active(self) -> bool:

@@ -135,8 +135,28 @@ def _m4_relative_best_checkpoint(con: sqlite3.Connection) -> None:
     con.execute("UPDATE runs SET pid_start=NULL")
 
 
+def _m5_executor_and_job(con: sqlite3.Connection) -> None:
+    """Where a run executes: the executor ("local" or "ray") and its job id there (a Ray
+    submission id), beside the host."""
+    con.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
+    con.execute("ALTER TABLE runs ADD COLUMN job_id TEXT")
+
+
+def _m6_notes_and_tags(con: sqlite3.Connection) -> None:
+    """A free-text note per run, and tags in a side table (so runs filter by tag in SQL)."""
+    con.execute("ALTER TABLE runs ADD COLUMN note TEXT NOT NULL DEFAULT ''")
+    con.execute("""
+        CREATE TABLE run_tags (
+            run_id TEXT NOT NULL,
+            tag TEXT NOT NULL,
+            PRIMARY KEY (run_id, tag)
+        )""")
+    con.execute("CREATE INDEX run_tags_tag ON run_tags(tag)")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint)
+    _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint,
+    _m5_executor_and_job, _m6_notes_and_tags)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -193,6 +213,11 @@ def results_from_json(text: str) -> RunResults:
         weight_change=[StageWeightChange(stage=int(c["stage"]), groups=dict(c["groups"]))
                        for c in changes if isinstance(c, dict) and "stage" in c and "groups" in c],
     )
+
+
+def normalize_tags(tags: Sequence[str]) -> tuple[str, ...]:
+    """Tags as stored: trimmed, no empty ones, no repeats, sorted."""
+    return tuple(sorted({t.strip() for t in tags if t.strip()}))
 
 
 class RunStore:
@@ -263,14 +288,28 @@ class RunStore:
             con.row_factory = sqlite3.Row
             return con.execute(sql, params).fetchall()
 
-    def _run(self, row: sqlite3.Row) -> Run:
+    def _tags(self, run_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        tags: dict[str, list[str]] = {}
+        if run_ids:
+            for run_id, tag in self._read(
+                    f"SELECT run_id, tag FROM run_tags WHERE run_id IN ({','.join('?' * len(run_ids))}) "
+                    "ORDER BY tag", list(run_ids)):
+                tags.setdefault(run_id, []).append(tag)
+        return {k: tuple(v) for k, v in tags.items()}
+
+    def _runs(self, rows: Sequence[sqlite3.Row]) -> list[Run]:
+        tags = self._tags([r["id"] for r in rows])
+        return [self._run(r, tags.get(r["id"], ())) for r in rows]
+
+    def _run(self, row: sqlite3.Row, tags: tuple[str, ...]) -> Run:
         config, config_error = config_from_json(row["config"])
         best = row["best_checkpoint"]
         return Run(
             id=row["id"], name=row["name"], group=row["grp"], status=row["status"],
             config=config, config_error=config_error, created_at=row["created_at"], pid=row["pid"],
             pid_start=row["pid_start"],
-            host=row["host"], started_at=row["started_at"], ended_at=row["ended_at"],
+            host=row["host"], executor=row["executor"], job_id=row["job_id"],
+            started_at=row["started_at"], ended_at=row["ended_at"],
             heartbeat_at=row["heartbeat_at"], error=row["error"],
             cancel_requested=bool(row["cancel_requested"]),
             progress=progress_from_json(row["progress"]),
@@ -279,6 +318,7 @@ class RunStore:
             best_checkpoint=str(self.files(row["id"]).resolve(best)) if best else None,
             test_acc=row["test_acc"], last_step=row["last_step"],
             results=results_from_json(row["results"]),
+            note=row["note"], tags=tags,
         )
 
     def files(self, run_id: str) -> RunFiles:
@@ -303,10 +343,11 @@ class RunStore:
 
     def get_run(self, run_id: str) -> Run | None:
         rows = self._read("SELECT * FROM runs WHERE id=?", (run_id,))
-        return self._run(rows[0]) if rows else None
+        return self._runs(rows)[0] if rows else None
 
-    def list_runs(self, statuses: Sequence[str] = (), group: str | None = None) -> list[Run]:
-        """Runs, newest first, optionally filtered by status and group."""
+    def list_runs(self, statuses: Sequence[str] = (), group: str | None = None,
+                  tag: str | None = None) -> list[Run]:
+        """Runs, newest first, optionally filtered by status, group and tag."""
         sql, params = "SELECT * FROM runs", []
         where = []
         if statuses:
@@ -315,9 +356,12 @@ class RunStore:
         if group is not None:
             where.append("grp=?")
             params.append(group)
+        if tag is not None:
+            where.append("id IN (SELECT run_id FROM run_tags WHERE tag=?)")
+            params.append(tag)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return [self._run(r) for r in self._read(sql + " ORDER BY created_at DESC", params)]
+        return self._runs(self._read(sql + " ORDER BY created_at DESC", params))
 
     def claim_next_queued(self, max_running: int) -> Run | None:
         """Atomically move the oldest queued run to running if fewer than `max_running`
@@ -353,6 +397,14 @@ class RunStore:
         with self._write() as con:
             con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
                         (pid, process_identity(pid), socket.gethostname(), run_id))
+
+    def set_job(self, run_id: str, executor: str, job_id: str | None,
+                host: str | None = None) -> None:
+        """Record where a run executes: the executor ("local" or "ray"), its job id there
+        (e.g. the Ray submission id), and the host when known (None keeps the recorded one)."""
+        with self._write() as con:
+            con.execute("UPDATE runs SET executor=?, job_id=?, host=COALESCE(?, host) WHERE id=?",
+                        (executor, job_id, host, run_id))
 
     def heartbeat(self, run_id: str, progress: RunProgress | None = None) -> bool:
         """Record liveness (and progress). Returns whether the worker should stop:
@@ -390,6 +442,27 @@ class RunStore:
             con.execute(
                 "UPDATE runs SET best_val_acc=?, best_stage=?, best_epoch=?, best_checkpoint=? WHERE id=?",
                 (val_acc, stage, epoch, name, run_id))
+
+    def set_note(self, run_id: str, text: str) -> None:
+        """Replace the run's note (free text; "" clears it)."""
+        with self._write() as con:
+            con.execute("UPDATE runs SET note=? WHERE id=?", (text, run_id))
+
+    def set_tags(self, run_id: str, tags: Sequence[str]) -> tuple[str, ...]:
+        """Replace the run's tags. Tags are trimmed; empty ones and repeats are dropped.
+        Returns the tags as stored (sorted)."""
+        clean = normalize_tags(tags)
+        with self._write() as con:
+            if con.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is None:
+                return ()
+            con.execute("DELETE FROM run_tags WHERE run_id=?", (run_id,))
+            con.executemany("INSERT INTO run_tags (run_id, tag) VALUES (?,?)",
+                            [(run_id, t) for t in clean])
+        return clean
+
+    def all_tags(self) -> list[str]:
+        """Every tag in use, sorted (for filter choices)."""
+        return [r[0] for r in self._read("SELECT DISTINCT tag FROM run_tags ORDER BY tag")]
 
     def set_last_step(self, run_id: str, step: int) -> None:
         """Record where a resume picks up: the global step of the last saved epoch."""
@@ -435,6 +508,7 @@ class RunStore:
 
         with self._write() as con:
             con.execute("DELETE FROM metrics WHERE run_id=?", (run_id,))
+            con.execute("DELETE FROM run_tags WHERE run_id=?", (run_id,))
             con.execute("DELETE FROM runs WHERE id=?", (run_id,))
         shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
 
