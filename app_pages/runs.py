@@ -12,6 +12,8 @@ import streamlit as st
 
 from app_pages._common import INSIGHTS_PAGE, SELECTED_RUN, get_store, no_runs_message, open_run, pick_run
 from core import config as cfgmod
+from core.analysis import disk
+from core.analysis.disk import fmt_bytes
 from core.runs import jobs
 from core.runs.store import Run, RunStore, StoreError
 from core.views import charts
@@ -23,8 +25,10 @@ from core.views.tables import (
     progress_fraction,
     progress_text,
     recipe_text,
+    run_color,
     run_label,
     stage_bounds,
+    val_caveat,
 )
 
 P = "runs."
@@ -105,8 +109,10 @@ def summary_metrics(run: Run) -> None:
                 " · ".join(str(n) for n in (sizes.train, sizes.val, sizes.test)) if sizes
                 else " · ".join("—" * 3))
     c[4].metric("Classes", len(r.classes) or "—")
+    if caveat := val_caveat(run):
+        st.warning(caveat, icon=":material/info:")
     if r.skipped_files:
-        with st.expander(f"⚠️ {r.skipped_files} unreadable files were skipped"):
+        with st.expander(f":material/warning: {r.skipped_files} unreadable files were skipped"):
             st.code("\n".join(r.skipped_examples))
 
 
@@ -140,7 +146,41 @@ def results_view(store: RunStore, run: Run) -> None:
         open_run(run.id, INSIGHTS_PAGE)
     with st.expander("Log"):
         log_tail(store, run.id)
+    disk_section(store, run)
     delete_section(store, run)
+
+
+def disk_section(store: RunStore, run: Run) -> None:
+    """The run's size on disk, what each checkpoint is for, and freeing what it no longer
+    needs."""
+    usage = disk.run_disk(run, store.files(run.id))
+    with st.expander(f"Disk: {fmt_bytes(usage.total_bytes)}"):
+        for f in usage.checkpoints:
+            st.markdown(f"- `{f.path.name}` ({fmt_bytes(f.bytes)}): {f.purpose}")
+        if not usage.checkpoints:
+            st.caption("No checkpoints were kept.")
+        if usage.freeable_bytes and st.button(
+                f"Delete last.pt (frees {fmt_bytes(usage.freeable_bytes)})", key=P + "free",
+                help="Classify, export and downloads keep working: they use best.pt."):
+            freed = disk.clean_up(store, [run])
+            st.toast(f"Freed {fmt_bytes(freed)}.", icon=":material/cleaning_services:")
+            st.rerun()
+
+
+def notes_and_tags(store: RunStore, run: Run) -> None:
+    """Edit the run's note and tags (Overview and Compare filter by tag)."""
+    with st.expander("Note and tags" + (f": {', '.join(run.tags)}" if run.tags else ""),
+                     expanded=bool(run.note)):
+        with st.form(P + f"annotate.{run.id}", border=False):
+            note = st.text_area("Note", value=run.note, key=P + f"note.{run.id}",
+                                placeholder="what you tried, what you saw", height=80)
+            tags = st.multiselect("Tags", sorted(set(store.all_tags()) | set(run.tags)),
+                                  default=list(run.tags), key=P + f"tags.{run.id}",
+                                  accept_new_options=True, placeholder="type a tag, press Enter")
+            if st.form_submit_button("Save note and tags"):
+                if act(store.set_note, run.id, note) and act(store.set_tags, run.id, tags):
+                    st.toast("Saved.", icon=":material/check:")
+                    st.rerun()
 
 
 def downloads(store: RunStore, run: Run) -> None:
@@ -208,9 +248,12 @@ if not runs:
     st.stop()
 
 run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was picked
-st.caption(f"**{recipe_text(run.config)}** · id `{run.id}`"
+st.markdown(f"<span style='color:{run_color(run.id)}'>&#9632;</span> "  # its colour on Compare
+            f"**{recipe_text(run.config)}** · id `{run.id}`"
            + (f" · group {run.group}" if run.group else "")
-           + f" · {run.config.data_source}, {run.config.weights} weights")
+           + f" · {run.config.data_source}, {run.config.weights} weights",
+            unsafe_allow_html=True)
+notes_and_tags(store, run)
 
 if run.is_active:
     stop_buttons(store, run)

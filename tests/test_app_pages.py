@@ -425,3 +425,95 @@ def test_every_page_file_is_registered_and_renders_on_an_empty_store(app_env):
     for path in files:
         at = open_page(path)
         assert not at.exception, (path, [e.value for e in at.exception])
+
+
+# ---------------------------------------------------------------- issue 11: product fixes
+
+def test_overview_hides_failed_and_cancelled_runs_until_asked_and_shows_sizes(app_env):
+    """Issue 11.9 and 11.13: failed/cancelled runs are hidden by default (a toggle shows
+    them); each run's size and the total are on the page, with a clean-up that keeps best.pt."""
+    good = seed_finished(app_env, "good", tiny_config(Path("/x")), 0.6, 0.55)
+    files = app_env.files(good.id)
+    files.best.write_bytes(b"b" * 3000)
+    files.last.write_bytes(b"l" * 5000)
+    bad = app_env.create_run(tiny_config(Path("/x")), name="broken")
+    assert app_env.claim_run_now(bad.id, os.getpid())
+    app_env.finish_run(bad.id, "failed", "boom")
+    at = open_page("app_pages/overview.py")
+    table = at.dataframe[0].value
+    assert list(table["Run"]) == ["good"]
+    assert "1 run hidden by the filters above." in texts(at)
+    assert table.loc[0, "Size"] == "8.0 kB"
+    assert any("Disk: the runs take 8.0 kB" in e.label for e in at.expander)
+    at.toggle(key="overview.show_ended").set_value(True).run()
+    assert list(at.dataframe[0].value["Run"]) == ["broken", "good"]
+    at.button(key="overview.clean").click().run()
+    assert not at.exception
+    assert files.best.is_file() and not files.last.exists()
+    assert at.dataframe[0].value.loc[1, "Size"] == "3.0 kB"
+
+
+def test_run_page_says_what_each_checkpoint_is_for_and_warns_on_a_tiny_validation_set(app_env):
+    """Issue 11.13 and 11.8: the run's size and each checkpoint's purpose; a validation set
+    of 9 images carries a caveat next to its accuracy."""
+    run = seed_finished(app_env, "small", tiny_config(Path("/x")), 0.67, 0.5)  # 9 val images
+    files = app_env.files(run.id)
+    for path in (files.best, files.last, files.stage_end(1)):
+        path.write_bytes(b"x" * 2000)
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
+    assert any(e.label == "Disk: 6.0 kB" for e in at.expander)
+    shown = texts(at)
+    assert "`best.pt` (2.0 kB): the best model" in shown
+    assert "`last.pt` (2.0 kB): the last completed epoch" in shown
+    assert "`stage1.pt` (2.0 kB): the model at the end of stage 1" in shown
+    assert any("only 9 validation images" in w.value for w in at.warning)
+    at.button(key="runs.free").click().run()
+    assert not files.last.exists() and files.best.is_file() and files.stage_end(1).is_file()
+
+
+def test_opening_a_run_puts_it_in_the_url_and_a_link_opens_it(app_env):
+    """Issue 11.10: ?run=<id> opens that run; picking another updates the URL."""
+    a = seed_finished(app_env, "first", tiny_config(Path("/x")), 0.6, 0.55)
+    b = seed_finished(app_env, "second", tiny_config(Path("/x")), 0.7, 0.65)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT_S)
+    at.query_params["run"] = a.id
+    at.run()
+    at.switch_page("app_pages/runs.py").run()
+    at.query_params["run"] = a.id  # a link straight to the Runs page
+    at.run()
+    assert at.selectbox(key="runs.pick").value == a.id
+    at.selectbox(key="runs.pick").set_value(b.id).run()
+    assert at.query_params["run"] == b.id
+    # Pickers name runs by name and short id: same-named runs can be told apart.
+    assert f"second · {b.id[:6]}" in at.selectbox(key="runs.pick").format_func(b.id)
+
+
+def test_notes_and_tags_are_edited_on_the_run_page_and_filter_overview(app_env):
+    a = seed_finished(app_env, "tagged", tiny_config(Path("/x")), 0.6, 0.55)
+    seed_finished(app_env, "plain", tiny_config(Path("/x")), 0.7, 0.65)
+    at = open_page("app_pages/runs.py", selected_run_id=a.id)
+    at.text_area(key=f"runs.note.{a.id}").input("lr too high?")
+    at.multiselect(key=f"runs.tags.{a.id}").set_value(["baseline"])
+    at.button[[b.label for b in at.button].index("Save note and tags")].click().run()
+    assert not at.exception
+    saved = app_env.get_run(a.id)
+    assert saved.note == "lr too high?" and saved.tags == ("baseline",)
+    at.switch_page("app_pages/overview.py").run()
+    assert list(at.dataframe[0].value["Run"]) == ["plain", "tagged"]
+    at.selectbox(key="overview.tag").set_value("baseline").run()
+    assert list(at.dataframe[0].value["Run"]) == ["tagged"]
+
+
+def test_a_watched_run_that_ends_shows_a_toast_and_the_tab_title_tracks_progress(running_run):
+    """Done notices: the sidebar saw the run running; once it ends, a toast on any page."""
+    from app_pages._common import tab_title
+
+    store, run = running_run
+    assert tab_title([run]).startswith("25 % live one")
+    at = open_page("app_pages/overview.py")
+    assert not at.toast
+    store.finish_run(run.id, "failed", "out of memory")
+    at.run()
+    assert any("**live one** failed: out of memory" in t.value for t in at.toast)
+    at.run()
+    assert not at.toast  # said once
