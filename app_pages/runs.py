@@ -80,11 +80,14 @@ def log_tail(store: RunStore, run_id: str) -> None:
 
 
 @st.fragment(run_every=LIVE_REFRESH_S)
-def live_view(run_id: str) -> None:
+def live_view(run_id: str, shown_status: str) -> None:
+    """`shown_status`: the status the page (its picker) was drawn with; when it changes
+    (queued -> running, or the run ends) the whole page reruns, so the picker never says
+    "queued" while the run trains."""
     store = get_store()
     run = store.get_run(run_id)
-    if run is None or not run.is_active:
-        st.rerun()  # it just ended: rerun the whole page to show the results view
+    if run is None or run.status != shown_status:
+        st.rerun()  # it started or ended: rerun the whole page (picker, results view)
         return
     st.progress(progress_fraction(run), text=progress_text(run))
     if run.status == "running" and run.started_at:
@@ -257,6 +260,6 @@ notes_and_tags(store, run)
 
 if run.is_active:
     stop_buttons(store, run)
-    live_view(run.id)
+    live_view(run.id, run.status)
 else:
     results_view(store, run)

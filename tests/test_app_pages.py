@@ -485,7 +485,7 @@ def test_opening_a_run_puts_it_in_the_url_and_a_link_opens_it(app_env):
     at.selectbox(key="runs.pick").set_value(b.id).run()
     assert at.query_params["run"] == b.id
     # Pickers name runs by name and short id: same-named runs can be told apart.
-    assert f"second · {b.id[:6]}" in at.selectbox(key="runs.pick").format_func(b.id)
+    assert f"second · {b.id[-6:]}" in at.selectbox(key="runs.pick").format_func(b.id)
 
 
 def test_notes_and_tags_are_edited_on_the_run_page_and_filter_overview(app_env):
@@ -517,3 +517,27 @@ def test_a_watched_run_that_ends_shows_a_toast_and_the_tab_title_tracks_progress
     assert any("**live one** failed: out of memory" in t.value for t in at.toast)
     at.run()
     assert not at.toast  # said once
+
+
+def test_compare_leaves_one_stage_runs_out_when_aligned_and_keeps_the_view_in_the_url(app_env):
+    """Issue 11.8: "align at stage 2" never puts a one-stage run on a "since stage 2" axis.
+    Issue 11.10: the picked runs are in the URL, and a link opens the same comparison."""
+    two = seed_finished(app_env, "two-stage", tiny_config(Path("/x")), 0.6, 0.55)
+    one = seed_finished(app_env, "one-stage", replace(
+        tiny_config(Path("/x")), stages=cfgmod.preset_stages("All at once", epochs=2)), 0.7, 0.6)
+    at = open_page("app_pages/compare.py")
+    at.multiselect(key="compare.runs").set_value([two.id, one.id]).run()
+    assert at.query_params["runs"] == f"{two.id},{one.id}"
+    at.checkbox(key="compare.align").check().run()
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [t.get("name") for t in fig["data"]] == ["two-stage"]
+    assert "Left out of the aligned chart (one stage, no stage 2 to align on): **one-stage**" \
+        in texts(at)
+    linked = AppTest.from_file(APP, default_timeout=TIMEOUT_S)
+    linked.run()
+    linked.switch_page("app_pages/compare.py")
+    linked.query_params["runs"] = f"{one.id},{two.id}"
+    linked.run()
+    assert linked.multiselect(key="compare.runs").value == [one.id, two.id]
+    names = [t.get("name") for t in json.loads(linked.get("plotly_chart")[0].proto.spec)["data"]]
+    assert names == ["one-stage", "two-stage"]

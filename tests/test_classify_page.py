@@ -235,4 +235,4 @@ def test_the_page_names_the_models_classes_and_the_checkpoint_behind_the_verdict
     shown = texts(at)
     assert "This model knows **5 classes**" in shown
     assert all(c in shown.split("This model knows")[1] for c in FIVE)
-    assert "`best.pt`" in shown and runs["two-stage"].id[:6] in shown
+    assert "`best.pt`" in shown and runs["two-stage"].id[-6:] in shown

@@ -42,7 +42,9 @@ STATUS_ICONS = {"queued": ":material/schedule:", "running": ":material/play_circ
                 "finished": ":material/check_circle:", "failed": ":material/error:",
                 "cancelled": ":material/stop_circle:"}
 ENDED_BADLY = ("failed", "cancelled")  # statuses Overview hides unless asked
-SHORT_ID_CHARS = 6  # how much of a run id pickers show: enough to tell same-named runs apart
+# How much of a run id pickers show: its random end (ids are "<date>-<time>-<hex>"), enough
+# to tell same-named runs apart.
+SHORT_ID_CHARS = 6
 # Validation sets smaller than this give accuracies too coarse to compare (6 images: steps of
 # 17 points); such runs carry a caveat and are not picked as the default model.
 MIN_VAL_IMAGES = 50
@@ -123,8 +125,8 @@ def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def short_id(run_id: str) -> str:
-    """The start of a run id, as pickers and chips show it."""
-    return run_id[:SHORT_ID_CHARS]
+    """The end of a run id, as pickers and chips show it."""
+    return run_id[-SHORT_ID_CHARS:]
 
 
 def run_label(run: Run) -> str:
@@ -135,9 +137,9 @@ def run_label(run: Run) -> str:
 
 
 def run_chip(run: Run) -> str:
-    """A short picker label for chips (multiselects): short id first, so a cut keeps the end
-    of the name, never the id."""
-    return f"{short_id(run.id)} {run.name}"
+    """A short label for chips (multiselects), which have room for little: name and short
+    id, without status or accuracy."""
+    return f"{run.name} · {short_id(run.id)}"
 
 
 def run_color(run_id: str) -> str:
