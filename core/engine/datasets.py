@@ -322,9 +322,14 @@ def _looks_like_dataset(folder: Path) -> bool:
 
 
 def list_datasets(roots: Sequence[Path] | None = None) -> list[DatasetInfo]:
-    """Data-set folders directly under each data root, by name."""
+    """Data-set folders directly under each data root, by name. A root that is itself a
+    data set with train/ and test/ is listed as one data set (by its root): its halves are
+    never offered, least of all test/ as training data."""
     out = []
     for root in (data_roots() if roots is None else [Path(r) for r in roots]):
+        if train_test_folders(root):
+            out.append(DatasetInfo(root.name, root, root))
+            continue
         try:
             children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         except OSError:
