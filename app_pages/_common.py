@@ -29,6 +29,7 @@ HANDED_DATA_PATH = "new_run_data_path"  # a data folder handed to New run (used 
 RUNS_PAGE = "app_pages/runs.py"
 INSIGHTS_PAGE = "app_pages/insights.py"
 NEW_RUN_PAGE = "app_pages/new_run.py"
+DATASETS_PAGE = "app_pages/datasets.py"
 SIDEBAR_REFRESH_S = 3  # seconds between sidebar job-panel refreshes
 APP_TITLE = "Two-Stage Fine-Tuning Lab"  # the browser tab's title when nothing runs
 WATCHED = "_common.watched_runs"  # {run id: name} of runs this session saw queued or running

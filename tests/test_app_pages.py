@@ -541,3 +541,45 @@ def test_compare_leaves_one_stage_runs_out_when_aligned_and_keeps_the_view_in_th
     assert linked.multiselect(key="compare.runs").value == [one.id, two.id]
     names = [t.get("name") for t in json.loads(linked.get("plotly_chart")[0].proto.spec)["data"]]
     assert names == ["one-stage", "two-stage"]
+
+
+def test_new_run_says_before_start_what_fails_offline_and_offers_the_fixes(app_env, monkeypatch,
+                                                                           tmp_path):
+    """Issue 11.3: no CIFAR-10 and no ImageNet weights on the machine: both are said before
+    Start with the fix that works offline; random weights under a preset that freezes layers
+    are explained in plain words, and one click trains every layer instead."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))
+    at = open_page("app_pages/new_run.py")
+    infos = "\n".join(i.value for i in at.info)
+    assert "CIFAR-10 is not in" in infos and "README's *Offline use* steps" in infos
+    assert "**Datasets** page" in infos
+    assert "ImageNet weights are not on this machine" in infos
+    at.button(key="new_run.fix_weights").click().run()
+    assert at.radio(key="new_run.weights").value == "random"
+    [frozen] = [w.value for w in at.warning if "Random weights with frozen layers" in w.value]
+    assert "conv1, layer1, layer2, layer3 stay frozen in at least one stage" in frozen
+    at.button(key="new_run.fix_frozen").click().run()
+    assert at.selectbox(key="new_run.preset").value == "All at once"
+    assert not any("frozen layers" in w.value for w in at.warning)
+    assert all(at.toggle(key=f"new_run.s0.groups.{g}").value for g in cfgmod.LAYER_GROUPS)
+
+
+def test_a_refused_folder_says_how_to_allow_it(app_env, no_workers):
+    at = open_page("app_pages/new_run.py")
+    at.radio(key="new_run.data_source").set_value("folder").run()
+    at.text_input(key="new_run.data_path").input("/etc").run()
+    assert any("FINETUNE_LAB_DATA_ROOTS=" in i.value and "bash scripts/start.sh" in i.value
+               for i in at.info)
+
+
+def test_start_sh_says_where_runs_are_stored_and_what_the_ui_may_read(tmp_path):
+    """Issue 11.3: start.sh prints the run store and the data roots before serving (its
+    Python part is run here as start.sh runs it, without installing or serving)."""
+    script = (Path(APP).parent / "scripts" / "start.sh").read_text()
+    code = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    env = {**os.environ, "FINETUNE_LAB_DATA": str(tmp_path / "store"),
+           "FINETUNE_LAB_DATA_ROOTS": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(APP).parent, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert f"stored in {tmp_path / 'store'}" in out
+    assert f"only under: {tmp_path / 'a'}, {tmp_path / 'b'}" in out
