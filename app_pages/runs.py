@@ -18,6 +18,7 @@ from core.runs import jobs
 from core.runs.store import Run, RunStore, StoreError
 from core.views import charts
 from core.views.tables import (
+    fmt_count,
     fmt_duration,
     fmt_pct,
     metrics_csv,
@@ -108,9 +109,12 @@ def summary_metrics(run: Run) -> None:
                 help="Measured once, at the end, with the best checkpoint.")
     c[2].metric("Training time", fmt_duration(run.duration_s))
     sizes = r.sizes
+    # Compact counts ("45 k · 5 k · 10 k"): the full numbers were cut off in the tile.
     c[3].metric("Images: train · val · test",
-                " · ".join(str(n) for n in (sizes.train, sizes.val, sizes.test)) if sizes
-                else " · ".join("—" * 3))
+                " · ".join(fmt_count(n) for n in (sizes.train, sizes.val, sizes.test)) if sizes
+                else " · ".join("—" * 3),
+                help=f"{sizes.train:,} training, {sizes.val:,} validation and {sizes.test:,} "
+                     f"test images." if sizes else None)
     c[4].metric("Classes", len(r.classes) or "—")
     if caveat := val_caveat(run):
         st.warning(caveat, icon=":material/info:")
