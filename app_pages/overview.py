@@ -5,6 +5,8 @@ Thin page: the store's runs -> core.views (recipe chart, runs table) -> render.
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from app_pages._common import SELECTED_RUN, get_store, new_run_link, no_runs_message, open_run
@@ -13,7 +15,7 @@ from core.analysis import disk
 from core.analysis.disk import fmt_bytes
 from core.runs.store import Run, RunStore
 from core.views import charts
-from core.views.tables import ENDED_BADLY, run_label, runs_table
+from core.views.tables import ENDED_BADLY, recipe_short, run_label, runs_table, short_id
 
 P = "overview."
 
@@ -53,22 +55,27 @@ def run_filters(store: RunStore) -> tuple[bool, str | None]:
 def runs_list(store: RunStore, runs: list[Run]) -> None:
     """The runs table with each run's size on disk, and a picker that opens one on the Runs
     page."""
-    table = runs_table(runs)
-    table.insert(3, "Tags", [", ".join(r.tags) for r in runs])
+    # Fewer, narrower columns than runs_table offers, so none is cut at a laptop's content
+    # width (about 950 px): "Best at" and "Group" are on the run's page and on Compare,
+    # Progress shows only while a run is active, Tags only once a run has one.
+    table = runs_table(runs).drop(columns=["Best at", "Group"])
+    if not any(r.is_active for r in runs):
+        table = table.drop(columns=["Progress"])
+    if any(r.tags for r in runs):
+        table.insert(2, "Tags", [", ".join(r.tags) for r in runs])
+    table["Recipe"] = [recipe_short(r.config) for r in runs]
+    table["Started"] = [time.strftime("%m-%d %H:%M", time.localtime(r.created_at)) for r in runs]
+    table["Id"] = [short_id(r.id) for r in runs]
     table.insert(len(table.columns) - 1, "Size",
                  [fmt_bytes(disk.folder_bytes(store.files(r.id).folder)) for r in runs])
-    st.dataframe(
-        table, hide_index=True, key=P + "table", width="stretch",
-        column_config={
-            "Run": st.column_config.TextColumn("Run", width="medium"),
-            "Status": st.column_config.TextColumn("Status", width="small"),
-            "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0,
-                                                        format="percent", width="small"),
-            "Recipe": st.column_config.TextColumn("Recipe", width="large"),
-            "Best at": st.column_config.TextColumn("Best at", width="medium"),
-            "Started": st.column_config.TextColumn("Started", width="medium"),
-            "Id": st.column_config.TextColumn("Id", width="medium"),
-        })
+    px = {"Run": 140, "Status": 75, "Tags": 70, "Progress": 90, "Recipe": 180,
+          "Best val acc": 80, "Test acc": 75, "Started": 95, "Duration": 75, "Size": 70, "Id": 65}
+    columns = {c: st.column_config.Column(c, width=w) for c, w in px.items()}
+    columns["Progress"] = st.column_config.ProgressColumn("Progress", min_value=0.0,
+                                                          max_value=1.0, format="percent",
+                                                          width=px["Progress"])
+    columns["Id"] = st.column_config.Column("Id", width=px["Id"], help="The end of the run's id")
+    st.dataframe(table, hide_index=True, key=P + "table", column_config=columns)
     by_id = {r.id: r for r in runs}
     ids = list(by_id)
     current = st.session_state.get(SELECTED_RUN)

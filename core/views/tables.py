@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from core.config import RunConfig, flatten, to_dict
+from core.config import LAYER_GROUPS, RunConfig, flatten, to_dict
 from core.runs.store import MetricRow, Run
 
 if TYPE_CHECKING:
@@ -83,6 +83,14 @@ def fmt_count(n: int) -> str:
 def recipe_text(config: RunConfig) -> str:
     """'layer4+fc → layer3+layer4+fc' from a run's config."""
     return " → ".join(s.trains for s in config.stages)
+
+
+def recipe_short(config: RunConfig) -> str:
+    """recipe_text, with a stage that trains every group said as "all layers" (fits a
+    table column)."""
+
+    return " → ".join("all layers" if set(s.groups) >= set(LAYER_GROUPS) else s.trains
+                      for s in config.stages)
 
 
 def stage_bounds(config: RunConfig) -> list[tuple[float, float, str]]:
