@@ -119,8 +119,8 @@ if not runs:
     no_runs_message()
     st.stop()
 if tags := store.all_tags():
-    tag = st.selectbox("Only runs tagged", [None, *tags], key=P + "tag",
-                       format_func=lambda t: "any tag" if t is None else t)
+    tag = st.columns([1, 2])[0].selectbox("Only runs tagged", [None, *tags], key=P + "tag",
+                                          format_func=lambda t: "any tag" if t is None else t)
     if tag:
         runs = [r for r in runs if tag in r.tags]
 if len(runs) < 2:

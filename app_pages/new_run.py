@@ -25,7 +25,8 @@ from core.runs.store import RunStore, StoreError
 from core.views.tables import fmt_count, fmt_duration, run_label
 
 P = "new_run."  # session-state prefix of this page
-STAGE_GRID = [1.1] + [1] * len(LAYER_GROUPS) + [1.2, 2.6, 1.6]
+# Column widths of the stage grid; Schedule is wide enough for "cosine decay" uncut.
+STAGE_GRID = [1.1] + [0.8] * len(LAYER_GROUPS) + [1.1, 2.3, 2.2]
 
 
 def stage_prefix(i: int) -> str:
@@ -149,8 +150,8 @@ def offline_notes(cfg: RunConfig) -> None:
         st.info(f"CIFAR-10 is not in {cifar10_dir(cfg.data_path)}: it will be downloaded "
                 f"(170 MB) when the run starts, which fails without internet. Offline? Copy "
                 f"`{planning.CIFAR10_FOLDER}/` there (the README's *Offline use* steps), or add "
-                f"an image folder on the **Datasets** page and pick *Image folder* under "
-                f"**Advanced**.", icon=":material/cloud_off:")
+                f"an image folder on the **Datasets** page and train on it (data source "
+                f"under **Advanced**).", icon=":material/cloud_off:")
         page_link(DATASETS_PAGE, "Add a data set on Datasets", ":material/folder_open:",
                   "Datasets")
     frozen = sorted({g for s in cfg.stages for g in LAYER_GROUPS if g not in s.groups},
@@ -184,10 +185,14 @@ def stages_grid(n_stages: int) -> None:
 def advanced_stages(n_stages: int) -> None:
     st.markdown("**Per stage**")
     for i in range(n_stages):
-        c = st.columns([0.8, 1, 1, 1, 1, 1.2, 1], vertical_alignment="bottom")
-        c[0].markdown(f"Stage {i + 1}")
-        for col, name in zip(c[1:], ("optimizer", "weight_decay", "warmup_epochs", "bn_policy",
-                                     "group_lr_mult", "feature_cache")):
+        # Two rows of three: in one row of six, "SGD + momentum" and the BatchNorm choice
+        # were cut off.
+        first = st.columns([0.8, 2, 1.3, 1.3], vertical_alignment="bottom")
+        first[0].markdown(f"Stage {i + 1}")
+        for col, name in zip(first[1:], ("optimizer", "weight_decay", "warmup_epochs")):
+            field_input(col, StageConfig, name, stage_prefix(i))
+        second = st.columns([0.8, 2, 1.3, 1.3], vertical_alignment="bottom")
+        for col, name in zip(second[1:], ("bn_policy", "group_lr_mult", "feature_cache")):
             field_input(col, StageConfig, name, stage_prefix(i))
 
 
