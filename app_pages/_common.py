@@ -93,11 +93,11 @@ def new_run_link(label: str = "New run") -> None:
     page_link(NEW_RUN_PAGE, label, ":material/add_circle:", "New run")
 
 
-def tab_title(running: list[Run]) -> str:
+def tab_title(running: list[Run], queued: int = 0) -> str:
     """The browser tab's title: the running run's progress first, so it shows in a
-    background tab."""
+    background tab; else how many runs wait."""
     if not running:
-        return APP_TITLE
+        return f"{queued} queued · {APP_TITLE}" if queued else APP_TITLE
     run = running[0]
     more = f" +{len(running) - 1}" if len(running) > 1 else ""
     return f"{100 * progress_fraction(run):.0f} % {run.name}{more} · {APP_TITLE}"
@@ -115,12 +115,13 @@ def notify_ended(store: RunStore, active_ids: set[str]) -> None:
             continue
         if run.status == "finished":
             st.toast(f"**{name}** finished: best validation {fmt_pct(run.best_val_acc)}.",
-                     icon=":material/check_circle:")
+                     icon=":material/check_circle:", duration="long")
         elif run.status == "failed":
             st.toast(f"**{name}** failed: {run.error or 'see its log on Runs'}.",
-                     icon=":material/error:")
+                     icon=":material/error:", duration="long")
         elif run.status == "cancelled":
-            st.toast(f"**{name}** was cancelled.", icon=":material/stop_circle:")
+            st.toast(f"**{name}** was cancelled.", icon=":material/stop_circle:",
+                     duration="long")
 
 
 @st.fragment(run_every=SIDEBAR_REFRESH_S)
@@ -139,7 +140,7 @@ def jobs_panel() -> None:
     active = {r.id: r.name for r in (*s.running, *s.queued)}
     notify_ended(store, set(active))
     st.session_state[WATCHED].update(active)
-    st.set_page_config(page_title=tab_title(list(s.running)))
+    st.set_page_config(page_title=tab_title(list(s.running), len(s.queued)))
     st.markdown("**Jobs**")
     if not s.running and not s.queued:
         st.caption("Nothing running. Start a run on **New run**.")

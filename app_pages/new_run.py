@@ -14,7 +14,7 @@ from typing import Any
 
 import streamlit as st
 
-from app_pages._common import DATASETS_PAGE, HANDED_DATA_PATH, SELECTED_RUN, get_store, page_link
+from app_pages._common import DATASETS_PAGE, HANDED_DATA_PATH, get_store, open_run, page_link
 from core import config as cfgmod
 from core.analysis import planning
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
@@ -285,8 +285,7 @@ def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: A
     except (cfgmod.ConfigError, StoreError, OSError) as exc:
         st.error(f"Could not start the run: {exc}")
     else:
-        st.session_state[SELECTED_RUN] = run.id
-        st.switch_page("app_pages/runs.py")
+        open_run(run.id)  # where its progress and results are, with the run in the URL
 
 
 # ---------------------------------------------------------------- page
