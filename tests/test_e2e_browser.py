@@ -161,7 +161,7 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     page.get_by_text("Advanced: optimizer, data, weights, device").click()
     page.get_by_text("Image folder", exact=True).click()
     wait_idle(page)
-    data_input = page.get_by_label("Data folder")
+    data_input = page.get_by_role("textbox", name="Data folder")  # not its help button
     data_input.fill(str(folder))
     data_input.press("Enter")
     n_train = 40 * 3 if big else 12 * 3
@@ -199,11 +199,11 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     run_id = page.url.rsplit("=", 1)[1]
     page.get_by_role("heading", name="Runs").wait_for()
     page.get_by_text("Loss: training and validation").first.wait_for(timeout=RUN_TIMEOUT_S * 1000)
-    picker = page.locator(".stSelectbox").filter(has_text="Run").first
+    picker = page.get_by_role("combobox", name="Run", exact=True)  # its value is the label
     page.wait_for_function(  # the tab title: "37 % browser run · ..." while it trains
         "() => /^\\d+ % browser run/.test(document.title) || !/queued|running/.test("
-        "document.querySelector('.stSelectbox').innerText)", timeout=UI_TIMEOUT_MS)
-    assert "(queued" not in picker.inner_text()  # the picker follows the run's status
+        "document.querySelector('input[aria-label=\"Run\"]').value)", timeout=UI_TIMEOUT_MS)
+    assert "(queued" not in picker.input_value()  # the picker follows the run's status
     shot(page, "run-live")
     page.get_by_text(re.compile(r"browser run finished: best validation")).wait_for(
         timeout=RUN_TIMEOUT_S * 1000)
@@ -216,7 +216,7 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     assert cfg.data_source == "folder" and cfg.weights == "random"
     wait_idle(page)
     assert page.title() == "Two-Stage Fine-Tuning Lab"  # nothing runs any more
-    assert "browser run · " + run_id[-6:] in picker.inner_text()
+    assert picker.input_value().startswith(f"browser run · {run_id[-6:]} (finished")
     page.get_by_text(re.compile(r"^Disk: ")).click()  # its size and what each file is for
     page.get_by_text(re.compile(r"best\.pt \(.*\): the best model")).wait_for()
     shot(page, "run-finished", "run.png", height=1900)
@@ -225,7 +225,7 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     page.get_by_role("button", name="Insights and export →").click()
     page.wait_for_url(re.compile(r"/insights\?run=" + run_id))
     page.get_by_role("heading", name="Run insights").wait_for()
-    assert run_id[-6:] in page.locator(".stSelectbox").first.inner_text()
+    assert run_id[-6:] in page.get_by_role("combobox", name="Run", exact=True).input_value()
 
     # A second recipe (and, for README screenshots, a group of seeds) to compare against.
     baseline = replace(cfg, stages=cfgmod.preset_stages("All at once", epochs=cfg.stages[0].epochs))
