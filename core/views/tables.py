@@ -45,9 +45,6 @@ ENDED_BADLY = ("failed", "cancelled")  # statuses Overview hides unless asked
 # How much of a run id pickers show: its random end (ids are "<date>-<time>-<hex>"), enough
 # to tell same-named runs apart.
 SHORT_ID_CHARS = 6
-# Validation sets smaller than this give accuracies too coarse to compare (6 images: steps of
-# 17 points); such runs carry a caveat and are not picked as the default model.
-MIN_VAL_IMAGES = 50
 RUN_COLORS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
               "#B6E880", "#FF97FF", "#FECB52")
 
@@ -157,10 +154,12 @@ def run_color(run_id: str) -> str:
 
 
 def tiny_validation(run: Run) -> int | None:
-    """The validation set's size when it is too small for its accuracy to mean much
-    (under MIN_VAL_IMAGES), else None."""
+    """The validation set's size when it is too small for its accuracy to mean much (the
+    rule Classify ranks models by: core.analysis.inference.has_real_validation), else None."""
+    from core.analysis.inference import has_real_validation  # the one rule; PIL, no torch
+
     sizes = run.results.sizes
-    if sizes is not None and 0 < sizes.val < MIN_VAL_IMAGES:
+    if sizes is not None and sizes.val > 0 and not has_real_validation(run):
         return sizes.val
     return None
 
