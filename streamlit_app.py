@@ -12,7 +12,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # `from app_pages._common import ...` and `import core` in pages
     sys.path.insert(0, str(HERE))
 
-from app_pages._common import render_sidebar  # noqa: E402
+from app_pages._common import APP_TITLE, render_sidebar  # noqa: E402
+from core.views.images import app_icon  # noqa: E402
 
 PAGES = (  # (file, title, icon); the first is the home page
     ("app_pages/overview.py", "Overview", ":material/home:"),
@@ -25,7 +26,9 @@ PAGES = (  # (file, title, icon); the first is the home page
     ("app_pages/datasets.py", "Datasets", ":material/folder_open:"),
 )
 
-st.set_page_config(page_title="Two-Stage Fine-Tuning Lab", page_icon=":material/layers:",
+# An image icon is served by the app itself; a material or emoji page icon would be fetched
+# from the internet (fonts.gstatic.com) and be missing offline.
+st.set_page_config(page_title=APP_TITLE, page_icon=app_icon(),
                    layout="wide")
 nav = st.navigation([st.Page(path, title=title, icon=icon, default=(i == 0))
                      for i, (path, title, icon) in enumerate(PAGES)])

@@ -20,7 +20,7 @@ from core.engine.datasets import DatasetInfo, list_datasets
 from core.engine.paths import data_roots
 from core.runs import jobs
 from core.runs.store import Run, RunStore, StoreError
-from core.views.tables import progress_fraction, progress_text
+from core.views.tables import fmt_pct, progress_fraction, progress_text, short_id
 
 # Cross-page session keys.
 SELECTED_RUN = "selected_run_id"  # the run last picked: Runs, Run insights and Classify open it
@@ -29,7 +29,10 @@ HANDED_DATA_PATH = "new_run_data_path"  # a data folder handed to New run (used 
 RUNS_PAGE = "app_pages/runs.py"
 INSIGHTS_PAGE = "app_pages/insights.py"
 NEW_RUN_PAGE = "app_pages/new_run.py"
+DATASETS_PAGE = "app_pages/datasets.py"
 SIDEBAR_REFRESH_S = 3  # seconds between sidebar job-panel refreshes
+APP_TITLE = "Two-Stage Fine-Tuning Lab"  # the browser tab's title when nothing runs
+WATCHED = "_common.watched_runs"  # {run id: name} of runs this session saw queued or running
 
 
 def get_store() -> RunStore:
@@ -43,27 +46,38 @@ def get_store() -> RunStore:
         raise  # unreachable; st.stop raises
 
 
+# URL query parameters: the view a link or a reload opens (st.query_params).
+RUN_PARAM = "run"  # a run id, on the pages that show one run
+
+
 def open_run(run_id: str, page: str = RUNS_PAGE) -> None:
-    """Open a run on the Runs page (or another page that shows one run)."""
+    """Open a run on the Runs page (or another page that shows one run), with the run in
+    the URL."""
     st.session_state[SELECTED_RUN] = run_id
-    st.switch_page(page)
+    st.switch_page(page, query_params={RUN_PARAM: run_id})
 
 
 def pick_run(label: str, runs: list[Run], key: str, format_func: Callable[[Run], str],
              default_id: str | None = None, help: str | None = None) -> Run:
-    """A run picker that opens on the run picked last on any page (SELECTED_RUN), else on
-    `default_id`, else on the first run; picking one here makes it the shared choice."""
+    """A run picker that opens on the run in the URL (?run=id: a shared link, a reload),
+    else the run picked last on any page (SELECTED_RUN), else `default_id`, else the first
+    run; picking one here makes it the shared choice and puts it in the URL."""
     by_id = {r.id: r for r in runs}
+    linked = st.query_params.get(RUN_PARAM)
     shared = st.session_state.get(SELECTED_RUN)
-    st.session_state[key] = (shared if shared in by_id
-                             else default_id if default_id in by_id else runs[0].id)
+    chosen = next((i for i in (linked, shared, default_id) if i in by_id), runs[0].id)
+    st.session_state[key] = chosen
+    if chosen == linked:
+        st.session_state[SELECTED_RUN] = chosen
 
     def remember() -> None:
         st.session_state[SELECTED_RUN] = st.session_state[key]
+        st.query_params[RUN_PARAM] = st.session_state[key]
 
     st.selectbox(label, list(by_id), key=key, on_change=remember,
                  format_func=lambda i: format_func(by_id[i]), help=help)
-    return by_id[st.session_state[key]]
+    st.query_params[RUN_PARAM] = chosen
+    return by_id[chosen]
 
 
 def page_link(page: str, label: str, icon: str, title: str) -> None:
@@ -79,11 +93,43 @@ def new_run_link(label: str = "New run") -> None:
     page_link(NEW_RUN_PAGE, label, ":material/add_circle:", "New run")
 
 
+def tab_title(running: list[Run], queued: int = 0) -> str:
+    """The browser tab's title: the running run's progress first, so it shows in a
+    background tab; else how many runs wait."""
+    if not running:
+        return f"{queued} queued · {APP_TITLE}" if queued else APP_TITLE
+    run = running[0]
+    more = f" +{len(running) - 1}" if len(running) > 1 else ""
+    return f"{100 * progress_fraction(run):.0f} % {run.name}{more} · {APP_TITLE}"
+
+
+def notify_ended(store: RunStore, active_ids: set[str]) -> None:
+    """A toast for each run this session watched (queued or running) that has since
+    finished, failed or been cancelled: on whatever page is open, since the sidebar is on
+    every page. Compares with the previous refresh's statuses in session state."""
+    watched: dict[str, str] = st.session_state.setdefault(WATCHED, {})
+    for run_id in [i for i in watched if i not in active_ids]:
+        name = watched.pop(run_id)
+        run = store.get_run(run_id)
+        if run is None:
+            continue
+        if run.status == "finished":
+            st.toast(f"**{name}** finished: best validation {fmt_pct(run.best_val_acc)}.",
+                     icon=":material/check_circle:", duration="long")
+        elif run.status == "failed":
+            st.toast(f"**{name}** failed: {run.error or 'see its log on Runs'}.",
+                     icon=":material/error:", duration="long")
+        elif run.status == "cancelled":
+            st.toast(f"**{name}** was cancelled.", icon=":material/stop_circle:",
+                     duration="long")
+
+
 @st.fragment(run_every=SIDEBAR_REFRESH_S)
 def jobs_panel() -> None:
     """Running and queued jobs with progress; refreshes itself without rerunning the page.
     Until a supervisor does it (a later issue), the sidebar advances the queue: runs whose
-    worker died are marked failed and queued runs start in their place."""
+    worker died are marked failed and queued runs start in their place. It also tells when
+    a watched run ends (a toast) and puts the running run's progress in the tab title."""
     store = get_store()
     try:
         jobs.advance_queue(store)
@@ -91,12 +137,16 @@ def jobs_panel() -> None:
     except StoreError as exc:
         st.warning(f"Job status unavailable: {exc}")
         return
+    active = {r.id: r.name for r in (*s.running, *s.queued)}
+    notify_ended(store, set(active))
+    st.session_state[WATCHED].update(active)
+    st.set_page_config(page_title=tab_title(list(s.running), len(s.queued)))
     st.markdown("**Jobs**")
     if not s.running and not s.queued:
         st.caption("Nothing running. Start a run on **New run**.")
         return
     for run in s.running:
-        st.markdown(f"▶️ {run.name}")
+        st.markdown(f":material/play_circle: {run.name} · `{short_id(run.id)}`")
         st.progress(progress_fraction(run), text=progress_text(run))
     if s.queued:
         st.caption(f"{len(s.queued)} queued: " + ", ".join(r.name for r in s.queued[:5])

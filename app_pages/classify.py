@@ -15,6 +15,7 @@ from app_pages._common import get_store, new_run_link, pick_run
 from core.analysis import inference
 from core.views import charts
 from core.views.images import panel, pixelated
+from core.views.tables import short_id, tiny_validation, val_caveat
 
 log = logging.getLogger("finetune_lab.classify")
 
@@ -56,10 +57,26 @@ def load_gallery(source: str, path: str, classes: tuple[str, ...], per_class: in
 
 
 def model_label(run) -> str:
-    name = run.name or run.id
+    name = f"{run.name or run.id} · {short_id(run.id)}"
     acc = f"{run.best_val_acc:.0%} right on held-out pictures" if run.best_val_acc is not None else "not scored"
+    if n := tiny_validation(run):
+        acc += f" (only {n} pictures)"
     stopped = " · stopped early" if run.status == "cancelled" else ""
     return f"{name} — {acc}{stopped}"
+
+
+def model_facts(run, predictor) -> None:
+    """What the chosen model knows and which file answers, on the page itself: a verdict
+    can only ever be one of these classes."""
+    classes = ", ".join(inference.display_name(c) for c in predictor.classes)
+    st.markdown(f"This model knows **{len(predictor.classes)} classes**: {classes}. "
+                f"Whatever the picture, its answer is one of these.")
+    st.caption(f"The verdict comes from `{Path(predictor.path).name}` (the best checkpoint: "
+               f"stage {predictor.stage}, epoch {predictor.epoch}) of run **{run.name}** "
+               f"(`{short_id(run.id)}`), trained on {run.config.data_source}"
+               f"{' ' + run.config.data_path if run.config.data_path else ''}.")
+    if caveat := val_caveat(run):
+        st.warning(caveat)
 
 
 def sure_threshold() -> float:
@@ -207,9 +224,13 @@ if not runs:
     st.info("No trained model yet — start a run on New run")
     new_run_link()
     st.stop()
-run = pick_run("Model", runs, P + "run", model_label, default_id=inference.default_run(runs).id,
-               help="Which trained model to ask. The best one is picked for you.")
+newest = store.list_runs()[0]  # the data set the user last worked with: the newest run's
+best = inference.default_run(runs, preferred_data=inference.data_set_of(newest))
+run = pick_run("Model", runs, P + "run", model_label, default_id=best.id,
+               help="Which trained model to ask. Picked for you: a finished run with a real "
+                    "validation set, on the data you last used, with the best test accuracy.")
 predictor = usable_predictor(run)
+model_facts(run, predictor)
 try:
     picture = get_picture(run, predictor)
 except inference.ImageRejected as exc:

@@ -18,32 +18,69 @@ from core.views.tables import (
     final_metrics_table,
     group_label,
     metrics_frame,
-    run_label,
+    run_chip,
     seed_groups,
 )
 
 P = "compare."
+RUNS_PARAM, GROUPS_PARAM = "runs", "group"  # URL query parameters: run ids, group names
 METRICS = ("val/acc", "val/loss", "train/loss", "train/acc", "train/step_loss", "lr")
+
+
+def from_url(by_id: dict[str, Run], groups: dict[str, list[Run]]) -> None:
+    """A link or a reload: the runs and groups in the URL (?runs=a,b&groups=g) are picked."""
+    if P + "runs" in st.session_state:
+        return
+    linked = [i for i in st.query_params.get(RUNS_PARAM, "").split(",") if i in by_id]
+    linked_groups = [g for g in st.query_params.get_all(GROUPS_PARAM) if g in groups]
+    st.session_state[P + "runs"] = linked
+    st.session_state[P + "groups"] = linked_groups
+
+
+def to_url(run_ids: list[str], group_names: list[str]) -> None:
+    """The comparison in the URL, so a link opens the same view."""
+    st.query_params[RUNS_PARAM] = ",".join(run_ids)
+    st.query_params[GROUPS_PARAM] = group_names
+    if not run_ids:
+        del st.query_params[RUNS_PARAM]
 
 
 def pick_entries(runs: list[Run]) -> list[tuple[str, list[Run]]]:
     """The runs and groups of seeds picked to compare, as (name, runs) entries."""
     by_id = {r.id: r for r in runs}
     groups = seed_groups(runs)
+    from_url(by_id, groups)
+    st.session_state[P + "runs"] = [i for i in st.session_state[P + "runs"] if i in by_id]
+    st.session_state[P + "groups"] = [g for g in st.session_state[P + "groups"] if g in groups]
     pick = st.columns([3, 2])
     run_ids = pick[0].multiselect("Runs", list(by_id), key=P + "runs",
-                                  format_func=lambda i: run_label(by_id[i]),
+                                  format_func=lambda i: run_chip(by_id[i]),
                                   placeholder="pick runs to overlay")
     group_names = pick[1].multiselect(
         "Groups of seeds (mean ± std)", sorted(groups), key=P + "groups",
         format_func=lambda g: f"{group_label(groups[g])} ({len(groups[g])} runs)",
         placeholder="no groups yet" if not groups else "pick groups")
+    to_url(run_ids, group_names)
     if not run_ids and not group_names:
         st.info("Pick two or more runs or groups above to overlay their curves."
                 + ("" if groups else " Groups appear when you start a run with "
                    "**Repeat with N seeds** on New run."))
     return ([(by_id[i].name, [by_id[i]]) for i in run_ids]
             + [(group_label(groups[g]), groups[g]) for g in group_names])
+
+
+def aligned_entries(entries: list[tuple[str, list[Run]]], align: bool
+                    ) -> list[tuple[str, list[Run]]]:
+    """With "align at stage 2", one-stage entries have no stage 2 to align on: they are
+    left out of the chart, and the page says so."""
+    if not align:
+        return entries
+    kept = [(n, m) for n, m in entries if len(m[0].config.stages) > 1]
+    left_out = [n for n, m in entries if len(m[0].config.stages) < 2]
+    if left_out:
+        st.caption("Left out of the aligned chart (one stage, no stage 2 to align on): "
+                   + ", ".join(f"**{n}**" for n in left_out) + ".")
+    return kept
 
 
 def chart_options() -> tuple[str, float, bool]:
@@ -56,7 +93,7 @@ def chart_options() -> tuple[str, float, bool]:
                                help="Exponential moving average; the raw points stay visible.")
     align = opts[2].checkbox("Align at the start of stage 2", key=P + "align",
                              help="Shift each run so its stage 2 starts at epoch 0. One-stage "
-                                  "runs are not shifted.")
+                                  "runs have no stage 2: they are left out of the chart.")
     return metric, smoothing, align
 
 
@@ -81,6 +118,11 @@ runs = [r for r in store.list_runs() if r.status != "queued"]
 if not runs:
     no_runs_message()
     st.stop()
+if tags := store.all_tags():
+    tag = st.columns([1, 2])[0].selectbox("Only runs tagged", [None, *tags], key=P + "tag",
+                                          format_func=lambda t: "any tag" if t is None else t)
+    if tag:
+        runs = [r for r in runs if tag in r.tags]
 if len(runs) < 2:
     st.info("Compare needs at least two runs — start another on **New run** (for example the "
             "*All at once* preset, to test the two-stage recipe against it).")
@@ -89,7 +131,7 @@ if not entries:
     st.stop()
 
 metric, smoothing, align = chart_options()
-curves = comparison_curves(entries, lambda r: metrics_frame(store.metrics(r.id, keys=(metric,))),
+curves = comparison_curves(aligned_entries(entries, align), lambda r: metrics_frame(store.metrics(r.id, keys=(metric,))),
                            metric, align)
 if not any(c.x for c in curves):
     st.info(f"No {METRIC_LABELS[metric][0].lower()} logged yet for these runs.")

@@ -18,6 +18,11 @@ from core.views import charts
 from core.views.tables import recipe_results_table
 
 P = "experiments."
+# Keys bound to URL query parameters (so they are short words, not "experiments.*").
+SELECTED, TAB = "experiment", "tab"
+SUBMITTED = P + "submitted"  # the form fingerprint last queued
+OPEN_RESULTS = P + "open_results"  # set by a submit: open the Results tab (before st.tabs)
+NEW_TAB, RESULTS_TAB = "Compare recipes", "Results"
 REFRESH_S = 3  # seconds between result refreshes while an experiment's runs are active
 CIFAR = "CIFAR-10 (torchvision)"
 OTHER = "Another folder…"
@@ -100,6 +105,13 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
            problems + saved_problems)
 
 
+def form_fingerprint(recipes: list[tuple[str, cfgmod.RunConfig]], seeds: list[int],
+                     name: str) -> str:
+    """What the form would queue, as text: the button stays disabled while it equals what
+    was just queued, so a second click cannot queue a duplicate experiment."""
+    return repr((name.strip(), seeds, [(n, cfgmod.to_json(c)) for n, c in recipes]))
+
+
 def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: list[int],
            name: str, problems: list[str]) -> None:
     """What the experiment queues, the button that queues it, and every problem in the way."""
@@ -107,16 +119,25 @@ def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: 
     n_runs = len(recipes) * len(seeds)
     st.caption(f"This queues {n_runs} run{'s' * (n_runs != 1)} ({len(recipes)} recipes × "
                f"{len(seeds)} seeds); they run one after another in the background.")
+    fingerprint = form_fingerprint(recipes, seeds, name)
+    last = st.session_state.get(SUBMITTED)  # (fingerprint, experiment name, runs) or None
+    queued = last is not None and last[0] == fingerprint
     if st.button("Run the experiment", type="primary", key=P + "submit",
-                 disabled=bool(problems)):
+                 disabled=bool(problems) or queued,
+                 help="Queued: change the form to queue another." if queued else None):
         try:
             exp = ex.submit_experiment(store, recipes, seeds, name=name)
         except cfgmod.ConfigError as exc:
             problems = exc.errors
         else:
-            st.session_state[P + "selected"] = exp.id
-            st.success(f"Queued {n_runs} runs as experiment **{exp.name}**. Its results "
-                       f"appear below as runs finish.")
+            st.session_state[SUBMITTED] = (fingerprint, exp.name, n_runs)
+            st.session_state[SELECTED] = exp.id
+            st.session_state[OPEN_RESULTS] = True  # the next run opens the Results tab
+            st.rerun()
+    if queued:
+        st.success(f"Queued {last[2]} runs as experiment **{last[1]}**. Its results are on "
+                   f"the **Results** tab (open now) as runs finish. Change the form to queue "
+                   f"another experiment.")
     for p in problems:
         st.warning(p)
 
@@ -140,6 +161,20 @@ def show_results(exp_id: str) -> None:
     test = [c for c in res.comparisons if c.metric == "test"]
     if not val:
         st.info("The verdict appears when each recipe has a finished run.")
+    missing = ex.missing_runs(res)
+    if missing and not res.active:
+        st.warning(f"{len(missing)} run{'s' * (len(missing) != 1)} of this experiment did not "
+                   f"finish (cancelled or failed), so its verdict is missing or rests on fewer "
+                   f"seeds than planned.")
+        if st.button(f"Re-run the {len(missing)} missing run{'s' * (len(missing) != 1)}",
+                     key=P + f"rerun.{exp.id}", type="primary"):
+            try:
+                ex.rerun_missing(store, res)
+            except cfgmod.ConfigError as exc:
+                for e in exc.errors:
+                    st.error(e)
+            else:
+                st.rerun()
     for c in val:
         (st.success if c.difference.excludes_zero else st.info)(c.text)
     if test:
@@ -159,17 +194,21 @@ def results_section(store: RunStore) -> None:
         st.info("No experiments yet. Pick recipes above and press **Run the experiment**.")
         return
     by_id = {e.id: e for e in exps}
-    if st.session_state.get(P + "selected") not in by_id:
-        st.session_state[P + "selected"] = exps[0].id
-    exp_id = st.selectbox("Experiment", list(by_id), key=P + "selected",
+    if st.session_state.get(SELECTED) not in by_id:
+        linked = st.query_params.get(SELECTED)
+        st.session_state[SELECTED] = linked if linked in by_id else exps[0].id
+    exp_id = st.selectbox("Experiment", list(by_id), key=SELECTED,
                           format_func=lambda i: f"{by_id[i].name} — {len(by_id[i].recipes)} "
                                                 f"recipes × {len(by_id[i].seeds)} seeds ({i})")
+    # In the URL (?experiment=id), always (a bound widget drops its default value from the
+    # URL, and the default changes when a newer experiment is queued).
+    st.query_params[SELECTED] = exp_id
     active = ex.experiment_results(store, by_id[exp_id]).active > 0
     # While runs are active the results refresh themselves, without rerunning the page.
     st.fragment(run_every=REFRESH_S if active else None)(show_results)(exp_id)
     if st.button("Forget this experiment (its runs stay)", key=P + "forget"):
         ex.delete_experiment(store, exp_id)
-        st.session_state.pop(P + "selected", None)
+        st.session_state.pop(SELECTED, None)
         st.rerun()
 
 
@@ -177,7 +216,11 @@ def results_section(store: RunStore) -> None:
 
 st.title("Experiments")
 store = get_store()
-tab_new, tab_results = st.tabs(["Compare recipes", "Results"])
+# Bound to the URL (?tab=Results) and to session state, so submitting can open Results
+# (a widget's state is set before the widget is drawn, hence the flag).
+if st.session_state.pop(OPEN_RESULTS, False):
+    st.session_state[TAB] = RESULTS_TAB
+tab_new, tab_results = st.tabs([NEW_TAB, RESULTS_TAB], key=TAB, bind="query-params")
 with tab_new:
     compare_form(store, store.list_runs())
 with tab_results:

@@ -16,6 +16,7 @@ from core.analysis import insights
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.images import pixelated
+from core.views.tables import run_label
 
 P = "insights."
 TOP_LOSSES = 12
@@ -125,7 +126,7 @@ runs = [r for r in store.list_runs() if r.best_checkpoint or r.status == "finish
 if not runs:
     st.info("Insights appear here once a run has finished an epoch.")
     st.stop()
-run = pick_run("Run", runs, P + "run", lambda r: f"{r.name} ({r.status}, {r.id})")
+run = pick_run("Run", runs, P + "run", run_label)
 attribution(store, run)
 weight_movement(run)
 confusion(run)

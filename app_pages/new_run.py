@@ -7,24 +7,26 @@ values live in session state under "new_run.*" keys derived from the config fiel
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from app_pages._common import HANDED_DATA_PATH, SELECTED_RUN, get_store
+from app_pages._common import DATASETS_PAGE, HANDED_DATA_PATH, get_store, open_run, page_link
 from core import config as cfgmod
 from core.analysis import planning
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
 from core.engine.model_info import imagenet_weights_path
-from core.engine.paths import PathNotAllowed, resolve_user_path
+from core.engine.paths import DATA_ROOTS_ENV, PathNotAllowed, cifar10_dir, data_roots, resolve_user_path
 from core.runs import jobs
 from core.runs.store import RunStore, StoreError
 from core.views.tables import fmt_count, fmt_duration, run_label
 
 P = "new_run."  # session-state prefix of this page
-STAGE_GRID = [1.1] + [1] * len(LAYER_GROUPS) + [1.2, 2.6, 1.6]
+# Column widths of the stage grid; Schedule is wide enough for "cosine decay" uncut.
+STAGE_GRID = [1.1] + [0.8] * len(LAYER_GROUPS) + [1.1, 2.3, 2.2]
 
 
 def stage_prefix(i: int) -> str:
@@ -119,6 +121,51 @@ def imagenet_weights_cached() -> bool:
     return imagenet_weights_path().exists()
 
 
+@st.cache_data(ttl=60)
+def cifar10_present(data_path: str) -> bool:
+    return planning.cifar10_present(data_path)
+
+
+def train_all_groups() -> None:
+    """The fix for random weights with frozen layers: one stage that trains everything."""
+    st.session_state[f"{P}preset"] = "All at once"
+    apply_preset()
+
+
+def use_random_weights() -> None:
+    st.session_state[f"{P}weights"] = "random"
+
+
+def offline_notes(cfg: RunConfig) -> None:
+    """Before Start: what the defaults need from the internet, with the fix that works
+    offline; and random weights under frozen layers, in plain words, with its fix."""
+    if cfg.weights == "imagenet" and not imagenet_weights_cached():
+        st.info("The ImageNet weights are not on this machine yet: they will be downloaded "
+                "(45 MB) when the run starts, which fails without internet. Offline? Under "
+                "**Advanced**, pick *Random*, a *Weights file*, or *Another run's best "
+                "checkpoint*.", icon=":material/cloud_off:")
+        st.button("Use random weights instead", key=f"{P}fix_weights",
+                  on_click=use_random_weights)
+    if cfg.data_source == "cifar10" and not cifar10_present(cfg.data_path):
+        st.info(f"CIFAR-10 is not in {cifar10_dir(cfg.data_path)}: it will be downloaded "
+                f"(170 MB) when the run starts, which fails without internet. Offline? Copy "
+                f"`{planning.CIFAR10_FOLDER}/` there (the README's *Offline use* steps), or add "
+                f"an image folder on the **Datasets** page and train on it (data source "
+                f"under **Advanced**).", icon=":material/cloud_off:")
+        page_link(DATASETS_PAGE, "Add a data set on Datasets", ":material/folder_open:",
+                  "Datasets")
+    frozen = sorted({g for s in cfg.stages for g in LAYER_GROUPS if g not in s.groups},
+                    key=LAYER_GROUPS.index)
+    if cfg.weights == "random" and frozen:
+        st.warning(f"Random weights with frozen layers: {', '.join(frozen)} stay frozen in at "
+                   f"least one stage, so there they keep random values and the layers after "
+                   f"them learn from noise. Train every layer instead (the *All at once* "
+                   f"preset), or start from ImageNet weights or another run's checkpoint.",
+                   icon=":material/warning:")
+        st.button("Train every layer (All at once)", key=f"{P}fix_frozen",
+                  on_click=train_all_groups)
+
+
 def stages_grid(n_stages: int) -> None:
     st.caption("Tick the layer groups that train in each stage; the rest stay frozen. Groups "
                "run from the input (conv1) to the new classification head (fc).")
@@ -138,10 +185,14 @@ def stages_grid(n_stages: int) -> None:
 def advanced_stages(n_stages: int) -> None:
     st.markdown("**Per stage**")
     for i in range(n_stages):
-        c = st.columns([0.8, 1, 1, 1, 1, 1.2, 1], vertical_alignment="bottom")
-        c[0].markdown(f"Stage {i + 1}")
-        for col, name in zip(c[1:], ("optimizer", "weight_decay", "warmup_epochs", "bn_policy",
-                                     "group_lr_mult", "feature_cache")):
+        # Two rows of three: in one row of six, "SGD + momentum" and the BatchNorm choice
+        # were cut off.
+        first = st.columns([0.8, 2, 1.3, 1.3], vertical_alignment="bottom")
+        first[0].markdown(f"Stage {i + 1}")
+        for col, name in zip(first[1:], ("optimizer", "weight_decay", "warmup_epochs")):
+            field_input(col, StageConfig, name, stage_prefix(i))
+        second = st.columns([0.8, 2, 1.3, 1.3], vertical_alignment="bottom")
+        for col, name in zip(second[1:], ("bn_policy", "group_lr_mult", "feature_cache")):
             field_input(col, StageConfig, name, stage_prefix(i))
 
 
@@ -208,15 +259,16 @@ def summary(plan: planning.RunPlan, cfg: RunConfig) -> None:
                f"{'' if plan.train_images else ' (enter a data folder to estimate)'} at "
                f"{cfg.resolution} px; {plan.num_classes} classes. The first run of a data set "
                f"also decodes and caches the images.")
-    if cfg.weights == "imagenet" and not imagenet_weights_cached():
-        st.info("The ImageNet weights are not on this machine yet: they will be downloaded "
-                "(45 MB) when the run starts. Offline? Under **Advanced**, pick *Random*, a "
-                "*Weights file*, or *Another run's best checkpoint*.")
-    if cfg.data_source == "cifar10" and not cfg.data_path:
-        st.caption("CIFAR-10 is downloaded (170 MB) on first use if it is not in the default "
-                   "folder.")
+    offline_notes(cfg)
     for e in plan.errors:
         st.error(e)
+    if any(e.startswith(("data folder:", "weights file:")) and DATA_ROOTS_ENV in e
+           for e in plan.errors):
+        roots = os.pathsep.join(str(r) for r in data_roots())
+        st.info(f"The app reads only folders under its data folders. To allow another, "
+                f"start it with that folder added, e.g. `{DATA_ROOTS_ENV}=\"{roots}"
+                f"{os.pathsep}/path/to/your/data\" bash scripts/start.sh`, or copy the data "
+                f"under {data_roots()[0]}.", icon=":material/folder_managed:")
 
 
 def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: Any) -> None:
@@ -233,8 +285,7 @@ def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: A
     except (cfgmod.ConfigError, StoreError, OSError) as exc:
         st.error(f"Could not start the run: {exc}")
     else:
-        st.session_state[SELECTED_RUN] = run.id
-        st.switch_page("app_pages/runs.py")
+        open_run(run.id)  # where its progress and results are, with the run in the URL
 
 
 # ---------------------------------------------------------------- page

@@ -5,13 +5,17 @@ Thin page: the store's runs -> core.views (recipe chart, runs table) -> render.
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from app_pages._common import SELECTED_RUN, get_store, new_run_link, no_runs_message, open_run
 from core import config as cfgmod
-from core.runs.store import Run
+from core.analysis import disk
+from core.analysis.disk import fmt_bytes
+from core.runs.store import Run, RunStore
 from core.views import charts
-from core.views.tables import run_label, runs_table
+from core.views.tables import ENDED_BADLY, recipe_short, run_label, runs_table, short_id
 
 P = "overview."
 
@@ -36,15 +40,42 @@ def recipe_panel() -> None:
         new_run_link("Start a new run")
 
 
-def runs_list(runs: list[Run]) -> None:
-    """The runs table, and a picker that opens one on the Runs page."""
-    st.dataframe(
-        runs_table(runs), hide_index=True, key=P + "table",
-        column_config={
-            "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0,
-                                                        format="percent"),
-            "Id": st.column_config.TextColumn("Id", width="small"),
-        })
+def run_filters(store: RunStore) -> tuple[bool, str | None]:
+    """(show failed and cancelled runs, tag to filter by or None)."""
+    c = st.columns([2, 2, 3], vertical_alignment="bottom")
+    show_ended = c[0].toggle("Show failed and cancelled runs", key=P + "show_ended",
+                             help="Hidden by default: they rarely answer a question.")
+    tags = store.all_tags()
+    tag = c[1].selectbox("Tag", [None, *tags], key=P + "tag",
+                         format_func=lambda t: "any tag" if t is None else t,
+                         disabled=not tags, help="Add tags to a run on its Runs page.")
+    return show_ended, tag
+
+
+def runs_list(store: RunStore, runs: list[Run]) -> None:
+    """The runs table with each run's size on disk, and a picker that opens one on the Runs
+    page."""
+    # Fewer, narrower columns than runs_table offers, so none is cut at a laptop's content
+    # width (about 950 px): "Best at" and "Group" are on the run's page and on Compare,
+    # Progress shows only while a run is active, Tags only once a run has one.
+    table = runs_table(runs).drop(columns=["Best at", "Group"])
+    if not any(r.is_active for r in runs):
+        table = table.drop(columns=["Progress"])
+    if any(r.tags for r in runs):
+        table.insert(2, "Tags", [", ".join(r.tags) for r in runs])
+    table["Recipe"] = [recipe_short(r.config) for r in runs]
+    table["Started"] = [time.strftime("%m-%d %H:%M", time.localtime(r.created_at)) for r in runs]
+    table["Id"] = [short_id(r.id) for r in runs]
+    table.insert(len(table.columns) - 1, "Size",
+                 [fmt_bytes(disk.folder_bytes(store.files(r.id).folder)) for r in runs])
+    px = {"Run": 140, "Status": 75, "Tags": 70, "Progress": 90, "Recipe": 180,
+          "Best val acc": 80, "Test acc": 75, "Started": 95, "Duration": 75, "Size": 70, "Id": 65}
+    columns = {c: st.column_config.Column(c, width=w) for c, w in px.items()}
+    columns["Progress"] = st.column_config.ProgressColumn("Progress", min_value=0.0,
+                                                          max_value=1.0, format="percent",
+                                                          width=px["Progress"])
+    columns["Id"] = st.column_config.Column("Id", width=px["Id"], help="The end of the run's id")
+    st.dataframe(table, hide_index=True, key=P + "table", column_config=columns)
     by_id = {r.id: r for r in runs}
     ids = list(by_id)
     current = st.session_state.get(SELECTED_RUN)
@@ -57,14 +88,45 @@ def runs_list(runs: list[Run]) -> None:
             open_run(chosen)
 
 
+def disk_panel(store: RunStore, runs: list[Run]) -> None:
+    """Total disk use of the runs, and a clean-up of what finished runs no longer need."""
+    total = sum(disk.folder_bytes(store.files(r.id).folder) for r in runs)
+    finished = [r for r in runs if r.status == "finished"]
+    with st.expander(f"Disk: the runs take {fmt_bytes(total)} in {store.root}"):
+        st.markdown("Each run keeps `best.pt` (the best model: Classify, export and downloads "
+                    "use it), `last.pt` (the last epoch with optimizer state: only a resume "
+                    "needs it) and, for multi-stage runs, `stage1.pt` (the model after stage "
+                    "1: Classify's *Before and after*).")
+        stage_ends = st.checkbox("Also delete stage-end checkpoints (Classify then cannot show "
+                                 "“Before and after”)", key=P + "clean_stage_ends")
+        can_free = sum(sum(disk.file_bytes(p) for p in disk.freeable(r, store.files(r.id), stage_ends))
+                       for r in finished)
+        if st.button(f"Free {fmt_bytes(can_free)} from finished runs", key=P + "clean",
+                     disabled=can_free == 0,
+                     help="Deletes last.pt of finished runs (they never resume); best.pt "
+                          "always stays."):
+            freed = disk.clean_up(store, finished, stage_ends)
+            st.toast(f"Freed {fmt_bytes(freed)}.", icon=":material/cleaning_services:")
+            st.rerun()
+
+
 # ---------------------------------------------------------------- page
 
 st.title("Two-Stage Fine-Tuning Lab")
 st.markdown(INTRO)
 recipe_panel()
 st.subheader("Runs")
-runs = get_store().list_runs()
-if runs:
-    runs_list(runs)
+store = get_store()
+all_runs = store.list_runs()
+if all_runs:
+    show_ended, tag = run_filters(store)
+    runs = [r for r in (store.list_runs(tag=tag) if tag else all_runs)
+            if show_ended or r.status not in ENDED_BADLY]
+    hidden = len(all_runs) - len(runs)
+    if hidden:
+        st.caption(f"{hidden} run{'s' * (hidden != 1)} hidden by the filters above.")
+    if runs:
+        runs_list(store, runs)
+    disk_panel(store, all_runs)
 else:
     no_runs_message()

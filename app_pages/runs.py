@@ -12,10 +12,13 @@ import streamlit as st
 
 from app_pages._common import INSIGHTS_PAGE, SELECTED_RUN, get_store, no_runs_message, open_run, pick_run
 from core import config as cfgmod
+from core.analysis import disk
+from core.analysis.disk import fmt_bytes
 from core.runs import jobs
 from core.runs.store import Run, RunStore, StoreError
 from core.views import charts
 from core.views.tables import (
+    fmt_count,
     fmt_duration,
     fmt_pct,
     metrics_csv,
@@ -23,8 +26,10 @@ from core.views.tables import (
     progress_fraction,
     progress_text,
     recipe_text,
+    run_color,
     run_label,
     stage_bounds,
+    val_caveat,
 )
 
 P = "runs."
@@ -76,11 +81,14 @@ def log_tail(store: RunStore, run_id: str) -> None:
 
 
 @st.fragment(run_every=LIVE_REFRESH_S)
-def live_view(run_id: str) -> None:
+def live_view(run_id: str, shown_status: str) -> None:
+    """`shown_status`: the status the page (its picker) was drawn with; when it changes
+    (queued -> running, or the run ends) the whole page reruns, so the picker never says
+    "queued" while the run trains."""
     store = get_store()
     run = store.get_run(run_id)
-    if run is None or not run.is_active:
-        st.rerun()  # it just ended: rerun the whole page to show the results view
+    if run is None or run.status != shown_status:
+        st.rerun()  # it started or ended: rerun the whole page (picker, results view)
         return
     st.progress(progress_fraction(run), text=progress_text(run))
     if run.status == "running" and run.started_at:
@@ -101,12 +109,17 @@ def summary_metrics(run: Run) -> None:
                 help="Measured once, at the end, with the best checkpoint.")
     c[2].metric("Training time", fmt_duration(run.duration_s))
     sizes = r.sizes
+    # Compact counts ("45 k · 5 k · 10 k"): the full numbers were cut off in the tile.
     c[3].metric("Images: train · val · test",
-                " · ".join(str(n) for n in (sizes.train, sizes.val, sizes.test)) if sizes
-                else " · ".join("—" * 3))
+                " · ".join(fmt_count(n) for n in (sizes.train, sizes.val, sizes.test)) if sizes
+                else " · ".join("—" * 3),
+                help=f"{sizes.train:,} training, {sizes.val:,} validation and {sizes.test:,} "
+                     f"test images." if sizes else None)
     c[4].metric("Classes", len(r.classes) or "—")
+    if caveat := val_caveat(run):
+        st.warning(caveat, icon=":material/info:")
     if r.skipped_files:
-        with st.expander(f"⚠️ {r.skipped_files} unreadable files were skipped"):
+        with st.expander(f":material/warning: {r.skipped_files} unreadable files were skipped"):
             st.code("\n".join(r.skipped_examples))
 
 
@@ -140,7 +153,41 @@ def results_view(store: RunStore, run: Run) -> None:
         open_run(run.id, INSIGHTS_PAGE)
     with st.expander("Log"):
         log_tail(store, run.id)
+    disk_section(store, run)
     delete_section(store, run)
+
+
+def disk_section(store: RunStore, run: Run) -> None:
+    """The run's size on disk, what each checkpoint is for, and freeing what it no longer
+    needs."""
+    usage = disk.run_disk(run, store.files(run.id))
+    with st.expander(f"Disk: {fmt_bytes(usage.total_bytes)}"):
+        for f in usage.checkpoints:
+            st.markdown(f"- `{f.path.name}` ({fmt_bytes(f.bytes)}): {f.purpose}")
+        if not usage.checkpoints:
+            st.caption("No checkpoints were kept.")
+        if usage.freeable_bytes and st.button(
+                f"Delete last.pt (frees {fmt_bytes(usage.freeable_bytes)})", key=P + "free",
+                help="Classify, export and downloads keep working: they use best.pt."):
+            freed = disk.clean_up(store, [run])
+            st.toast(f"Freed {fmt_bytes(freed)}.", icon=":material/cleaning_services:")
+            st.rerun()
+
+
+def notes_and_tags(store: RunStore, run: Run) -> None:
+    """Edit the run's note and tags (Overview and Compare filter by tag)."""
+    with st.expander("Note and tags" + (f": {', '.join(run.tags)}" if run.tags else ""),
+                     expanded=bool(run.note)):
+        with st.form(P + f"annotate.{run.id}", border=False):
+            note = st.text_area("Note", value=run.note, key=P + f"note.{run.id}",
+                                placeholder="what you tried, what you saw", height=80)
+            tags = st.multiselect("Tags", sorted(set(store.all_tags()) | set(run.tags)),
+                                  default=list(run.tags), key=P + f"tags.{run.id}",
+                                  accept_new_options=True, placeholder="type a tag, press Enter")
+            if st.form_submit_button("Save note and tags"):
+                if act(store.set_note, run.id, note) and act(store.set_tags, run.id, tags):
+                    st.toast("Saved.", icon=":material/check:")
+                    st.rerun()
 
 
 def downloads(store: RunStore, run: Run) -> None:
@@ -208,12 +255,15 @@ if not runs:
     st.stop()
 
 run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was picked
-st.caption(f"**{recipe_text(run.config)}** · id `{run.id}`"
+st.markdown(f"<span style='color:{run_color(run.id)}'>&#9632;</span> "  # its colour on Compare
+            f"**{recipe_text(run.config)}** · id `{run.id}`"
            + (f" · group {run.group}" if run.group else "")
-           + f" · {run.config.data_source}, {run.config.weights} weights")
+           + f" · {run.config.data_source}, {run.config.weights} weights",
+            unsafe_allow_html=True)
+notes_and_tags(store, run)
 
 if run.is_active:
     stop_buttons(store, run)
-    live_view(run.id)
+    live_view(run.id, run.status)
 else:
     results_view(store, run)

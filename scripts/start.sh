@@ -3,4 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh requirements.txt
+# Say where runs go and what the UI may read, from the code's own definitions (no torch).
+.venv/bin/python - <<'PY'
+import os
+from core.engine.paths import DATA_ROOTS_ENV, data_roots
+from core.runs.files import DATA_DIR_ENV, data_dir
+
+print(f"Runs, checkpoints and logs are stored in {data_dir().resolve()} (set {DATA_DIR_ENV} to move them).")
+print("The UI may read data only under: " + ", ".join(str(r) for r in data_roots()))
+print(f"  (to allow more: {DATA_ROOTS_ENV}=\"folder{os.pathsep}other folder\" bash scripts/start.sh)")
+PY
 exec .venv/bin/streamlit run streamlit_app.py "$@"

@@ -425,3 +425,161 @@ def test_every_page_file_is_registered_and_renders_on_an_empty_store(app_env):
     for path in files:
         at = open_page(path)
         assert not at.exception, (path, [e.value for e in at.exception])
+
+
+# ---------------------------------------------------------------- issue 11: product fixes
+
+def test_overview_hides_failed_and_cancelled_runs_until_asked_and_shows_sizes(app_env):
+    """Issue 11.9 and 11.13: failed/cancelled runs are hidden by default (a toggle shows
+    them); each run's size and the total are on the page, with a clean-up that keeps best.pt."""
+    good = seed_finished(app_env, "good", tiny_config(Path("/x")), 0.6, 0.55)
+    files = app_env.files(good.id)
+    files.best.write_bytes(b"b" * 3000)
+    files.last.write_bytes(b"l" * 5000)
+    bad = app_env.create_run(tiny_config(Path("/x")), name="broken")
+    assert app_env.claim_run_now(bad.id, os.getpid())
+    app_env.finish_run(bad.id, "failed", "boom")
+    at = open_page("app_pages/overview.py")
+    table = at.dataframe[0].value
+    assert list(table["Run"]) == ["good"]
+    assert "1 run hidden by the filters above." in texts(at)
+    assert table.loc[0, "Size"] == "8.0 kB"
+    assert any("Disk: the runs take 8.0 kB" in e.label for e in at.expander)
+    at.toggle(key="overview.show_ended").set_value(True).run()
+    assert list(at.dataframe[0].value["Run"]) == ["broken", "good"]
+    at.button(key="overview.clean").click().run()
+    assert not at.exception
+    assert files.best.is_file() and not files.last.exists()
+    assert at.dataframe[0].value.loc[1, "Size"] == "3.0 kB"
+
+
+def test_run_page_says_what_each_checkpoint_is_for_and_warns_on_a_tiny_validation_set(app_env):
+    """Issue 11.13 and 11.8: the run's size and each checkpoint's purpose; a validation set
+    of 9 images carries a caveat next to its accuracy."""
+    run = seed_finished(app_env, "small", tiny_config(Path("/x")), 0.67, 0.5)  # 9 val images
+    files = app_env.files(run.id)
+    for path in (files.best, files.last, files.stage_end(1)):
+        path.write_bytes(b"x" * 2000)
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
+    assert any(e.label == "Disk: 6.0 kB" for e in at.expander)
+    shown = texts(at)
+    assert "`best.pt` (2.0 kB): the best model" in shown
+    assert "`last.pt` (2.0 kB): the last completed epoch" in shown
+    assert "`stage1.pt` (2.0 kB): the model at the end of stage 1" in shown
+    assert any("only 9 validation images" in w.value for w in at.warning)
+    at.button(key="runs.free").click().run()
+    assert not files.last.exists() and files.best.is_file() and files.stage_end(1).is_file()
+
+
+def test_opening_a_run_puts_it_in_the_url_and_a_link_opens_it(app_env):
+    """Issue 11.10: ?run=<id> opens that run; picking another updates the URL."""
+    a = seed_finished(app_env, "first", tiny_config(Path("/x")), 0.6, 0.55)
+    b = seed_finished(app_env, "second", tiny_config(Path("/x")), 0.7, 0.65)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT_S)
+    at.query_params["run"] = a.id
+    at.run()
+    at.switch_page("app_pages/runs.py").run()
+    at.query_params["run"] = a.id  # a link straight to the Runs page
+    at.run()
+    assert at.selectbox(key="runs.pick").value == a.id
+    at.selectbox(key="runs.pick").set_value(b.id).run()
+    assert at.query_params["run"] == b.id
+    # Pickers name runs by name and short id: same-named runs can be told apart.
+    assert f"second · {b.id[-6:]}" in at.selectbox(key="runs.pick").format_func(b.id)
+
+
+def test_notes_and_tags_are_edited_on_the_run_page_and_filter_overview(app_env):
+    a = seed_finished(app_env, "tagged", tiny_config(Path("/x")), 0.6, 0.55)
+    seed_finished(app_env, "plain", tiny_config(Path("/x")), 0.7, 0.65)
+    at = open_page("app_pages/runs.py", selected_run_id=a.id)
+    at.text_area(key=f"runs.note.{a.id}").input("lr too high?")
+    at.multiselect(key=f"runs.tags.{a.id}").set_value(["baseline"])
+    at.button[[b.label for b in at.button].index("Save note and tags")].click().run()
+    assert not at.exception
+    saved = app_env.get_run(a.id)
+    assert saved.note == "lr too high?" and saved.tags == ("baseline",)
+    at.switch_page("app_pages/overview.py").run()
+    assert list(at.dataframe[0].value["Run"]) == ["plain", "tagged"]
+    at.selectbox(key="overview.tag").set_value("baseline").run()
+    assert list(at.dataframe[0].value["Run"]) == ["tagged"]
+
+
+def test_a_watched_run_that_ends_shows_a_toast_and_the_tab_title_tracks_progress(running_run):
+    """Done notices: the sidebar saw the run running; once it ends, a toast on any page."""
+    from app_pages._common import tab_title
+
+    store, run = running_run
+    assert tab_title([run]).startswith("25 % live one")
+    at = open_page("app_pages/overview.py")
+    assert not at.toast
+    store.finish_run(run.id, "failed", "out of memory")
+    at.run()
+    assert any("**live one** failed: out of memory" in t.value for t in at.toast)
+    at.run()
+    assert not at.toast  # said once
+
+
+def test_compare_leaves_one_stage_runs_out_when_aligned_and_keeps_the_view_in_the_url(app_env):
+    """Issue 11.8: "align at stage 2" never puts a one-stage run on a "since stage 2" axis.
+    Issue 11.10: the picked runs are in the URL, and a link opens the same comparison."""
+    two = seed_finished(app_env, "two-stage", tiny_config(Path("/x")), 0.6, 0.55)
+    one = seed_finished(app_env, "one-stage", replace(
+        tiny_config(Path("/x")), stages=cfgmod.preset_stages("All at once", epochs=2)), 0.7, 0.6)
+    at = open_page("app_pages/compare.py")
+    at.multiselect(key="compare.runs").set_value([two.id, one.id]).run()
+    assert at.query_params["runs"] == f"{two.id},{one.id}"
+    at.checkbox(key="compare.align").check().run()
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [t.get("name") for t in fig["data"]] == ["two-stage"]
+    assert "Left out of the aligned chart (one stage, no stage 2 to align on): **one-stage**" \
+        in texts(at)
+    linked = AppTest.from_file(APP, default_timeout=TIMEOUT_S)
+    linked.run()
+    linked.switch_page("app_pages/compare.py")
+    linked.query_params["runs"] = f"{one.id},{two.id}"
+    linked.run()
+    assert linked.multiselect(key="compare.runs").value == [one.id, two.id]
+    names = [t.get("name") for t in json.loads(linked.get("plotly_chart")[0].proto.spec)["data"]]
+    assert names == ["one-stage", "two-stage"]
+
+
+def test_new_run_says_before_start_what_fails_offline_and_offers_the_fixes(app_env, monkeypatch,
+                                                                           tmp_path):
+    """Issue 11.3: no CIFAR-10 and no ImageNet weights on the machine: both are said before
+    Start with the fix that works offline; random weights under a preset that freezes layers
+    are explained in plain words, and one click trains every layer instead."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))
+    at = open_page("app_pages/new_run.py")
+    infos = "\n".join(i.value for i in at.info)
+    assert "CIFAR-10 is not in" in infos and "README's *Offline use* steps" in infos
+    assert "**Datasets** page" in infos
+    assert "ImageNet weights are not on this machine" in infos
+    at.button(key="new_run.fix_weights").click().run()
+    assert at.radio(key="new_run.weights").value == "random"
+    [frozen] = [w.value for w in at.warning if "Random weights with frozen layers" in w.value]
+    assert "conv1, layer1, layer2, layer3 stay frozen in at least one stage" in frozen
+    at.button(key="new_run.fix_frozen").click().run()
+    assert at.selectbox(key="new_run.preset").value == "All at once"
+    assert not any("frozen layers" in w.value for w in at.warning)
+    assert all(at.toggle(key=f"new_run.s0.groups.{g}").value for g in cfgmod.LAYER_GROUPS)
+
+
+def test_a_refused_folder_says_how_to_allow_it(app_env, no_workers):
+    at = open_page("app_pages/new_run.py")
+    at.radio(key="new_run.data_source").set_value("folder").run()
+    at.text_input(key="new_run.data_path").input("/etc").run()
+    assert any("FINETUNE_LAB_DATA_ROOTS=" in i.value and "bash scripts/start.sh" in i.value
+               for i in at.info)
+
+
+def test_start_sh_says_where_runs_are_stored_and_what_the_ui_may_read(tmp_path):
+    """Issue 11.3: start.sh prints the run store and the data roots before serving (its
+    Python part is run here as start.sh runs it, without installing or serving)."""
+    script = (Path(APP).parent / "scripts" / "start.sh").read_text()
+    code = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    env = {**os.environ, "FINETUNE_LAB_DATA": str(tmp_path / "store"),
+           "FINETUNE_LAB_DATA_ROOTS": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(APP).parent, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert f"stored in {tmp_path / 'store'}" in out
+    assert f"only under: {tmp_path / 'a'}, {tmp_path / 'b'}" in out

@@ -198,3 +198,28 @@ def test_group_label_drops_the_seed_suffix():
 
     assert group_label([run("Exp: Two-stage seed 0"), run("Exp: Two-stage seed 1")]) == "Exp: Two-stage"
     assert group_label([run("alpha"), run("beta")]) == "alpha"
+
+
+def test_a_run_keeps_its_colour_whatever_else_is_on_the_chart():
+    """Issue 11.7: a run's colour comes from its id, not its position among the curves."""
+    f = frame({"val/acc": [(1, 0.1), (2, 0.2)]})
+    a, b = make_run(id="20260101-aaa", name="a"), make_run(id="20260101-bbb", name="b")
+    alone = charts.compare_figure([views.run_curve(a, f, "val/acc")], "val/acc")
+    both = charts.compare_figure([views.run_curve(b, f, "val/acc"), views.run_curve(a, f, "val/acc")],
+                                 "val/acc")
+    colour = alone.data[0].line.color
+    assert colour == views.run_color(a.id) == both.data[1].line.color
+    assert views.run_color("x" * 8) == views.run_color("x" * 8)  # stable across calls
+
+
+def test_legends_sit_below_the_plot_clear_of_the_toolbar():
+    """Issue 11.7: a legend at the top right ran into the chart's toolbar."""
+    fig = charts.metric_figure(frame({"val/acc": [(1, 0.1)], "train/acc": [(1, 0.2)]}), "acc",
+                               views.stage_bounds(TWO_STAGE))
+    assert fig.layout.legend.y < 0 and fig.layout.legend.yanchor == "top"
+
+
+def test_run_labels_carry_a_short_id_and_status_is_plain_text():
+    r = make_run(id="20260101-0930-abcdef", name="same name", status="running")
+    assert views.run_label(r).startswith("same name · abcdef (running")
+    assert views.runs_table([r]).loc[0, "Status"] == "running"  # no emoji to render as boxes

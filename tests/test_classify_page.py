@@ -223,3 +223,16 @@ def test_broken_checkpoint_is_a_clear_error_and_other_runs_still_work(monkeypatc
     assert_ok(at)
     assert not at.error and best_guess(at) in FIVE
     assert at.session_state["selected_run_id"] == good.id  # shared with other pages
+
+
+def test_the_page_names_the_models_classes_and_the_checkpoint_behind_the_verdict(
+        monkeypatch, five_class_store):
+    """Issue 11.1: the classes the model knows and the checkpoint that answers are on the
+    page itself (not under Details), before any picture is chosen."""
+    root, runs = five_class_store
+    at = app(monkeypatch, root)
+    assert_ok(at)
+    shown = texts(at)
+    assert "This model knows **5 classes**" in shown
+    assert all(c in shown.split("This model knows")[1] for c in FIVE)
+    assert "`best.pt`" in shown and runs["two-stage"].id[-6:] in shown

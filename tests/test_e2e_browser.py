@@ -145,21 +145,32 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     # Overview with an empty store says what to do next.
     page.goto(url)
     page.get_by_text("No runs yet — start one on").wait_for()
+    # The tab icon is served by the app itself (a material icon is fetched from the internet).
+    icons = page.locator('link[rel~="icon"]').evaluate_all("ls => ls.map(l => l.href)")
+    assert icons and all(i.startswith(url) for i in icons), icons
+    assert page.title() == "Two-Stage Fine-Tuning Lab"
     shot(page, "overview-empty")
 
     # New run: folder data, random weights, from the form.
     page.goto(url + "/new_run")
     page.get_by_text("Estimated on this machine").wait_for()
+    # Offline first run: the defaults' downloads are named before Start, with the fixes.
+    page.get_by_text(re.compile(r"^CIFAR-10 is not in .* fails without internet")).wait_for()
+    page.get_by_text(re.compile(r"^The ImageNet weights are not on this machine")).wait_for()
+    shot(page, "new-run-offline", "new-run-offline.png", height=1400)
     page.get_by_text("Advanced: optimizer, data, weights, device").click()
     page.get_by_text("Image folder", exact=True).click()
     wait_idle(page)
-    data_input = page.get_by_role("textbox", name="Data folder")
+    data_input = page.get_by_role("textbox", name="Data folder")  # not its help button
     data_input.fill(str(folder))
     data_input.press("Enter")
     n_train = 40 * 3 if big else 12 * 3
     page.get_by_text(f"3 classes, {n_train} training images.").wait_for()
     page.get_by_text("Random (from scratch)", exact=True).click()
     wait_idle(page)
+    # Random weights under the Two-stage preset's frozen layers: said plainly, fix offered.
+    page.get_by_text(re.compile(r"^Random weights with frozen layers")).wait_for()
+    expect(page.get_by_role("button", name="Train every layer (All at once)")).to_be_visible()
     if big:  # more steps and epochs for curves worth a screenshot
         batch = page.locator(".stSlider").filter(has_text="Batch size").get_by_role("slider")
         batch.focus()
@@ -182,11 +193,20 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     shot(page, "new-run-form", height=1800)
     start.click()
 
-    # The live view opens; the loss curve streams in without a reload; the run finishes.
-    page.wait_for_url(re.compile(r"/runs$"))
+    # The live view opens on the run's own URL; the loss curve streams in without a reload;
+    # the tab title carries the progress; a toast says when it finished.
+    page.wait_for_url(re.compile(r"/runs\?run=[\w-]+$"))
+    run_id = page.url.rsplit("=", 1)[1]
     page.get_by_role("heading", name="Runs").wait_for()
     page.get_by_text("Loss: training and validation").first.wait_for(timeout=RUN_TIMEOUT_S * 1000)
+    picker = page.get_by_role("combobox", name="Run", exact=True)  # its value is the label
+    page.wait_for_function(  # the tab title: "37 % browser run · ..." while it trains
+        "() => /^\\d+ % browser run/.test(document.title) || !/queued|running/.test("
+        "document.querySelector('input[aria-label=\"Run\"]').value)", timeout=UI_TIMEOUT_MS)
+    assert "(queued" not in picker.input_value()  # the picker follows the run's status
     shot(page, "run-live")
+    page.get_by_text(re.compile(r"browser run finished: best validation")).wait_for(
+        timeout=RUN_TIMEOUT_S * 1000)
     page.get_by_text("Best validation accuracy").wait_for(timeout=RUN_TIMEOUT_S * 1000)
     page.get_by_text("Confusion matrix (test set)").wait_for()
     runs = store.list_runs()
@@ -195,7 +215,17 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     cfg = cfgmod.check(runs[0].config)
     assert cfg.data_source == "folder" and cfg.weights == "random"
     wait_idle(page)
+    assert page.title() == "Two-Stage Fine-Tuning Lab"  # nothing runs any more
+    assert picker.input_value().startswith(f"browser run · {run_id[-6:]} (finished")
+    page.get_by_text(re.compile(r"^Disk: ")).click()  # its size and what each file is for
+    page.get_by_text(re.compile(r"best\.pt \(.*\): the best model")).wait_for()
     shot(page, "run-finished", "run.png", height=1900)
+
+    # "Insights and export" opens that run on Run insights, in the URL too.
+    page.get_by_role("button", name="Insights and export →").click()
+    page.wait_for_url(re.compile(r"/insights\?run=" + run_id))
+    page.get_by_role("heading", name="Run insights").wait_for()
+    assert run_id[-6:] in page.get_by_role("combobox", name="Run", exact=True).input_value()
 
     # A second recipe (and, for README screenshots, a group of seeds) to compare against.
     baseline = replace(cfg, stages=cfgmod.preset_stages("All at once", epochs=cfg.stages[0].epochs))
@@ -226,11 +256,26 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     # The recipes differ in what trains (grid cells are drawn on a canvas: attached, hidden).
     expect(page.get_by_text("stage 1.groups")).to_be_attached()
     page.get_by_text("Stage 2 starts").first.wait_for()
+    assert re.search(r"[?&]runs=" + run_id, page.url), page.url  # a link opens this view
+    # Aligned at stage 2, the one-stage recipe is left out (and said so), not mis-plotted.
+    page.get_by_text("Align at the start of stage 2").click()
+    page.get_by_text(re.compile(r"^Left out of the aligned chart")).wait_for()
+    shot(page, "compare-aligned", "compare-aligned.png", height=1400)
+    page.get_by_text("Align at the start of stage 2").click()
+    wait_idle(page)
     shot(page, "compare", "compare.png", height=1400)
+
+    # Overview: the runs with their sizes, nothing cut; the disk total.
+    page.goto(url)
+    page.get_by_text(re.compile(r"^Disk: the runs take")).wait_for()
+    shot(page, "overview-runs", "overview.png", height=1400)
 
     # Classify: upload an image of a training class and read the top class.
     image = next((folder / "test" / "red").glob("*.png"))
     page.goto(url + "/classify")
+    # What the model knows and which checkpoint answers, on the page itself.
+    page.get_by_text(re.compile(r"^This model knows 3 classes: ")).wait_for()
+    page.get_by_text(re.compile(r"^The verdict comes from best\.pt")).wait_for()
     page.locator('input[type="file"]').set_input_files(str(image))
     guess = page.get_by_text(re.compile(r"^Best guess:"))
     guess.wait_for()

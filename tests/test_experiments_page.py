@@ -186,3 +186,93 @@ def test_saved_run_config_as_a_recipe(finished_run, monkeypatch, tmp_path, tiny_
     assert [r.name for r in exp.recipes] == ["All at once", "config of tiny finished"]
     saved = exp.recipes[1].config
     assert saved.stages == run.config.stages and saved.batch_size == 8
+
+
+# ---------------------------------------------------------------- issue 11
+
+
+def _finish(store: RunStore, run, acc: float, status: str = "finished") -> None:
+    store.claim_run_now(run.id, os.getpid())
+    if status == "finished":
+        store.set_best(run.id, acc, 1, 1, "")
+        store.set_results(run.id, RunResults(), test_acc=acc)
+    store.finish_run(run.id, status)
+
+
+def _queue_experiment(app_env) -> AppTest:
+    at = run_page(EXPERIMENTS)
+    at.selectbox(key="experiments.weights").set_value("random")
+    at.selectbox(key="experiments.device").set_value("cpu")
+    at.number_input(key="experiments.seeds").set_value(2)
+    at.run()
+    at.button(key="experiments.submit").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_a_queued_experiment_opens_its_results_and_cannot_be_queued_twice(app_env, no_workers):
+    """Issue 11.6: after "Run the experiment" the Results tab opens (not "below" on another
+    tab), the button stays disabled until the form changes, and the experiment is in the URL."""
+    at = _queue_experiment(app_env)
+    [exp] = ex.list_experiments(app_env)
+    assert at.session_state["tab"] == "Results"
+    assert at.query_params["experiment"] == exp.id
+    assert at.button(key="experiments.submit").disabled
+    assert len(ex.list_experiments(app_env)) == 1 and len(app_env.list_runs()) == 4
+    at.number_input(key="experiments.seeds").set_value(3).run()  # the form changed
+    assert not at.button(key="experiments.submit").disabled
+
+
+def test_a_link_opens_the_experiment_it_names(app_env, no_workers):
+    _queue_experiment(app_env)
+    _queue_experiment(app_env)  # a fresh session: the form is new again
+    older, newer = sorted(ex.list_experiments(app_env), key=lambda e: e.created_at)
+    at = AppTest.from_file(EXPERIMENTS, default_timeout=TIMEOUT_S)
+    at.query_params["experiment"] = older.id
+    at.query_params["tab"] = "Results"
+    at.run()
+    assert at.selectbox(key="experiment").value == older.id != newer.id
+
+
+def test_verdict_mid_experiment_and_rerunning_cancelled_runs(app_env, no_workers):
+    """Issue 11.8: with 2 seeds configured and one finished per recipe, the verdict does not
+    ask for "at least 2 seeds"; when the rest were cancelled, a button re-runs them and the
+    experiment reaches its verdict."""
+    at = _queue_experiment(app_env)
+    [exp] = ex.list_experiments(app_env)
+    groups = [sorted(app_env.list_runs(group=r.group), key=lambda r: r.config.seed)
+              for r in exp.recipes]
+    _finish(app_env, groups[0][0], 0.9)
+    _finish(app_env, groups[1][0], 0.7)
+    at.run()
+    body = texts(at)
+    assert "run at least 2 seeds" not in body
+    assert "once a second of the 2 seeds per recipe has finished" in body
+    _finish(app_env, groups[0][1], 0, "cancelled")
+    _finish(app_env, groups[1][1], 0, "cancelled")
+    at.run()
+    assert "re-run the missing ones" in texts(at)
+    at.button(key=f"experiments.rerun.{exp.id}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(app_env.list_runs(statuses=("queued",))) == 2
+    for recipe, acc in zip(exp.recipes, (0.92, 0.71)):
+        [again] = app_env.list_runs(group=recipe.group, statuses=("queued",))
+        assert again.config.seed == 1
+        _finish(app_env, again, acc)
+    at.run()
+    assert any(s.value.startswith("Two-stage beat All at once by") for s in at.success)
+    assert "2 of 2" in at.dataframe[0].value.to_string()
+
+
+def test_a_data_root_with_train_and_test_is_listed_by_its_root(tmp_path, monkeypatch, tiny_folder):
+    """Issue 11.2: a data root that is itself a train/ + test/ data set is offered once, by
+    its root, never as its `test` half (which sorted first and was pre-selected)."""
+    from core.engine.datasets import list_datasets
+
+    assert [d.path for d in list_datasets([tiny_folder])] == [tiny_folder]
+    monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "runs"))
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tiny_folder))
+    at = run_page(EXPERIMENTS)
+    options = at.selectbox(key="experiments.data").options
+    assert options[0] == f"colors  ({tiny_folder})"
+    assert not any(o.startswith(("test ", "train ")) for o in options)

@@ -266,3 +266,31 @@ def test_gallery_lists_a_class_folder_as_training_does(tmp_path):
     names, trained_on, _ = scan_folder(root / "test")
     assert listed == sorted(trained_on[names.index("red")])
     assert nested / "deep.png" in listed and len(listed) == 3
+
+
+def test_default_model_prefers_a_real_validation_set_then_the_last_data_set_then_test_accuracy(store):
+    """Issue 11.1: a 3-class toy run scored on 6 validation images (67 %) must not beat the
+    10-class model scored on 5,000; among real ones, the data set the user last worked on
+    wins, then test accuracy."""
+    from core.runs.store import RunResults, SplitSizes
+
+    def scored(name, val_acc, test_acc, n_val, n_classes, data_path):
+        run = store.create_run(RunConfig(data_source="folder", data_path=data_path,
+                                         stages=(StageConfig(),)), name=name)
+        assert store.claim_run_now(run.id, os.getpid())
+        path = write_checkpoint(store.run_dir(run.id) / "best.pt")
+        store.set_best(run.id, val_acc, 1, 1, str(path))
+        store.set_results(run.id, RunResults(classes=[f"c{i}" for i in range(n_classes)],
+                                             sizes=SplitSizes(train=100, val=n_val, test=100)),
+                          test_acc=test_acc)
+        store.finish_run(run.id, "finished")
+        return store.get_run(run.id)
+
+    big = scored("cifar", 0.55, 0.54, 5000, 10, "/data/cifar")
+    other = scored("other data", 0.60, 0.70, 500, 5, "/data/flowers")
+    toy = scored("toy", 0.667, 0.9, 6, 3, "/data/toy")
+    runs = inference.classifiable_runs(store)
+    assert inference.default_run(runs).id == other.id  # best test accuracy among real ones
+    assert inference.default_run(runs, preferred_data=("folder", "/data/cifar")).id == big.id
+    assert inference.rank_models(runs)[-1].id == toy.id
+    assert not inference.has_real_validation(toy) and inference.has_real_validation(big)

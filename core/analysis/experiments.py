@@ -126,18 +126,28 @@ def _pts(x: float) -> str:
 
 
 def verdict(name_a: str, name_b: str, difference: Difference, what: str = "validation accuracy",
-            std_a: float = math.nan, std_b: float = math.nan) -> str:
+            std_a: float = math.nan, std_b: float = math.nan, seeds_planned: int = 1,
+            still_running: bool = False) -> str:
     """One plain-language sentence (or two) about `mean(a) - mean(b)` in percentage points,
     e.g. "Two-stage beat All at once by 1.8 ± 0.9 points of validation accuracy over 5
-    seeds (95 % confidence interval 0.9 to 2.7)."""
+    seeds (95 % confidence interval 0.9 to 2.7)." `seeds_planned`: seeds per recipe the
+    experiment asked for; with 2 or more planned, a single finished seed means "wait" (or
+    "re-run the missing ones" when nothing is `still_running`), not "run 2 seeds"."""
     d = difference
     seeds = (f"over {d.n_a} seeds" if d.n_a == d.n_b
              else f"over {d.n_a} and {d.n_b} seeds")
     if not d.has_interval:
         lead, other = (name_a, name_b) if d.diff >= 0 else (name_b, name_a)
-        return (f"{lead} scored {_pts(abs(d.diff))} points higher {what} than {other}, but "
-                f"with a single finished seed in a recipe there is no way to tell this from "
-                f"seed-to-seed luck; run at least 2 seeds (5 is better).")
+        lead_text = (f"{lead} scored {_pts(abs(d.diff))} points higher {what} than {other}, but "
+                     f"with a single finished seed in a recipe there is no way to tell this from "
+                     f"seed-to-seed luck; ")
+        if seeds_planned < 2:
+            return lead_text + "run at least 2 seeds (5 is better)."
+        if still_running:
+            return lead_text + (f"the interval appears once a second of the {seeds_planned} "
+                                f"seeds per recipe has finished.")
+        return lead_text + ("some of its runs did not finish: re-run the missing ones to get "
+                            "an interval.")
     level = f"{round(d.confidence * 100)} %"
     if d.excludes_zero:
         # Say it from the winner's side: the interval of (winner - loser) is positive.
@@ -364,13 +374,48 @@ class ExperimentResults:
         return sum(r.counts.get("finished", 0) for r in self.recipes)
 
 
+def latest_per_seed(runs: Sequence[Run]) -> tuple[Run, ...]:
+    """One run per seed, the newest (a re-run replaces a cancelled or failed one), by seed."""
+    newest: dict[int, Run] = {}
+    for r in runs:
+        if r.config.seed not in newest or r.created_at > newest[r.config.seed].created_at:
+            newest[r.config.seed] = r
+    return tuple(newest[s] for s in sorted(newest))
+
+
+def missing_runs(res: ExperimentResults) -> list[tuple[Recipe, int]]:
+    """(recipe, seed) pairs without a finished or active run: cancelled, failed, or never
+    queued (a crash part-way through submitting)."""
+    out = []
+    for rr in res.recipes:
+        by_seed = {r.config.seed: r for r in rr.runs}
+        for seed in res.experiment.seeds:
+            run = by_seed.get(seed)
+            if run is None or not (run.is_active or run.status == "finished"):
+                out.append((rr.recipe, seed))
+    return out
+
+
+def rerun_missing(store: RunStore, res: ExperimentResults) -> list[Run]:
+    """Queue the missing (recipe, seed) runs again, in their recipe's group, so the
+    experiment can reach its verdict. Returns the new runs."""
+    from core.runs import jobs
+
+    exp = res.experiment
+    runs = [jobs.submit(store, replace(recipe.config, seed=seed),
+                        name=f"{exp.name}: {recipe.name} seed {seed}", group=recipe.group,
+                        start=False)
+            for recipe, seed in missing_runs(res)]
+    jobs.dispatch(store)
+    return runs
+
+
 def experiment_results(store: RunStore, exp: Experiment) -> ExperimentResults:
     """Statistics over the finished runs of each recipe, and every pairwise comparison
     (recipes in the order they were chosen)."""
     recipe_results = []
     for recipe in exp.recipes:
-        runs = tuple(sorted(store.list_runs(group=recipe.group),
-                            key=lambda r: r.config.seed))
+        runs = latest_per_seed(store.list_runs(group=recipe.group))
         counts: dict[str, int] = {}
         for r in runs:
             counts[r.status] = counts.get(r.status, 0) + 1
@@ -387,8 +432,9 @@ def experiment_results(store: RunStore, exp: Experiment) -> ExperimentResults:
                 if not xa or not xb:
                     continue
                 d = welch_difference(xa, xb)
+                busy = any(r.is_active for r in (*ra.runs, *rb.runs))
                 text = verdict(ra.recipe.name, rb.recipe.name, d, METRICS[metric],
-                               sample_std(xa), sample_std(xb))
+                               sample_std(xa), sample_std(xb), len(exp.seeds), busy)
                 comparisons.append(Comparison(ra.recipe.name, rb.recipe.name, metric, d, text))
     return ExperimentResults(exp, tuple(recipe_results), tuple(comparisons))
 

@@ -64,16 +64,46 @@ def classifiable_runs(store: RunStore) -> list[Run]:
     return out
 
 
-def default_run(runs: Sequence[Run], selected_id: str | None = None) -> Run | None:
-    """`selected_id` if it names one of `runs`, else the one with the best validation
-    accuracy (ties: the newest), else None."""
+MIN_VAL_IMAGES = 50  # a validation set this big (or MIN_VAL_PER_CLASS per class) is "real"
+MIN_VAL_PER_CLASS = 10
+
+
+def data_set_of(run: Run) -> tuple[str, str]:
+    """What a run was trained on: (data source, data folder)."""
+    return run.config.data_source, run.config.data_path
+
+
+def has_real_validation(run: Run) -> bool:
+    """Whether the run's validation accuracy comes from enough images to mean something:
+    at least MIN_VAL_IMAGES, or MIN_VAL_PER_CLASS per class."""
+    sizes, classes = run.results.sizes, run.results.classes
+    if sizes is None:
+        return False
+    return sizes.val >= MIN_VAL_IMAGES or (bool(classes)
+                                           and sizes.val >= MIN_VAL_PER_CLASS * len(classes))
+
+
+def rank_models(runs: Sequence[Run], preferred_data: tuple[str, str] | None = None) -> list[Run]:
+    """Runs best model first: finished before stopped, a real validation set before a tiny
+    one, the data set the user last worked with before others, then test accuracy, then
+    validation accuracy; ties keep the given order (newest first)."""
+    def key(r: Run) -> tuple:
+        return (r.status == "finished", has_real_validation(r),
+                preferred_data is not None and data_set_of(r) == preferred_data,
+                r.test_acc if r.test_acc is not None else -1.0,
+                r.best_val_acc if r.best_val_acc is not None else -1.0)
+    return sorted(runs, key=key, reverse=True)  # sorted is stable: equal keys stay newest first
+
+
+def default_run(runs: Sequence[Run], selected_id: str | None = None,
+                preferred_data: tuple[str, str] | None = None) -> Run | None:
+    """`selected_id` if it names one of `runs`, else the best by rank_models, else None."""
     if not runs:
         return None
     for run in runs:
         if selected_id and run.id == selected_id:
             return run
-    # max() keeps the first of equal keys and runs are newest first.
-    return max(runs, key=lambda r: r.best_val_acc if r.best_val_acc is not None else -1.0)
+    return rank_models(runs, preferred_data)[0]
 
 
 # ---------------------------------------------------------------- decoding uploads

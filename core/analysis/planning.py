@@ -21,6 +21,14 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 CIFAR10_TRAIN_IMAGES_PER_CLASS = 5000
 CIFAR10_TEST_IMAGES_PER_CLASS = 1000
+CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 reads (and downloads)
+
+
+def cifar10_present(data_path: str = "") -> bool:
+    """Whether CIFAR-10 is already where a run would read it, so no download is needed."""
+    from core.engine.paths import cifar10_dir
+
+    return (cifar10_dir(data_path) / CIFAR10_FOLDER).is_dir()
 
 # Seconds per epoch for (groups, images, resolution in pixels, feature cache, device or None
 # for any): core.analysis.speed.estimate_epoch_seconds with a store bound.

@@ -434,10 +434,15 @@ def _looks_like_dataset(folder: Path) -> bool:
 
 def list_datasets(roots: Sequence[Path] | None = None) -> list[DatasetInfo]:
     """Data-set folders directly under each data root, by name (a linked one only when the
-    link stays inside the data roots)."""
+    link stays inside the data roots). A root that is itself a data set with train/ and
+    test/ is listed as one data set (by its root): its halves are never offered, least of
+    all test/ as training data."""
     out = []
     roots = data_roots() if roots is None else [Path(r).resolve() for r in roots]
     for root in roots:
+        if train_test_folders(root):
+            out.append(DatasetInfo(root.name, root, root))
+            continue
         try:
             children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                               and link_allowed(p, roots))

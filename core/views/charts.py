@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core.config import LAYER_GROUPS, StageConfig
-from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, series
+from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, run_color, series
 
 if TYPE_CHECKING:
     from core.analysis.insights import WeightChange
@@ -21,16 +21,19 @@ if TYPE_CHECKING:
 EPOCH_AXIS = "epoch (global, across stages)"
 # Alternating stage shades; light enough that curves on top stay readable.
 STAGE_FILLS = ("rgba(99, 110, 250, 0.08)", "rgba(0, 204, 150, 0.08)")
-PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
-           "#B6E880", "#FF97FF", "#FECB52")
 TRAIN_COLOR, VAL_COLOR = "#636EFA", "#EF553B"
+
+
+# The legend sits under the x-axis title, so it never runs into the chart's toolbar (top
+# right) or the title; the bottom margin makes room for it (pixels).
+LEGEND_BELOW = {"orientation": "h", "yanchor": "top", "y": -0.22, "xanchor": "left", "x": 0.0}
 
 
 def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, height: int = 340) -> go.Figure:
     fig.update_layout(
-        title={"text": title, "x": 0.0, "xanchor": "left"}, height=height,
-        margin={"l": 60, "r": 20, "t": 60, "b": 50},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+        title={"text": title, "x": 0.0, "xanchor": "left"}, height=height + 40,
+        margin={"l": 60, "r": 20, "t": 60, "b": 100},
+        legend=LEGEND_BELOW,
         hovermode="x unified",
     )
     fig.update_xaxes(title_text=x_title)
@@ -144,8 +147,8 @@ def compare_figure(curves: Sequence[Curve], key: str, smoothing: float = 0.0,
     """Curves of several runs/groups on one epoch axis. Groups get a ± std band; with
     smoothing, the raw points stay visible as faint markers under the smoothed line."""
     fig = go.Figure()
-    for i, c in enumerate(curves):
-        color = PALETTE[i % len(PALETTE)]
+    for c in curves:
+        color = run_color(c.color_key or c.name)  # the run's (or group's) colour on every page
         if not c.x:
             continue
         y = _scale(key, c.y)

@@ -36,3 +36,19 @@ def thumbnail(image: Image.Image, px: int) -> Image.Image:
     image = image.copy()
     image.thumbnail((px * 2, px * 2))
     return image
+
+
+def app_icon(px: int = 64) -> Image.Image:
+    """The app's tab icon, drawn here: three stacked layers, the top one highlighted (the
+    stage that trains). Streamlit serves an image icon itself, where a material or emoji
+    icon is fetched from the internet and is missing offline."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGBA", (px, px), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    bar = px // 5
+    for i, colour in enumerate(((47, 111, 222, 255), (120, 130, 150, 255), (120, 130, 150, 255))):
+        top = px // 8 + i * (bar + px // 10)
+        draw.rounded_rectangle((px // 10, top, px - px // 10, top + bar), radius=bar // 3,
+                               fill=colour)
+    return img

@@ -11,13 +11,14 @@ import os
 import re
 import statistics
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from core.config import RunConfig, flatten, to_dict
+from core.config import LAYER_GROUPS, RunConfig, flatten, to_dict
 from core.runs.store import MetricRow, Run
 
 if TYPE_CHECKING:
@@ -35,7 +36,17 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "epoch_s": ("Epoch time", "seconds"),
 }
 ACCURACY_KEYS = ("val/acc", "train/acc", "test/acc")
-STATUS_ICONS = {"queued": "⏳", "running": "▶️", "finished": "✅", "failed": "❌", "cancelled": "⏹️"}
+# Status marks as Streamlit material icons (rendered from the app's own font, so they show
+# where no emoji font is installed); tables show the plain word.
+STATUS_ICONS = {"queued": ":material/schedule:", "running": ":material/play_circle:",
+                "finished": ":material/check_circle:", "failed": ":material/error:",
+                "cancelled": ":material/stop_circle:"}
+ENDED_BADLY = ("failed", "cancelled")  # statuses Overview hides unless asked
+# How much of a run id pickers show: its random end (ids are "<date>-<time>-<hex>"), enough
+# to tell same-named runs apart.
+SHORT_ID_CHARS = 6
+RUN_COLORS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
+              "#B6E880", "#FF97FF", "#FECB52")
 
 
 def fmt_pct(x: float | None, digits: int = 1) -> str:
@@ -71,6 +82,14 @@ def recipe_text(config: RunConfig) -> str:
     return " → ".join(s.trains for s in config.stages)
 
 
+def recipe_short(config: RunConfig) -> str:
+    """recipe_text, with a stage that trains every group said as "all layers" (fits a
+    table column)."""
+
+    return " → ".join("all layers" if set(s.groups) >= set(LAYER_GROUPS) else s.trains
+                      for s in config.stages)
+
+
 def stage_bounds(config: RunConfig) -> list[tuple[float, float, str]]:
     """(start, end, label) per stage on the global epoch axis: stage 1 covers (0, e1],
     stage 2 (e1, e1+e2], ... — the same axis the trainer logs metrics on."""
@@ -95,7 +114,7 @@ def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
         best_at = f"stage {r.best_stage}, epoch {r.best_epoch}" if r.best_stage else "—"
         rows.append({
             "Run": r.name,
-            "Status": f"{STATUS_ICONS.get(r.status, '')} {r.status}",
+            "Status": r.status,
             "Progress": progress_fraction(r),
             "Recipe": recipe_text(r.config),
             "Best val acc": fmt_pct(r.best_val_acc),
@@ -110,10 +129,48 @@ def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
                                        "Best at", "Test acc", "Group", "Started", "Duration", "Id"])
 
 
+def short_id(run_id: str) -> str:
+    """The end of a run id, as pickers and chips show it."""
+    return run_id[-SHORT_ID_CHARS:]
+
+
 def run_label(run: Run) -> str:
-    """How a run is named in pickers: name, status and best accuracy."""
+    """How a run is named in pickers: name and short id (two runs may share a name), its
+    live status and best accuracy."""
     best = f", best val {fmt_pct(run.best_val_acc)}" if run.best_val_acc is not None else ""
-    return f"{run.name} ({run.status}{best})"
+    return f"{run.name} · {short_id(run.id)} ({run.status}{best})"
+
+
+def run_chip(run: Run) -> str:
+    """A short label for chips (multiselects), which have room for little: name and short
+    id, without status or accuracy."""
+    return f"{run.name} · {short_id(run.id)}"
+
+
+def run_color(run_id: str) -> str:
+    """A run's colour, the same on every page and every rerun: picked by a stable hash of
+    its id (Python's hash() is salted per process, so crc32)."""
+    return RUN_COLORS[zlib.crc32(run_id.encode()) % len(RUN_COLORS)]
+
+
+def tiny_validation(run: Run) -> int | None:
+    """The validation set's size when it is too small for its accuracy to mean much (the
+    rule Classify ranks models by: core.analysis.inference.has_real_validation), else None."""
+    from core.analysis.inference import has_real_validation  # the one rule; PIL, no torch
+
+    sizes = run.results.sizes
+    if sizes is not None and sizes.val > 0 and not has_real_validation(run):
+        return sizes.val
+    return None
+
+
+def val_caveat(run: Run) -> str:
+    """Plain words on a tiny validation set, or ''."""
+    n = tiny_validation(run)
+    if n is None:
+        return ""
+    return (f"Scored on only {n} validation image{'s' * (n != 1)}: one more right or wrong "
+            f"moves it by {100 / n:.0f} points, so this accuracy says little.")
 
 
 def group_label(members: list[Run]) -> str:
@@ -196,12 +253,13 @@ class Curve:
     std: list[float] | None = None  # per point, for groups of seeds
     n_runs: int = 1
     bounds: list[tuple[float, float, str]] = field(default_factory=list)
+    color_key: str = ""  # what picks its colour (run_color): the run id, or the group name
 
 
 def run_curve(run: Run, frame: pd.DataFrame, key: str, align_stage2: bool = False) -> Curve:
     x, y = series(frame, key)
     shift = stage2_offset(run.config) if align_stage2 else 0.0
-    return Curve(run.name, [v - shift for v in x], y,
+    return Curve(run.name, [v - shift for v in x], y, color_key=run.id,
                  bounds=[(a - shift, b - shift, label) for a, b, label in stage_bounds(run.config)])
 
 
@@ -214,12 +272,12 @@ def group_curve(name: str, runs: Sequence[Run], frames: Sequence[pd.DataFrame], 
         c = run_curve(run, frame, key, align_stage2)
         parts.append(pd.DataFrame({"x": [round(v, 6) for v in c.x], "y": c.y}))
     if not parts or all(p.empty for p in parts):
-        return Curve(name, [], [], [], n_runs=len(runs))
+        return Curve(name, [], [], [], n_runs=len(runs), color_key=name)
     stats = pd.concat(parts).groupby("x")["y"].agg(["mean", "std", "count"]).reset_index()
     stats["std"] = stats["std"].fillna(0.0)
     bounds = run_curve(runs[0], frames[0], key, align_stage2).bounds if runs else []
     return Curve(name, stats["x"].tolist(), stats["mean"].tolist(), stats["std"].tolist(),
-                 n_runs=len(runs), bounds=bounds)
+                 n_runs=len(runs), bounds=bounds, color_key=name)
 
 
 def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
