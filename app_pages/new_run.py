@@ -138,10 +138,10 @@ def stages_grid(n_stages: int) -> None:
 def advanced_stages(n_stages: int) -> None:
     st.markdown("**Per stage**")
     for i in range(n_stages):
-        c = st.columns([0.8, 1, 1, 1, 1, 1.2, 1], vertical_alignment="bottom")
+        c = st.columns([0.8, 1, 1, 1, 1, 1.2, 1, 1], vertical_alignment="bottom")
         c[0].markdown(f"Stage {i + 1}")
         for col, name in zip(c[1:], ("optimizer", "weight_decay", "warmup_epochs", "bn_policy",
-                                     "group_lr_mult", "feature_cache")):
+                                     "group_lr_mult", "plateau_patience", "feature_cache")):
             field_input(col, StageConfig, name, stage_prefix(i))
 
 
@@ -262,6 +262,7 @@ with st.expander("Advanced: optimizer, data, weights, device"):
     field_input(d3[0], RunConfig, "augment")
     field_input(d3[1], RunConfig, "seed")
     weights_path, weights_run = weights_settings(store, d3[2], path_errors)
+    field_input(d3[3], RunConfig, "early_stop_patience")
 
 cfg = cfgmod.from_form(RunConfig, st.session_state, P,
                        stages=tuple(read_stage(i) for i in range(n_stages)), data_path=data_path,

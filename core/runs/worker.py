@@ -132,10 +132,7 @@ def resume_point(store: RunStore, run_id: str, classes: list[str]) -> ResumeStat
         return None
     store.truncate_metrics(run_id, state.step)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
-    return ResumeState(model_state=last.state_dict, global_epoch=state.global_epoch,
-                       step=state.step, optimizer=state.optimizer, scheduler=state.scheduler,
-                       rng=state.rng, best_val_acc=state.best_val_acc,
-                       best_stage=state.best_stage, best_epoch=state.best_epoch)
+    return ResumeState.of(last.state_dict, state)
 
 
 def starting_model(store: RunStore, cfg: cfgmod.RunConfig, recorder: RunRecorder,

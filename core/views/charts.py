@@ -13,6 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core.config import LAYER_GROUPS, StageConfig
+from core.engine.stage_ends import STAGE_END_KEY, StageEnd, stage_end_text
 from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, series
 
 if TYPE_CHECKING:
@@ -47,6 +48,19 @@ def shade_stages(fig: go.Figure, bounds: Sequence[tuple[float, float, str]]) -> 
     return fig
 
 
+def mark_stage_ends(fig: go.Figure, frame: pd.DataFrame) -> go.Figure:
+    """A dotted line where a stage ended before its last epoch (a plateau or an early stop),
+    labelled with why. Stages that ran all their epochs end at their shaded band's edge."""
+    if frame.empty:
+        return fig
+    ends = frame[(frame["key"] == STAGE_END_KEY) & (frame["value"] != float(StageEnd.COMPLETED))]
+    for stage, x, code in zip(ends["stage"], ends["epoch"], ends["value"]):
+        fig.add_vline(x=float(x), line_dash="dot", line_color="#444", opacity=0.8,
+                      annotation_text=f"stage {int(stage)} ended: {stage_end_text(code)}",
+                      annotation_position="bottom right", annotation_font_size=10)
+    return fig
+
+
 def _mode(x: Sequence[float]) -> str:
     """Lines, plus markers while there are few points (a lone point has no line to show)."""
     return "lines" if len(x) > 30 else "lines+markers"
@@ -75,6 +89,7 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
                                      "train (epoch)", mode="lines+markers",
                                      line={"color": color, "width": 2}))
     shade_stages(fig, bounds)
+    mark_stage_ends(fig, frame)
     y_title = METRIC_LABELS[f"val/{metric}"][1]
     name = {"loss": "Loss", "acc": "Accuracy"}[metric]
     _layout(fig, f"{name}: training and validation", EPOCH_AXIS, y_title)
