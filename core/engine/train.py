@@ -30,7 +30,6 @@ from core.engine.data import (
     steps_per_epoch,
     training_batches,
 )
-from core.engine.stage_ends import STAGE_END_KEY, StageEnd
 from core.engine.model import (
     FoldedPrefix,
     count_parameters,
@@ -41,6 +40,7 @@ from core.engine.model import (
     set_train_mode,
     set_trainable,
 )
+from core.engine.stage_ends import STAGE_END_KEY, StageEnd
 
 MetricTuple = tuple[int, float, int, str, float]  # (stage, global epoch, step, key, value)
 LOG_POINTS_PER_EPOCH = 10  # step-level train-loss rows per epoch, for live curves
