@@ -247,3 +247,25 @@ def top_guesses_figure(names: Sequence[str], probabilities: Sequence[float],
                       xaxis=dict(range=[0, 105], title="How sure (%)"), yaxis=dict(title=None),
                       showlegend=False)
     return fig
+
+
+def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
+                   suggested_lr: float | None, title: str = "LR finder: loss against learning rate"
+                   ) -> go.Figure:
+    """A range test's loss (raw, faint; smoothed, bold) against the learning rate on a log
+    axis, with the suggested LR marked."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=list(lrs), y=list(losses), name="loss (per step)", mode="markers",
+                             marker={"color": TRAIN_COLOR, "size": 4}, opacity=0.35))
+    fig.add_trace(go.Scatter(x=list(lrs), y=list(smoothed), name="loss (smoothed)", mode="lines",
+                             line={"color": TRAIN_COLOR, "width": 2}))
+    if suggested_lr is not None:
+        fig.add_vline(x=suggested_lr, line_dash="dash", line_color=VAL_COLOR,
+                      annotation_text=f"suggested {suggested_lr:.2g} (steepest descent)",
+                      annotation_position="top right", annotation_font_size=11)
+    _layout(fig, title, "learning rate (log scale)", "training loss", height=320)
+    fig.update_xaxes(type="log", exponentformat="e")
+    if smoothed:  # the blown-up tail would flatten everything else
+        low, high = min(smoothed), smoothed[0]
+        fig.update_yaxes(range=[low - 0.1 * abs(high - low) - 1e-3, max(high, low) * 1.3 + 1e-3])
+    return fig
