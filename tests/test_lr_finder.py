@@ -115,3 +115,25 @@ def test_cli_lr_find_prints_the_curve_and_records_a_run(tmp_path, tiny_folder, c
     assert main(["--data-dir", str(store_dir), "lr-find", "--config", str(config),
                  "--stage", "3"]) == 2
     assert "stages 1 to 2" in capsys.readouterr().err
+
+
+def test_new_run_page_finds_an_lr_and_uses_it_in_one_click(app_env, no_workers, tiny_folder):
+    from tests.test_app_pages import fill_valid_folder_run, open_page
+
+    at = fill_valid_folder_run(open_page("app_pages/new_run.py"), tiny_folder)
+    at.button(key="new_run.lr_find.0.go").click().run(timeout=300)
+    assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
+    finding = at.session_state["new_run.lr_find.0"]
+    assert finding.stage == 1 and finding.trains == "layer4+fc"
+    recorded = app_env.list_runs()
+    assert len(recorded) == 1 and lr_finder.is_lr_find_run(recorded[0])
+    assert recorded[0].status == "finished"  # not queued: no worker trains it
+    suggested = finding.curve.suggested_lr
+    if suggested is None:  # a tiny random-weights curve may not fall clearly
+        assert "no suggestion" in " ".join(c.value for c in at.caption).lower()
+        return
+    at.button(key="new_run.lr_find.0.use").click().run()
+    assert at.session_state["new_run.s0.lr"] == suggested
+    at.button(key="new_run.start").click().run()
+    queued = [r for r in app_env.list_runs() if not lr_finder.is_lr_find_run(r)]
+    assert queued[0].config.stages[0].lr == suggested

@@ -49,6 +49,9 @@ STEPS = 100
 SMOOTHING = 0.98  # weight of the moving average (fastai's beta)
 DIVERGENCE_FACTOR = 4.0  # stop once the smoothed loss is 4x its minimum
 SKIP_START = 5  # the first smoothed points are dominated by the bias correction
+# The slope is taken over this many steps (about half a decade of LR at 100 steps over
+# 1e-7..10): a step-to-step slope follows batch noise and picks spurious early dips.
+SLOPE_WINDOW = 5
 RUN_NAME_PREFIX = "LR finder"
 LR_KEY, LOSS_KEY, SMOOTHED_KEY = "lr_find/lr", "lr_find/loss", "lr_find/smoothed_loss"
 SUGGESTED_KEY = "lr_find/suggested_lr"
@@ -96,9 +99,10 @@ def steepest_descent_lr(lrs: Sequence[float], smoothed: Sequence[float]) -> floa
     lo = min(range(SKIP_START, len(smoothed)), key=smoothed.__getitem__)
     best, best_slope = None, 0.0
     for i in range(SKIP_START, lo):
-        slope = (smoothed[i + 1] - smoothed[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i]))
-        if slope < best_slope:
-            best, best_slope = lrs[i], slope
+        j = min(i + SLOPE_WINDOW, lo)
+        slope = (smoothed[j] - smoothed[i]) / (math.log10(lrs[j]) - math.log10(lrs[i]))
+        if slope < best_slope:  # the LR in the middle of the steepest window
+            best, best_slope = math.sqrt(lrs[i] * lrs[j]), slope
     return best
 
 
