@@ -164,3 +164,25 @@ def test_chart_marks_where_and_why_a_stage_ended():
     assert not any(t.startswith("stage 2 ended") for t in labels)  # ran all its epochs
     lines = [s for s in fig.layout.shapes if s.type == "line"]
     assert [s.x0 for s in lines] == [2.0]
+
+
+def test_a_worker_run_keeps_the_early_ended_stage_checkpoint(store, tiny_folder):
+    import os
+
+    from core.engine.checkpoints import read_checkpoint
+    from core.runs.worker import execute_run
+
+    run = store.create_run(_flat_config(tiny_folder), name="plateau")
+    assert store.claim_run_now(run.id, os.getpid())
+    assert execute_run(store, run.id) == "finished"
+    done = store.get_run(run.id)
+    # Stage 1 ended at its epoch 2 of 4: its stage-end checkpoint and weight change exist.
+    stage1 = read_checkpoint(store.files(run.id).stage_end(1))
+    assert (stage1.stage, stage1.epoch) == (1, 2)
+    assert [w.stage for w in done.results.weight_change] == [1, 2]
+    ends = [(r.stage, r.epoch, r.value) for r in store.metrics(run.id, keys=(STAGE_END_KEY,))]
+    assert ends == [(1, 2.0, float(StageEnd.PLATEAU)), (2, 6.0, float(StageEnd.PLATEAU))]
+    last = read_checkpoint(store.files(run.id).last).training_state
+    assert last.stage_end == StageEnd.PLATEAU and last.global_epoch == 6
+    test_rows = store.metrics(run.id, keys=("test/acc",))
+    assert [r.epoch for r in test_rows] == [6.0]  # after the last epoch that ran
