@@ -194,6 +194,10 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
                                   f"not {args.stage}"])
     if args.steps < lr_finder.SKIP_START + 3:
         raise cfgmod.ConfigError([f"steps: use at least {lr_finder.SKIP_START + 3}"])
+    if cfg.threads:  # this process is ours alone (the dashboard leaves threads alone)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     finding = lr_finder.find_lr(
         store, cfg, args.stage, str(args.start_checkpoint) if args.start_checkpoint else None,
         steps=args.steps, on_progress=lambda msg, f: print(f"\r{msg} {100 * f:3.0f} %", end="",

@@ -187,8 +187,8 @@ def find_lr(store: RunStore, cfg: RunConfig, stage: int, start_checkpoint: str |
     if not 1 <= stage <= len(cfg.stages):
         raise ValueError(f"stage {stage}: the config has stages 1 to {len(cfg.stages)}")
     stage_cfg = cfg.stages[stage - 1]
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # cfg.threads is not applied here: the dashboard's process is shared by every session
+    # (the command line sets it for its own process).
     torch.manual_seed(cfg.seed)  # the new head's initialisation, as a run of cfg has it
     splits_progress = lambda msg, f: on_progress(msg, 0.5 * f)  # noqa: E731
     donor = donor_checkpoint(store, cfg)
