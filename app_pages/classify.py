@@ -156,20 +156,17 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
 
     st.subheader("What did it look at?")
     layer = st.session_state.get(P + "cam_layer", "layer4")
-    cam = predictor.explain(img, top.index, layer=layer)
-    from core.analysis.explain import overlay
+    # core picks a method that means something at this input size, or says why there is none.
+    explanation = predictor.explanation(img, top.index, layer=layer)
+    if explanation.available:
+        from core.analysis.explain import overlay
 
-    c1, c2 = st.columns([1, 2])
-    with c1:
-        st.image(overlay(predictor.model_view(img), cam.heatmap, size=DISPLAY_PX),
+        c1, c2 = st.columns([1, 2])
+        c1.image(overlay(predictor.model_view(img), explanation.heatmap, size=DISPLAY_PX),
                  caption=f"Heat map for “{inference.display_name(top.label)}”")
-    with c2:
-        st.markdown(f"Warm colours (yellow, red) mark the parts of the picture that pushed the model "
-                    f"towards **{inference.display_name(top.label)}**; blue parts mattered little.")
-        if min(cam.grid) < 3:
-            st.caption(f"At {predictor.resolution} × {predictor.resolution} pixels the model's last "
-                       f"stage sees the picture as a {cam.grid[0]} × {cam.grid[1]} grid, so the map "
-                       f"can only be that coarse. Models trained on bigger pictures give sharper maps.")
+        c2.markdown(explanation.meaning)
+    else:
+        st.info(explanation.meaning)
 
     before_after(run, img)
 

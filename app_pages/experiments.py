@@ -75,32 +75,35 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
         "Configs of earlier runs (used as they were, seed aside)", list(by_id), key=P + "saved",
         format_func=lambda i: f"{by_id[i].name} ({i})",
         placeholder="no finished runs yet" if not saved else "optional")
-    seeds_n = c[1].number_input("Seeds per recipe", min_value=1, max_value=ex.MAX_SEEDS, value=3,
+    seeds_n = c[1].number_input("Seeds per recipe", min_value=1, max_value=ex.MAX_SEEDS,
+                                value=ex.DEFAULT_SEEDS,
                                 key=P + "seeds", help="Runs use seeds 0, 1, … 5 seeds give a "
                                 "useful interval; 1 seed gives no interval at all.")
 
     st.markdown("**Settings shared by the presets**")
     fields, problems = data_fields(store)
     s = st.columns(5)
-    epochs = s[0].number_input("Epochs per stage", 1, 100, cfgmod.PRESET_EPOCHS, key=P + "epochs",
+    epochs = s[0].number_input("Epochs per stage", 1, 100, ex.DEFAULT_EPOCHS_PER_STAGE,
+                               key=P + "epochs",
                                help="One-stage presets train for twice this, so every recipe "
                                     "gets the same number of epochs.")
     lr = s[1].select_slider("Learning rate", cfgmod.LR_GRID, value=cfgmod.PRESET_LR,
                             format_func=lambda v: f"{v:g}", key=P + "lr",
                             help="The first stage's; later stages scale it as the preset does.")
-    cap = s[2].number_input("Training images cap (0 = all)", 0, 1_000_000, 2000, step=500,
-                            key=P + "cap", help="Fewer images train faster; fine for a first look.")
-    weights = s[3].selectbox("Starting weights", ("imagenet", "random"), key=P + "weights",
-                             help="ImageNet weights are the normal choice; offline machines "
-                                  "without them cached must use random.")
+    cap = s[2].number_input("Training images cap (0 = all)", 0, 1_000_000, ex.DEFAULT_IMAGE_CAP,
+                            step=500, key=P + "cap",
+                            help="Fewer images train faster, but too few (or too few epochs) "
+                                 "leave recipes near chance and the answer buried in noise.")
+    weight_fields = weights_choice(s[3], store, all_runs, problems)
     device = s[4].selectbox("Device", cfgmod.DEVICES, key=P + "device")
     name = st.text_input("Experiment name (optional)", key=P + "name",
                          placeholder="e.g. does two-stage beat all at once on my photos?")
 
-    base = cfgmod.RunConfig(max_train_images=int(cap), weights=weights, device=device, **fields)
+    base = cfgmod.RunConfig(max_train_images=int(cap), device=device, **weight_fields, **fields)
     recipes = ex.preset_recipes(presets, int(epochs), float(lr), base)
     saved_recipes, saved_problems = ex.saved_run_recipes([by_id[i] for i in saved_ids],
                                                          taken=[n for n, _ in recipes])
+    estimate_caption(store, recipes + saved_recipes, int(seeds_n))
     submit(store, recipes + saved_recipes, list(range(int(seeds_n))), name,
            problems + saved_problems)
 
@@ -110,6 +113,67 @@ def form_fingerprint(recipes: list[tuple[str, cfgmod.RunConfig]], seeds: list[in
     """What the form would queue, as text: the button stays disabled while it equals what
     was just queued, so a second click cannot queue a duplicate experiment."""
     return repr((name.strip(), seeds, [(n, cfgmod.to_json(c)) for n, c in recipes]))
+
+
+def weights_choice(where, store: RunStore, all_runs: list[Run], problems: list[str]) -> dict:
+    """Every starting-weights choice of a run (the config schema's), with the file path or
+    donor run it needs -> RunConfig fields."""
+    spec = cfgmod.field_spec(cfgmod.RunConfig, "weights")
+    weights = where.selectbox(spec.label, spec.choices, key=P + "weights",
+                              format_func=spec.choice_label,
+                              help="ImageNet weights are the normal choice; offline machines "
+                                   "without them cached can use random, a weights file or "
+                                   "another run's best checkpoint.")
+    if weights == "file":
+        text = st.text_input(cfgmod.field_spec(cfgmod.RunConfig, "weights_path").label,
+                             key=P + "weights_path")
+        try:
+            path = str(resolve_user_path(text)) if text.strip() else ""
+        except PathNotAllowed as exc:
+            problems.append(f"weights file: {exc}")
+            path = ""
+        return {"weights": "file", "weights_path": path}
+    if weights == "run":
+        donors = {r.id: r for r in all_runs if r.status == "finished" and r.best_checkpoint}
+        donor = st.selectbox(cfgmod.field_spec(cfgmod.RunConfig, "weights_run").label,
+                             list(donors), key=P + "weights_run",
+                             format_func=lambda i: f"{donors[i].name} ({i})",
+                             placeholder="no finished runs yet")
+        return {"weights": "run", "weights_run": donor or ""}
+    return {"weights": weights}
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _epoch_seconds(groups: tuple[str, ...], n_images: int, resolution: int, feature_cache: bool,
+                   device: str | None, store_root: str) -> float:
+    from core.analysis.speed import estimate_epoch_seconds
+
+    return estimate_epoch_seconds(groups, n_images, resolution, feature_cache,
+                                  store=RunStore(store_root), device=device)
+
+
+@st.cache_data(ttl=30, show_spinner="Scanning the image folder…")
+def _scan(path: str):
+    from pathlib import Path
+
+    from core.analysis.planning import scan_image_folder
+
+    return scan_image_folder(Path(path))
+
+
+def estimate_caption(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]],
+                     n_seeds: int) -> None:
+    from core.views.tables import fmt_duration
+
+    if not recipes:
+        return
+    cfg = recipes[0][1]
+    scan = _scan(cfg.data_path) if cfg.data_source == "folder" and cfg.data_path else None
+    seconds = ex.estimated_seconds(recipes, n_seeds, scan,
+                                   lambda *shape: _epoch_seconds(*shape, str(store.root)))
+    st.caption("Estimated time on this machine: "
+               + (f"about {fmt_duration(seconds)} for all runs." if seconds is not None
+                  else "known once the data set is chosen."))
 
 
 def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: list[int],

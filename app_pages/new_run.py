@@ -16,12 +16,13 @@ import streamlit as st
 
 from app_pages._common import DATASETS_PAGE, HANDED_DATA_PATH, get_store, open_run, page_link
 from core import config as cfgmod
-from core.analysis import planning
+from core.analysis import lr_finder, planning
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
 from core.engine.model_info import imagenet_weights_path
 from core.engine.paths import DATA_ROOTS_ENV, PathNotAllowed, cifar10_dir, data_roots, resolve_user_path
 from core.runs import jobs
 from core.runs.store import RunStore, StoreError
+from core.views import charts
 from core.views.tables import fmt_count, fmt_duration, run_label
 
 P = "new_run."  # session-state prefix of this page
@@ -185,13 +186,13 @@ def stages_grid(n_stages: int) -> None:
 def advanced_stages(n_stages: int) -> None:
     st.markdown("**Per stage**")
     for i in range(n_stages):
-        # Two rows of three: in one row of six, "SGD + momentum" and the BatchNorm choice
-        # were cut off.
-        first = st.columns([0.8, 2, 1.3, 1.3], vertical_alignment="bottom")
+        # Two rows: in one row of seven, "SGD + momentum" and the BatchNorm choice were cut off.
+        first = st.columns([0.8, 2, 1.3, 1.3, 1.3], vertical_alignment="bottom")
         first[0].markdown(f"Stage {i + 1}")
-        for col, name in zip(first[1:], ("optimizer", "weight_decay", "warmup_epochs")):
+        for col, name in zip(first[1:], ("optimizer", "weight_decay", "warmup_epochs",
+                                         "plateau_patience")):
             field_input(col, StageConfig, name, stage_prefix(i))
-        second = st.columns([0.8, 2, 1.3, 1.3], vertical_alignment="bottom")
+        second = st.columns([0.8, 2, 1.3, 1.3, 1.3], vertical_alignment="bottom")
         for col, name in zip(second[1:], ("bn_policy", "group_lr_mult", "feature_cache")):
             field_input(col, StageConfig, name, stage_prefix(i))
 
@@ -243,6 +244,62 @@ def weights_settings(store: RunStore, device_col: Any, errors: list[str]) -> tup
         weights_run = st.session_state[f"{P}weights_run"] or ""
     field_input(device_col, RunConfig, "device")
     return weights_path, weights_run
+
+
+def use_lr(i: int, lr: float) -> None:
+    """Button callback: the LR finder's suggestion becomes stage i's learning rate."""
+    st.session_state[cfgmod.field_key(stage_prefix(i), "lr")] = lr
+
+
+def lr_finder_section(store: RunStore, cfg: RunConfig, n_stages: int) -> None:
+    """Per stage: a short LR range test on exactly the groups that stage trains, its plot,
+    and one click to use the suggestion (core.analysis.lr_finder)."""
+    with st.expander("LR finder: find a learning rate for a stage"):
+        st.caption("A short run (100 steps, here in the page) raises the learning rate "
+                   "exponentially while training only the stage's layer groups, and suggests "
+                   "where the loss falls fastest. Each test is recorded as a run named "
+                   "“LR finder · …”.")
+        errors = cfgmod.validate(cfg)
+        for i in range(n_stages):
+            key = f"{P}lr_find.{i}"
+            cols = st.columns([1, 2], vertical_alignment="bottom")
+            start_ckpt = None
+            if i > 0:  # a later stage starts from the previous stage's result
+                donors = {r.id: r for r in store.list_runs(statuses=("finished",))
+                          if store.files(r.id).stage_end(i).exists()}
+                pick = cols[1].selectbox(
+                    f"Stage {i + 1} starts from", ["", *donors], key=f"{key}.from",
+                    format_func=lambda r: (run_label(donors[r]) + f" (end of stage {i})" if r
+                                           else "the starting weights (approximation)"),
+                    help=f"Stage {i + 1} will start from stage {i}'s result: a finished run's "
+                         f"stage {i} checkpoint stands in for it.")
+                start_ckpt = str(store.files(pick).stage_end(i)) if pick else None
+            if cols[0].button(f"Find LR for stage {i + 1}", key=f"{key}.go",
+                              disabled=bool(errors)):
+                with st.spinner(f"Range test of stage {i + 1}…"):
+                    try:
+                        finding = lr_finder.find_lr(store, cfg, i + 1, start_ckpt)
+                        lr_finder.record(store, cfg, finding)
+                    except Exception as exc:  # data/weights problems: say so, keep the page
+                        st.error(f"The LR finder could not run: {exc}")
+                    else:
+                        st.session_state[key] = finding
+            finding = st.session_state.get(key)
+            if finding is None or finding.trains != cfg.stages[i].trains:
+                continue
+            c = finding.curve
+            st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, c.suggested_lr,
+                                                  f"LR finder, stage {i + 1} ({finding.trains})"),
+                            key=f"{key}.chart")
+            st.caption(f"Started from {finding.start}."
+                       f"{' Stopped early: the loss diverged.' if c.diverged else ''}")
+            if c.suggested_lr is None:
+                st.caption("No clear fall in the loss: no suggestion.")
+            else:
+                st.button(f"Use {c.suggested_lr:.2g} for stage {i + 1}", key=f"{key}.use",
+                          on_click=use_lr, args=(i, c.suggested_lr))
+        if errors:
+            st.caption("Fix the config first: " + "; ".join(errors))
 
 
 def summary(plan: planning.RunPlan, cfg: RunConfig) -> None:
@@ -313,10 +370,12 @@ with st.expander("Advanced: optimizer, data, weights, device"):
     field_input(d3[0], RunConfig, "augment")
     field_input(d3[1], RunConfig, "seed")
     weights_path, weights_run = weights_settings(store, d3[2], path_errors)
+    field_input(d3[3], RunConfig, "early_stop_patience")
 
 cfg = cfgmod.from_form(RunConfig, st.session_state, P,
                        stages=tuple(read_stage(i) for i in range(n_stages)), data_path=data_path,
                        weights_path=weights_path, weights_run=weights_run)
+lr_finder_section(store, cfg, n_stages)
 summary_area = st.container()  # drawn once the plan (which needs the seed count) exists
 repeat_cols = st.columns([1, 1, 3], vertical_alignment="bottom")
 repeats = repeat_cols[0].number_input(

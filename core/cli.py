@@ -3,6 +3,7 @@
     python -m core train --preset Two-stage --data-source folder --data-path DIR ...
     python -m core train --config run.json
     python -m core runs
+    python -m core lr-find --config run.json --stage 2
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def _parser() -> argparse.ArgumentParser:
             if spec.flag:
                 _add_field_flag(t, f, spec, typing.get_type_hints(cls)[f.name])
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    lf = sub.add_parser("lr-find", help="LR range test of one stage (recorded as a run)",
+                        description="Raise the learning rate exponentially over a short run "
+                        "that trains exactly the stage's layer groups, and suggest the LR where "
+                        "the loss falls fastest (steepest descent).")
+    lsrc = lf.add_mutually_exclusive_group(required=True)
+    lsrc.add_argument("--config", type=Path, help="a JSON run config")
+    lsrc.add_argument("--run", help="the id of a run whose config to use")
+    lf.add_argument("--stage", type=int, default=1, help="the stage to test, 1-based (default 1)")
+    lf.add_argument("--start-checkpoint", type=Path, default=None,
+                    help="weights a later stage starts from, e.g. a finished run's stage1.pt "
+                         "(default: the run's starting weights)")
+    lf.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    lf.add_argument("--name", default="", help="added to the recorded run's name")
+    lf.add_argument("--json", action="store_true", help="print the curve as JSON")
 
     r = sub.add_parser("runs", help="list runs with status and best accuracy")
     r.add_argument("--json", action="store_true", help="machine-readable output")
@@ -192,6 +208,54 @@ class _TqdmHandler(logging.Handler):
         self.bar.write(self.format(record), file=sys.stderr)
 
 
+def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
+    from core.analysis import lr_finder
+
+    if args.config:
+        try:
+            cfg = cfgmod.from_json(args.config.read_text())
+        except OSError as exc:
+            raise cfgmod.ConfigError([f"config: cannot read {args.config} ({exc.strerror})"]) from None
+    else:
+        run = store.get_run(args.run)
+        if run is None:
+            print(f"no run {args.run!r} in {store.root}", file=sys.stderr)
+            return 2
+        cfg = cfgmod.check(run.config)
+    if not 1 <= args.stage <= len(cfg.stages):
+        raise cfgmod.ConfigError([f"stage: the config has stages 1 to {len(cfg.stages)}, "
+                                  f"not {args.stage}"])
+    if args.steps < lr_finder.SKIP_START + 3:
+        raise cfgmod.ConfigError([f"steps: use at least {lr_finder.SKIP_START + 3}"])
+    if cfg.threads:  # this process is ours alone (the dashboard leaves threads alone)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    finding = lr_finder.find_lr(
+        store, cfg, args.stage, str(args.start_checkpoint) if args.start_checkpoint else None,
+        steps=args.steps, on_progress=lambda msg, f: print(f"\r{msg} {100 * f:3.0f} %", end="",
+                                                           file=sys.stderr))
+    print(file=sys.stderr)
+    run = lr_finder.record(store, cfg, finding, args.name)
+    c = finding.curve
+    if args.json:
+        print(json.dumps({"run": run.id, "stage": finding.stage, "trains": finding.trains,
+                          "start": finding.start, "suggested_lr": c.suggested_lr,
+                          "min_loss_lr_over_10": c.min_loss_lr_over_10, "diverged": c.diverged,
+                          "lrs": c.lrs, "losses": c.losses, "smoothed": c.smoothed}, indent=2))
+        return 0
+    print(f"stage {finding.stage} ({finding.trains}) from {finding.start}")
+    print(f"{len(c.lrs)} steps, {c.lrs[0]:.1e} .. {c.lrs[-1]:.1e}"
+          f"{' (stopped: the loss diverged)' if c.diverged else ''}")
+    if c.suggested_lr is None:
+        print("no suggestion: the loss never fell clearly; try more steps or another range")
+    else:
+        print(f"suggested lr {c.suggested_lr:.2g} (steepest descent); the loss minimum's "
+              f"LR / 10 is {c.min_loss_lr_over_10:.2g}")
+    print(f"recorded as run {run.id}")
+    return 0
+
+
 def cmd_runs(store: RunStore, as_json: bool) -> int:
     from core.runs.jobs import reconcile
 
@@ -219,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         store = RunStore(args.data_dir)
         if args.command == "train":
             return cmd_train(store, args)
+        if args.command == "lr-find":
+            return cmd_lr_find(store, args)
         return cmd_runs(store, args.json)
     except cfgmod.ConfigError as exc:
         print("invalid config:\n  " + "\n  ".join(exc.errors), file=sys.stderr)

@@ -146,6 +146,14 @@ class StageConfig:
         False, label="Feature cache", widget="checkbox", flag=True,
         help="Compute the frozen layers' outputs once and train on them: much faster when "
              "only the last groups train; no augmentation then.")
+    # End the stage early when validation accuracy has not beaten the stage's best for this
+    # many epochs (0 = off: the stage runs all its epochs, which are then a cap). On the
+    # command line the flag applies to every stage.
+    plateau_patience: int = _spec(
+        0, label="Plateau patience (epochs)", widget="number", low=0, high=999, step=1,
+        flag=True,
+        help="End the stage when validation accuracy has not improved for this many epochs; "
+             "its epochs become a cap. 0 = off.")
 
     @property
     def trains(self) -> str:
@@ -205,6 +213,13 @@ class RunConfig:
         choice_labels=(("auto", "auto (GPU if any)"), ("cpu", "CPU"), ("cuda", "CUDA GPU"),
                        ("mps", "Apple MPS")),
         help="auto: cuda, then mps, then cpu")
+    # Stop the whole run (the remaining stages too) when validation accuracy has not beaten
+    # the run's best for this many epochs, counted across stage boundaries. 0 = off.
+    early_stop_patience: int = _spec(
+        0, label="Early stop patience (epochs)", widget="number", low=0, high=999, step=1,
+        flag=True,
+        help="Stop the run when validation accuracy has not improved on the run's best for "
+             "this many epochs, across stages. 0 = off.")
     threads: int = _spec(0, label="CPU threads", flag=True,
                          help="torch intra-op threads, 0 = one per physical core")
 
@@ -294,7 +309,20 @@ def validate_stage(stage: StageConfig, label: str) -> list[str]:
                  f"({stage.epochs} epochs)")
     if stage.bn_policy not in BN_POLICIES:
         e.append(f"{label}: BN policy must be one of {', '.join(BN_POLICIES)}")
+    e += _patience_errors(stage.plateau_patience, f"{label}: plateau_patience",
+                          stage.epochs, "the stage's epochs")
     return e
+
+
+def _patience_errors(patience: Any, name: str, epochs: int, of_what: str) -> list[str]:
+    """A patience is off (0) or fewer epochs than it watches: a patience that can never run
+    out would look like a plateau stop that silently never happens."""
+    if not isinstance(patience, int) or isinstance(patience, bool) or not 0 <= patience <= 999:
+        return [f"{name} must be a whole number from 0 (off) to 999"]
+    if patience and isinstance(epochs, int) and epochs and patience >= epochs:
+        return [f"{name} ({patience} epochs) must be less than {of_what} ({epochs}) to ever "
+                f"end it; 0 turns it off"]
+    return []
 
 
 def validate(cfg: RunConfig) -> list[str]:
@@ -334,6 +362,9 @@ def validate(cfg: RunConfig) -> list[str]:
         e.append("weights_run: starting from a run needs that run's id")
     if cfg.device not in DEVICES:
         e.append(f"device must be one of {', '.join(DEVICES)}")
+    e += _patience_errors(cfg.early_stop_patience, "early_stop_patience",
+                          cfg.total_epochs if all(isinstance(s.epochs, int) for s in cfg.stages)
+                          else 0, "the run's epochs")
     if not isinstance(cfg.threads, int) or not 0 <= cfg.threads <= 256:
         e.append("threads must be 0 (auto) or a whole number up to 256")
     return e

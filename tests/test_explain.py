@@ -105,3 +105,56 @@ def test_colorize_ends_and_overlay_size():
     assert out.size == (128, 128) and out.mode == "RGB"
     top, bottom = np.asarray(out)[10, 64], np.asarray(out)[118, 64]
     assert top[0] > bottom[0]  # the hot half is redder
+
+
+# ---------------------------------------------------------------- explain: never a map that means nothing
+
+
+class Quadrants(nn.Module):
+    """A toy whose last block is a 1 x 1 grid (as ResNet-18's at 32 px): class 0's score is
+    channel 0 in the top-left quadrant, class 1's channel 1 in the bottom-right."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer4 = nn.Identity()
+
+    def forward(self, x):
+        h = x.shape[2] // 2
+        feats = torch.stack([x[:, 0, :h, :h].mean((1, 2)), x[:, 1, h:, h:].mean((1, 2))], 1)
+        return 4 * self.layer4(feats[:, :, None, None]).flatten(1)
+
+
+def test_coarse_grid_uses_occlusion_that_points_at_the_evidence():
+    from core.analysis.explain import explain
+
+    x = torch.zeros(1, 3, 32, 32)
+    x[0, 0, :16, :16] = 1.0
+    x[0, 1, 16:, 16:] = 1.0
+    e = explain(Quadrants(), x, class_index=0)
+    assert e.method == "occlusion" and e.available and e.heatmap.shape == (32, 32)
+    assert "too coarse" in e.meaning
+    assert e.heatmap[:12, :12].mean() > 0.5 and e.heatmap[20:, 20:].max() == 0.0
+    e1 = explain(Quadrants(), x, class_index=1)
+    assert e1.heatmap[20:, 20:].mean() > 0.5 and e1.heatmap[:12, :12].max() == 0.0
+
+
+def test_resnet_at_32_px_is_never_a_uniform_tint(resnet):
+    from core.analysis.explain import explain
+
+    torch.manual_seed(1)
+    e = explain(resnet, torch.randn(1, 3, 32, 32))
+    assert e.method in ("occlusion", "none")  # layer4 is 1 x 1 here: no Grad-CAM
+    if e.available:
+        assert e.heatmap.shape == (32, 32) and float(e.heatmap.max()) == pytest.approx(1.0)
+        assert float(e.heatmap.min()) < 1.0  # it says where, not "everywhere"
+    # A fine enough grid keeps Grad-CAM.
+    assert explain(resnet, torch.randn(1, 3, 128, 128)).method in ("grad-cam", "occlusion")
+
+
+def test_no_evidence_anywhere_says_so_in_words():
+    from core.analysis.explain import explain
+
+    x = torch.zeros(1, 3, 32, 32)  # covering a patch with 0 changes nothing
+    e = explain(Quadrants(), x, class_index=0, class_name="a red square")
+    assert e.method == "none" and not e.available and e.heatmap is None
+    assert e.meaning.startswith("No explanation available") and "a red square" in e.meaning

@@ -50,6 +50,8 @@ def from_experiments(folder: Path, store) -> dict[str, dict]:
     at.selectbox(key="experiments.data").set_value("Another folder…").run()
     at.text_input(key="experiments.path").input(str(folder))
     at.number_input(key="experiments.cap").set_value(0)  # New run's default: all images
+    # New run's and the CLI's epochs per stage (Experiments defaults to a bigger budget).
+    at.number_input(key="experiments.epochs").set_value(cfgmod.PRESET_EPOCHS)
     at.selectbox(key="experiments.weights").set_value("random")
     at.number_input(key="experiments.seeds").set_value(1).run()
     at.button(key="experiments.submit").click().run()

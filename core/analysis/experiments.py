@@ -33,6 +33,19 @@ from core.runs.store import Run, RunStore
 CONFIDENCE = 0.95
 MAX_SEEDS = 20  # one experiment queues recipes x seeds runs; more is almost surely a typo
 METRICS = {"val": "best validation accuracy", "test": "test accuracy"}
+# A recipe whose mean accuracy is within this many points of chance (100 / classes) has
+# barely learned: comparing it says more about the budget than about the recipe.
+NEAR_CHANCE_PTS = 5.0
+# A confidence interval wider than this (half width, points) cannot tell recipes apart
+# that differ by the few points recipe choices usually make.
+WIDE_INTERVAL_PTS = 5.0
+# Fewer seeds than this make a spread (sample std) itself too uncertain to rank stability.
+STABLE_SPREAD_SEEDS = 10
+# Defaults of the Experiments form: a budget that can answer the question (the old
+# 2,000 images x 1 epoch per stage turned a 6.5-point gap into "35.3 ± 16.6 points").
+DEFAULT_EPOCHS_PER_STAGE = 3
+DEFAULT_IMAGE_CAP = 10_000
+DEFAULT_SEEDS = 3
 
 
 class ExperimentError(ValueError):
@@ -170,7 +183,59 @@ def verdict(name_a: str, name_b: str, difference: Difference, what: str = "valid
         else:
             text += (f" Both were about equally stable across seeds (spread {_pts(std_a)} vs "
                      f"{_pts(std_b)} points).")
+        text += spread_caveat(min(d.n_a, d.n_b))
     return text
+
+
+def spread_caveat(n: int) -> str:
+    """A sentence on how little a spread from `n` seeds says ("" from STABLE_SPREAD_SEEDS
+    on): the 95 % interval of the true standard deviation, as multiples of the measured one
+    (chi-square with n - 1 degrees of freedom)."""
+    if n >= STABLE_SPREAD_SEEDS or n < 2:
+        return ""
+    from scipy import stats
+
+    low = math.sqrt((n - 1) / stats.chi2.ppf(0.975, n - 1))
+    high = math.sqrt((n - 1) / stats.chi2.ppf(0.025, n - 1))
+    return (f" But a spread from {n} seeds is itself uncertain (the true one could be "
+            f"{low:.1f}x to {high:.1f}x the measured value), so read the stability "
+            f"comparison as a hint, not a finding.")
+
+
+def budget_caveats(results: Sequence[RecipeResult], metric: str,
+                   difference: Difference) -> str:
+    """Warnings to add to a verdict when the budget could not answer the question: a
+    recipe near chance level, or an interval too wide to tell recipes apart."""
+    notes = []
+    for r in results:
+        m, _ = r.stat(metric)
+        chance = r.chance_pts
+        if chance is not None and not math.isnan(m) and m - chance < NEAR_CHANCE_PTS:
+            notes.append(f"{r.recipe.name} is near chance level ({_pts(m)} % against "
+                         f"{_pts(chance)} % for guessing among {round(100 / chance)} classes): "
+                         f"it barely learned, so this compares budgets more than recipes.")
+    if difference.has_interval and difference.half_width > WIDE_INTERVAL_PTS:
+        notes.append(f"The interval is ± {_pts(difference.half_width)} points wide: too wide to "
+                     f"tell apart recipes that differ by a few points.")
+    if notes:
+        notes.append("Give the runs more images or epochs (or more seeds) to get an answer.")
+    return "".join(" Warning: " + n if i == 0 else " " + n for i, n in enumerate(notes))
+
+
+def estimated_seconds(recipes: Sequence[tuple[str, cfgmod.RunConfig]], n_seeds: int,
+                      scan: Any, epoch_seconds: Any) -> float | None:
+    """Estimated wall time of an experiment's runs, one after another (planning.plan_run's
+    per-stage estimates; `scan` and `epoch_seconds` as it takes them). None when a stage
+    cannot be estimated (no data folder yet)."""
+    from core.analysis.planning import plan_run
+
+    total = 0.0
+    for _, cfg in recipes:
+        for stage in plan_run(cfg, scan, [], 1, epoch_seconds).stages:
+            if stage.stage_seconds is None:
+                return None
+            total += stage.stage_seconds
+    return total * n_seeds
 
 
 # ---------------------------------------------------------------- records
@@ -340,6 +405,14 @@ class RecipeResult:
     def n_done(self) -> int:
         return len(self.val)
 
+    @property
+    def chance_pts(self) -> float | None:
+        """Accuracy of guessing (100 / classes, points), from the classes a finished run
+        trained on, else the recipe's class list; None when unknown."""
+        classes = next((len(r.results.classes) for r in self.runs if r.results.classes),
+                       len(self.recipe.config.classes))
+        return 100.0 / classes if classes else None
+
     def stat(self, metric: str) -> tuple[float, float]:
         """(mean, sample std) of "val" or "test" in points; NaN where undefined."""
         xs = self.val if metric == "val" else self.test
@@ -435,6 +508,7 @@ def experiment_results(store: RunStore, exp: Experiment) -> ExperimentResults:
                 busy = any(r.is_active for r in (*ra.runs, *rb.runs))
                 text = verdict(ra.recipe.name, rb.recipe.name, d, METRICS[metric],
                                sample_std(xa), sample_std(xb), len(exp.seeds), busy)
+                text += budget_caveats((ra, rb), metric, d)
                 comparisons.append(Comparison(ra.recipe.name, rb.recipe.name, metric, d, text))
     return ExperimentResults(exp, tuple(recipe_results), tuple(comparisons))
 

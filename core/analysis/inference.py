@@ -25,7 +25,7 @@ from core.runs.files import RunFiles
 if TYPE_CHECKING:
     import torch
 
-    from core.analysis.explain import GradCam
+    from core.analysis.explain import Explanation, GradCam
     from core.engine.checkpoints import Checkpoint
     from core.runs.store import Run, RunStore
 
@@ -247,6 +247,17 @@ class Predictor:
 
         with self._lock:
             return grad_cam(self.model, self.input_tensor(img), class_index, layer)
+
+    def explanation(self, img: Image.Image, class_index: int | None = None,
+                    layer: str = "layer4") -> Explanation:
+        """What the model looked at, by a method that means something at its input size
+        (core.analysis.explain.explain), or why nothing can be shown."""
+        from core.analysis.explain import explain
+
+        name = display_name(self.classes[class_index]) if class_index is not None else "its guess"
+        with self._lock:
+            return explain(self.model, self.input_tensor(img), class_index, layer,
+                           class_name=name)
 
 
 # ---------------------------------------------------------------- plain words

@@ -45,6 +45,12 @@ class TrainingState:
     best_val_acc: float
     best_stage: int
     best_epoch: int
+    # The plateau stops' counters (core.engine.train.PlateauState): a resumed run ends its
+    # stages where an uninterrupted one would. Defaults: checkpoints written before them.
+    stage_best_val_acc: float = -1.0
+    stage_stale_epochs: int = 0
+    run_stale_epochs: int = 0
+    stage_end: int = 0  # a core.engine.stage_ends.StageEnd code: this epoch ended its stage
 
 
 @dataclass

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.config import LAYER_GROUPS
+from core.engine.data import IMAGENET_MEAN, IMAGENET_STD
 from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path, load_refusal
 
 # Modules of each layer group, by attribute name on torchvision's ResNet.
@@ -288,13 +291,76 @@ def apply_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str
     return [k for k in own if k not in usable]
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """The per-channel mean and std (of 0..1 pixel values) a backbone was trained with: its
+    input must be normalised the same way. ImageNet weights were trained with ImageNet's."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    source: str = "ImageNet statistics"
+
+
+def _channel_stats(value: Any) -> tuple[float, float, float] | None:
+    if (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return (float(value[0]), float(value[1]), float(value[2]))
+    return None
+
+
+def file_normalization(path: str | Path) -> Normalization:
+    """The statistics a weights file says its backbone was trained with: one of our
+    checkpoints carries its preprocess; a plain file may hold {"state_dict": ...,
+    "mean": [r, g, b], "std": [r, g, b]} (or the two under "preprocess"). A file that says
+    nothing gets ImageNet's (what torchvision-style ResNet-18 weights use)."""
+    from core.engine.checkpoints import CheckpointError, read_checkpoint
+
+    p = Path(path).expanduser()
+    try:
+        stats: Any = read_checkpoint(p).preprocess
+        what = f"the checkpoint's preprocessing ({p.name})"
+    except CheckpointError:
+        try:
+            stats = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            return Normalization()  # load_weights_file says what is wrong with the file
+        what = f"the weights file's statistics ({p.name})"
+        if isinstance(stats, dict) and isinstance(stats.get("preprocess"), dict):
+            stats = stats["preprocess"]
+    if not isinstance(stats, dict):
+        return Normalization()
+    mean, std = _channel_stats(stats.get("mean")), _channel_stats(stats.get("std"))
+    if mean is None or std is None or not all(v > 0 for v in std):
+        return Normalization()
+    return Normalization(mean, std, what)
+
+
+def starting_normalization(weights: str, weights_path: str = "",
+                           run_checkpoint: str | Path | None = None) -> Normalization:
+    """How the input is normalised for these starting weights: a run's checkpoint or a
+    weights file that says so gives its own statistics; ImageNet and random weights (which
+    have none of their own) keep ImageNet's."""
+    if weights == "file" and weights_path:
+        return file_normalization(weights_path)
+    if weights == "run" and run_checkpoint is not None:
+        return file_normalization(run_checkpoint)
+    return Normalization()
+
+
+@dataclass
+class StartingModel:
+    model: nn.Module
+    description: str  # where the weights came from
+    normalization: Normalization  # what its input must be normalised with
+
+
 def build_model(num_classes: int, weights: str, weights_path: str = "",
-                run_checkpoint: str | Path | None = None) -> tuple[nn.Module, str]:
-    """ResNet-18 with a `num_classes` head and the chosen starting weights.
-    Returns (model, description of where the weights came from)."""
+                run_checkpoint: str | Path | None = None) -> StartingModel:
+    """ResNet-18 with a `num_classes` head and the chosen starting weights, with the input
+    normalisation those weights were trained with."""
     model = build_resnet18(num_classes)
     if weights == "random":
-        return model, "random initialisation"
+        return StartingModel(model, "random initialisation", Normalization())
     if weights == "imagenet":
         state, desc = imagenet_state_dict(), "ImageNet (torchvision IMAGENET1K_V1)"
     elif weights == "file":
@@ -308,7 +374,10 @@ def build_model(num_classes: int, weights: str, weights_path: str = "",
     not_loaded = apply_backbone(model, state)
     if any(k.startswith("fc.") for k in not_loaded):
         desc += " (new head for these classes)"
-    return model, desc
+    normalization = starting_normalization(weights, weights_path, run_checkpoint)
+    if normalization != Normalization():
+        desc += f"; input normalised with {normalization.source}"
+    return StartingModel(model, desc, normalization)
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from core.engine.model import (
     set_train_mode,
     set_trainable,
 )
+from core.engine.stage_ends import STAGE_END_KEY, StageEnd
 
 MetricTuple = tuple[int, float, int, str, float]  # (stage, global epoch, step, key, value)
 LOG_POINTS_PER_EPOCH = 10  # step-level train-loss rows per epoch, for live curves
@@ -81,6 +82,11 @@ class EpochEnd:
     val_acc: float
     is_best: bool
     training_state: TrainingState  # optimizer, scheduler, RNG: enough to resume after this epoch
+    stage_end: StageEnd = StageEnd.NONE  # this epoch ended its stage, and why
+
+    @property
+    def stage_ended(self) -> bool:
+        return self.stage_end is not StageEnd.NONE
 
 
 @dataclass
@@ -105,6 +111,51 @@ class ResumeState:
     best_val_acc: float
     best_stage: int
     best_epoch: int
+    plateau: PlateauState = field(default_factory=lambda: PlateauState())
+
+    @classmethod
+    def of(cls, model_state: dict[str, torch.Tensor], state: TrainingState) -> ResumeState:
+        """Where a run resumes after the epoch `state` (a last checkpoint's) was saved at."""
+        return cls(model_state=model_state, global_epoch=state.global_epoch, step=state.step,
+                   optimizer=state.optimizer, scheduler=state.scheduler, rng=state.rng,
+                   best_val_acc=state.best_val_acc, best_stage=state.best_stage,
+                   best_epoch=state.best_epoch, plateau=PlateauState(
+                       state.stage_best_val_acc, state.stage_stale_epochs,
+                       state.run_stale_epochs, StageEnd(state.stage_end)))
+
+
+@dataclass
+class PlateauState:
+    """Epochs without a new best validation accuracy, which the plateau stops count. Saved
+    with every last checkpoint, so a resumed run ends its stages where an uninterrupted
+    one would."""
+
+    stage_best_val_acc: float = -1.0  # best validation accuracy within the current stage
+    stage_stale_epochs: int = 0  # epochs since the stage's best
+    run_stale_epochs: int = 0  # epochs since the run's best
+    stage_end: StageEnd = StageEnd.NONE  # how the latest epoch ended its stage, if it did
+
+    def after_epoch(self, val_acc: float, run_improved: bool, stage: StageConfig,
+                    epoch: int, last_stage: bool, early_stop_patience: int) -> PlateauState:
+        """The state after an epoch (1-based within `stage`) reached `val_acc`."""
+        stage_improved = val_acc > self.stage_best_val_acc
+        stage_best = val_acc if stage_improved else self.stage_best_val_acc
+        stage_stale = 0 if stage_improved else self.stage_stale_epochs + 1
+        run_stale = 0 if run_improved else self.run_stale_epochs + 1
+        at_cap = epoch >= stage.epochs
+        if early_stop_patience and run_stale >= early_stop_patience and not (at_cap and last_stage):
+            end = StageEnd.EARLY_STOP  # cuts this stage or skips later ones
+        elif at_cap:
+            end = StageEnd.COMPLETED
+        elif stage.plateau_patience and stage_stale >= stage.plateau_patience:
+            end = StageEnd.PLATEAU
+        else:
+            end = StageEnd.NONE
+        return PlateauState(stage_best, stage_stale, run_stale, end)
+
+    def next_stage(self) -> PlateauState:
+        """A new stage starts: its own best and patience start afresh; the run's go on."""
+        return PlateauState(run_stale_epochs=self.run_stale_epochs)
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -418,17 +469,24 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
     total_epochs = cfg.total_epochs
     best = (-1.0, 0, 0)
     step, global_epoch = 0, 0
+    plateau = PlateauState()
+    last_epoch = 0  # global position of the last epoch trained (or resumed after)
     if resume is not None:
         model.load_state_dict(resume.model_state)
         generator.set_state(resume.rng)
         step, best = resume.step, (resume.best_val_acc, resume.best_stage, resume.best_epoch)
+        plateau, last_epoch = resume.plateau, resume.global_epoch
     # Wall seconds of each whole epoch (training + validation), for the time-left estimate.
     epoch_seconds: list[float] = []
     for s_idx, stage in enumerate(cfg.stages, 1):
         first_epoch_global = global_epoch
-        global_epoch += stage.epochs
-        if resume is not None and global_epoch <= resume.global_epoch:
-            continue  # stage already completed before the interruption
+        global_epoch += stage.epochs  # nominal: an early-ended stage keeps its span
+        if plateau.stage_end is StageEnd.EARLY_STOP:
+            break  # the run stopped early (before an interruption, when resumed)
+        if resume is not None and (global_epoch <= resume.global_epoch or (
+                plateau.stage_end is not StageEnd.NONE
+                and first_epoch_global < resume.global_epoch)):
+            continue  # stage already ended before the interruption
         set_trainable(model, stage.groups)
         optimizer = make_optimizer(model, stage, fused=runtime.fused_optimizer)
         scheduler = make_scheduler(optimizer, stage, spe)
@@ -437,6 +495,8 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
             done_in_stage = resume.global_epoch - first_epoch_global
             optimizer.load_state_dict(resume.optimizer)
             scheduler.load_state_dict(resume.scheduler)
+        else:
+            plateau = plateau.next_stage()
         prefix = frozen_prefix(stage.groups)
         features = None
         if stage.feature_cache and prefix and not _prefix_bn_trains(stage):
@@ -485,6 +545,12 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
             is_best = val_acc > best[0]
             if is_best:
                 best = (val_acc, s_idx, epoch)
+            plateau = plateau.after_epoch(val_acc, is_best, stage, epoch,
+                                          s_idx == len(cfg.stages), cfg.early_stop_patience)
+            last_epoch = g_epoch
+            # Where and why the stage ended, for the charts (a code of StageEnd).
+            end_rows = ([(s_idx, float(g_epoch), step, STAGE_END_KEY, float(plateau.stage_end))]
+                        if plateau.stage_end is not StageEnd.NONE else [])
             hooks.on_metrics([
                 (s_idx, float(g_epoch), step, "train/loss", train_metrics.loss),
                 (s_idx, float(g_epoch), step, "train/acc", train_metrics.acc),
@@ -493,6 +559,7 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                 (s_idx, float(g_epoch), step, "epoch_s", train_metrics.seconds),
                 (s_idx, float(g_epoch), step, "images_per_s",
                  train_metrics.images / max(1e-9, train_metrics.seconds)),
+                *end_rows,
             ])
             hooks.on_epoch_end(EpochEnd(
                 model=model, stage=s_idx, epoch=epoch, global_epoch=g_epoch, step=step,
@@ -501,9 +568,15 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                     global_epoch=g_epoch, step=step, optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), rng=generator.get_state(),
                     best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
-                )))
+                    stage_best_val_acc=plateau.stage_best_val_acc,
+                    stage_stale_epochs=plateau.stage_stale_epochs,
+                    run_stale_epochs=plateau.run_stale_epochs,
+                    stage_end=int(plateau.stage_end),
+                ), stage_end=plateau.stage_end))
+            if plateau.stage_end is not StageEnd.NONE:
+                break
     return TrainingResult(best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
-                          epochs_run=global_epoch, seconds=time.perf_counter() - start)
+                          epochs_run=last_epoch, seconds=time.perf_counter() - start)
 
 
 def _prefix_bn_trains(stage: StageConfig) -> bool:

@@ -64,18 +64,20 @@ class CheckpointPolicy:
         epochs = tuple(s.epochs for s in cfg.stages)
         return cls(files, epochs, kept_stage_ends=(1,) if len(epochs) > 1 else ())
 
-    def writes(self, stage: int, epoch: int, is_best: bool) -> list[CheckpointWrite]:
-        """The checkpoints to write after `epoch` (1-based) of `stage` (1-based)."""
+    def writes(self, stage: int, epoch: int, is_best: bool,
+               ended: bool = False) -> list[CheckpointWrite]:
+        """The checkpoints to write after `epoch` (1-based) of `stage` (1-based); `ended`:
+        the trainer ended the stage there (a plateau stop ends it before its last epoch)."""
         out = []
         if is_best:
             out.append(CheckpointWrite(CheckpointKind.BEST, self.files.best, False))
         out.append(CheckpointWrite(CheckpointKind.LAST, self.files.last, True))
-        if stage in self.kept_stage_ends and epoch == self.stage_epochs[stage - 1]:
+        if stage in self.kept_stage_ends and self.stage_ended(stage, epoch, ended):
             out.append(CheckpointWrite(CheckpointKind.STAGE_END, self.files.stage_end(stage), False))
         return out
 
-    def stage_ended(self, stage: int, epoch: int) -> bool:
-        return epoch == self.stage_epochs[stage - 1]
+    def stage_ended(self, stage: int, epoch: int, ended: bool = False) -> bool:
+        return ended or epoch == self.stage_epochs[stage - 1]
 
 
 # ---------------------------------------------------------------- heartbeat
@@ -194,7 +196,7 @@ class RunRecorder:
 
         metrics = {"val_acc": end.val_acc, "val_loss": end.val_loss,
                    "train_loss": end.train.loss, "train_acc": end.train.acc}
-        for write in self.policy.writes(end.stage, end.epoch, end.is_best):
+        for write in self.policy.writes(end.stage, end.epoch, end.is_best, end.stage_ended):
             if write.kind is CheckpointKind.LAST:
                 # Where a resume picks up: store.requeue drops rows past this step. Recorded
                 # before last.pt is written: killed in between, requeue keeps a few rows
@@ -207,7 +209,7 @@ class RunRecorder:
                 metrics, end.training_state if write.with_training_state else None))
             if write.kind is CheckpointKind.BEST:
                 self.store.set_best(self.run_id, end.val_acc, end.stage, end.epoch, write.path)
-        if self.policy.stage_ended(end.stage, end.epoch):
+        if self.policy.stage_ended(end.stage, end.epoch, end.stage_ended):
             change = StageWeightChange(end.stage, relative_weight_change(end.model, self.stage_start))
             self.record(weight_change=[*(w for w in self.results.weight_change
                                          if w.stage != end.stage), change])

@@ -98,10 +98,13 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
 
 def load_data(store: RunStore, cfg: cfgmod.RunConfig,
               heartbeat: Heartbeat) -> tuple[DataSplits, Preprocess]:
-    """Decode (or read from the shared cache) the run's images."""
+    """Decode (or read from the shared cache) the run's images; the preprocessing
+    normalises with the statistics the starting weights were trained with."""
     from core.engine.data import Preprocess, load_splits
+    from core.engine.model import starting_normalization
 
-    pre = Preprocess(resolution=cfg.resolution)
+    norm = starting_normalization(cfg.weights, cfg.weights_path, donor_checkpoint(store, cfg))
+    pre = Preprocess(resolution=cfg.resolution, mean=norm.mean, std=norm.std)
     heartbeat.set_progress(RunProgress(phase="loading data"))
     splits = load_splits(
         cfg.data_source, cfg.data_path, pre, cfg.classes, cfg.val_fraction, cfg.test_fraction,
@@ -132,10 +135,13 @@ def resume_point(store: RunStore, run_id: str, classes: list[str]) -> ResumeStat
         return None
     store.truncate_metrics(run_id, state.step)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
-    return ResumeState(model_state=last.state_dict, global_epoch=state.global_epoch,
-                       step=state.step, optimizer=state.optimizer, scheduler=state.scheduler,
-                       rng=state.rng, best_val_acc=state.best_val_acc,
-                       best_stage=state.best_stage, best_epoch=state.best_epoch)
+    return ResumeState.of(last.state_dict, state)
+
+
+def donor_checkpoint(store: RunStore, cfg: cfgmod.RunConfig) -> str | None:
+    """The best checkpoint of the run whose weights start this one (weights "run")."""
+    other = store.get_run(cfg.weights_run) if cfg.weights == "run" else None
+    return other.best_checkpoint if other is not None and other.best_checkpoint else None
 
 
 def starting_model(store: RunStore, cfg: cfgmod.RunConfig, recorder: RunRecorder,
@@ -143,14 +149,12 @@ def starting_model(store: RunStore, cfg: cfgmod.RunConfig, recorder: RunRecorder
     """The model with its starting weights (or the resumed ones), described in the results."""
     from core.engine.model import WeightsError, build_model
 
-    source_ckpt = None
-    if cfg.weights == "run":
-        other = store.get_run(cfg.weights_run)
-        if other is None or not other.best_checkpoint:
-            raise WeightsError(f"run {cfg.weights_run} has no best checkpoint to start from; "
-                               f"pick a finished run")
-        source_ckpt = other.best_checkpoint
-    model, weights_desc = build_model(num_classes, cfg.weights, cfg.weights_path, source_ckpt)
+    source_ckpt = donor_checkpoint(store, cfg)
+    if cfg.weights == "run" and source_ckpt is None:
+        raise WeightsError(f"run {cfg.weights_run} has no best checkpoint to start from; "
+                           f"pick a finished run")
+    start = build_model(num_classes, cfg.weights, cfg.weights_path, source_ckpt)
+    model, weights_desc = start.model, start.description
     log.info("starting weights: %s", weights_desc)
     recorder.record(weights=weights_desc)
     if resume is not None:

@@ -13,6 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core.config import LAYER_GROUPS, StageConfig
+from core.engine.stage_ends import STAGE_END_KEY, StageEnd, stage_end_text
 from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, run_color, series
 
 if TYPE_CHECKING:
@@ -50,6 +51,19 @@ def shade_stages(fig: go.Figure, bounds: Sequence[tuple[float, float, str]]) -> 
     return fig
 
 
+def mark_stage_ends(fig: go.Figure, frame: pd.DataFrame) -> go.Figure:
+    """A dotted line where a stage ended before its last epoch (a plateau or an early stop),
+    labelled with why. Stages that ran all their epochs end at their shaded band's edge."""
+    if frame.empty:
+        return fig
+    ends = frame[(frame["key"] == STAGE_END_KEY) & (frame["value"] != float(StageEnd.COMPLETED))]
+    for stage, x, code in zip(ends["stage"], ends["epoch"], ends["value"]):
+        fig.add_vline(x=float(x), line_dash="dot", line_color="#444", opacity=0.8,
+                      annotation_text=f"stage {int(stage)} ended: {stage_end_text(code)}",
+                      annotation_position="bottom right", annotation_font_size=10)
+    return fig
+
+
 def _mode(x: Sequence[float]) -> str:
     """Lines, plus markers while there are few points (a lone point has no line to show)."""
     return "lines" if len(x) > 30 else "lines+markers"
@@ -78,6 +92,7 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
                                      "train (epoch)", mode="lines+markers",
                                      line={"color": color, "width": 2}))
     shade_stages(fig, bounds)
+    mark_stage_ends(fig, frame)
     y_title = METRIC_LABELS[f"val/{metric}"][1]
     name = {"loss": "Loss", "acc": "Accuracy"}[metric]
     _layout(fig, f"{name}: training and validation", EPOCH_AXIS, y_title)
@@ -234,4 +249,26 @@ def top_guesses_figure(names: Sequence[str], probabilities: Sequence[float],
     fig.update_layout(height=60 + 36 * len(names), margin=dict(l=10, r=40, t=10, b=30),
                       xaxis=dict(range=[0, 105], title="How sure (%)"), yaxis=dict(title=None),
                       showlegend=False)
+    return fig
+
+
+def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
+                   suggested_lr: float | None, title: str = "LR finder: loss against learning rate"
+                   ) -> go.Figure:
+    """A range test's loss (raw, faint; smoothed, bold) against the learning rate on a log
+    axis, with the suggested LR marked."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=list(lrs), y=list(losses), name="loss (per step)", mode="markers",
+                             marker={"color": TRAIN_COLOR, "size": 4}, opacity=0.35))
+    fig.add_trace(go.Scatter(x=list(lrs), y=list(smoothed), name="loss (smoothed)", mode="lines",
+                             line={"color": TRAIN_COLOR, "width": 2}))
+    if suggested_lr is not None:
+        fig.add_vline(x=suggested_lr, line_dash="dash", line_color=VAL_COLOR,
+                      annotation_text=f"suggested {suggested_lr:.2g} (steepest descent)",
+                      annotation_position="top right", annotation_font_size=11)
+    _layout(fig, title, "learning rate (log scale)", "training loss", height=320)
+    fig.update_xaxes(type="log", exponentformat="e")
+    if smoothed:  # the blown-up tail would flatten everything else
+        low, high = min(smoothed), smoothed[0]
+        fig.update_yaxes(range=[low - 0.1 * abs(high - low) - 1e-3, max(high, low) * 1.3 + 1e-3])
     return fig
