@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from core.atomic import atomic_write
+from core.faults import fault_point
 
 FORMAT = "finetune-lab/checkpoint"
 FORMAT_VERSION = 1
@@ -30,7 +31,13 @@ class CheckpointError(ValueError):
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """torch.save that a reader (or a crash) never sees half-written."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    name = Path(path).name
+
+    def write(tmp: Path) -> None:
+        torch.save(obj, tmp)
+        fault_point(f"write:{name}")  # killed here: the temp file is whole, `path` untouched
+
+    atomic_write(path, write)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.config import RunConfig
+from core.faults import fault_point
 from core.runs.entities import RunProgress, RunResults, SplitSizes, StageWeightChange
 from core.runs.files import RunFiles
 from core.runs.jobs import HEARTBEAT_S
@@ -65,13 +66,15 @@ class CheckpointPolicy:
         return cls(files, epochs, kept_stage_ends=(1,) if len(epochs) > 1 else ())
 
     def writes(self, stage: int, epoch: int, is_best: bool) -> list[CheckpointWrite]:
-        """The checkpoints to write after `epoch` (1-based) of `stage` (1-based)."""
+        """The checkpoints to write after `epoch` (1-based) of `stage` (1-based), last.pt
+        last: it is the resume point, so once it names an epoch every other file of that
+        epoch is whole (killed before it, the resumed run redoes the epoch and writes them)."""
         out = []
         if is_best:
             out.append(CheckpointWrite(CheckpointKind.BEST, self.files.best, False))
-        out.append(CheckpointWrite(CheckpointKind.LAST, self.files.last, True))
         if stage in self.kept_stage_ends and epoch == self.stage_epochs[stage - 1]:
             out.append(CheckpointWrite(CheckpointKind.STAGE_END, self.files.stage_end(stage), False))
+        out.append(CheckpointWrite(CheckpointKind.LAST, self.files.last, True))
         return out
 
     def stage_ended(self, stage: int, epoch: int) -> bool:
@@ -168,8 +171,13 @@ class RunRecorder:
         from core.engine.train import TrainHooks
 
         return TrainHooks(on_metrics=lambda rows: self.store.log_metrics(self.run_id, rows),
-                          on_progress=self.progress, should_stop=self.heartbeat.should_stop,
+                          on_progress=self.progress, should_stop=self.before_batch,
                           on_epoch_end=self.on_epoch_end)
+
+    def before_batch(self) -> bool:
+        """The trainer asks before every batch whether to stop."""
+        fault_point("batch")
+        return self.heartbeat.should_stop()
 
     def progress(self, report: dict[str, Any]) -> None:
         """The trainer's progress report (core.engine.train), as the run's progress."""
@@ -194,6 +202,12 @@ class RunRecorder:
 
         metrics = {"val_acc": end.val_acc, "val_loss": end.val_loss,
                    "train_loss": end.train.loss, "train_acc": end.train.acc}
+        if self.policy.stage_ended(end.stage, end.epoch):
+            # Before last.pt, like everything the epoch records: a run killed after last.pt
+            # resumes past this stage and would never record it.
+            change = StageWeightChange(end.stage, relative_weight_change(end.model, self.stage_start))
+            self.record(weight_change=[*(w for w in self.results.weight_change
+                                         if w.stage != end.stage), change])
         for write in self.policy.writes(end.stage, end.epoch, end.is_best):
             if write.kind is CheckpointKind.LAST:
                 # Where a resume picks up: store.requeue drops rows past this step. Recorded
@@ -208,9 +222,6 @@ class RunRecorder:
             if write.kind is CheckpointKind.BEST:
                 self.store.set_best(self.run_id, end.val_acc, end.stage, end.epoch, write.path)
         if self.policy.stage_ended(end.stage, end.epoch):
-            change = StageWeightChange(end.stage, relative_weight_change(end.model, self.stage_start))
-            self.record(weight_change=[*(w for w in self.results.weight_change
-                                         if w.stage != end.stage), change])
             self.start_stage_at(end.model)
         log.info("stage %d epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
                  end.stage, end.epoch, end.train.loss, end.train.acc, end.val_loss,

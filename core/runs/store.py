@@ -451,10 +451,13 @@ class RunStore:
                 [(run_id, int(s), float(e), int(st), k, float(v), now) for s, e, st, k, v in rows],
             )
 
-    def truncate_metrics(self, run_id: str, after_step: int) -> None:
-        """Drop rows past `after_step` (a resumed run replays from its last checkpoint)."""
+    def truncate_metrics(self, run_id: str, after_step: int, stage: int | None = None) -> None:
+        """Drop rows past `after_step` (a resumed run replays from its last checkpoint).
+        With `stage`, rows at `after_step` of later stages go too: a stage's first rows
+        share the step of the previous stage's last epoch."""
         with self._write() as con:
-            con.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, after_step))
+            con.execute("DELETE FROM metrics WHERE run_id=? AND (step>? OR (step=? AND stage>?))",
+                        (run_id, after_step, after_step, stage if stage is not None else 1 << 30))
 
     def metrics(self, run_id: str, after_id: int = 0, keys: Sequence[str] = ()) -> list[MetricRow]:
         """Metric rows of a run with id > after_id, in order: the streaming read."""

@@ -15,10 +15,12 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core import config as cfgmod
+from core.faults import fault_point
 from core.runs.entities import Run, RunProgress
+from core.runs.files import RunFiles
 from core.runs.jobs import dispatch
 from core.runs.recorder import TERMINATED, CheckpointPolicy, Heartbeat, RunRecorder
 from core.runs.store import RunStore
@@ -55,11 +57,13 @@ def execute_run(store: RunStore, run_id: str,
             resume = resume_point(store, run_id, splits.classes)
             model = starting_model(store, cfg, recorder, len(splits.classes), resume)
             result = run_stages(model, cfg, splits, pre, runtime, recorder.hooks, resume)
+            fault_point("test")
             test_acc = test_best_checkpoint(store, run_id, recorder, splits, pre, runtime,
                                             float(result.epochs_run), result.seconds)
             log.info("finished: best val acc %.4f (stage %d epoch %d), test acc %.4f, %.1f s",
                      result.best_val_acc, result.best_stage, result.best_epoch, test_acc,
                      result.seconds)
+            fault_point("settle")
             return settle(store, run_id, "finished")
         except Cancelled:
             log.info("stopped; best checkpoint so far kept")
@@ -130,7 +134,9 @@ def resume_point(store: RunStore, run_id: str, classes: list[str]) -> ResumeStat
     if last is None or state is None:
         store.truncate_metrics(run_id, -1)
         return None
-    store.truncate_metrics(run_id, state.step)
+    # Rows of epochs after the checkpoint go, and the next stage's first row, which shares
+    # the checkpoint's step.
+    store.truncate_metrics(run_id, state.step, stage=last.stage)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
     return ResumeState(model_state=last.state_dict, global_epoch=state.global_epoch,
                        step=state.step, optimizer=state.optimizer, scheduler=state.scheduler,
@@ -154,9 +160,35 @@ def starting_model(store: RunStore, cfg: cfgmod.RunConfig, recorder: RunRecorder
     log.info("starting weights: %s", weights_desc)
     recorder.record(weights=weights_desc)
     if resume is not None:
+        stage_start = resumed_stage_start(store.files(recorder.run_id), cfg, resume, model)
         model.load_state_dict(resume.model_state)
-    recorder.start_stage_at(model)
+        recorder.stage_start = stage_start
+    else:
+        recorder.start_stage_at(model)
     return model
+
+
+def resumed_stage_start(files: RunFiles, cfg: cfgmod.RunConfig, resume: ResumeState,
+                        starting: torch.nn.Module) -> dict[str, Any]:
+    """The weights at the start of the stage a resumed run continues, so its weight
+    change equals an uninterrupted run's: the starting weights in stage 1 (rebuilt from the
+    same seed), the kept end of the stage before, or (no such file) the resumed weights."""
+    from core.engine.checkpoints import read_checkpoint
+
+    first_epoch = 0
+    for index, stage in enumerate(cfg.stages, 1):
+        if resume.global_epoch < first_epoch + stage.epochs:
+            break
+        first_epoch += stage.epochs
+    else:
+        index = len(cfg.stages)
+    if index == 1:
+        return {k: v.detach().clone() for k, v in starting.named_parameters()}
+    before = files.stage_end(index - 1)
+    names = {k for k, _ in starting.named_parameters()}
+    if resume.global_epoch > first_epoch and before.exists():
+        return {k: v for k, v in read_checkpoint(before).state_dict.items() if k in names}
+    return {k: v.detach().clone() for k, v in resume.model_state.items() if k in names}
 
 
 def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
@@ -175,7 +207,8 @@ def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
     per_class = [row[c] / sum(row) if sum(row) else None for c, row in enumerate(confusion)]
     recorder.record(test_loss=test_loss, per_class_acc=per_class, confusion=confusion,
                     seconds=seconds, test_acc=test_acc)
-    store.log_metrics(run_id, [(best.stage, epochs_run, 0, "test/acc", test_acc)])
+    if not store.metrics(run_id, keys=["test/acc"]):  # a run killed after it resumes here
+        store.log_metrics(run_id, [(best.stage, epochs_run, 0, "test/acc", test_acc)])
     return test_acc
 
 
