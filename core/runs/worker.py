@@ -15,6 +15,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core import config as cfgmod
@@ -72,6 +73,9 @@ def execute_run(store: RunStore, run_id: str,
             log.error("%s", exc)
             return settle(store, run_id, "failed", str(exc))
         except Exception as exc:  # anything else: recorded with the traceback in the log
+            full = disk_full_at(exc, store)
+            if full is not None:
+                return settle_disk_full(store, run_id, full)
             log.error("unexpected error:\n%s", traceback.format_exc())
             msg = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
@@ -210,6 +214,48 @@ def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
     if not store.metrics(run_id, keys=["test/acc"]):  # a run killed after it resumes here
         store.log_metrics(run_id, [(best.stage, epochs_run, 0, "test/acc", test_acc)])
     return test_acc
+
+
+# SQLite's words for a write that found no room; "disk I/O error" counts only when the
+# disk really is nearly full (it has other causes).
+SQLITE_FULL_TEXT = "database or disk is full"
+SQLITE_IOERR_TEXT = "disk I/O error"
+NEARLY_FULL_BYTES = 64 * 1024**2
+
+
+def disk_full_at(exc: BaseException, store: RunStore) -> Path | None:
+    """Where the disk filled up, when `exc` (or an exception it came from) says it did."""
+    import errno
+    import shutil
+    import sqlite3
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return Path(seen.filename) if seen.filename else store.root
+        if isinstance(seen, sqlite3.Error):
+            text = str(seen)
+            if SQLITE_FULL_TEXT in text:
+                return store.db_path
+            if SQLITE_IOERR_TEXT in text and shutil.disk_usage(store.root).free < NEARLY_FULL_BYTES:
+                return store.db_path
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def settle_disk_full(store: RunStore, run_id: str, path: Path) -> str:
+    """Remove this run's temp files (freeing what the failed write took) and record the
+    run failed with what to do; its last saved epoch stays resumable."""
+    from core.runs.jobs import remove_partial_files
+
+    removed = remove_partial_files(store.files(run_id))
+    message = f"disk full at {path}: free space and resume"
+    log.error("%s (removed %d temp file(s))", message, len(removed))
+    try:
+        return settle(store, run_id, "failed", message)
+    except Exception as exc:  # the store itself cannot write: the log keeps the reason
+        log.error("could not record the failure in the run store: %s", exc)
+        return "failed"
 
 
 def settle(store: RunStore, run_id: str, status: str, error: str | None = None) -> str:
