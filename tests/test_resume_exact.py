@@ -32,7 +32,7 @@ TIMED_KEYS = {"epoch_s", "images_per_s"}
 
 def small_config(folder) -> cfgmod.RunConfig:
     """Two stages (2 + 1 epochs) of 2 steps each: a mid-stage resume, a stage boundary and
-    every checkpoint kind (best, stage1, last) in 15 kill points."""
+    every checkpoint kind (best, stage1, last); validation batches count as batch points too."""
     cfg = replace(tiny_config(folder), batch_size=16)
     return cfgmod.with_stage(cfg, 0, epochs=2)
 
@@ -91,7 +91,7 @@ def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_run(tmp_path, ti
     points = trace.read_text().split()
     control = outcome(store, control_run.id)
     assert {"stage1.pt", "best.pt", "last.pt"} <= set(control[2])
-    assert points.count("batch") == 6 and "write:stage1.pt" in points, points
+    assert points.count("batch") == 6 + 3 and "write:stage1.pt" in points, points
 
     env = {**os.environ, DATA_DIR_ENV: str(store.root), "PYTHONUNBUFFERED": "1"}
     for n, point in enumerate(points, 1):

@@ -43,6 +43,14 @@ class DataError(ValueError):
     """A data set cannot be used; the message says why and what to do."""
 
 
+class Cancelled(Exception):
+    """Work stopped because cancellation was requested (while decoding, training,
+    validating or testing)."""
+
+
+StopFn = Callable[[], bool]  # asked now and then: True means stop (raise Cancelled)
+
+
 # ---------------------------------------------------------------- preprocessing (the one)
 
 
@@ -219,8 +227,10 @@ def _cache_key(parts: Sequence[str]) -> str:
 
 def decode_files(paths: Sequence[Path], labels: Sequence[int], pre: Preprocess,
                  on_progress: ProgressFn | None = None, what: str = "images",
+                 should_stop: StopFn | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode image files into a uint8 N x 3 x R x R tensor; unreadable ones are skipped."""
+    """Decode image files into a uint8 N x 3 x R x R tensor; unreadable ones are skipped.
+    `should_stop` is asked after every image; True stops the decoding (Cancelled)."""
     r = pre.resolution
     n = len(paths)
     if n * 3 * r * r > MAX_DECODED_BYTES:
@@ -240,20 +250,26 @@ def decode_files(paths: Sequence[Path], labels: Sequence[int], pre: Preprocess,
 
     # PIL releases the GIL while decoding, so threads use every core without the cost of
     # worker processes.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+    # Small chunks: a cancel waits for at most the chunks already running.
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    try:
         step = max(1, n // 50)
-        for i, err in enumerate(pool.map(work, range(n), chunksize=64)):
+        for i, err in enumerate(pool.map(work, range(n), chunksize=8)):
             if err:
                 skipped.append(err)
+            if should_stop is not None and should_stop():
+                raise Cancelled()
             if on_progress and (i % step == 0 or i == n - 1):
                 on_progress(f"Decoding {what}: {i + 1:,}/{n:,}", (i + 1) / n)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     label_t = torch.as_tensor(list(labels), dtype=torch.int64)
     return out[ok], label_t[ok], skipped
 
 
 def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
                      cache_dir: Path | None = None, on_progress: ProgressFn | None = None,
-                     ) -> ImageSet:
+                     should_stop: StopFn | None = None) -> ImageSet:
     """One class-folder tree as an ImageSet, decoded once and cached on disk."""
     names, per_class, skipped = scan_folder(root, classes)
     paths = [p for files in per_class for p in files]
@@ -271,7 +287,8 @@ def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
                 return ImageSet(d["images"], d["labels"], list(d["classes"]), list(d["skipped"]))
             except Exception:  # stale/corrupt cache: rebuild it
                 pass
-    images, label_t, bad = decode_files(paths, labels, pre, on_progress, what=f"{root.name} images")
+    images, label_t, bad = decode_files(paths, labels, pre, on_progress, what=f"{root.name} images",
+                                        should_stop=should_stop)
     skipped += bad
     for i, name in enumerate(names):
         if int((label_t == i).sum()) == 0:
@@ -348,7 +365,8 @@ def cap_stratified(data: ImageSet, max_images: int, seed: int) -> ImageSet:
 def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[str] = (),
                 val_fraction: float = 0.1, test_fraction: float = 0.2,
                 max_train_images: int = 0, seed: int = 0, cache_dir: Path | None = None,
-                on_progress: ProgressFn | None = None) -> DataSplits:
+                on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                ) -> DataSplits:
     """Load a data source into train/val/test ImageSets. Validation is carved from train
     (stratified, seeded); the test set is left untouched for the final evaluation."""
     if source == "cifar10":
@@ -364,12 +382,12 @@ def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[
             raise DataError(f"data folder {root} does not exist; check the path")
         parts = train_test_folders(root)
         if parts:
-            train_all = load_folder_tree(parts[0], pre, classes, cache_dir, on_progress)
-            test = load_folder_tree(parts[1], pre, classes, cache_dir, on_progress)
+            train_all = load_folder_tree(parts[0], pre, classes, cache_dir, on_progress, should_stop)
+            test = load_folder_tree(parts[1], pre, classes, cache_dir, on_progress, should_stop)
             check_same_classes(root, train_all.classes, test.classes)
             desc = f"image folder {root} (train/ + test/)"
         else:
-            everything = load_folder_tree(root, pre, classes, cache_dir, on_progress)
+            everything = load_folder_tree(root, pre, classes, cache_dir, on_progress, should_stop)
             rest, held = stratified_split(everything.labels, test_fraction, seed + 1)
             train_all = everything.subset(rest)
             train_all.skipped = everything.skipped

@@ -209,6 +209,11 @@ class RunRecorder:
             self.record(weight_change=[*(w for w in self.results.weight_change
                                          if w.stage != end.stage), change])
         for write in self.policy.writes(end.stage, end.epoch, end.is_best):
+            self.progress({"phase": "saving checkpoint", "stage": end.stage,
+                           "epoch": end.epoch, "epochs": self.policy.stage_epochs[end.stage - 1],
+                           "stages": len(self.policy.stage_epochs),
+                           "fraction": end.global_epoch / sum(self.policy.stage_epochs),
+                           "message": f"Saving {write.path.name} ({write.kind.value})"})
             if write.kind is CheckpointKind.LAST:
                 # Where a resume picks up: store.requeue drops rows past this step. Recorded
                 # before last.pt is written: killed in between, requeue keeps a few rows

@@ -115,7 +115,8 @@ def load_data(store: RunStore, cfg: cfgmod.RunConfig,
         cfg.data_source, cfg.data_path, pre, cfg.classes, cfg.val_fraction, cfg.test_fraction,
         cfg.max_train_images, cfg.seed, cache_dir=store.layout.cache,
         on_progress=lambda msg, f: heartbeat.set_progress(
-            RunProgress(phase="loading data", message=msg, data_fraction=f)))
+            RunProgress(phase="loading data", message=msg, data_fraction=f)),
+        should_stop=heartbeat.should_stop)
     if splits.skipped:
         log.warning("skipped %d unreadable files:\n  %s", len(splits.skipped),
                     "\n  ".join(splits.skipped[:50]))
@@ -201,12 +202,19 @@ def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
     """The test set is touched once, at the end, with the best checkpoint. Returns its
     accuracy (0..1), recorded with the confusion matrix."""
     from core.engine.checkpoints import read_checkpoint
-    from core.engine.train import confusion_matrix, evaluate
+    from core.engine.train import Cancelled, confusion_matrix, evaluate
 
-    recorder.progress({"phase": "testing", "fraction": 1.0})
+    def on_batch(done: int, total: int) -> None:
+        recorder.progress({"phase": "testing", "fraction": 1.0, "data_fraction": done / max(1, total),
+                           "message": f"Testing the best checkpoint: {done:,}/{total:,} images"})
+        if recorder.heartbeat.should_stop():
+            raise Cancelled()
+
+    recorder.progress({"phase": "testing", "fraction": 1.0, "data_fraction": 0.0,
+                       "message": "Loading the best checkpoint"})
     best = read_checkpoint(store.files(run_id).best)
     model = best.build_model().to(runtime.device)
-    test_loss, test_acc, preds = evaluate(model, splits.test, pre, runtime)
+    test_loss, test_acc, preds = evaluate(model, splits.test, pre, runtime, on_batch=on_batch)
     confusion = confusion_matrix(splits.test.labels, preds, len(splits.classes))
     per_class = [row[c] / sum(row) if sum(row) else None for c, row in enumerate(confusion)]
     recorder.record(test_loss=test_loss, per_class_acc=per_class, confusion=confusion,
