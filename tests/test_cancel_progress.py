@@ -96,3 +96,15 @@ def test_a_run_reports_each_phase_with_its_own_progress(store, tiny_folder):
             assert p.data_fraction is not None and p.message, p
         if p.phase == "saving checkpoint":
             assert p.message.startswith("Saving ") and 0 < p.fraction <= 1, p
+
+
+def test_a_worker_runs_below_the_servers_cpu_priority():
+    import subprocess
+    import sys
+
+    from core.runs.worker import WORKER_NICENESS
+
+    code = ("import os; from core.runs.worker import lower_priority; lower_priority(); "
+            "print(os.nice(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == max(WORKER_NICENESS, os.nice(0))

@@ -97,11 +97,27 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
     from core.engine.model import physical_cores, resolve_device
     from core.engine.train import default_runtime
 
+    lower_priority()
     torch.set_num_threads(cfg.threads or physical_cores())
     torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
     device = resolve_device(cfg.device)
     log.info("%s on %s", " -> ".join(s.trains for s in cfg.stages), device)
     return default_runtime(device)
+
+
+# Niceness of a training process: the dashboard's server (nice 0) gets the CPU first when
+# it needs it, so a live page on a busy 2-core machine keeps answering (issue 12.7).
+WORKER_NICENESS = 10
+
+
+def lower_priority() -> None:
+    """Run this process at WORKER_NICENESS (never raise its priority back)."""
+    try:
+        current = os.nice(0)
+        if current < WORKER_NICENESS:
+            os.nice(WORKER_NICENESS - current)
+    except OSError as exc:
+        log.warning("could not lower the worker's CPU priority: %s", exc)
 
 
 def load_data(store: RunStore, cfg: cfgmod.RunConfig,
