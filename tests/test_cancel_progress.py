@@ -108,3 +108,22 @@ def test_a_worker_runs_below_the_servers_cpu_priority():
             "print(os.nice(0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) == max(WORKER_NICENESS, os.nice(0))
+
+
+def test_only_the_images_a_run_uses_are_decoded(tmp_path):
+    """A cap decodes the capped training images and the test part, not the whole folder."""
+    import re
+
+    from core.engine.data import Preprocess, load_splits
+    from tests.conftest import make_image_folder
+
+    for split in (True, False):
+        folder = make_image_folder(tmp_path / f"split-{split}", per_class=30, split=split)
+        messages: list[str] = []
+        splits = load_splits("folder", str(folder), Preprocess(32), max_train_images=12, seed=0,
+                             test_fraction=0.2, on_progress=lambda m, f: messages.append(m))
+        decoded = sum(int(re.search(r"/(\d+)$", m).group(1)) for m in messages
+                      if m.startswith("Decoding") and re.search(r": (\d+)/\1$", m))
+        assert len(splits.train) + len(splits.val) <= 13
+        assert decoded == len(splits.train) + len(splits.val) + len(splits.test), (split, messages[-3:])
+        assert decoded < (90 + 30 if split else 90)
