@@ -127,3 +127,23 @@ def test_only_the_images_a_run_uses_are_decoded(tmp_path):
         assert len(splits.train) + len(splits.val) <= 13
         assert decoded == len(splits.train) + len(splits.val) + len(splits.test), (split, messages[-3:])
         assert decoded < (90 + 30 if split else 90)
+
+
+def test_an_epoch_estimate_says_how_sure_it_is(tmp_path):
+    from core import config as cfgmod
+    from core.analysis.speed import epoch_estimate, model_epoch_seconds
+    from core.runs.store import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    rough = epoch_estimate(("layer4", "fc"), 5000, 32, store=store)
+    assert rough.basis == "model" and "rough: no runs on this machine yet" in rough.describe()
+    assert rough.seconds == model_epoch_seconds(("layer4", "fc"), 5000, 32)
+    # One run of another recipe, timed at 1/20 of the cost model's speed: the estimate for
+    # this recipe is scaled by the same factor.
+    cfg = cfgmod.preset_config("All at once", epochs=1)
+    run = store.create_run(cfg)
+    model_ips = 1 / model_epoch_seconds(cfg.stages[0].groups, 1, cfg.resolution)
+    store.log_metrics(run.id, [(1, 1.0, 10, "images_per_s", model_ips / 20)])
+    scaled = epoch_estimate(("layer4", "fc"), 5000, 32, store=store)
+    assert scaled.basis == "scaled" and "scaled" in scaled.describe()
+    assert abs(scaled.seconds - 20 * rough.seconds) < 1e-6 * scaled.seconds

@@ -427,11 +427,11 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
     # Wall seconds of each whole epoch (training + validation), for the time-left estimate.
     epoch_seconds: list[float] = []
 
-    def time_left(epochs_done: float) -> float | None:
-        """Seconds left after `epochs_done` (fractional) of the run, once an epoch is timed."""
-        if not epoch_seconds:
-            return None
-        return sum(epoch_seconds) / len(epoch_seconds) * (total_epochs - epochs_done)
+    def time_left(epochs_done: float, pace: float | None = None) -> float | None:
+        """Seconds left after `epochs_done` (fractional) of the run: from the timed epochs,
+        else from `pace` (seconds per epoch measured so far in the first one), else None."""
+        per_epoch = sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else pace
+        return per_epoch * (total_epochs - epochs_done) if per_epoch else None
     for s_idx, stage in enumerate(cfg.stages, 1):
         first_epoch_global = global_epoch
         global_epoch += stage.epochs
@@ -470,12 +470,14 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                                       (s_idx, pos, step, "lr", lr)])
                     window.clear()
                     frac_epoch = (i + 1) / spe
+                    # Before any epoch is timed, this epoch's pace so far (training only).
+                    pace = (time.perf_counter() - epoch_start) / frac_epoch
                     hooks.on_progress({
                         "phase": "training", "stage": s_idx, "stages": len(cfg.stages),
                         "epoch": epoch, "epochs": stage.epochs, "global_epoch": g_epoch,
                         "total_epochs": total_epochs, "step": i + 1, "steps_per_epoch": spe,
                         "fraction": (g_epoch - 1 + frac_epoch) / total_epochs,
-                        "eta_s": time_left(g_epoch - 1 + frac_epoch),
+                        "eta_s": time_left(g_epoch - 1 + frac_epoch, pace),
                     })
 
             epoch_start = time.perf_counter()
