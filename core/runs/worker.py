@@ -51,12 +51,14 @@ def execute_run(store: RunStore, run_id: str,
             cfg = checked_config(run)
             runtime = prepare_process(cfg)
             splits, pre = load_data(store, cfg, heartbeat)
+            stop_if_asked(heartbeat)  # between phases too, not only inside them
             recorder = RunRecorder(store, run_id, CheckpointPolicy.for_run(store.files(run_id), cfg),
                                    heartbeat, cfgmod.to_dict(cfg), list(splits.classes),
                                    pre.to_dict(), run.results)
             recorder.record_data(splits, str(runtime.device))
             resume = resume_point(store, run_id, splits.classes)
             model = starting_model(store, cfg, recorder, len(splits.classes), resume)
+            stop_if_asked(heartbeat)
             result = run_stages(model, cfg, splits, pre, runtime, recorder.hooks, resume)
             fault_point("test")
             test_acc = test_best_checkpoint(store, run_id, recorder, splits, pre, runtime,
@@ -81,6 +83,14 @@ def execute_run(store: RunStore, run_id: str,
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
                 msg += " — lower the batch size or resolution, or cap the training images"
             return settle(store, run_id, "failed", msg + " (see the run log for details)")
+
+
+def stop_if_asked(heartbeat: Heartbeat) -> None:
+    """Raise Cancelled when a cancel was requested."""
+    from core.engine.data import Cancelled
+
+    if heartbeat.should_stop():
+        raise Cancelled()
 
 
 def checked_config(run: Run) -> cfgmod.RunConfig:
