@@ -110,3 +110,20 @@ def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_run(tmp_path, ti
         assert run_in_process(store, run.id) == "finished", (where, store.get_run(run.id).error)
         assert_same_run(control, outcome(store, run.id), where)
         assert not store.files(run.id).temp_files(), where
+
+
+def test_resume_is_offered_when_the_first_last_pt_was_never_written(app_env, tiny_folder,
+                                                                   no_workers):
+    """Killed while writing the first last.pt: best.pt exists, last.pt does not. The run can
+    still be resumed (it starts over, which gives the same run), so the page offers it."""
+    from tests.test_app_pages import open_page
+
+    run = app_env.create_run(tiny_config(tiny_folder))
+    app_env.claim_run_now(run.id, os.getpid())
+    app_env.finish_run(run.id, "failed", "killed")
+    (app_env.run_dir(run.id) / "best.pt").write_bytes(b"stands in for a checkpoint")
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
+    resume = at.button(key="runs.resume")
+    assert "starts from the beginning" in resume.label
+    resume.click().run()
+    assert app_env.get_run(run.id).status == "queued" and no_workers  # Resume queued it
