@@ -130,12 +130,13 @@ def results_view(store: RunStore, run: Run) -> None:
     elif run.status == "cancelled":
         st.warning(f"This run was cancelled ({run.error or 'by request'}).")
     if run.status in ("failed", "cancelled"):
-        if store.files(run.id).last.exists():
-            if st.button("Resume from the last completed epoch", key=P + "resume"):
-                if act(jobs.resume, store, run.id):
-                    st.rerun()
-        else:
-            st.caption("No completed epoch to resume from.")
+        # Always offered: without a saved epoch (killed while writing the first last.pt)
+        # the worker starts over, which gives the same run.
+        label = ("Resume from the last completed epoch" if store.files(run.id).last.exists()
+                 else "Resume (no epoch was saved: starts from the beginning)")
+        if st.button(label, key=P + "resume"):
+            if act(jobs.resume, store, run.id):
+                st.rerun()
     summary_metrics(run)
     curves(run, read_metrics(store, run), P + "done.")
     classes = r.classes

@@ -98,8 +98,9 @@ def test_checkpoint_policy_writes_best_last_and_the_end_of_stage_one(tmp_path):
 
     assert kinds(1, 1, True) == [(CheckpointKind.BEST, files.best, False),
                                  (CheckpointKind.LAST, files.last, True)]
-    assert kinds(1, 2, False) == [(CheckpointKind.LAST, files.last, True),
-                                  (CheckpointKind.STAGE_END, files.stage_end(1), False)]
+    # last.pt last: it is the resume point, so every other file of its epoch exists first.
+    assert kinds(1, 2, False) == [(CheckpointKind.STAGE_END, files.stage_end(1), False),
+                                  (CheckpointKind.LAST, files.last, True)]
     assert kinds(2, 2, False) == [(CheckpointKind.LAST, files.last, True)]  # the run's end is last
     assert two.stage_ended(1, 2) and not two.stage_ended(2, 1)
     one = CheckpointPolicy.for_run(files, cfgmod.preset_config("All at once", epochs=1))

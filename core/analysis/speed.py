@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from core.config import LAYER_GROUPS
@@ -91,3 +92,80 @@ def measured_images_per_s(groups: Sequence[str], resolution: int = 32, feature_c
         return statistics.median(samples[:MAX_SAMPLES]) if samples else None
     except Exception:  # an unreadable store must not break the page: fall back to the model
         return None
+
+
+# ---------------------------------------------------------------- how sure an estimate is
+
+ESTIMATE_BASES = ("measured", "scaled", "model")
+
+
+@dataclass(frozen=True)
+class EpochEstimate:
+    """Seconds for one training epoch and what the figure rests on: "measured" (earlier
+    runs trained these groups at this resolution on this store's machine), "scaled" (the
+    cost model scaled by how fast other runs here went against it), "model" (the cost
+    model alone, calibrated on another CPU: rough)."""
+
+    seconds: float
+    basis: str
+    samples: int = 0  # epochs of other recipes a "scaled" figure comes from
+
+    def describe(self) -> str:
+        """'about 2 min (rough: no runs on this machine yet)'."""
+        text = f"about {_duration(self.seconds)}"
+        if self.basis == "measured":
+            return f"{text} (measured on earlier runs like this one)"
+        if self.basis == "scaled":
+            return f"{text} (scaled from {self.samples} epoch(s) of other recipes here)"
+        return f"{text} (rough: no runs on this machine yet)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def machine_factor(store: Any = None, device: str | None = None) -> tuple[float, int] | None:
+    """(measured speed / cost-model speed, epochs measured) over recent runs of any recipe:
+    how much faster (>1) or slower this machine is than the calibration CPU. None when no
+    run has been timed."""
+    try:
+        store = store if store is not None else _default_store()
+        if store is None:
+            return None
+        ratios: list[float] = []
+        for run in store.list_runs()[:MAX_RUNS_SCANNED]:
+            cfg = run.config
+            if device and not run.results.device.startswith(device):
+                continue
+            rows = store.metrics(run.id, keys=["images_per_s"])
+            for m in sorted(rows, key=lambda m: -m.id):
+                if m.value <= 0 or not 1 <= m.stage <= len(cfg.stages):
+                    continue
+                stage = cfg.stages[m.stage - 1]
+                model_ips = 1.0 / model_epoch_seconds(stage.groups, 1, cfg.resolution,
+                                                      stage.feature_cache)
+                ratios.append(m.value / model_ips)
+            if len(ratios) >= MAX_SAMPLES:
+                break
+        return (statistics.median(ratios[:MAX_SAMPLES]), len(ratios[:MAX_SAMPLES])) if ratios else None
+    except Exception:  # an unreadable store must not break the page
+        return None
+
+
+def epoch_estimate(groups: Sequence[str], n_images: int, resolution: int = 32,
+                   feature_cache: bool = False, store: Any = None,
+                   device: str | None = None) -> EpochEstimate:
+    """estimate_epoch_seconds with how sure it is; without a run like this one, the cost
+    model is scaled by this machine's measured speed on other recipes when there is any."""
+    measured = measured_images_per_s(groups, resolution, feature_cache, store, device)
+    if measured:
+        return EpochEstimate(n_images / measured, "measured")
+    model = model_epoch_seconds(groups, n_images, resolution, feature_cache)
+    factor = machine_factor(store, device)
+    if factor is not None:
+        return EpochEstimate(model / factor[0], "scaled", factor[1])
+    return EpochEstimate(model, "model")

@@ -9,7 +9,10 @@ scheduler and RNG state so a run can resume.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import gc
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from core.atomic import atomic_write
+from core.faults import fault_point
 
 FORMAT = "finetune-lab/checkpoint"
 FORMAT_VERSION = 1
@@ -28,9 +32,48 @@ class CheckpointError(ValueError):
     """Not a checkpoint of ours, or one we cannot use; the message says why."""
 
 
+# Less free space than this after a failed torch.save means the disk filled up, bytes.
+NEARLY_FULL_BYTES = 64 * 1024**2
+
+
+class DiskFullError(OSError):
+    """A file could not be written because its filesystem is full (errno ENOSPC)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """torch.save that a reader (or a crash) never sees half-written."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save that a reader (or a crash) never sees half-written. A full disk raises
+    DiskFullError (torch reports it as a RuntimeError "file write failed"); the temp file
+    is removed either way."""
+    name = Path(path).name
+
+    def write(tmp: Path) -> None:
+        full = False
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError:
+            # torch's zip writer reports a short write in its own words ("file write
+            # failed", "unexpected pos ..."): judge by the space left, with the temp in place.
+            if shutil.disk_usage(tmp.parent).free >= NEARLY_FULL_BYTES:
+                raise
+            full = True
+        if full:
+            # Raised outside the except block: torch's traceback holds the open temp file,
+            # and a deleted file's space only comes back once it is closed.
+            gc.collect()
+            raise DiskFullError(path)
+        fault_point(f"write:{name}")  # killed here: the temp file is whole, `path` untouched
+
+    try:
+        atomic_write(path, write)
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(path) from exc
+        raise
 
 
 @dataclass

@@ -45,6 +45,14 @@ class DataError(ValueError):
     """A data set cannot be used; the message says why and what to do."""
 
 
+class Cancelled(Exception):
+    """Work stopped because cancellation was requested (while decoding, training,
+    validating or testing)."""
+
+
+StopFn = Callable[[], bool]  # asked now and then: True means stop (raise Cancelled)
+
+
 # ---------------------------------------------------------------- preprocessing (the one)
 
 
@@ -218,8 +226,10 @@ def _cache_key(parts: Sequence[str]) -> str:
 
 def decode_files(paths: Sequence[Path], labels: Sequence[int], pre: Preprocess,
                  on_progress: ProgressFn | None = None, what: str = "images",
+                 should_stop: StopFn | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode image files into a uint8 N x 3 x R x R tensor; unreadable ones are skipped."""
+    """Decode image files into a uint8 N x 3 x R x R tensor; unreadable ones are skipped.
+    `should_stop` is asked after every image; True stops the decoding (Cancelled)."""
     r = pre.resolution
     n = len(paths)
     if n * 3 * r * r > MAX_DECODED_BYTES:
@@ -239,24 +249,39 @@ def decode_files(paths: Sequence[Path], labels: Sequence[int], pre: Preprocess,
 
     # PIL releases the GIL while decoding, so threads use every core without the cost of
     # worker processes.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+    # Small chunks: a cancel waits for at most the chunks already running.
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    try:
         step = max(1, n // 50)
-        for i, err in enumerate(pool.map(work, range(n), chunksize=64)):
+        for i, err in enumerate(pool.map(work, range(n), chunksize=8)):
             if err:
                 skipped.append(err)
+            if should_stop is not None and should_stop():
+                raise Cancelled()
             if on_progress and (i % step == 0 or i == n - 1):
                 on_progress(f"Decoding {what}: {i + 1:,}/{n:,}", (i + 1) / n)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     label_t = torch.as_tensor(list(labels), dtype=torch.int64)
     return out[ok], label_t[ok], skipped
 
 
+SelectFn = Callable[[torch.Tensor], torch.Tensor]  # labels -> sorted indices to keep
+
+
 def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
                      cache_dir: Path | None = None, on_progress: ProgressFn | None = None,
+                     should_stop: StopFn | None = None, select: SelectFn | None = None,
                      ) -> ImageSet:
-    """One class-folder tree as an ImageSet, decoded once and cached on disk."""
+    """One class-folder tree as an ImageSet, decoded once and cached on disk. With
+    `select` (given every file's label, the sorted indices a run uses: a cap, a split) only
+    those files are decoded."""
     names, per_class, skipped = scan_folder(root, classes)
     paths = [p for files in per_class for p in files]
     labels = [i for i, files in enumerate(per_class) for _ in files]
+    if select is not None:
+        keep = select(torch.as_tensor(labels, dtype=torch.int64)).tolist()
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
     cache_file = None
     if cache_dir is not None:
         stats = [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths]
@@ -270,7 +295,8 @@ def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
                 return ImageSet(d["images"], d["labels"], list(d["classes"]), list(d["skipped"]))
             except Exception:  # stale/corrupt cache: rebuild it
                 pass
-    images, label_t, bad = decode_files(paths, labels, pre, on_progress, what=f"{root.name} images")
+    images, label_t, bad = decode_files(paths, labels, pre, on_progress, what=f"{root.name} images",
+                                        should_stop=should_stop)
     skipped += bad
     for i, name in enumerate(names):
         if int((label_t == i).sum()) == 0:
@@ -288,8 +314,12 @@ def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
 
 
 def load_cifar10(root: Path, train: bool, pre: Preprocess, classes: Sequence[str] = (),
-                 download: bool = True) -> ImageSet:
-    """CIFAR-10 through torchvision (downloaded into `root` the first time)."""
+                 download: bool = True, select: SelectFn | None = None,
+                 on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                 ) -> ImageSet:
+    """CIFAR-10 through torchvision (downloaded into `root` the first time). Only the
+    chosen classes and the `select`ed images (see load_folder_tree) are resized when the
+    resolution is not CIFAR's 32 px."""
     import torchvision
 
     try:
@@ -302,11 +332,23 @@ def load_cifar10(root: Path, train: bool, pre: Preprocess, classes: Sequence[str
             f"(data source 'folder') with train/ and test/ class folders."
         ) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # N x 3 x 32 x 32
-    if pre.resolution != 32:
-        images = torch.stack([pre.to_uint8(Image.fromarray(a)) for a in ds.data])
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
-    full = ImageSet(images, labels, list(ds.classes))
-    return select_classes(full, classes)
+    data = select_classes(ImageSet(images, labels, list(ds.classes)), classes)
+    if select is not None:
+        data = data.subset(select(data.labels))
+    if pre.resolution != 32:
+        n = len(data)
+        out = torch.empty((n, 3, pre.resolution, pre.resolution), dtype=torch.uint8)
+        step = max(1, n // 50)
+        for i in range(n):
+            out[i] = pre.to_uint8(Image.fromarray(data.images[i].permute(1, 2, 0).numpy()))
+            if should_stop is not None and i % 64 == 0 and should_stop():
+                raise Cancelled()
+            if on_progress and (i % step == 0 or i == n - 1):
+                on_progress(f"Resizing CIFAR-10 images to {pre.resolution} px: {i + 1:,}/{n:,}",
+                            (i + 1) / n)
+        data = ImageSet(out, data.labels, data.classes, data.skipped)
+    return data
 
 
 def select_classes(data: ImageSet, classes: Sequence[str]) -> ImageSet:
@@ -336,26 +378,50 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.cat(rest).sort().values, torch.cat(held).sort().values
 
 
+def cap_indices(labels: torch.Tensor, max_images: int, seed: int) -> torch.Tensor:
+    """Sorted indices of about `max_images` of `labels` with class proportions preserved
+    (all of them when there is no cap or it is not reached)."""
+    if not max_images or len(labels) <= max_images:
+        return torch.arange(len(labels))
+    _, keep = stratified_split(labels, max_images / len(labels), seed)
+    return keep
+
+
 def cap_stratified(data: ImageSet, max_images: int, seed: int) -> ImageSet:
     """Keep about `max_images` images with class proportions preserved."""
     if not max_images or len(data) <= max_images:
         return data
-    _, keep = stratified_split(data.labels, max_images / len(data), seed)
-    return data.subset(keep)
+    return data.subset(cap_indices(data.labels, max_images, seed))
 
 
 def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[str] = (),
                 val_fraction: float = 0.1, test_fraction: float = 0.2,
                 max_train_images: int = 0, seed: int = 0, cache_dir: Path | None = None,
-                on_progress: ProgressFn | None = None) -> DataSplits:
+                on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                ) -> DataSplits:
     """Load a data source into train/val/test ImageSets. Validation is carved from train
-    (stratified, seeded); the test set is left untouched for the final evaluation."""
+    (stratified, seeded); the test set is left untouched for the final evaluation. Only
+    what the run uses is decoded: the chosen classes, and of the training images the
+    `max_train_images` cap (chosen from the file list, before decoding)."""
+
+    def capped(labels: torch.Tensor) -> torch.Tensor:
+        return cap_indices(labels, max_train_images, seed)
+
+    def capped_rest(labels: torch.Tensor) -> torch.Tensor:  # one folder: train part, capped
+        rest, _ = stratified_split(labels, test_fraction, seed + 1)
+        return rest[capped(labels[rest])]
+
+    def held_out(labels: torch.Tensor) -> torch.Tensor:  # one folder: its test part
+        return stratified_split(labels, test_fraction, seed + 1)[1]
+
     if source == "cifar10":
         root = cifar10_dir(data_path)
         if on_progress:
             on_progress("Loading CIFAR-10", 0.0)
-        train_all = load_cifar10(root, True, pre, classes)
-        test = load_cifar10(root, False, pre, classes)
+        train_all = load_cifar10(root, True, pre, classes, select=capped,
+                                 on_progress=on_progress, should_stop=should_stop)
+        test = load_cifar10(root, False, pre, classes, on_progress=on_progress,
+                            should_stop=should_stop)
         desc = f"CIFAR-10 ({root})"
     elif source == "folder":
         root = Path(data_path).expanduser()
@@ -363,21 +429,21 @@ def load_splits(source: str, data_path: str, pre: Preprocess, classes: Sequence[
             raise DataError(f"data folder {root} does not exist; check the path")
         parts = train_test_folders(root)
         if parts:
-            train_all = load_folder_tree(parts[0], pre, classes, cache_dir, on_progress)
-            test = load_folder_tree(parts[1], pre, classes, cache_dir, on_progress)
+            train_all = load_folder_tree(parts[0], pre, classes, cache_dir, on_progress, should_stop,
+                                         select=capped)
+            test = load_folder_tree(parts[1], pre, classes, cache_dir, on_progress, should_stop)
             check_same_classes(root, train_all.classes, test.classes)
             desc = f"image folder {root} (train/ + test/)"
         else:
-            everything = load_folder_tree(root, pre, classes, cache_dir, on_progress)
-            rest, held = stratified_split(everything.labels, test_fraction, seed + 1)
-            train_all = everything.subset(rest)
-            train_all.skipped = everything.skipped
-            test = everything.subset(held)
+            # The split is made on the file list, so each part decodes only its own files.
+            train_all = load_folder_tree(root, pre, classes, cache_dir, on_progress, should_stop,
+                                         select=capped_rest)
+            test = load_folder_tree(root, pre, classes, cache_dir, on_progress, should_stop,
+                                    select=held_out)
             desc = f"image folder {root} (split {1 - test_fraction:.0%}/{test_fraction:.0%} into train/test)"
     else:
         raise DataError(f"unknown data source {source!r}")
-    skipped = train_all.skipped + test.skipped
-    train_all = cap_stratified(train_all, max_train_images, seed)
+    skipped = list(dict.fromkeys(train_all.skipped + test.skipped))  # a shared folder's once
     rest, held = stratified_split(train_all.labels, val_fraction, seed)
     train, val = train_all.subset(rest), train_all.subset(held)
     if len(train) < 2 or len(val) < 1 or len(test) < 1:

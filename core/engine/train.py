@@ -21,7 +21,8 @@ from torch import nn
 
 from core.config import LAYER_GROUPS, RunConfig, StageConfig
 from core.engine.checkpoints import TrainingState
-from core.engine.data import (
+from core.engine.data import (  # noqa: F401 (Cancelled: re-exported, raised here too)
+    Cancelled,
     DataSplits,
     ImageSet,
     Preprocess,
@@ -45,10 +46,6 @@ from core.engine.stage_ends import STAGE_END_KEY, StageEnd
 MetricTuple = tuple[int, float, int, str, float]  # (stage, global epoch, step, key, value)
 LOG_POINTS_PER_EPOCH = 10  # step-level train-loss rows per epoch, for live curves
 EVAL_BATCH = 512  # evaluation batch size: no gradients, so larger than training's
-
-
-class Cancelled(Exception):
-    """Training stopped because cancellation was requested."""
 
 
 @dataclass
@@ -354,9 +351,12 @@ class PrefixRunner:
 
 
 def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime,
-             batch_size: int = EVAL_BATCH) -> tuple[float, float, torch.Tensor]:
+             batch_size: int = EVAL_BATCH,
+             on_batch: Callable[[int, int], None] | None = None) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, predicted labels) over `data`, batched, no autograd. The body
-    runs BN-folded (eval-mode BN is a per-channel affine map) in `runtime.eval_dtype`."""
+    runs BN-folded (eval-mode BN is a per-channel affine map) in `runtime.eval_dtype`.
+    `on_batch(images_done, images_total)` before every batch: progress, and a cancel (it
+    may raise Cancelled)."""
     model.eval()
     body = FoldedPrefix(model, LAYER_GROUPS[:-1])
     if runtime.channels_last or runtime.frozen_channels_last:
@@ -365,7 +365,9 @@ def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime
     total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
     preds = []
     with torch.inference_mode(), runtime.eval_autocast():
-        for idx in batch_indices(len(data), batch_size, None, shuffle=False):
+        for b, idx in enumerate(batch_indices(len(data), batch_size, None, shuffle=False)):
+            if on_batch is not None:
+                on_batch(b * batch_size, len(data))
             idx = idx.to(data.images.device)
             x = runtime.prepare(data.images[idx], pre,
                                 channels_last=runtime.channels_last or runtime.frozen_channels_last)
@@ -478,6 +480,12 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
         plateau, last_epoch = resume.plateau, resume.global_epoch
     # Wall seconds of each whole epoch (training + validation), for the time-left estimate.
     epoch_seconds: list[float] = []
+
+    def time_left(epochs_done: float, pace: float | None = None) -> float | None:
+        """Seconds left after `epochs_done` (fractional) of the run: from the timed epochs,
+        else from `pace` (seconds per epoch measured so far in the first one), else None."""
+        per_epoch = sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else pace
+        return per_epoch * (total_epochs - epochs_done) if per_epoch else None
     for s_idx, stage in enumerate(cfg.stages, 1):
         first_epoch_global = global_epoch
         global_epoch += stage.epochs  # nominal: an early-ended stage keeps its span
@@ -521,15 +529,15 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                     hooks.on_metrics([(s_idx, pos, step, "train/step_loss", mean_loss),
                                       (s_idx, pos, step, "lr", lr)])
                     window.clear()
-                    per_epoch = (sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else None
                     frac_epoch = (i + 1) / spe
-                    remaining_epochs = total_epochs - (g_epoch - 1) - frac_epoch
+                    # Before any epoch is timed, this epoch's pace so far (training only).
+                    pace = (time.perf_counter() - epoch_start) / frac_epoch
                     hooks.on_progress({
                         "phase": "training", "stage": s_idx, "stages": len(cfg.stages),
                         "epoch": epoch, "epochs": stage.epochs, "global_epoch": g_epoch,
                         "total_epochs": total_epochs, "step": i + 1, "steps_per_epoch": spe,
                         "fraction": (g_epoch - 1 + frac_epoch) / total_epochs,
-                        "eta_s": per_epoch * remaining_epochs if per_epoch else None,
+                        "eta_s": time_left(g_epoch - 1 + frac_epoch, pace),
                     })
 
             epoch_start = time.perf_counter()
@@ -537,10 +545,18 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                 model, splits.train, pre, runtime, optimizer, scheduler, stage.groups,
                 stage.bn_policy, cfg.batch_size, cfg.augment and features is None, generator,
                 on_step, hooks.should_stop, features)
-            hooks.on_progress({"phase": "validating", "stage": s_idx, "stages": len(cfg.stages),
-                               "epoch": epoch, "epochs": stage.epochs, "global_epoch": g_epoch,
-                               "total_epochs": total_epochs, "fraction": g_epoch / total_epochs})
-            val_loss, val_acc, _ = evaluate(model, splits.val, pre, runtime)
+            def on_val_batch(done: int, total: int) -> None:
+                hooks.on_progress({
+                    "phase": "validating", "stage": s_idx, "stages": len(cfg.stages),
+                    "epoch": epoch, "epochs": stage.epochs, "global_epoch": g_epoch,
+                    "total_epochs": total_epochs, "fraction": g_epoch / total_epochs,
+                    "message": f"Validating: {done:,}/{total:,} images",
+                    "data_fraction": done / max(1, total),
+                    "eta_s": time_left(g_epoch)})
+                if hooks.should_stop():
+                    raise Cancelled()
+
+            val_loss, val_acc, _ = evaluate(model, splits.val, pre, runtime, on_batch=on_val_batch)
             epoch_seconds.append(time.perf_counter() - epoch_start)
             is_best = val_acc > best[0]
             if is_best:

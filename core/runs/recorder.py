@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.config import RunConfig
+from core.faults import fault_point
 from core.runs.entities import RunProgress, RunResults, SplitSizes, StageWeightChange
 from core.runs.files import RunFiles
 from core.runs.jobs import HEARTBEAT_S
@@ -66,14 +67,17 @@ class CheckpointPolicy:
 
     def writes(self, stage: int, epoch: int, is_best: bool,
                ended: bool = False) -> list[CheckpointWrite]:
-        """The checkpoints to write after `epoch` (1-based) of `stage` (1-based); `ended`:
-        the trainer ended the stage there (a plateau stop ends it before its last epoch)."""
+        """The checkpoints to write after `epoch` (1-based) of `stage` (1-based), last.pt
+        last: it is the resume point, so once it names an epoch every other file of that
+        epoch is whole (killed before it, the resumed run redoes the epoch and writes them).
+        `ended`: the trainer ended the stage there (a plateau stop ends it before its last
+        epoch)."""
         out = []
         if is_best:
             out.append(CheckpointWrite(CheckpointKind.BEST, self.files.best, False))
-        out.append(CheckpointWrite(CheckpointKind.LAST, self.files.last, True))
         if stage in self.kept_stage_ends and self.stage_ended(stage, epoch, ended):
             out.append(CheckpointWrite(CheckpointKind.STAGE_END, self.files.stage_end(stage), False))
+        out.append(CheckpointWrite(CheckpointKind.LAST, self.files.last, True))
         return out
 
     def stage_ended(self, stage: int, epoch: int, ended: bool = False) -> bool:
@@ -170,8 +174,13 @@ class RunRecorder:
         from core.engine.train import TrainHooks
 
         return TrainHooks(on_metrics=lambda rows: self.store.log_metrics(self.run_id, rows),
-                          on_progress=self.progress, should_stop=self.heartbeat.should_stop,
+                          on_progress=self.progress, should_stop=self.before_batch,
                           on_epoch_end=self.on_epoch_end)
+
+    def before_batch(self) -> bool:
+        """The trainer asks before every batch whether to stop."""
+        fault_point("batch")
+        return self.heartbeat.should_stop()
 
     def progress(self, report: dict[str, Any]) -> None:
         """The trainer's progress report (core.engine.train), as the run's progress."""
@@ -196,7 +205,18 @@ class RunRecorder:
 
         metrics = {"val_acc": end.val_acc, "val_loss": end.val_loss,
                    "train_loss": end.train.loss, "train_acc": end.train.acc}
+        if self.policy.stage_ended(end.stage, end.epoch, end.stage_ended):
+            # Before last.pt, like everything the epoch records: a run killed after last.pt
+            # resumes past this stage and would never record it.
+            change = StageWeightChange(end.stage, relative_weight_change(end.model, self.stage_start))
+            self.record(weight_change=[*(w for w in self.results.weight_change
+                                         if w.stage != end.stage), change])
         for write in self.policy.writes(end.stage, end.epoch, end.is_best, end.stage_ended):
+            self.progress({"phase": "saving checkpoint", "stage": end.stage,
+                           "epoch": end.epoch, "epochs": self.policy.stage_epochs[end.stage - 1],
+                           "stages": len(self.policy.stage_epochs),
+                           "fraction": end.global_epoch / sum(self.policy.stage_epochs),
+                           "message": f"Saving {write.path.name} ({write.kind.value})"})
             if write.kind is CheckpointKind.LAST:
                 # Where a resume picks up: store.requeue drops rows past this step. Recorded
                 # before last.pt is written: killed in between, requeue keeps a few rows
@@ -210,9 +230,6 @@ class RunRecorder:
             if write.kind is CheckpointKind.BEST:
                 self.store.set_best(self.run_id, end.val_acc, end.stage, end.epoch, write.path)
         if self.policy.stage_ended(end.stage, end.epoch, end.stage_ended):
-            change = StageWeightChange(end.stage, relative_weight_change(end.model, self.stage_start))
-            self.record(weight_change=[*(w for w in self.results.weight_change
-                                         if w.stage != end.stage), change])
             self.start_stage_at(end.model)
         log.info("stage %d epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
                  end.stage, end.epoch, end.train.loss, end.train.acc, end.val_loss,

@@ -795,11 +795,15 @@ class RunStore:
              "step": int(st), "key": k, "value": float(v), "time": now}
             for i, (s, e, st, k, v) in enumerate(rows)])
 
-    def truncate_metrics(self, run_id: str, after_step: int) -> None:
-        """Drop rows past `after_step` (a resumed run replays from its last checkpoint)."""
+    def truncate_metrics(self, run_id: str, after_step: int, stage: int | None = None) -> None:
+        """Drop rows past `after_step` (a resumed run replays from its last checkpoint).
+        With `stage`, rows at `after_step` of later stages go too: a stage's first rows
+        share the step of the previous stage's last epoch."""
         with self._write() as con:
-            con.execute(metrics.delete().where(metrics.c.run_id == run_id,
-                                               metrics.c.step > after_step))
+            later = metrics.c.step > after_step
+            if stage is not None:
+                later = later | ((metrics.c.step == after_step) & (metrics.c.stage > stage))
+            con.execute(metrics.delete().where(metrics.c.run_id == run_id, later))
 
     def metrics(self, run_id: str, after_id: int = 0, keys: Sequence[str] = ()) -> list[MetricRow]:
         """Metric rows of a run numbered past `after_id`, in order: the streaming read. A

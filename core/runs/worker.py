@@ -15,10 +15,13 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from core import config as cfgmod
+from core.faults import fault_point
 from core.runs.entities import Run, RunProgress
+from core.runs.files import RunFiles
 from core.runs.jobs import dispatch
 from core.runs.recorder import TERMINATED, CheckpointPolicy, Heartbeat, RunRecorder
 from core.runs.store import RunStore
@@ -48,18 +51,22 @@ def execute_run(store: RunStore, run_id: str,
             cfg = checked_config(run)
             runtime = prepare_process(cfg)
             splits, pre = load_data(store, cfg, heartbeat)
+            stop_if_asked(heartbeat)  # between phases too, not only inside them
             recorder = RunRecorder(store, run_id, CheckpointPolicy.for_run(store.files(run_id), cfg),
                                    heartbeat, cfgmod.to_dict(cfg), list(splits.classes),
                                    pre.to_dict(), run.results)
             recorder.record_data(splits, str(runtime.device))
             resume = resume_point(store, run_id, splits.classes)
             model = starting_model(store, cfg, recorder, len(splits.classes), resume)
+            stop_if_asked(heartbeat)
             result = run_stages(model, cfg, splits, pre, runtime, recorder.hooks, resume)
+            fault_point("test")
             test_acc = test_best_checkpoint(store, run_id, recorder, splits, pre, runtime,
                                             float(result.epochs_run), result.seconds)
             log.info("finished: best val acc %.4f (stage %d epoch %d), test acc %.4f, %.1f s",
                      result.best_val_acc, result.best_stage, result.best_epoch, test_acc,
                      result.seconds)
+            fault_point("settle")
             return settle(store, run_id, "finished")
         except Cancelled:
             log.info("stopped; best checkpoint so far kept")
@@ -68,11 +75,22 @@ def execute_run(store: RunStore, run_id: str,
             log.error("%s", exc)
             return settle(store, run_id, "failed", str(exc))
         except Exception as exc:  # anything else: recorded with the traceback in the log
+            full = disk_full_at(exc, store)
+            if full is not None:
+                return settle_disk_full(store, run_id, full)
             log.error("unexpected error:\n%s", traceback.format_exc())
             msg = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
                 msg += " — lower the batch size or resolution, or cap the training images"
             return settle(store, run_id, "failed", msg + " (see the run log for details)")
+
+
+def stop_if_asked(heartbeat: Heartbeat) -> None:
+    """Raise Cancelled when a cancel was requested."""
+    from core.engine.data import Cancelled
+
+    if heartbeat.should_stop():
+        raise Cancelled()
 
 
 def checked_config(run: Run) -> cfgmod.RunConfig:
@@ -89,11 +107,27 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
     from core.engine.model import physical_cores, resolve_device
     from core.engine.train import default_runtime
 
+    lower_priority()
     torch.set_num_threads(cfg.threads or physical_cores())
     torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
     device = resolve_device(cfg.device)
     log.info("%s on %s", " -> ".join(s.trains for s in cfg.stages), device)
     return default_runtime(device)
+
+
+# Niceness of a training process: the dashboard's server (nice 0) gets the CPU first when
+# it needs it, so a live page on a busy 2-core machine keeps answering (issue 12.7).
+WORKER_NICENESS = 10
+
+
+def lower_priority() -> None:
+    """Run this process at WORKER_NICENESS (never raise its priority back)."""
+    try:
+        current = os.nice(0)
+        if current < WORKER_NICENESS:
+            os.nice(WORKER_NICENESS - current)
+    except OSError as exc:
+        log.warning("could not lower the worker's CPU priority: %s", exc)
 
 
 def load_data(store: RunStore, cfg: cfgmod.RunConfig,
@@ -110,7 +144,8 @@ def load_data(store: RunStore, cfg: cfgmod.RunConfig,
         cfg.data_source, cfg.data_path, pre, cfg.classes, cfg.val_fraction, cfg.test_fraction,
         cfg.max_train_images, cfg.seed, cache_dir=store.layout.cache,
         on_progress=lambda msg, f: heartbeat.set_progress(
-            RunProgress(phase="loading data", message=msg, data_fraction=f)))
+            RunProgress(phase="loading data", message=msg, data_fraction=f)),
+        should_stop=heartbeat.should_stop)
     if splits.skipped:
         log.warning("skipped %d unreadable files:\n  %s", len(splits.skipped),
                     "\n  ".join(splits.skipped[:50]))
@@ -133,7 +168,9 @@ def resume_point(store: RunStore, run_id: str, classes: list[str]) -> ResumeStat
     if last is None or state is None:
         store.truncate_metrics(run_id, -1)
         return None
-    store.truncate_metrics(run_id, state.step)
+    # Rows of epochs after the checkpoint go, and the next stage's first row, which shares
+    # the checkpoint's step.
+    store.truncate_metrics(run_id, state.step, stage=last.stage)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
     return ResumeState.of(last.state_dict, state)
 
@@ -158,9 +195,35 @@ def starting_model(store: RunStore, cfg: cfgmod.RunConfig, recorder: RunRecorder
     log.info("starting weights: %s", weights_desc)
     recorder.record(weights=weights_desc)
     if resume is not None:
+        stage_start = resumed_stage_start(store.files(recorder.run_id), cfg, resume, model)
         model.load_state_dict(resume.model_state)
-    recorder.start_stage_at(model)
+        recorder.stage_start = stage_start
+    else:
+        recorder.start_stage_at(model)
     return model
+
+
+def resumed_stage_start(files: RunFiles, cfg: cfgmod.RunConfig, resume: ResumeState,
+                        starting: torch.nn.Module) -> dict[str, Any]:
+    """The weights at the start of the stage a resumed run continues, so its weight
+    change equals an uninterrupted run's: the starting weights in stage 1 (rebuilt from the
+    same seed), the kept end of the stage before, or (no such file) the resumed weights."""
+    from core.engine.checkpoints import read_checkpoint
+
+    first_epoch = 0
+    for index, stage in enumerate(cfg.stages, 1):
+        if resume.global_epoch < first_epoch + stage.epochs:
+            break
+        first_epoch += stage.epochs
+    else:
+        index = len(cfg.stages)
+    if index == 1:
+        return {k: v.detach().clone() for k, v in starting.named_parameters()}
+    before = files.stage_end(index - 1)
+    names = {k for k, _ in starting.named_parameters()}
+    if resume.global_epoch > first_epoch and before.exists():
+        return {k: v for k, v in read_checkpoint(before).state_dict.items() if k in names}
+    return {k: v.detach().clone() for k, v in resume.model_state.items() if k in names}
 
 
 def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
@@ -169,18 +232,68 @@ def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
     """The test set is touched once, at the end, with the best checkpoint. Returns its
     accuracy (0..1), recorded with the confusion matrix."""
     from core.engine.checkpoints import read_checkpoint
-    from core.engine.train import confusion_matrix, evaluate
+    from core.engine.train import Cancelled, confusion_matrix, evaluate
 
-    recorder.progress({"phase": "testing", "fraction": 1.0})
+    def on_batch(done: int, total: int) -> None:
+        recorder.progress({"phase": "testing", "fraction": 1.0, "data_fraction": done / max(1, total),
+                           "message": f"Testing the best checkpoint: {done:,}/{total:,} images"})
+        if recorder.heartbeat.should_stop():
+            raise Cancelled()
+
+    recorder.progress({"phase": "testing", "fraction": 1.0, "data_fraction": 0.0,
+                       "message": "Loading the best checkpoint"})
     best = read_checkpoint(store.files(run_id).best)
     model = best.build_model().to(runtime.device)
-    test_loss, test_acc, preds = evaluate(model, splits.test, pre, runtime)
+    test_loss, test_acc, preds = evaluate(model, splits.test, pre, runtime, on_batch=on_batch)
     confusion = confusion_matrix(splits.test.labels, preds, len(splits.classes))
     per_class = [row[c] / sum(row) if sum(row) else None for c, row in enumerate(confusion)]
     recorder.record(test_loss=test_loss, per_class_acc=per_class, confusion=confusion,
                     seconds=seconds, test_acc=test_acc)
-    store.log_metrics(run_id, [(best.stage, epochs_run, 0, "test/acc", test_acc)])
+    if not store.metrics(run_id, keys=["test/acc"]):  # a run killed after it resumes here
+        store.log_metrics(run_id, [(best.stage, epochs_run, 0, "test/acc", test_acc)])
     return test_acc
+
+
+# SQLite's words for a write that found no room; "disk I/O error" counts only when the
+# disk really is nearly full (it has other causes).
+SQLITE_FULL_TEXT = "database or disk is full"
+SQLITE_IOERR_TEXT = "disk I/O error"
+NEARLY_FULL_BYTES = 64 * 1024**2
+
+
+def disk_full_at(exc: BaseException, store: RunStore) -> Path | None:
+    """Where the disk filled up, when `exc` (or an exception it came from) says it did."""
+    import errno
+    import shutil
+    import sqlite3
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return Path(seen.filename) if seen.filename else store.root
+        if isinstance(seen, sqlite3.Error):
+            text = str(seen)
+            if SQLITE_FULL_TEXT in text:
+                return store.db_path
+            if SQLITE_IOERR_TEXT in text and shutil.disk_usage(store.root).free < NEARLY_FULL_BYTES:
+                return store.db_path
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def settle_disk_full(store: RunStore, run_id: str, path: Path) -> str:
+    """Remove this run's temp files (freeing what the failed write took) and record the
+    run failed with what to do; its last saved epoch stays resumable."""
+    from core.runs.jobs import remove_partial_files
+
+    removed = remove_partial_files(store.files(run_id))
+    message = f"disk full at {path}: free space and resume"
+    log.error("%s (removed %d temp file(s))", message, len(removed))
+    try:
+        return settle(store, run_id, "failed", message)
+    except Exception as exc:  # the store itself cannot write: the log keeps the reason
+        log.error("could not record the failure in the run store: %s", exc)
+        return "failed"
 
 
 def settle(store: RunStore, run_id: str, status: str, error: str | None = None) -> str:

@@ -208,10 +208,13 @@ def progress_text(run: Run) -> str:
     if phase == "training" and p.step:
         parts.append(f"step {p.step}/{p.steps_per_epoch or '?'}")
     elif phase != "training":
-        parts.append(phase)
+        # Validating, testing, saving a checkpoint: what and how far, in the worker's words.
+        parts.append(p.message or phase)
     eta = p.eta_s
-    parts.append(f"about {fmt_duration(eta)} left" if eta is not None
-                 else "time left known after the first epoch")
+    if eta is not None:
+        parts.append(f"about {fmt_duration(eta)} left")
+    elif phase == "training":  # only the first epoch's training has no timing yet
+        parts.append("time left known after the first epoch")
     return " · ".join(parts)
 
 
