@@ -104,6 +104,8 @@ class Run:
     # The global step of the last saved epoch: where a resume picks up (-1: none saved).
     last_step: int = -1
     results: RunResults = field(default_factory=RunResults)
+    executor: str | None = None  # what ran it: "local", "ray"; None for foreground CLI runs
+    job_id: str | None = None  # its id there: the worker's pid (local), the submission id (ray)
 
     @property
     def is_active(self) -> bool:

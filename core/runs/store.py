@@ -135,8 +135,15 @@ def _m4_relative_best_checkpoint(con: sqlite3.Connection) -> None:
     con.execute("UPDATE runs SET pid_start=NULL")
 
 
+def _m5_executor_job(con: sqlite3.Connection) -> None:
+    """Where a run ran: the executor ("local", "ray") and its job id there."""
+    con.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
+    con.execute("ALTER TABLE runs ADD COLUMN job_id TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint)
+    _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint,
+    _m5_executor_job)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -279,6 +286,7 @@ class RunStore:
             best_checkpoint=str(self.files(row["id"]).resolve(best)) if best else None,
             test_acc=row["test_acc"], last_step=row["last_step"],
             results=results_from_json(row["results"]),
+            executor=row["executor"], job_id=row["job_id"],
         )
 
     def files(self, run_id: str) -> RunFiles:
@@ -353,6 +361,13 @@ class RunStore:
         with self._write() as con:
             con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
                         (pid, process_identity(pid), socket.gethostname(), run_id))
+
+    def set_job(self, run_id: str, executor: str, job_id: str | None, host: str | None) -> None:
+        """Record where a run runs: its executor, its job id there, and the host when known
+        (None keeps the host already recorded)."""
+        with self._write() as con:
+            con.execute("UPDATE runs SET executor=?, job_id=?, host=COALESCE(?, host) WHERE id=?",
+                        (executor, job_id, host, run_id))
 
     def heartbeat(self, run_id: str, progress: RunProgress | None = None) -> bool:
         """Record liveness (and progress). Returns whether the worker should stop:
