@@ -82,11 +82,10 @@ def new_run_link(label: str = "New run") -> None:
 @st.fragment(run_every=SIDEBAR_REFRESH_S)
 def jobs_panel() -> None:
     """Running and queued jobs with progress; refreshes itself without rerunning the page.
-    Until a supervisor does it (a later issue), the sidebar advances the queue: runs whose
-    worker died are marked failed and queued runs start in their place."""
+    A read only: the queue supervisor (core.runs.supervisor), not a browser tab, settles
+    dead runs and starts queued ones."""
     store = get_store()
     try:
-        jobs.advance_queue(store)
         s = jobs.summary(store)
     except StoreError as exc:
         st.warning(f"Job status unavailable: {exc}")

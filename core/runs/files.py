@@ -105,5 +105,14 @@ class StoreLayout:
         """Uploaded and unpacked data sets; the default data root."""
         return self.root / "datasets"
 
+    @property
+    def supervisor_lock(self) -> Path:
+        """Held by the store's one queue supervisor (core.runs.supervisor) while it runs."""
+        return self.root / "supervisor.lock"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.root / "supervisor.log"
+
     def run(self, run_id: str) -> RunFiles:
         return RunFiles(self.root / run_id, run_id)

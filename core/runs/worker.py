@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -194,10 +195,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.runs.worker", description=__doc__)
     parser.add_argument("run_id")
     parser.add_argument("--data-dir", default=None, help="run store folder")
+    parser.add_argument("--claim", action="store_true",
+                        help="move the queued run to running here (a cluster scheduler queued "
+                             "this job, not the local queue, which claims before it starts us)")
+    parser.add_argument("--log-to-run-folder", action="store_true",
+                        help="also write the log to the run's log file (when stdout goes "
+                             "elsewhere, e.g. to Ray's job log)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(message)s")
     store = RunStore(args.data_dir)
+    if args.log_to_run_folder:
+        log_file = store.files(args.run_id).log
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+    if args.claim and not store.claim_run_now(args.run_id, os.getpid()):
+        run = store.get_run(args.run_id)
+        log.error("run %s cannot be claimed (status %s); nothing to do",
+                  args.run_id, run.status if run else "missing")
+        return 2
     run = store.get_run(args.run_id)
     if run is None or run.status != "running":
         log.error("run %s is not claimed for running (status %s); nothing to do",
@@ -205,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if run.pid != os.getpid():
         store.set_pid(args.run_id, os.getpid())
+    log.info("worker pid %d on %s (executor %s, job %s)", os.getpid(), socket.gethostname(),
+             run.executor or "local", run.job_id or "-")
     # SIGTERM (the cancel fallback) becomes a cancel request honoured between batches.
     signal.signal(signal.SIGTERM, lambda *_: TERMINATED.set())
     status = execute_run(store, args.run_id)
-    try:
-        dispatch(store)  # start the next queued run, if any
-    except Exception as exc:
-        log.warning("could not start the next queued run: %s", exc)
+    if run.executor in (None, "local"):  # a cluster queues its own jobs
+        try:
+            dispatch(store)  # start the next queued run, if any
+        except Exception as exc:
+            log.warning("could not start the next queued run: %s", exc)
     return 0 if status in ("finished", "cancelled") else 1
 
 
