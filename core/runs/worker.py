@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -191,6 +192,18 @@ def settle(store: RunStore, run_id: str, status: str, error: str | None = None) 
     return status
 
 
+def stop_on_sigterm(store: RunStore, run_id: str) -> None:
+    """Settle a run stopped by a signal that no cancel request explains as failed (with the
+    reason, resumable), then stop the training loop, whose own settle finds it settled."""
+    try:
+        if not store.cancel_requested(run_id):
+            store.finish_run(run_id, "failed", "stopped by SIGTERM from outside the lab (a "
+                             "cluster job stopped, or the node shutting down); it can be "
+                             "resumed from its last completed epoch", only_if_running=True)
+    finally:
+        TERMINATED.set()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.runs.worker", description=__doc__)
     parser.add_argument("run_id")
@@ -225,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         store.set_pid(args.run_id, os.getpid())
     log.info("worker pid %d on %s (executor %s, job %s)", os.getpid(), socket.gethostname(),
              run.executor or "local", run.job_id or "-")
-    # SIGTERM (the cancel fallback) becomes a cancel request honoured between batches.
-    signal.signal(signal.SIGTERM, lambda *_: TERMINATED.set())
+    # SIGTERM stops the run between batches. Unless the lab asked for it (a cancel request,
+    # then a cluster stop after the grace period), it is a fault: a job stopped behind our
+    # back, a node shutting down. A signal handler must not touch the store (the main thread
+    # may be inside a write), so a thread records that, then stops the loop.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
+        target=stop_on_sigterm, args=(store, args.run_id), daemon=True).start())
     status = execute_run(store, args.run_id)
     if run.executor in (None, "local"):  # a cluster queues its own jobs
         try:
