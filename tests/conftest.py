@@ -5,9 +5,11 @@ Everything is local and small: random weights, a few dozen 32x32 images, CPU onl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +17,10 @@ import pytest
 
 # Tests never touch the network: torchvision would try to download otherwise.
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-for-tests")
+# Tests choose their store themselves: a store URL or artifact root set in the shell must not
+# send them to a real database or folder.
+for _setting in ("FINETUNE_LAB_DB", "FINETUNE_LAB_ARTIFACTS"):
+    os.environ.pop(_setting, None)
 
 from core import config as cfgmod  # noqa: E402
 from core.runs.store import RunStore  # noqa: E402
@@ -57,6 +63,85 @@ def tiny_folder(tmp_path_factory) -> Path:
 @pytest.fixture
 def store(tmp_path) -> RunStore:
     return RunStore(tmp_path / "runs")
+
+
+# ---------------------------------------------------------------- PostgreSQL
+# A server from FINETUNE_LAB_TEST_PG (scripts/with_services.sh starts one on loopback), whose
+# role may CREATE DATABASE. Without it the PostgreSQL cases skip, except in CI, where a
+# missing PostgreSQL fails them: CI must test both stores.
+
+TEST_PG_ENV = "FINETUNE_LAB_TEST_PG"
+
+
+def postgres_server() -> str:
+    """The test server's URL, or skip (fail in CI) when there is none."""
+    url = os.environ.get(TEST_PG_ENV)
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail(f"PostgreSQL is missing: {TEST_PG_ENV} is not set. CI runs the store tests "
+                    f"on PostgreSQL too; run them under scripts/with_services.sh.", pytrace=False)
+    pytest.skip(f"PostgreSQL not available (set {TEST_PG_ENV}, e.g. via scripts/with_services.sh)")
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, uniquely named database on the test server, dropped afterwards. Yields its
+    URL in the plain postgresql:// form users write."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    from core.runs.store import database_url, dispose_engines
+
+    server = database_url(postgres_server())
+    name = f"finetune_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as con:
+            con.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield server.set(drivername="postgresql", database=name).render_as_string(
+                hide_password=False)
+        finally:
+            dispose_engines()  # this process's pooled connections to it
+            with admin.connect() as con:
+                con.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test module."""
+    with postgres_database() as url:
+        yield url
+
+
+def empty_store_tables(store: RunStore) -> None:
+    """Delete every row (the schema stays): a clean store in the module's database."""
+    import sqlalchemy as sa
+
+    from core.runs import store as store_module
+
+    with store.engine.begin() as con:
+        for table in reversed(store_module.metadata.sorted_tables):
+            con.execute(sa.delete(table))
+
+
+@pytest.fixture
+def pg_store(pg_url, tmp_path) -> RunStore:
+    """An empty run store on PostgreSQL, artifacts under a temporary folder."""
+    store = RunStore(tmp_path / "runs", url=pg_url)
+    empty_store_tables(store)
+    return store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request, tmp_path) -> RunStore:
+    """An empty run store, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return RunStore(tmp_path / "runs")
+    return request.getfixturevalue("pg_store")
 
 
 def tiny_config(data_path: Path, **changes) -> cfgmod.RunConfig:

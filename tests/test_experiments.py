@@ -193,7 +193,7 @@ def test_saved_run_recipes_name_each_run_once_and_report_unusable_configs(store,
     invalid = store.create_run(replace(cfg, val_fraction=5.0), name="old rules")
     unreadable = store.create_run(cfg, name="old schema")
     with store._write() as con:  # a config written by a version whose fields are gone
-        con.execute("UPDATE runs SET config=? WHERE id=?", ('{"stages": "nope"}', unreadable.id))
+        con.exec_driver_sql("UPDATE runs SET config=? WHERE id=?", ('{"stages": "nope"}', unreadable.id))
     unreadable = store.get_run(unreadable.id)
     assert unreadable.config_error
     recipes, problems = ex.saved_run_recipes([a, b, invalid, unreadable], taken=["Two-stage"])

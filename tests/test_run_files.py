@@ -1,4 +1,4 @@
-"""One owner of every file name (core.runs.files) and the checkpoint policy."""
+"""One owner of every file name (core.settings) and the checkpoint policy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from core.runs.files import RunFiles, StoreLayout
 from core.runs.recorder import CheckpointKind, CheckpointPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
-OWNER = ROOT / "core" / "runs" / "files.py"
+OWNER = ROOT / "core" / "settings.py"
 SCANNED = [ROOT / "core", ROOT / "app_pages", ROOT / "streamlit_app.py", ROOT / "scripts"]
 # The names RunFiles and StoreLayout own, as they would appear in a string literal (an
 # f-string's placeholders read as "{}").
@@ -59,7 +59,7 @@ def test_file_names_are_spelled_only_by_their_owner():
     found = [f"{path.relative_to(ROOT)}:{line}: {text!r}"
              for path in python_files() if path != OWNER
              for line, text in string_literals(path) if OWNED.search(text)]
-    assert not found, "file names outside core/runs/files.py:\n" + "\n".join(found)
+    assert not found, "file names outside core/settings.py:\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize("literal", ["best.pt", "stage1.pt", "stage{}.pt", "worker.log",

@@ -188,3 +188,36 @@ def test_unreadable_json_columns_load_as_empty_entities(tmp_path, bad):
         con.execute("UPDATE runs SET results=?, progress=? WHERE name='queued one'", (bad, bad))
     run = {r.name: r for r in RunStore(root).list_runs()}["queued one"]
     assert run.results.classes == [] and run.progress.fraction == 0.0
+
+
+OPENER = """
+import sys
+from core.runs.store import RunStore
+print(RunStore(sys.argv[1], url=sys.argv[2]).schema_version())
+"""
+
+
+def test_a_new_postgresql_database_is_migrated_once_by_racing_processes(tmp_path):
+    """Several machines' first start on an empty PostgreSQL database: the numbered steps run
+    once (the advisory lock), every opener ends at the latest version. (PostgreSQL stores
+    start at this schema: there is no older PostgreSQL schema to migrate from.)"""
+    import subprocess
+    import sys
+
+    import sqlalchemy as sa
+
+    from tests.conftest import postgres_database
+
+    with postgres_database() as url:
+        procs = [subprocess.Popen([sys.executable, "-c", OPENER, str(tmp_path / "runs"), url],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(4)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [e.decode()[-800:] for _, e in outs]
+        assert [int(o) for o, _ in outs] == [SCHEMA_VERSION] * 4
+        store = RunStore(tmp_path / "runs", url=url)
+        with store.engine.connect() as con:
+            assert con.execute(sa.text("SELECT version FROM schema_version")).scalars().all() == [
+                SCHEMA_VERSION]
+        run = store.create_run(cfgmod.preset_config("Two-stage"))
+        assert store.claim_run_now(run.id, 1) and store.get_run(run.id).status == "running"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.runs.files import StoreLayout
+from core.settings import StoreLayout
 
 DATA_ROOTS_ENV = "FINETUNE_LAB_DATA_ROOTS"
 

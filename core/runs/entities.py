@@ -88,6 +88,10 @@ class Run:
     # names one process, so a reused pid is never mistaken for the worker.
     pid_start: str | None = None
     host: str | None = None
+    # Where it executes: "local" or "ray" (None: not dispatched yet, or recorded before
+    # executors existed), and the executor's id for it (a Ray submission id).
+    executor: str | None = None
+    job_id: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
     heartbeat_at: float | None = None
@@ -104,8 +108,8 @@ class Run:
     # The global step of the last saved epoch: where a resume picks up (-1: none saved).
     last_step: int = -1
     results: RunResults = field(default_factory=RunResults)
-    executor: str | None = None  # what ran it: "local", "ray"; None for foreground CLI runs
-    job_id: str | None = None  # its id there: the worker's pid (local), the submission id (ray)
+    note: str = ""  # the user's free-text note
+    tags: tuple[str, ...] = ()  # the user's labels, sorted
 
     @property
     def is_active(self) -> bool:
@@ -120,6 +124,8 @@ class Run:
 
 @dataclass(frozen=True)
 class MetricRow:
+    # The row's number within its run (1, 2, ... in the order they were committed): the
+    # cursor of incremental reads (RunStore.metrics(after_id=...)).
     id: int
     run_id: str
     stage: int

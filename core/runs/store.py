@@ -1,14 +1,28 @@
-"""The run store: SQLite in WAL mode under a data directory, reached only through this module.
+"""The run store: one schema and one set of queries (SQLAlchemy Core) over SQLite, the embedded
+default, or PostgreSQL, shared by the dashboards, command lines and workers of several
+machines. Reached only through this module: all SQL of the project is here.
 
-Pages and the CLI create runs and request cancellation; the worker writes a run's progress.
-Every call opens a short-lived connection, so any number of processes can share the file;
-writes take the write lock up front (BEGIN IMMEDIATE) and wait on a busy timeout, which is
-what keeps several writers and many readers from ever seeing "database is locked".
+Which database: a URL in $FINETUNE_LAB_DB (`postgresql://user:pw@host/db`; plain
+`postgresql://` is mapped to the psycopg 3 driver), else SQLite in WAL mode under the data
+directory (core.settings). Run folders (checkpoints, logs, exports) live under the artifact
+root; the store records paths relative to it.
+
+SQLite: every call opens a short-lived connection (NullPool), so any number of processes can
+share the file; writes take the write lock up front (BEGIN IMMEDIATE) and wait on a busy
+timeout, which is what keeps several writers and many readers from ever seeing "database is
+locked". PostgreSQL: one pooled Engine per URL and process; writes are READ COMMITTED
+transactions; claiming a queued run locks rows with FOR UPDATE SKIP LOCKED under an advisory
+lock, so the running-limit holds across machines.
+
+Metric rows are read incrementally by a per-run sequence number (`seq`), not the table's
+global id: PostgreSQL hands out ids when a row is inserted, not when it commits, so a global
+id cursor can skip a row whose transaction commits late. `seq` is allocated from a counter on
+the run's row, whose row lock makes the writers of one run commit in `seq` order.
 
 Everything returned is a typed entity (core.runs.entities), never a row or a dict: JSON is
 only the storage format inside a few columns, converted here by one to/from pair per entity.
-The schema changes only through MIGRATIONS, numbered by SQLite's `user_version`. All SQL of
-the project is in this module.
+The schema changes only through MIGRATIONS, numbered by SQLite's `user_version` or, on
+PostgreSQL, the `schema_version` table.
 """
 
 from __future__ import annotations
@@ -18,16 +32,23 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
 import socket
-import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.pool import NullPool
+
 from core import config as cfgmod
 from core.config import RunConfig
+from core.process import process_identity
 from core.runs.entities import (
     ACTIVE,
     DONE,
@@ -39,35 +60,119 @@ from core.runs.entities import (
     SplitSizes,
     StageWeightChange,
 )
-from core.runs.files import DATA_DIR_ENV, DEFAULT_DATA_DIR, RunFiles, StoreLayout, data_dir
-from core.process import process_identity
+from core.settings import (
+    ARTIFACTS_ENV,
+    DATA_DIR_ENV,
+    DB_ENV,
+    DEFAULT_DATA_DIR,
+    RunFiles,
+    StoreLayout,
+    artifact_root,
+    data_dir,
+    store_url,
+)
 
-__all__ = ["ACTIVE", "DATA_DIR_ENV", "DEFAULT_DATA_DIR", "DONE", "STATUSES", "MetricRow", "Run",
-           "RunProgress", "RunResults", "RunStore", "SplitSizes", "StageWeightChange",
-           "StoreError", "data_dir"]
+__all__ = ["ACTIVE", "DATA_DIR_ENV", "DB_ENV", "DEFAULT_DATA_DIR", "DONE", "STATUSES",
+           "MetricRow", "Run", "RunProgress", "RunResults", "RunStore", "SplitSizes",
+           "StageWeightChange", "StoreError", "data_dir", "database_url", "dispose_engines"]
 
 log = logging.getLogger("finetune_lab.store")
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for the lock before giving up
+PG_CONNECT_TIMEOUT_S = 10  # how long opening a PostgreSQL connection may take
+# PostgreSQL advisory lock keys (any two distinct 64-bit numbers of our own).
+_MIGRATION_LOCK = 0x46544C_0001
+_CLAIM_LOCK = 0x46544C_0002
 
 
 class StoreError(RuntimeError):
-    """The store cannot be used (unwritable directory, full disk, corrupt file)."""
+    """The store cannot be used (unwritable directory, full disk, corrupt file, unreachable
+    or refusing database server)."""
+
+
+# ---------------------------------------------------------------- the schema
+# The tables as the migrations below leave them: what every query is built from.
+
+metadata = sa.MetaData()
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("grp", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer),
+    sa.Column("pid_start", sa.Text),
+    sa.Column("host", sa.Text),
+    sa.Column("executor", sa.Text),
+    sa.Column("job_id", sa.Text),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double),
+    sa.Column("ended_at", sa.Double),
+    sa.Column("heartbeat_at", sa.Double),
+    sa.Column("error", sa.Text),
+    sa.Column("cancel_requested", sa.Integer, nullable=False),
+    sa.Column("progress", sa.Text, nullable=False),
+    sa.Column("best_val_acc", sa.Double),
+    sa.Column("best_stage", sa.Integer),
+    sa.Column("best_epoch", sa.Integer),
+    sa.Column("best_checkpoint", sa.Text),
+    sa.Column("test_acc", sa.Double),
+    sa.Column("results", sa.Text, nullable=False),
+    sa.Column("last_step", sa.Integer, nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    # The last metric `seq` handed out for this run (never reused, like an autoincrement).
+    sa.Column("metric_seq", sa.BigInteger, nullable=False),
+)
+
+metrics = sa.Table(
+    "metrics", metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),  # global; not a read cursor
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),  # per run, in commit order
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("epoch", sa.Double, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("value", sa.Double, nullable=False),
+    sa.Column("time", sa.Double, nullable=False),
+)
+
+run_tags = sa.Table(
+    "run_tags", metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("tag", sa.Text, primary_key=True),
+)
+
+# PostgreSQL only: SQLite keeps the version in its file header (PRAGMA user_version).
+schema_version = sa.Table("schema_version", sa.MetaData(),
+                          sa.Column("version", sa.Integer, nullable=False))
 
 
 # ---------------------------------------------------------------- schema migrations
-# Each step moves the schema from version i to i + 1 (PRAGMA user_version). Steps run in one
-# write transaction with the version bump, so a crash or a second process never sees half a
-# migration. A database written before versioning (user_version 0) may already have some of
-# these changes, so the early steps check before they change.
+# Each step moves the schema from version i to i + 1. Steps run in one write transaction with
+# the version bump (PostgreSQL's DDL is transactional; SQLite's too), so a crash or a second
+# process never sees half a migration. A SQLite database written before versioning
+# (user_version 0) may already have some of these changes, so the early steps check before
+# they change. The DDL is written once, in SQLite's words; _ddl translates the two types
+# PostgreSQL spells differently.
 
 
-def _columns(con: sqlite3.Connection, table: str) -> set[str]:
-    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+def _ddl(con: Connection, sql: str) -> None:
+    if con.dialect.name == "postgresql":
+        sql = sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT",
+                          "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+        sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)  # PostgreSQL's REAL is 4 bytes
+    con.exec_driver_sql(sql)
 
 
-def _m1_initial(con: sqlite3.Connection) -> None:
+def _columns(con: Connection, table: str) -> set[str]:
+    return {c["name"] for c in sa.inspect(con).get_columns(table)}
+
+
+def _m1_initial(con: Connection) -> None:
     """The tables as first created."""
-    con.execute("""
+    _ddl(con, """
         CREATE TABLE IF NOT EXISTS runs (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL,
@@ -90,8 +195,8 @@ def _m1_initial(con: sqlite3.Connection) -> None:
             test_acc REAL,
             results TEXT NOT NULL DEFAULT '{}'
         )""")
-    con.execute("CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created_at)")
-    con.execute("""
+    _ddl(con, "CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created_at)")
+    _ddl(con, """
         CREATE TABLE IF NOT EXISTS metrics (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             run_id TEXT NOT NULL,
@@ -102,49 +207,147 @@ def _m1_initial(con: sqlite3.Connection) -> None:
             value REAL NOT NULL,
             time REAL NOT NULL
         )""")
-    con.execute("CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, id)")
+    _ddl(con, "CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, id)")
 
 
-def _m2_pid_start(con: sqlite3.Connection) -> None:
+def _m2_pid_start(con: Connection) -> None:
     """The worker process's start time, so a reused pid is not mistaken for the worker."""
     if "pid_start" not in _columns(con, "runs"):
-        con.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
+        _ddl(con, "ALTER TABLE runs ADD COLUMN pid_start TEXT")
 
 
-def _m3_last_step_column(con: sqlite3.Connection) -> None:
+def _m3_last_step_column(con: Connection) -> None:
     """The resume point moves out of the results JSON into its own column."""
-    con.execute("ALTER TABLE runs ADD COLUMN last_step INTEGER NOT NULL DEFAULT -1")
-    for run_id, results in con.execute("SELECT id, results FROM runs").fetchall():
+    _ddl(con, "ALTER TABLE runs ADD COLUMN last_step INTEGER NOT NULL DEFAULT -1")
+    for run_id, results in con.execute(sa.text("SELECT id, results FROM runs")).all():
         data = _json_object(results)
         if "last_step" in data:
             step = data.pop("last_step")
-            con.execute("UPDATE runs SET last_step=?, results=? WHERE id=?",
-                        (int(step) if isinstance(step, (int, float)) else -1, json.dumps(data),
-                         run_id))
+            con.execute(sa.text("UPDATE runs SET last_step=:step, results=:results WHERE id=:id"),
+                        {"step": int(step) if isinstance(step, (int, float)) else -1,
+                         "results": json.dumps(data), "id": run_id})
 
 
-def _m4_relative_best_checkpoint(con: sqlite3.Connection) -> None:
+def _m4_relative_best_checkpoint(con: Connection) -> None:
     """best_checkpoint was an absolute path; it becomes relative to the run's folder (so the
     data directory can move). Process start times change from /proc ticks to psutil's
     creation time: old ones cannot be compared, so they are dropped (the pid still counts)."""
-    rows = con.execute("SELECT id, best_checkpoint FROM runs WHERE best_checkpoint IS NOT NULL")
-    for run_id, path in rows.fetchall():
+    rows = con.execute(sa.text(
+        "SELECT id, best_checkpoint FROM runs WHERE best_checkpoint IS NOT NULL")).all()
+    for run_id, path in rows:
         p = Path(path)
         if p.is_absolute() and p.parent.name == run_id:
-            con.execute("UPDATE runs SET best_checkpoint=? WHERE id=?", (p.name, run_id))
-    con.execute("UPDATE runs SET pid_start=NULL")
+            con.execute(sa.text("UPDATE runs SET best_checkpoint=:name WHERE id=:id"),
+                        {"name": p.name, "id": run_id})
+    con.execute(sa.text("UPDATE runs SET pid_start=NULL"))
 
 
-def _m5_executor_job(con: sqlite3.Connection) -> None:
-    """Where a run ran: the executor ("local", "ray") and its job id there."""
-    con.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
-    con.execute("ALTER TABLE runs ADD COLUMN job_id TEXT")
+def _m5_executor_and_job(con: Connection) -> None:
+    """Where a run executes: the executor ("local" or "ray") and its job id there (a Ray
+    submission id), beside the host."""
+    _ddl(con, "ALTER TABLE runs ADD COLUMN executor TEXT")
+    _ddl(con, "ALTER TABLE runs ADD COLUMN job_id TEXT")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+def _m6_notes_and_tags(con: Connection) -> None:
+    """A free-text note per run, and tags in a side table (so runs filter by tag in SQL)."""
+    _ddl(con, "ALTER TABLE runs ADD COLUMN note TEXT NOT NULL DEFAULT ''")
+    _ddl(con, """
+        CREATE TABLE run_tags (
+            run_id TEXT NOT NULL,
+            tag TEXT NOT NULL,
+            PRIMARY KEY (run_id, tag)
+        )""")
+    _ddl(con, "CREATE INDEX run_tags_tag ON run_tags(tag)")
+
+
+def _m7_metric_seq(con: Connection) -> None:
+    """Incremental reads move from the global id to a per-run sequence number (see the module
+    docstring). Existing rows keep their id as their seq: SQLite committed them in id order,
+    and readers' cursors stay valid."""
+    _ddl(con, "ALTER TABLE runs ADD COLUMN metric_seq BIGINT NOT NULL DEFAULT 0")
+    _ddl(con, "ALTER TABLE metrics ADD COLUMN seq BIGINT NOT NULL DEFAULT 0")
+    _ddl(con, "UPDATE metrics SET seq=id")
+    _ddl(con, "UPDATE runs SET metric_seq=COALESCE("
+              "(SELECT MAX(seq) FROM metrics WHERE metrics.run_id=runs.id), 0)")
+    _ddl(con, "DROP INDEX IF EXISTS metrics_run")
+    _ddl(con, "CREATE UNIQUE INDEX metrics_run_seq ON metrics(run_id, seq)")
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint,
-    _m5_executor_job)
+    _m5_executor_and_job, _m6_notes_and_tags, _m7_metric_seq)
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# ---------------------------------------------------------------- engines
+
+
+def database_url(url: str | URL) -> URL:
+    """A store URL as SQLAlchemy needs it: `postgresql://` and `postgres://` name the
+    psycopg 3 driver. Raises StoreError for a URL that is not SQLite or PostgreSQL."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise StoreError(f"{DB_ENV} is not a database URL: {exc}") from exc
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise StoreError(f"the run store runs on SQLite or PostgreSQL, not "
+                         f"{parsed.get_backend_name()} ({DB_ENV})")
+    return parsed
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _sqlite_on_connect(dbapi_con: Any, _record: Any) -> None:
+    # The driver's own implicit BEGIN would be deferred: _write says BEGIN IMMEDIATE itself.
+    dbapi_con.isolation_level = None
+    dbapi_con.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+    dbapi_con.execute("PRAGMA synchronous=NORMAL")  # safe in WAL mode; much faster commits
+
+
+def _engine(url: URL) -> Engine:
+    """One Engine per database and process, so PostgreSQL connections are pooled across
+    every RunStore a process makes (pages make one per script run)."""
+    key = url.render_as_string(hide_password=False)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            if url.get_backend_name() == "sqlite":
+                # A connection per call, as before: nothing held open between calls, which
+                # keeps the file's locks short and forked processes safe.
+                engine = sa.create_engine(url, poolclass=NullPool,
+                                          connect_args={"timeout": BUSY_TIMEOUT_S,
+                                                        "check_same_thread": False})
+                sa.event.listen(engine, "connect", _sqlite_on_connect)
+            else:
+                engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=20,
+                                          connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+            _engines[key] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection of this process (before dropping a test database, or
+    in a forked child, which must not share its parent's connections)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def _forget_engines_in_child() -> None:
+    global _engines_lock
+    _engines_lock = threading.Lock()  # the fork may have happened while another thread held it
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)  # the parent still uses those sockets
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
 # ---------------------------------------------------------------- JSON columns <-> entities
@@ -202,82 +405,153 @@ def results_from_json(text: str) -> RunResults:
     )
 
 
+
+def normalize_tags(tags: Sequence[str]) -> tuple[str, ...]:
+    """Tags as stored: trimmed, no empty ones, no repeats, sorted."""
+    return tuple(sorted({t.strip() for t in tags if t.strip()}))
+
+
 class RunStore:
-    def __init__(self, root: str | os.PathLike[str] | None = None):
-        self.layout = StoreLayout(Path(root) if root is not None else data_dir())
+    """The run store of a data directory `root` (default $FINETUNE_LAB_DATA), in the database
+    `url` names (default $FINETUNE_LAB_DB, else SQLite under `root`), with run folders under
+    `artifacts` (default $FINETUNE_LAB_ARTIFACTS, else `root`)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *,
+                 url: str | URL | None = None,
+                 artifacts: str | os.PathLike[str] | None = None):
+        data_directory = Path(root) if root is not None else data_dir()
+        self.layout = StoreLayout(data_directory, Path(artifacts) if artifacts is not None
+                                  else artifact_root(data_directory))
         self.root = self.layout.root
-        self.db_path = self.layout.database
+        self.db_path = self.layout.database  # the SQLite file (unused on PostgreSQL)
+        url = url if url is not None else store_url()
+        self._url = (database_url(url) if url is not None
+                     else URL.create("sqlite", database=str(self.db_path)))
+        self.is_sqlite = self._url.get_backend_name() == "sqlite"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with self._connect() as con:
-                con.execute("PRAGMA journal_mode=WAL")
+            if self.is_sqlite:
+                Path(self._url.database or self.db_path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = _engine(self._url)
+            if self.is_sqlite:
+                with self.engine.connect() as con:
+                    con.exec_driver_sql("PRAGMA journal_mode=WAL")
             self._migrate()
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(
-                f"Cannot use the run store at {self.root}: {exc}. Check that the folder is "
-                f"writable and the disk has space, or point {DATA_DIR_ENV} at another folder."
-            ) from exc
+        except (OSError, sa.exc.SQLAlchemyError, StoreError) as exc:
+            hint = (f"Check that the folder is writable and the disk has space, or point "
+                    f"{DATA_DIR_ENV} at another folder." if self.is_sqlite else
+                    f"Check that the server is running and that {DB_ENV} names it, with a "
+                    f"user that may create tables.")
+            raise StoreError(f"Cannot use the run store at {self.location}: "
+                             f"{_reason(exc)}. {hint}") from exc
+
+    # ---------------------------------------------------------------- where it is
+
+    @property
+    def url(self) -> str:
+        """The database URL, password included: what another process needs to open this
+        store (see `environment`). Show `location` instead."""
+        return self._url.render_as_string(hide_password=False)
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages: the SQLite file, or the URL without password."""
+        return str(self.db_path) if self.is_sqlite else self._url.render_as_string(
+            hide_password=True)
+
+    def environment(self) -> dict[str, str]:
+        """The environment variables that point another process (a worker, a Ray job) at
+        this store and artifact root."""
+        return {DATA_DIR_ENV: str(self.root), DB_ENV: self.url,
+                ARTIFACTS_ENV: str(self.layout.artifacts)}
 
     # ---------------------------------------------------------------- plumbing
 
+    def schema_version(self) -> int:
+        """The database's schema version (SCHEMA_VERSION once migrated)."""
+        with self.engine.connect() as con:
+            return self._version(con)
+
+    def _version(self, con: Connection) -> int:
+        if self.is_sqlite:
+            return int(con.exec_driver_sql("PRAGMA user_version").scalar_one())
+        if not sa.inspect(con).has_table(schema_version.name):
+            return 0
+        return int(con.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0)
+
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION, one numbered step at a time."""
-        with self._connect() as con:
-            (version,) = con.execute("PRAGMA user_version").fetchone()
-        if version >= SCHEMA_VERSION:
+        if self.schema_version() >= SCHEMA_VERSION:
             return
         with self._write() as con:  # re-read under the lock: another process may have won
-            (version,) = con.execute("PRAGMA user_version").fetchone()
+            if not self.is_sqlite:
+                con.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+                con.exec_driver_sql(
+                    f"CREATE TABLE IF NOT EXISTS {schema_version.name} (version INTEGER NOT NULL)")
+            version = self._version(con)
             for number in range(version, SCHEMA_VERSION):
                 MIGRATIONS[number](con)
-                con.execute(f"PRAGMA user_version={number + 1}")
-                log.info("run store %s: schema version %d", self.db_path, number + 1)
+                log.info("run store %s: schema version %d", self.location, number + 1)
+            if version >= SCHEMA_VERSION:
+                return
+            if self.is_sqlite:
+                con.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+            else:
+                con.execute(schema_version.delete())
+                con.execute(schema_version.insert().values(version=SCHEMA_VERSION))
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction. On SQLite it takes the lock at BEGIN (IMMEDIATE): a deferred
+        transaction that upgrades from read to write can fail with SQLITE_BUSY without
+        waiting. Database errors become StoreError."""
         try:
-            con.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            con.execute("PRAGMA synchronous=NORMAL")  # safe in WAL mode; much faster commits
-            yield con
-        finally:
-            con.close()
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that takes the lock at BEGIN: a deferred transaction that
-        upgrades from read to write can fail with SQLITE_BUSY without waiting."""
-        with self._connect() as con:
-            try:
-                con.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StoreError(f"run store is busy or unwritable: {exc}") from exc
-            try:
+            with self.engine.connect() as con, con.begin():
+                if self.is_sqlite:
+                    try:
+                        con.exec_driver_sql("BEGIN IMMEDIATE")
+                    except sa.exc.OperationalError as exc:
+                        raise StoreError(f"run store is busy or unwritable: {_reason(exc)}") from exc
                 yield con
-                con.execute("COMMIT")
-            except BaseException as exc:
-                if con.in_transaction:  # SQLite already rolled back on e.g. SQLITE_FULL
-                    con.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise StoreError(
-                        f"Could not write to the run store ({exc}). If the disk is full, free "
-                        f"space; if the folder is read-only, set {DATA_DIR_ENV}."
-                    ) from exc
+        except sa.exc.DatabaseError as exc:
+            if not _is_store_failure(exc):
                 raise
+            hint = (f"If the disk is full, free space; if the folder is read-only, set "
+                    f"{DATA_DIR_ENV}." if self.is_sqlite else
+                    f"Check that the server at {self.location} is running and has space.")
+            raise StoreError(f"Could not write to the run store ({_reason(exc)}). {hint}") from exc
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._connect() as con:
-            con.row_factory = sqlite3.Row
-            return con.execute(sql, params).fetchall()
+    def _read(self, statement: sa.Executable) -> list[sa.Row]:
+        try:
+            with self.engine.connect() as con:
+                return list(con.execute(statement).all())
+        except sa.exc.DatabaseError as exc:
+            if not _is_store_failure(exc):
+                raise
+            raise StoreError(f"Could not read the run store at {self.location} "
+                             f"({_reason(exc)}).") from exc
 
-    def _run(self, row: sqlite3.Row) -> Run:
+    def _tags(self, run_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        tags: dict[str, list[str]] = {}
+        if run_ids:
+            for run_id, tag in self._read(sa.select(run_tags.c.run_id, run_tags.c.tag)
+                                          .where(run_tags.c.run_id.in_(run_ids))
+                                          .order_by(run_tags.c.tag)):
+                tags.setdefault(run_id, []).append(tag)
+        return {k: tuple(v) for k, v in tags.items()}
+
+    def _runs(self, rows: Sequence[sa.Row]) -> list[Run]:
+        tags = self._tags([r.id for r in rows])
+        return [self._run(r._mapping, tags.get(r.id, ())) for r in rows]
+
+    def _run(self, row: Any, tags: tuple[str, ...]) -> Run:
         config, config_error = config_from_json(row["config"])
         best = row["best_checkpoint"]
         return Run(
             id=row["id"], name=row["name"], group=row["grp"], status=row["status"],
             config=config, config_error=config_error, created_at=row["created_at"], pid=row["pid"],
             pid_start=row["pid_start"],
-            host=row["host"], started_at=row["started_at"], ended_at=row["ended_at"],
+            host=row["host"], executor=row["executor"], job_id=row["job_id"],
+            started_at=row["started_at"], ended_at=row["ended_at"],
             heartbeat_at=row["heartbeat_at"], error=row["error"],
             cancel_requested=bool(row["cancel_requested"]),
             progress=progress_from_json(row["progress"]),
@@ -286,11 +560,11 @@ class RunStore:
             best_checkpoint=str(self.files(row["id"]).resolve(best)) if best else None,
             test_acc=row["test_acc"], last_step=row["last_step"],
             results=results_from_json(row["results"]),
-            executor=row["executor"], job_id=row["job_id"],
+            note=row["note"], tags=tags,
         )
 
     def files(self, run_id: str) -> RunFiles:
-        """Every path in a run's folder."""
+        """Every path in a run's folder (under the artifact root)."""
         return self.layout.run(run_id)
 
     def run_dir(self, run_id: str) -> Path:
@@ -300,100 +574,107 @@ class RunStore:
 
     def create_run(self, config: RunConfig, name: str = "", group: str = "") -> Run:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        now = time.time()
         with self._write() as con:
-            con.execute(
-                "INSERT INTO runs (id, name, grp, status, config, created_at) VALUES (?,?,?,?,?,?)",
-                (run_id, name or run_id, group, "queued", config_to_json(config), now),
-            )
+            con.execute(runs.insert().values(
+                id=run_id, name=name or run_id, grp=group, status="queued",
+                config=config_to_json(config), created_at=time.time(), cancel_requested=0,
+                progress=progress_to_json(RunProgress()), results=results_to_json(RunResults()),
+                last_step=-1, note="", metric_seq=0))
         self.run_dir(run_id).mkdir(parents=True, exist_ok=True)
         return self.get_run(run_id)  # type: ignore[return-value]
 
     def get_run(self, run_id: str) -> Run | None:
-        rows = self._read("SELECT * FROM runs WHERE id=?", (run_id,))
-        return self._run(rows[0]) if rows else None
+        rows = self._read(sa.select(runs).where(runs.c.id == run_id))
+        return self._runs(rows)[0] if rows else None
 
-    def list_runs(self, statuses: Sequence[str] = (), group: str | None = None) -> list[Run]:
-        """Runs, newest first, optionally filtered by status and group."""
-        sql, params = "SELECT * FROM runs", []
-        where = []
+    def list_runs(self, statuses: Sequence[str] = (), group: str | None = None,
+                  tag: str | None = None) -> list[Run]:
+        """Runs, newest first, optionally filtered by status, group and tag."""
+        query = sa.select(runs)
         if statuses:
-            where.append(f"status IN ({','.join('?' * len(statuses))})")
-            params += list(statuses)
+            query = query.where(runs.c.status.in_(list(statuses)))
         if group is not None:
-            where.append("grp=?")
-            params.append(group)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        return [self._run(r) for r in self._read(sql + " ORDER BY created_at DESC", params)]
+            query = query.where(runs.c.grp == group)
+        if tag is not None:
+            query = query.where(runs.c.id.in_(
+                sa.select(run_tags.c.run_id).where(run_tags.c.tag == tag)))
+        return self._runs(self._read(query.order_by(runs.c.created_at.desc())))
 
     def claim_next_queued(self, max_running: int) -> Run | None:
         """Atomically move the oldest queued run to running if fewer than `max_running`
-        runs are running. Returns the claimed run, or None."""
+        runs are running. Returns the claimed run, or None. Safe between processes and
+        machines: SQLite serialises writers (BEGIN IMMEDIATE); on PostgreSQL an advisory
+        lock serialises claimers (so the count and the claim are one step) and the queued
+        row is taken FOR UPDATE SKIP LOCKED."""
         with self._write() as con:
-            (running,) = con.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()
+            if not self.is_sqlite:
+                con.execute(sa.select(sa.func.pg_advisory_xact_lock(_CLAIM_LOCK)))
+            running = con.execute(sa.select(sa.func.count()).select_from(runs)
+                                  .where(runs.c.status == "running")).scalar_one()
             if running >= max_running:
                 return None
-            row = con.execute(
-                "SELECT id FROM runs WHERE status='queued' ORDER BY created_at, id LIMIT 1"
-            ).fetchone()
-            if row is None:
+            run_id = con.execute(
+                sa.select(runs.c.id).where(runs.c.status == "queued")
+                .order_by(runs.c.created_at, runs.c.id).limit(1)
+                .with_for_update(skip_locked=True)).scalar()
+            if run_id is None:
                 return None
             now = time.time()
-            con.execute(
-                "UPDATE runs SET status='running', started_at=?, heartbeat_at=?, host=? WHERE id=?",
-                (now, now, socket.gethostname(), row[0]),
-            )
-        return self.get_run(row[0])
+            con.execute(runs.update().where(runs.c.id == run_id).values(
+                status="running", started_at=now, heartbeat_at=now, host=socket.gethostname()))
+        return self.get_run(run_id)
 
     def claim_run_now(self, run_id: str, pid: int) -> bool:
         """Claim a specific queued run for the calling process (foreground CLI runs skip
         the queue). Returns whether it was claimed."""
         now = time.time()
         with self._write() as con:
-            cur = con.execute(
-                "UPDATE runs SET status='running', started_at=?, heartbeat_at=?, host=?, pid=?, "
-                "pid_start=? WHERE id=? AND status='queued'",
-                (now, now, socket.gethostname(), pid, process_identity(pid), run_id))
-            return cur.rowcount > 0
+            result = con.execute(
+                runs.update().where(runs.c.id == run_id, runs.c.status == "queued").values(
+                    status="running", started_at=now, heartbeat_at=now,
+                    host=socket.gethostname(), pid=pid, pid_start=process_identity(pid)))
+            return result.rowcount > 0
 
     def set_pid(self, run_id: str, pid: int) -> None:
         with self._write() as con:
-            con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
-                        (pid, process_identity(pid), socket.gethostname(), run_id))
+            con.execute(runs.update().where(runs.c.id == run_id).values(
+                pid=pid, pid_start=process_identity(pid), host=socket.gethostname()))
 
-    def set_job(self, run_id: str, executor: str, job_id: str | None, host: str | None) -> None:
-        """Record where a run runs: its executor, its job id there, and the host when known
-        (None keeps the host already recorded)."""
+    def set_job(self, run_id: str, executor: str, job_id: str | None,
+                host: str | None = None) -> None:
+        """Record where a run executes: the executor ("local" or "ray"), its job id there
+        (e.g. the Ray submission id), and the host when known (None keeps the recorded one)."""
+        values: dict[str, Any] = {"executor": executor, "job_id": job_id}
+        if host is not None:
+            values["host"] = host
         with self._write() as con:
-            con.execute("UPDATE runs SET executor=?, job_id=?, host=COALESCE(?, host) WHERE id=?",
-                        (executor, job_id, host, run_id))
+            con.execute(runs.update().where(runs.c.id == run_id).values(**values))
 
     def heartbeat(self, run_id: str, progress: RunProgress | None = None) -> bool:
         """Record liveness (and progress). Returns whether the worker should stop:
         cancellation requested, or the run is no longer 'running'."""
+        values: dict[str, Any] = {"heartbeat_at": time.time()}
+        if progress is not None:
+            values["progress"] = progress_to_json(progress)
         with self._write() as con:
-            if progress is None:
-                con.execute("UPDATE runs SET heartbeat_at=? WHERE id=?", (time.time(), run_id))
-            else:
-                con.execute("UPDATE runs SET heartbeat_at=?, progress=? WHERE id=?",
-                            (time.time(), progress_to_json(progress), run_id))
-            row = con.execute("SELECT cancel_requested, status FROM runs WHERE id=?",
-                              (run_id,)).fetchone()
+            con.execute(runs.update().where(runs.c.id == run_id).values(**values))
+            row = con.execute(sa.select(runs.c.cancel_requested, runs.c.status)
+                              .where(runs.c.id == run_id)).first()
         # A run someone else settled (declared dead, deleted) must stop too.
         return row is None or bool(row[0]) or row[1] != "running"
 
     def cancel_requested(self, run_id: str) -> bool:
-        rows = self._read("SELECT cancel_requested FROM runs WHERE id=?", (run_id,))
+        rows = self._read(sa.select(runs.c.cancel_requested).where(runs.c.id == run_id))
         return bool(rows and rows[0][0])
 
     def request_cancel(self, run_id: str) -> Run | None:
         """Queued runs are cancelled at once; running ones are asked to stop."""
         with self._write() as con:
-            con.execute(
-                "UPDATE runs SET status='cancelled', ended_at=?, error='cancelled before it started' "
-                "WHERE id=? AND status='queued'", (time.time(), run_id))
-            con.execute("UPDATE runs SET cancel_requested=1 WHERE id=? AND status='running'", (run_id,))
+            con.execute(runs.update().where(runs.c.id == run_id, runs.c.status == "queued")
+                        .values(status="cancelled", ended_at=time.time(),
+                                error="cancelled before it started"))
+            con.execute(runs.update().where(runs.c.id == run_id, runs.c.status == "running")
+                        .values(cancel_requested=1))
         return self.get_run(run_id)
 
     def set_best(self, run_id: str, val_acc: float, stage: int, epoch: int,
@@ -402,32 +683,58 @@ class RunStore:
         record keeps it relative to that folder), or no checkpoint."""
         name = self.files(run_id).relative(checkpoint) if checkpoint else None
         with self._write() as con:
-            con.execute(
-                "UPDATE runs SET best_val_acc=?, best_stage=?, best_epoch=?, best_checkpoint=? WHERE id=?",
-                (val_acc, stage, epoch, name, run_id))
+            con.execute(runs.update().where(runs.c.id == run_id).values(
+                best_val_acc=val_acc, best_stage=stage, best_epoch=epoch, best_checkpoint=name))
+
+    def set_note(self, run_id: str, text: str) -> None:
+        """Replace the run's note (free text; "" clears it)."""
+        with self._write() as con:
+            con.execute(runs.update().where(runs.c.id == run_id).values(note=text))
+
+    def set_tags(self, run_id: str, tags: Sequence[str]) -> tuple[str, ...]:
+        """Replace the run's tags. Tags are trimmed; empty ones and repeats are dropped.
+        Returns the tags as stored (sorted); () for a run that does not exist."""
+        clean = normalize_tags(tags)
+        with self._write() as con:
+            # Locks the run's row on PostgreSQL: two concurrent replacements do not merge.
+            exists = con.execute(sa.select(runs.c.id).where(runs.c.id == run_id)
+                                 .with_for_update()).first()
+            if exists is None:
+                return ()
+            con.execute(run_tags.delete().where(run_tags.c.run_id == run_id))
+            if clean:
+                con.execute(run_tags.insert(), [{"run_id": run_id, "tag": t} for t in clean])
+        return clean
+
+    def all_tags(self) -> list[str]:
+        """Every tag in use, sorted (for filter choices)."""
+        return [r[0] for r in self._read(sa.select(run_tags.c.tag).distinct()
+                                         .order_by(run_tags.c.tag))]
 
     def set_last_step(self, run_id: str, step: int) -> None:
         """Record where a resume picks up: the global step of the last saved epoch."""
         with self._write() as con:
-            con.execute("UPDATE runs SET last_step=? WHERE id=?", (step, run_id))
+            con.execute(runs.update().where(runs.c.id == run_id).values(last_step=step))
 
     def set_results(self, run_id: str, results: RunResults, test_acc: float | None = None) -> None:
         """Replace the run's results (and set test_acc when given)."""
+        values: dict[str, Any] = {"results": results_to_json(results)}
+        if test_acc is not None:
+            values["test_acc"] = test_acc
         with self._write() as con:
-            con.execute("UPDATE runs SET results=?, test_acc=COALESCE(?, test_acc) WHERE id=?",
-                        (results_to_json(results), test_acc, run_id))
+            con.execute(runs.update().where(runs.c.id == run_id).values(**values))
 
     def finish_run(self, run_id: str, status: str, error: str | None = None,
                    only_if_running: bool = False) -> bool:
         """Move a run to a final status. Returns False when `only_if_running` and it
         was no longer running (someone else already settled it)."""
         assert status in DONE, status
+        query = runs.update().where(runs.c.id == run_id)
+        if only_if_running:
+            query = query.where(runs.c.status == "running")
         with self._write() as con:
-            sql = "UPDATE runs SET status=?, error=?, ended_at=? WHERE id=?"
-            if only_if_running:
-                sql += " AND status='running'"
-            cur = con.execute(sql, (status, error, time.time(), run_id))
-            return cur.rowcount > 0
+            result = con.execute(query.values(status=status, error=error, ended_at=time.time()))
+            return result.rowcount > 0
 
     def requeue(self, run_id: str) -> bool:
         """Put a failed/cancelled run back in the queue (resume). Metric rows past the last
@@ -435,47 +742,84 @@ class RunStore:
         same transaction, so no reader ever sees the rows the resumed worker is about to
         write again. Returns whether the run was requeued."""
         with self._write() as con:
-            row = con.execute("SELECT last_step FROM runs WHERE id=? AND status IN "
-                              "('failed','cancelled')", (run_id,)).fetchone()
-            if row is None:
+            last_step = con.execute(
+                sa.select(runs.c.last_step).where(runs.c.id == run_id,
+                                                  runs.c.status.in_(("failed", "cancelled")))
+                .with_for_update()).scalar()
+            if last_step is None:
                 return False
-            con.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, row[0]))
-            con.execute(
-                "UPDATE runs SET status='queued', error=NULL, ended_at=NULL, pid=NULL, "
-                "pid_start=NULL, cancel_requested=0 WHERE id=?", (run_id,))
+            con.execute(metrics.delete().where(metrics.c.run_id == run_id,
+                                               metrics.c.step > last_step))
+            con.execute(runs.update().where(runs.c.id == run_id).values(
+                status="queued", error=None, ended_at=None, pid=None, pid_start=None,
+                cancel_requested=0))
             return True
 
     def delete_run(self, run_id: str) -> None:
-        import shutil
-
         with self._write() as con:
-            con.execute("DELETE FROM metrics WHERE run_id=?", (run_id,))
-            con.execute("DELETE FROM runs WHERE id=?", (run_id,))
+            # The run's row first: a worker logging meanwhile waits, then finds no run and
+            # drops its rows, instead of leaving them behind without a run.
+            con.execute(sa.select(runs.c.id).where(runs.c.id == run_id).with_for_update())
+            con.execute(metrics.delete().where(metrics.c.run_id == run_id))
+            con.execute(run_tags.delete().where(run_tags.c.run_id == run_id))
+            con.execute(runs.delete().where(runs.c.id == run_id))
         shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
 
     # ---------------------------------------------------------------- metrics
 
     def log_metrics(self, run_id: str, rows: Sequence[tuple[int, float, int, str, float]]) -> None:
-        """Append rows of (stage, epoch, step, key, value) in one transaction."""
+        """Append rows of (stage, epoch, step, key, value) in one transaction. Rows for a
+        run that no longer exists are dropped."""
         if not rows:
             return
-        now = time.time()
         with self._write() as con:
-            con.executemany(
-                "INSERT INTO metrics (run_id, stage, epoch, step, key, value, time) VALUES (?,?,?,?,?,?,?)",
-                [(run_id, int(s), float(e), int(st), k, float(v), now) for s, e, st, k, v in rows],
-            )
+            self._append_metrics(con, run_id, rows)
+
+    def _append_metrics(self, con: Connection, run_id: str,
+                        rows: Sequence[tuple[int, float, int, str, float]]) -> None:
+        """Insert metric rows inside the write transaction `con`. Their `seq` numbers come
+        from the run's counter: updating it locks the run's row until commit, so two writers
+        of one run (a worker declared dead that still runs, and its resumed successor)
+        commit in seq order and an incremental reader never skips a row."""
+        last = con.execute(
+            runs.update().where(runs.c.id == run_id)
+            .values(metric_seq=runs.c.metric_seq + len(rows))
+            .returning(runs.c.metric_seq)).scalar()
+        if last is None:
+            return
+        first, now = last - len(rows) + 1, time.time()
+        con.execute(metrics.insert(), [
+            {"run_id": run_id, "seq": first + i, "stage": int(s), "epoch": float(e),
+             "step": int(st), "key": k, "value": float(v), "time": now}
+            for i, (s, e, st, k, v) in enumerate(rows)])
 
     def truncate_metrics(self, run_id: str, after_step: int) -> None:
         """Drop rows past `after_step` (a resumed run replays from its last checkpoint)."""
         with self._write() as con:
-            con.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, after_step))
+            con.execute(metrics.delete().where(metrics.c.run_id == run_id,
+                                               metrics.c.step > after_step))
 
     def metrics(self, run_id: str, after_id: int = 0, keys: Sequence[str] = ()) -> list[MetricRow]:
-        """Metric rows of a run with id > after_id, in order: the streaming read."""
-        sql = "SELECT * FROM metrics WHERE run_id=? AND id>?"
-        params: list[Any] = [run_id, after_id]
+        """Metric rows of a run numbered past `after_id`, in order: the streaming read. A
+        row's `id` is its number in the run (seq); pass the last one seen."""
+        query = sa.select(metrics.c.seq, metrics.c.run_id, metrics.c.stage, metrics.c.epoch,
+                          metrics.c.step, metrics.c.key, metrics.c.value, metrics.c.time).where(
+            metrics.c.run_id == run_id, metrics.c.seq > after_id)
         if keys:
-            sql += f" AND key IN ({','.join('?' * len(keys))})"
-            params += list(keys)
-        return [MetricRow(**dict(r)) for r in self._read(sql + " ORDER BY id", params)]
+            query = query.where(metrics.c.key.in_(list(keys)))
+        return [MetricRow(id=r.seq, run_id=r.run_id, stage=r.stage, epoch=r.epoch, step=r.step,
+                          key=r.key, value=r.value, time=r.time)
+                for r in self._read(query.order_by(metrics.c.seq))]
+
+
+def _is_store_failure(exc: sa.exc.DatabaseError) -> bool:
+    """Whether a database error is the store's condition (disk full, locked, server gone,
+    corrupt file) rather than a mistake in a query (ProgrammingError, IntegrityError)."""
+    return isinstance(exc, sa.exc.OperationalError) or type(exc) is sa.exc.DatabaseError
+
+
+def _reason(exc: BaseException) -> str:
+    """The database's own words for an error, without SQLAlchemy's SQL and links."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from core.runs import executors, jobs
 from core.runs.executors.local import spawn_detached
-from core.runs.files import DATA_DIR_ENV
 from core.runs.store import ACTIVE, RunStore
 
 log = logging.getLogger("finetune_lab.supervisor")
@@ -72,7 +71,7 @@ def ensure_running(store: RunStore) -> None:
     if is_running(store):
         return
     cmd = [sys.executable, "-m", "core.runs.supervisor", "--data-dir", str(store.root)]
-    env = {**os.environ, DATA_DIR_ENV: str(store.root), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **store.environment(), "PYTHONUNBUFFERED": "1"}
     try:
         spawn_detached(cmd, store.layout.supervisor_log, env)
     except OSError as exc:

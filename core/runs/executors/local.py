@@ -17,7 +17,6 @@ from core.runs.executors.base import (
     pid_is_worker,
     worker_command,
 )
-from core.runs.files import DATA_DIR_ENV
 from core.runs.store import Run, RunStore
 
 MAX_JOBS_ENV = "FINETUNE_LAB_MAX_JOBS"
@@ -72,7 +71,7 @@ class LocalExecutor:
     def _spawn(self, store: RunStore, run: Run) -> int:
         log_path = store.files(run.id).log
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, DATA_DIR_ENV: str(store.root), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **store.environment(), "PYTHONUNBUFFERED": "1"}
         return spawn_detached(worker_command(run.id, store), log_path, env)
 
     def verdict(self, run: Run, now: float) -> Verdict | None:

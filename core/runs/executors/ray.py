@@ -19,8 +19,8 @@ import shlex
 from functools import cache
 from typing import TYPE_CHECKING
 
+from core.engine.paths import DATA_ROOTS_ENV
 from core.runs.executors.base import PROJECT_ROOT, Verdict, liveness_problem, worker_command
-from core.runs.files import DATA_DIR_ENV
 from core.runs.store import Run, RunStore
 
 if TYPE_CHECKING:
@@ -28,10 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("finetune_lab.jobs")
 RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own setting, read by every Ray tool
-# Settings a worker on another node needs to find the same store, data and artifacts.
-# (core.settings, from the store work, will own these names.)
-FORWARDED_ENV = (DATA_DIR_ENV, "FINETUNE_LAB_DB", "FINETUNE_LAB_ARTIFACTS",
-                 "FINETUNE_LAB_DATA_ROOTS", "TORCH_HOME")
+# Settings besides the store's own (RunStore.environment) that a worker on another node
+# needs: where it may read data sets and where torchvision keeps ImageNet weights.
+FORWARDED_ENV = (DATA_ROOTS_ENV, "TORCH_HOME")
 # Ray's terminal job states; PENDING and RUNNING are the others.
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -126,7 +125,8 @@ class RayExecutor:
 
     def _submit(self, store: RunStore, run: Run, job_id: str) -> None:
         env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
-        env |= {DATA_DIR_ENV: str(store.root), "PYTHONUNBUFFERED": "1",
+        env |= store.environment()  # the store URL, data directory, artifact root
+        env |= {"PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(PROJECT_ROOT)}  # the project, installed at the same path
         cpus, gpus = job_resources(run)
         try:
