@@ -1,8 +1,9 @@
-"""The Ray executor against a real Ray head (FINETUNE_LAB_TEST_RAY, its job-submission URL;
-scripts/with_services.sh starts one on loopback): runs submitted through jobs.submit, the
-New run page's code path, execute as Ray jobs; cancel, faults behind our back and resume.
+"""The Ray executor against a real Ray head (FINETUNE_LAB_TEST_RAY, its job-submission URL)
+and a PostgreSQL store (FINETUNE_LAB_TEST_PG); scripts/with_services.sh starts both on
+loopback. Runs submitted through jobs.submit, the New run page's code path, execute as Ray
+jobs; cancel, faults behind our back and resume.
 
-Skipped without a head; in CI (CI set) a missing head fails instead."""
+Skipped without a head or PostgreSQL; in CI (CI set) a missing one fails instead."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ if not RAY_URL:
                 allow_module_level=True)
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def store(pg_store):
+    """Every test here on PostgreSQL, as a cluster uses it (conftest's pg_store)."""
+    return pg_store
 
 
 @pytest.fixture
