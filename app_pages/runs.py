@@ -211,6 +211,8 @@ run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was 
 st.caption(f"**{recipe_text(run.config)}** · id `{run.id}`"
            + (f" · group {run.group}" if run.group else "")
            + f" · {run.config.data_source}, {run.config.weights} weights")
+st.caption(f"Where: {run.executor or 'in the foreground (command line)'}"  # issue 10 §1
+           + (f" job `{run.job_id}`" if run.job_id else "") + f" on {run.host or 'no host yet'}")
 
 if run.is_active:
     stop_buttons(store, run)
