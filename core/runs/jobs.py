@@ -91,10 +91,11 @@ def dispatch(store: RunStore) -> list[str]:
     """Hand queued runs to the executor now, and make sure the supervisor watches while
     anything is active. Returns the ids handed over."""
     from core.runs import supervisor
+    from core.runs.executors.ray import RayUnavailable  # imports no ray
 
     try:
         started = advance(store)
-    except RuntimeError as exc:  # the cluster is unreachable: the supervisor retries
+    except RayUnavailable as exc:  # the cluster is unreachable: the supervisor retries
         log.warning("could not hand queued runs to the executor: %s", exc)
         started = []
     if store.list_runs(statuses=ACTIVE):
@@ -145,9 +146,11 @@ def kill(store: RunStore, run_id: str) -> Run | None:
     resumable."""
     run = store.get_run(run_id)
     if run and run.status == "running":
-        executors.executor_named(run.executor).stop(store, run)
+        # Settled first: a worker that sees its stop signal then finds the run cancelled and
+        # does not record the signal as a fault.
         store.finish_run(run_id, "cancelled", "force-stopped (the run did not stop on request)",
                          only_if_running=True)
+        executors.executor_named(run.executor).stop(store, run)
         remove_partial_files(store.files(run_id))
     return store.get_run(run_id)
 

@@ -3,9 +3,9 @@
     python -m core.runs.supervisor [--data-dir DIR]
 
 One detached process per store (it holds an exclusive lock on the store's supervisor.lock),
-started by the first submit (core.runs.jobs.dispatch). Every POLL_S it settles runs whose
-worker died (with the reason), hands queued runs to the executor as slots free up, and
-stops cluster jobs that have not honoured a cancel request within CANCEL_GRACE_S. It exits
+started by the first submit (core.runs.jobs.dispatch). Every few moments (the executor's
+poll_s) it settles runs whose worker died (with the reason), hands queued runs to the
+executor as slots free up, and stops cluster jobs that have not honoured a cancel request within CANCEL_GRACE_S. It exits
 when nothing is queued or running. No torch import here.
 """
 
@@ -26,7 +26,6 @@ from core.runs.executors.local import spawn_detached
 from core.runs.store import ACTIVE, RunStore
 
 log = logging.getLogger("finetune_lab.supervisor")
-POLL_S = 0.5  # seconds between looks at the store: a dead worker's slot refills within this
 # Seconds a cluster job gets to honour a cancel request (between batches) before Ray is
 # asked to stop it; a local run that ignores one is force-stopped from the Runs page.
 CANCEL_GRACE_S = 20.0
@@ -103,6 +102,7 @@ class CancelEscalation:
 def supervise(store: RunStore) -> None:
     """Advance the queue until nothing is active. Holds the lock while it runs."""
     escalation = CancelEscalation()
+    poll_s = executors.current().poll_s  # seconds between looks at the store and executor
     while True:
         # Wait out probes (is_running holds the lock for an instant); a supervisor that
         # really runs holds it for longer than this.
@@ -116,7 +116,7 @@ def supervise(store: RunStore) -> None:
                     escalation.check(store, time.time())
                 except Exception as exc:  # a busy store or an unreachable cluster: retry
                     log.warning("queue step failed, retrying: %s", exc)
-                time.sleep(POLL_S)  # a polling interval, not a wait for something
+                time.sleep(poll_s)  # a polling interval, not a wait for something
         # Released. A submit that came in meanwhile saw the lock held and started nothing,
         # so look once more before leaving: its run is in the store by now.
         if not _active(store):

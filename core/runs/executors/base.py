@@ -37,6 +37,7 @@ class Verdict:
 
 class Executor(Protocol):
     name: str
+    poll_s: float  # how often the supervisor looks at the runs it holds, seconds
 
     def dispatch(self, store: RunStore) -> list[str]:
         """Hand queued runs to execution. Returns the ids handed over."""

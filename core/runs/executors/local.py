@@ -52,6 +52,7 @@ def spawn_detached(cmd: list[str], log_path: os.PathLike[str], env: dict[str, st
 
 class LocalExecutor:
     name = "local"
+    poll_s = 0.5  # a process check is cheap: a dead worker's slot refills within this
 
     def dispatch(self, store: RunStore) -> list[str]:
         """Start workers for queued runs while fewer than max_jobs() run."""

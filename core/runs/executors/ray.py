@@ -96,6 +96,7 @@ def next_job_id(run: Run) -> str:
 
 class RayExecutor:
     name = "ray"
+    poll_s = 2.0  # one request to the Ray dashboard per active run per look
 
     def dispatch(self, store: RunStore) -> list[str]:
         """Submit every queued run that has no live job yet; the cluster queues them."""
