@@ -82,10 +82,12 @@ def new_run_link(label: str = "New run") -> None:
 @st.fragment(run_every=SIDEBAR_REFRESH_S)
 def jobs_panel() -> None:
     """Running and queued jobs with progress; refreshes itself without rerunning the page.
-    A read only: the queue supervisor (core.runs.supervisor), not a browser tab, settles
-    dead runs and starts queued ones."""
+    The queue supervisor (core.runs.supervisor), not a browser tab, settles dead runs and
+    starts queued ones; the panel only makes sure one watches (after a restart nothing else
+    would start it)."""
     store = get_store()
     try:
+        jobs.ensure_watched(store)
         s = jobs.summary(store)
     except StoreError as exc:
         st.warning(f"Job status unavailable: {exc}")

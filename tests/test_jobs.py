@@ -188,6 +188,32 @@ def test_a_dead_workers_queue_moves_on_with_no_page_open(store, tiny_folder, mon
     wait_for(lambda: not supervisor.is_running(store), 30, "the supervisor to exit")
 
 
+def test_a_stale_run_after_a_restart_is_settled_once_something_looks(store, monkeypatch):
+    """After a machine restart no supervisor runs and no submit comes: the sidebar's
+    ensure_watched settles the dead run and, while runs are active, starts a supervisor."""
+    from core.config import RunConfig
+    from core.runs import supervisor
+
+    monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
+    dead = store.create_run(RunConfig())
+    store.claim_run_now(dead.id, pid=2**22 + 12345)  # a pid that no longer exists
+    assert not supervisor.is_running(store)
+    assert jobs.ensure_watched(store)
+    assert store.get_run(dead.id).status == "failed"
+    assert not jobs.ensure_watched(store)  # nothing active: nothing started
+    # A foreground run (this process) holds the one slot; one run waits behind it.
+    holder = store.create_run(RunConfig())
+    store.claim_run_now(holder.id, os.getpid())
+    waiting = store.create_run(RunConfig())
+    assert jobs.ensure_watched(store)
+    wait_for(lambda: supervisor.is_running(store), 30, "a supervisor")
+    assert not jobs.ensure_watched(store)  # one watches: nothing more
+    assert store.get_run(waiting.id).status == "queued"
+    jobs.cancel(store, waiting.id)
+    store.finish_run(holder.id, "cancelled")
+    wait_for(lambda: not supervisor.is_running(store), 30, "the supervisor to exit")
+
+
 def test_the_sidebar_read_starts_nothing(store, tiny_folder):
     run = jobs.submit(store, tiny_config(tiny_folder), start=False)
     first = jobs.summary(store)

@@ -90,7 +90,6 @@ def advance(store: RunStore) -> list[str]:
 def dispatch(store: RunStore) -> list[str]:
     """Hand queued runs to the executor now, and make sure the supervisor watches while
     anything is active. Returns the ids handed over."""
-    from core.runs import supervisor
     from core.runs.executors.ray import RayUnavailable  # imports no ray
 
     try:
@@ -99,8 +98,22 @@ def dispatch(store: RunStore) -> list[str]:
         log.warning("could not hand queued runs to the executor: %s", exc)
         started = []
     if store.list_runs(statuses=ACTIVE):
+        from core.runs import supervisor
+
         supervisor.ensure_running(store)
     return started
+
+
+def ensure_watched(store: RunStore) -> bool:
+    """If runs are active and no supervisor watches them (after a machine restart no submit
+    comes to start one), dispatch: settle, hand over, start a supervisor. Returns whether
+    it had to."""
+    from core.runs import supervisor
+
+    if store.list_runs(statuses=ACTIVE) and not supervisor.is_running(store):
+        dispatch(store)
+        return True
+    return False
 
 
 def reconcile(store: RunStore) -> list[str]:
