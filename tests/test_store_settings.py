@@ -61,3 +61,12 @@ def test_the_engine_and_settings_do_not_import_upward():
         assert not upward, (path.name, upward)
     core_imports = {m for m in _imports(ROOT / "core" / "settings.py") if m.startswith("core")}
     assert core_imports <= {"core.atomic"}, core_imports
+
+
+def test_a_sqlite_url_in_the_setting_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(settings.DB_ENV, f"sqlite:///{tmp_path / 'elsewhere' / 'lab.db'}")
+    store = RunStore(tmp_path / "data")
+    assert store.is_sqlite and store.db_path == tmp_path / "elsewhere" / "lab.db"
+    assert store.location == str(store.db_path) and store.db_path.exists()
+    store.create_run(RunConfig())
+    assert len(RunStore(tmp_path / "data").list_runs()) == 1

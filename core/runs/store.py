@@ -423,14 +423,16 @@ class RunStore:
         self.layout = StoreLayout(data_directory, Path(artifacts) if artifacts is not None
                                   else artifact_root(data_directory))
         self.root = self.layout.root
-        self.db_path = self.layout.database  # the SQLite file (unused on PostgreSQL)
         url = url if url is not None else store_url()
         self._url = (database_url(url) if url is not None
-                     else URL.create("sqlite", database=str(self.db_path)))
+                     else URL.create("sqlite", database=str(self.layout.database)))
         self.is_sqlite = self._url.get_backend_name() == "sqlite"
+        # The SQLite file (a sqlite:/// URL may name another one); unused on PostgreSQL.
+        self.db_path = (Path(self._url.database) if self.is_sqlite and self._url.database
+                        else self.layout.database)
         try:
             if self.is_sqlite:
-                Path(self._url.database or self.db_path).parent.mkdir(parents=True, exist_ok=True)
+                self.db_path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = _engine(self._url)
             if self.is_sqlite:
                 with self.engine.connect() as con:
