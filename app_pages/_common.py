@@ -127,12 +127,13 @@ def notify_ended(store: RunStore, active_ids: set[str]) -> None:
 @st.fragment(run_every=SIDEBAR_REFRESH_S)
 def jobs_panel() -> None:
     """Running and queued jobs with progress; refreshes itself without rerunning the page.
-    Until a supervisor does it (a later issue), the sidebar advances the queue: runs whose
-    worker died are marked failed and queued runs start in their place. It also tells when
-    a watched run ends (a toast) and puts the running run's progress in the tab title."""
+    The queue supervisor (core.runs.supervisor), not a browser tab, settles dead runs and
+    starts queued ones; the panel only makes sure one watches (after a restart nothing else
+    would start it). It also tells when a watched run ends (a toast) and puts the running
+    run's progress in the tab title."""
     store = get_store()
     try:
-        jobs.advance_queue(store)
+        jobs.ensure_watched(store)
         s = jobs.summary(store)
     except StoreError as exc:
         st.warning(f"Job status unavailable: {exc}")

@@ -261,6 +261,8 @@ st.markdown(f"<span style='color:{run_color(run.id)}'>&#9632;</span> "  # its co
            + (f" · group {run.group}" if run.group else "")
            + f" · {run.config.data_source}, {run.config.weights} weights",
             unsafe_allow_html=True)
+st.caption(f"Where: {run.executor or 'in the foreground (command line)'}"  # issue 10 §1
+           + (f" job `{run.job_id}`" if run.job_id else "") + f" on {run.host or 'no host yet'}")
 notes_and_tags(store, run)
 
 if run.is_active:

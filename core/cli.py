@@ -2,7 +2,9 @@
 
     python -m core train --preset Two-stage --data-source folder --data-path DIR ...
     python -m core train --config run.json
-    python -m core runs
+    python -m core submit ...same options as train...   (queues it, prints the run id)
+    python -m core cancel RUN_ID | resume RUN_ID
+    python -m core runs [--json]
     python -m core lr-find --config run.json --stage 2
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core import config as cfgmod
-from core.runs.store import DATA_DIR_ENV, RunProgress, RunStore
+from core.runs.store import DATA_DIR_ENV, Run, RunProgress, RunStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,9 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     lf.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     lf.add_argument("--name", default="", help="added to the recorded run's name")
     lf.add_argument("--json", action="store_true", help="print the curve as JSON")
+    s = sub.add_parser("submit", add_help=False, help="queue a run in the background and print "
+                       "its id", description="Queue a run (the same options as train) for the "
+                       "executor (FINETUNE_LAB_EXECUTOR: a local background process, or a Ray "
+                       "job) and return at once; it shows up in the dashboard.")
+    # The very options of train (argparse's own `parents` mechanism, applied to a parser
+    # that exists already), so the two commands can never drift apart.
+    s._add_container_actions(t)
+    for name, text in (("cancel", "ask a run to stop (a queued run is cancelled at once)"),
+                       ("resume", "queue a failed or cancelled run again, from its last epoch")):
+        sub.add_parser(name, help=text, description=text).add_argument("run_id")
 
     r = sub.add_parser("runs", help="list runs with status and best accuracy")
-    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--json", action="store_true",
+                   help="machine-readable output: one JSON object per line per run")
     return p
 
 
@@ -256,15 +269,58 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(store: RunStore, args: argparse.Namespace) -> int:
+    from core.runs import jobs
+
+    cfg = build_config(args)
+    if args.print_config:
+        print(cfgmod.to_json(cfg))
+        return 0
+    run = jobs.submit(store, cfg, name=args.name)  # preflight first: bad data queues nothing
+    print(run.id)
+    return 0
+
+
+def cmd_cancel(store: RunStore, run_id: str) -> int:
+    from core.runs import jobs
+
+    run = jobs.cancel(store, run_id)
+    if run is None:
+        print(f"no run {run_id} in {store.root}", file=sys.stderr)
+        return 1
+    state = "cancel requested (stops between batches)" if run.status == "running" else run.status
+    print(f"run {run_id}: {state}", file=sys.stderr)
+    return 0 if run.status in ("running", "cancelled") else 1
+
+
+def cmd_resume(store: RunStore, run_id: str) -> int:
+    from core.runs import jobs
+
+    before = store.get_run(run_id)
+    if before is None or before.status not in ("failed", "cancelled"):
+        state = before.status if before else "missing"
+        print(f"run {run_id} is {state}; only failed or cancelled runs resume", file=sys.stderr)
+        return 1
+    run = jobs.resume(store, run_id)
+    print(f"run {run_id}: {run.status if run else 'missing'}", file=sys.stderr)
+    return 0
+
+
+def run_record(r: Run) -> dict[str, Any]:
+    """One run as `runs --json` prints it."""
+    return {"id": r.id, "name": r.name, "status": r.status, "pid": r.pid, "error": r.error,
+            "best_val_acc": r.best_val_acc, "test_acc": r.test_acc, "created_at": r.created_at,
+            "executor": r.executor, "job_id": r.job_id, "host": r.host}
+
+
 def cmd_runs(store: RunStore, as_json: bool) -> int:
     from core.runs.jobs import reconcile
 
     reconcile(store)
     runs = store.list_runs()
     if as_json:
-        print(json.dumps([{"id": r.id, "name": r.name, "status": r.status,
-                           "best_val_acc": r.best_val_acc, "test_acc": r.test_acc,
-                           "created_at": r.created_at, "error": r.error} for r in runs], indent=2))
+        for r in runs:  # JSON Lines: a script can read one run per line as it comes
+            print(json.dumps(run_record(r)))
         return 0
     if not runs:
         print("no runs yet; start one with: python -m core train --help")
@@ -285,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(store, args)
         if args.command == "lr-find":
             return cmd_lr_find(store, args)
+        if args.command == "submit":
+            return cmd_submit(store, args)
+        if args.command == "cancel":
+            return cmd_cancel(store, args.run_id)
+        if args.command == "resume":
+            return cmd_resume(store, args.run_id)
         return cmd_runs(store, args.json)
     except cfgmod.ConfigError as exc:
         print("invalid config:\n  " + "\n  ".join(exc.errors), file=sys.stderr)

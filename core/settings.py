@@ -138,6 +138,15 @@ class StoreLayout:
         """Uploaded and unpacked data sets; the default data root."""
         return self.artifacts / "datasets"
 
+    @property
+    def supervisor_lock(self) -> Path:
+        """Held by this machine's queue supervisor of the store (core.runs.supervisor)."""
+        return self.root / "supervisor.lock"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.root / "supervisor.log"
+
     def run(self, run_id: str) -> RunFiles:
         """One run's folder, under the artifact root."""
         return RunFiles(self.artifacts / run_id, run_id)

@@ -35,7 +35,7 @@ def test_train_in_foreground_lands_in_the_store(tmp_path, tiny_folder):
     assert {m.stage for m in RunStore(tmp_path).metrics(run.id, keys=["val/acc"])} == {1, 2}
     listing = _cli("runs", data_dir=tmp_path).stdout
     assert run.id in listing and "finished" in listing
-    as_json = json.loads(_cli("runs", "--json", data_dir=tmp_path).stdout)
+    as_json = [json.loads(line) for line in _cli("runs", "--json", data_dir=tmp_path).stdout.splitlines()]
     assert as_json[0]["id"] == run.id and as_json[0]["test_acc"] is not None
 
 
@@ -163,3 +163,47 @@ def test_runs_into_a_closed_pipe_ends_cleanly(tmp_path):
                          shell=True, executable="/bin/bash", capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.startswith("id") and res.stderr == ""
+
+
+def _runs_json(data_dir) -> dict[str, dict]:
+    out = _cli("runs", "--json", data_dir=data_dir).stdout
+    return {r["id"]: r for r in map(json.loads, out.splitlines())}
+
+
+def test_submit_queues_in_the_background_cancel_and_resume(tmp_path, tiny_folder):
+    """Issue 12.1: scripted sweeps queue runs without a browser and without waiting."""
+    from tests.conftest import wait_for
+
+    common = ("--data-source", "folder", "--data-path", str(tiny_folder), "--weights", "random",
+              "--batch-size", "4", "--val-fraction", "0.25", "--threads", "1")
+    long = _cli("submit", *common, "--epochs", "200", "--name", "long", data_dir=tmp_path)
+    assert long.returncode == 0, long.stderr
+    long_id = long.stdout.strip()
+    short = _cli("submit", *common, "--name", "short", data_dir=tmp_path)
+    short_id = short.stdout.strip()
+    store = RunStore(tmp_path)
+    assert {r.id for r in store.list_runs()} == {long_id, short_id}  # printed: the run ids
+    wait_for(lambda: store.get_run(long_id).progress.phase == "training", 120, "training")
+    records = _runs_json(tmp_path)
+    assert set(records[long_id]) >= {"id", "name", "status", "pid", "error", "best_val_acc",
+                                     "test_acc", "executor", "job_id"}
+    assert records[long_id]["status"] == "running" and records[long_id]["pid"]
+    assert records[long_id]["executor"] == "local"
+    assert records[short_id]["status"] == "queued"
+    assert _cli("cancel", long_id, data_dir=tmp_path).returncode == 0
+    # The queue moves on by itself: no page, no command of ours starts the short run.
+    wait_for(lambda: store.get_run(short_id).status == "finished", 240, "the queued run")
+    assert _runs_json(tmp_path)[long_id]["status"] == "cancelled"
+    refused = _cli("resume", short_id, data_dir=tmp_path)
+    assert refused.returncode == 1 and "only failed or cancelled" in refused.stderr
+    assert _cli("resume", long_id, data_dir=tmp_path).returncode == 0
+    wait_for(lambda: store.get_run(long_id).status == "running", 60, "the resumed run")
+    assert _cli("cancel", long_id, data_dir=tmp_path).returncode == 0
+    wait_for(lambda: store.get_run(long_id).status == "cancelled", 120, "the second cancel")
+
+
+def test_submit_refuses_bad_data_and_queues_nothing(tmp_path):
+    res = _cli("submit", "--data-source", "folder", "--data-path", str(tmp_path / "nope"),
+               "--weights", "random", data_dir=tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr and res.stdout == ""
+    assert RunStore(tmp_path).list_runs() == []

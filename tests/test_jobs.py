@@ -163,19 +163,55 @@ def test_force_stop_ends_a_run_that_ignores_cancel(store, tiny_folder):
     wait_for(lambda: not jobs.pid_is_worker(pid, stopped.pid_start), 30, "the process to end")
 
 
-def test_a_dead_workers_queue_moves_on_when_a_page_looks(store, tiny_folder, monkeypatch):
+def test_a_dead_workers_queue_moves_on_with_no_page_open(store, tiny_folder, monkeypatch):
+    """Issue 12.1: an overnight queue must not stall at its first crash. No page and no
+    call of ours advances it: the supervisor the first submit started does."""
+    from core.runs import supervisor
+
     monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
     first = jobs.submit(store, _long_config(tiny_folder))
     second = jobs.submit(store, tiny_config(tiny_folder))
+    third = jobs.submit(store, tiny_config(tiny_folder))
     wait_for(lambda: store.get_run(first.id).pid, 60, "the first worker")
-    assert store.get_run(second.id).status == "queued"
+    wait_for(lambda: supervisor.is_running(store), 30, "the supervisor")
+    assert store.get_run(second.id).status == store.get_run(third.id).status == "queued"
     os.kill(store.get_run(first.id).pid, signal.SIGKILL)
-    # What the sidebar does on every refresh: the dead run is settled, the next one starts.
-    wait_for(lambda: jobs.advance_queue(store) is not None and jobs.summary(store).running
-             and store.get_run(second.id).status != "queued",
-             30, "the queued run to start")
-    assert store.get_run(first.id).status == "failed"
-    wait_for(lambda: store.get_run(second.id).status == "finished", 120, "the second run")
+    t0 = time.monotonic()
+    # Only reads from here on: store.get_run starts and settles nothing.
+    wait_for(lambda: store.get_run(second.id).status != "queued", 30, "the next run to start")
+    assert time.monotonic() - t0 < 15
+    dead = store.get_run(first.id)
+    assert dead.status == "failed" and "exited without reporting" in dead.error
+    wait_for(lambda: store.get_run(third.id).status == "finished", 240, "the queue to drain")
+    assert store.get_run(second.id).status == "finished"
+    # Nothing left to do: the supervisor goes away by itself.
+    wait_for(lambda: not supervisor.is_running(store), 30, "the supervisor to exit")
+
+
+def test_a_stale_run_after_a_restart_is_settled_once_something_looks(store, monkeypatch):
+    """After a machine restart no supervisor runs and no submit comes: the sidebar's
+    ensure_watched settles the dead run and, while runs are active, starts a supervisor."""
+    from core.config import RunConfig
+    from core.runs import supervisor
+
+    monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
+    dead = store.create_run(RunConfig())
+    store.claim_run_now(dead.id, pid=2**22 + 12345)  # a pid that no longer exists
+    assert not supervisor.is_running(store)
+    assert jobs.ensure_watched(store)
+    assert store.get_run(dead.id).status == "failed"
+    assert not jobs.ensure_watched(store)  # nothing active: nothing started
+    # A foreground run (this process) holds the one slot; one run waits behind it.
+    holder = store.create_run(RunConfig())
+    store.claim_run_now(holder.id, os.getpid())
+    waiting = store.create_run(RunConfig())
+    assert jobs.ensure_watched(store)
+    wait_for(lambda: supervisor.is_running(store), 30, "a supervisor")
+    assert not jobs.ensure_watched(store)  # one watches: nothing more
+    assert store.get_run(waiting.id).status == "queued"
+    jobs.cancel(store, waiting.id)
+    store.finish_run(holder.id, "cancelled")
+    wait_for(lambda: not supervisor.is_running(store), 30, "the supervisor to exit")
 
 
 def test_the_sidebar_read_starts_nothing(store, tiny_folder):
@@ -184,9 +220,30 @@ def test_the_sidebar_read_starts_nothing(store, tiny_folder):
     assert [r.id for r in first.queued] == [run.id] and first.running == []
     assert store.get_run(run.id).status == "queued" and store.get_run(run.id).pid is None
     # The named action is what starts it.
-    assert jobs.advance_queue(store) == [run.id]
+    assert jobs.dispatch(store) == [run.id]
     assert [r.id for r in jobs.summary(store).running] == [run.id]
     wait_for(lambda: store.get_run(run.id).status == "finished", 120, "the run")
+
+
+def test_a_run_records_where_it_ran(store, tiny_folder):
+    import socket
+
+    run = jobs.submit(store, tiny_config(tiny_folder))
+    wait_for(lambda: store.get_run(run.id).status == "finished", 120, "the run")
+    final = store.get_run(run.id)
+    assert (final.executor, final.host) == ("local", socket.gethostname())
+    assert final.job_id == str(final.pid)
+
+
+def test_an_unknown_executor_is_refused_before_a_run_exists(store, tiny_folder, monkeypatch):
+    monkeypatch.setenv(jobs.EXECUTOR_ENV, "slurm")
+    with pytest.raises(PreflightError, match="FINETUNE_LAB_EXECUTOR must be one of local, ray"):
+        jobs.submit(store, tiny_config(tiny_folder))
+    monkeypatch.setenv(jobs.EXECUTOR_ENV, "ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(PreflightError, match="RAY_ADDRESS"):
+        jobs.submit(store, tiny_config(tiny_folder))
+    assert store.list_runs() == []
 
 
 def test_a_run_whose_stored_config_no_longer_loads_fails_with_the_reason(store, tiny_folder):

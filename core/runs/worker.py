@@ -12,7 +12,9 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -307,14 +309,43 @@ def settle(store: RunStore, run_id: str, status: str, error: str | None = None) 
     return status
 
 
+def stop_on_sigterm(store: RunStore, run_id: str) -> None:
+    """Settle a run stopped by a signal that no cancel request explains as failed (with the
+    reason, resumable), then stop the training loop, whose own settle finds it settled."""
+    try:
+        if not store.cancel_requested(run_id):
+            store.finish_run(run_id, "failed", "stopped by SIGTERM from outside the lab (a "
+                             "cluster job stopped, or the node shutting down); it can be "
+                             "resumed from its last completed epoch", only_if_running=True)
+    finally:
+        TERMINATED.set()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.runs.worker", description=__doc__)
     parser.add_argument("run_id")
     parser.add_argument("--data-dir", default=None, help="run store folder")
+    parser.add_argument("--claim", action="store_true",
+                        help="move the queued run to running here (a cluster scheduler queued "
+                             "this job, not the local queue, which claims before it starts us)")
+    parser.add_argument("--log-to-run-folder", action="store_true",
+                        help="also write the log to the run's log file (when stdout goes "
+                             "elsewhere, e.g. to Ray's job log)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(message)s")
     store = RunStore(args.data_dir)
+    if args.log_to_run_folder:
+        log_file = store.files(args.run_id).log
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+    if args.claim and not store.claim_run_now(args.run_id, os.getpid()):
+        run = store.get_run(args.run_id)
+        log.error("run %s cannot be claimed (status %s); nothing to do",
+                  args.run_id, run.status if run else "missing")
+        return 2
     run = store.get_run(args.run_id)
     if run is None or run.status != "running":
         log.error("run %s is not claimed for running (status %s); nothing to do",
@@ -322,13 +353,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if run.pid != os.getpid():
         store.set_pid(args.run_id, os.getpid())
-    # SIGTERM (the cancel fallback) becomes a cancel request honoured between batches.
-    signal.signal(signal.SIGTERM, lambda *_: TERMINATED.set())
+    log.info("worker pid %d on %s (executor %s, job %s)", os.getpid(), socket.gethostname(),
+             run.executor or "local", run.job_id or "-")
+    # SIGTERM stops the run between batches. Unless the lab asked for it (a cancel request,
+    # then a cluster stop after the grace period), it is a fault: a job stopped behind our
+    # back, a node shutting down. A signal handler must not touch the store (the main thread
+    # may be inside a write), so a thread records that, then stops the loop.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
+        target=stop_on_sigterm, args=(store, args.run_id), daemon=True).start())
     status = execute_run(store, args.run_id)
-    try:
-        dispatch(store)  # start the next queued run, if any
-    except Exception as exc:
-        log.warning("could not start the next queued run: %s", exc)
+    if run.executor in (None, "local"):  # a cluster queues its own jobs
+        try:
+            dispatch(store)  # start the next queued run, if any
+        except Exception as exc:
+            log.warning("could not start the next queued run: %s", exc)
     return 0 if status in ("finished", "cancelled") else 1
 
 
