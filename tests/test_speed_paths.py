@@ -26,8 +26,10 @@ from core.engine.model import (
     set_trainable,
 )
 from core.engine.train import (
+    CPU_BF16_ENV,
     Runtime,
     compute_features,
+    cpu_flags,
     cpu_has_native_bf16,
     default_runtime,
     evaluate,
@@ -225,6 +227,24 @@ def test_default_runtime_follows_the_hardware():
     assert (rt.frozen_dtype == torch.bfloat16) == cpu_has_native_bf16()
     assert (rt.autocast_dtype == torch.bfloat16) == cpu_has_native_bf16()
     assert rt.eval_dtype is None  # evaluation in fp32: recorded accuracies reproduce exactly
+
+
+def test_cpu_bf16_override_forces_either_runtime(monkeypatch):
+    """$FINETUNE_LAB_CPU_BF16 emulates a CPU without bf16 (fp32 throughout) on one that has
+    it, or forces bf16; anything else is refused rather than silently ignored."""
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert not cpu_has_native_bf16()
+    rt = default_runtime(CPU)
+    assert rt.autocast_dtype is None and rt.frozen_dtype is None and rt.eval_dtype is None
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert cpu_has_native_bf16()
+    rt = default_runtime(CPU)
+    assert rt.autocast_dtype == torch.bfloat16 and rt.frozen_dtype == torch.bfloat16
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=CPU_BF16_ENV):
+        cpu_has_native_bf16()
+    monkeypatch.setenv(CPU_BF16_ENV, "")
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def test_optimizer_fused_or_not_gives_the_same_update():

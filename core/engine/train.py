@@ -9,6 +9,7 @@ quarter into the 2nd epoch), so curves from different stages share one x axis.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -212,18 +213,34 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN
-    emulates bf16 and it is slower than fp32, so it must be detected, not assumed."""
+# Overrides bf16 detection on CPU: "0" forces the fp32 runtime (e.g. to measure what a CPU
+# without bf16 gets, on one that has it), "1" forces bf16. Unset or empty: detect.
+CPU_BF16_ENV = "FINETUNE_LAB_CPU_BF16"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo reports (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN
+    emulates bf16 and it is slower than fp32, so it must be detected, not assumed.
+    $FINETUNE_LAB_CPU_BF16 ("0"/"1") overrides the detection; this is the one place it is
+    read."""
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise ValueError(f"${CPU_BF16_ENV} must be 0, 1 or unset, not {override!r}")
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def default_runtime(device: torch.device) -> Runtime:
