@@ -31,6 +31,8 @@ from core.engine.train import (
     compute_features,
     cpu_flags,
     cpu_has_native_bf16,
+    cpu_runtime,
+    cuda_runtime,
     default_runtime,
     evaluate,
     make_optimizer,
@@ -273,6 +275,31 @@ def test_evaluate_is_the_same_in_either_memory_format(splits):
         m.eval()
         logits = m(Preprocess(32).normalize(splits.val.images))
     assert a[0] == pytest.approx(F.cross_entropy(logits, splits.val.labels).item(), rel=1e-4)
+
+
+def test_evaluate_and_feature_cache_batch_by_the_runtime(splits):
+    """The runtime's evaluation batch size (larger on CUDA) changes only the batching."""
+    m = _model_with_real_bn(classes=3)
+    whole = evaluate(m, splits.val, Preprocess(32), Runtime(CPU))
+    small = Runtime(CPU, eval_batch_size=3)
+    assert len(splits.val) > 3  # really several batches
+    part = evaluate(m, splits.val, Preprocess(32), small)
+    assert part[0] == pytest.approx(whole[0], rel=1e-4) and torch.equal(part[2], whole[2])
+    f_whole = compute_features(m, splits.val, PREFIX3, Preprocess(32), Runtime(CPU))
+    f_part = compute_features(m, splits.val, PREFIX3, Preprocess(32), small)
+    torch.testing.assert_close(f_part, f_whole, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_runtime_selection_without_a_gpu():
+    """What default_runtime picks on CUDA, decided from the GPU's bf16 support alone."""
+    gpu = torch.device("cuda")
+    rt = cuda_runtime(gpu, bf16_supported=True)
+    assert rt.device == gpu and rt.autocast_dtype == rt.frozen_dtype == rt.eval_dtype == torch.bfloat16
+    assert rt.channels_last and rt.frozen_channels_last and rt.data_on_device and rt.fused_optimizer
+    assert rt.eval_batch_size > default_runtime(CPU).eval_batch_size
+    old = cuda_runtime(gpu, bf16_supported=False)  # e.g. a T4 or V100: fp32, no fp16 scaler
+    assert old.autocast_dtype is None and old.frozen_dtype is None and old.eval_dtype is None
+    assert default_runtime(CPU) == cpu_runtime(cpu_has_native_bf16())
 
 
 def test_bn_train_policy_prefix_is_not_folded(splits):

@@ -44,7 +44,11 @@ from core.engine.model import (
 
 MetricTuple = tuple[int, float, int, str, float]  # (stage, global epoch, step, key, value)
 LOG_POINTS_PER_EPOCH = 10  # step-level train-loss rows per epoch, for live curves
-EVAL_BATCH = 512  # evaluation batch size: no gradients, so larger than training's
+EVAL_BATCH = 512  # evaluation batch size on CPU: no gradients, so larger than training's
+# On a GPU a 32x32 batch of 512 is a few microseconds of arithmetic per kernel: evaluation is
+# launch-bound there, so it takes larger batches (uint8 input: 2048 images at 224 px are
+# about 1.2 GB of activations in bf16 for layer1, well inside any training GPU).
+CUDA_EVAL_BATCH = 2048
 
 
 class Cancelled(Exception):
@@ -189,6 +193,7 @@ class Runtime:
     eval_dtype: torch.dtype | None = None  # autocast for evaluation; None = fp32
     fused_optimizer: bool = False  # one fused kernel per optimizer step (fewer memory passes)
     data_on_device: bool = False  # keep the uint8 data set on the accelerator when it fits
+    eval_batch_size: int = EVAL_BATCH  # images per evaluation / feature-caching batch
 
     def autocast(self):
         return _autocast(self.device, self.autocast_dtype)
@@ -247,22 +252,34 @@ def default_runtime(device: torch.device) -> Runtime:
     """The measured-fastest settings for `device` (see benchmarks/throughput.py)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        bf16 = torch.cuda.is_bf16_supported()
-        # AMP on CUDA: tensor cores, half the memory traffic; bf16 needs no loss scaling.
-        dtype = torch.bfloat16 if bf16 else None
-        return Runtime(device, channels_last=True, autocast_dtype=dtype, frozen_dtype=dtype,
-                       frozen_channels_last=True, eval_dtype=dtype, fused_optimizer=True,
-                       data_on_device=True)
+        return cuda_runtime(device, torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        # Measured on a 2-core AVX512-BF16 CPU at 32x32 (benchmarks/README.md): the frozen
-        # prefix runs ~1.8x faster in bf16 + channels_last; bf16 autocast for the trained
-        # layers gave +12 % (stage 1), +32 % (stage 2), +38 % (all layers) with the same
-        # accuracy in short runs; channels_last for trained layers was slower in stages 1-2.
-        # Without hardware bf16 oneDNN emulates it, slower than fp32: then fp32 throughout.
-        bf16 = torch.bfloat16 if cpu_has_native_bf16() else None
-        return Runtime(device, channels_last=False, autocast_dtype=bf16, frozen_dtype=bf16,
-                       frozen_channels_last=True, eval_dtype=None, fused_optimizer=True)
+        return cpu_runtime(cpu_has_native_bf16())
     return Runtime(device)
+
+
+def cuda_runtime(device: torch.device, bf16_supported: bool) -> Runtime:
+    """AMP on CUDA: tensor cores, half the memory traffic; bf16 needs no loss scaling (a GPU
+    without bf16 trains in fp32 rather than fp16 with a loss scaler). channels_last for
+    the tensor cores' layout, the uint8 data set on the GPU (augmentation runs there too:
+    `augment_batch` indexes on the data's device), larger evaluation batches."""
+    dtype = torch.bfloat16 if bf16_supported else None
+    return Runtime(device, channels_last=True, autocast_dtype=dtype, frozen_dtype=dtype,
+                   frozen_channels_last=True, eval_dtype=dtype, fused_optimizer=True,
+                   data_on_device=True, eval_batch_size=CUDA_EVAL_BATCH)
+
+
+def cpu_runtime(native_bf16: bool) -> Runtime:
+    """Measured on a 2-core AVX512-BF16 CPU at 32x32 (benchmarks/README.md): the frozen
+    prefix runs ~1.8x faster in bf16 + channels_last; bf16 autocast for the trained layers
+    gave +12 % (stage 1), +32 % (stage 2), +38 % (all layers) with the same accuracy in
+    short runs; channels_last for trained layers was slower in stages 1-2. Without hardware
+    bf16 oneDNN emulates it, slower than fp32: then fp32 throughout (the prefix stays
+    channels_last: measured faster in fp32 too, benchmarks/cpu_levers.py)."""
+    bf16 = torch.bfloat16 if native_bf16 else None
+    return Runtime(torch.device("cpu"), channels_last=False, autocast_dtype=bf16,
+                   frozen_dtype=bf16, frozen_channels_last=True, eval_dtype=None,
+                   fused_optimizer=True)
 
 
 # ---------------------------------------------------------------- data on the device
@@ -320,7 +337,7 @@ class PrefixRunner:
 
 
 def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime,
-             batch_size: int = EVAL_BATCH) -> tuple[float, float, torch.Tensor]:
+             batch_size: int | None = None) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, predicted labels) over `data`, batched, no autograd. The body
     runs BN-folded (eval-mode BN is a per-channel affine map) in `runtime.eval_dtype`."""
     model.eval()
@@ -331,7 +348,8 @@ def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime
     total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
     preds = []
     with torch.inference_mode(), runtime.eval_autocast():
-        for idx in batch_indices(len(data), batch_size, None, shuffle=False):
+        for idx in batch_indices(len(data), batch_size or runtime.eval_batch_size, None,
+                                 shuffle=False):
             idx = idx.to(data.images.device)
             x = runtime.prepare(data.images[idx], pre,
                                 channels_last=runtime.channels_last or runtime.frozen_channels_last)
@@ -353,7 +371,7 @@ def compute_features(model: nn.Module, data: ImageSet, prefix: Sequence[str], pr
     runner = PrefixRunner(model, prefix, "eval", runtime, pre)
     data = _device_set(data, runtime)
     out = [runner.raw(data.images[idx.to(data.images.device)]).contiguous()
-           for idx in batch_indices(len(data), EVAL_BATCH, None, shuffle=False)]
+           for idx in batch_indices(len(data), runtime.eval_batch_size, None, shuffle=False)]
     return torch.cat(out)
 
 
