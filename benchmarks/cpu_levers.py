@@ -251,29 +251,89 @@ def compile_prefix(data: ImageSet, runtime: Runtime, pre: Preprocess, steps: int
 # ---------------------------------------------------------------- 4. int8 prefix
 
 
-def int8_prefix(data: ImageSet, runtime: Runtime, pre: Preprocess, steps: int) -> dict[str, float]:
-    """Post-training static int8 (FX graph mode, the 'x86' qconfig: oneDNN/fbgemm, VNNI
-    where present) of conv1..layer3, calibrated on 8 batches. Random weights here: the
-    output error is what matters for the speed decision; accuracy needs trained weights."""
+def quantize_prefix(model, calibration: list[torch.Tensor]):
+    """conv1..layer3 of `model` (eval mode) as a post-training static int8 module (FX graph
+    mode, the 'x86' qconfig: oneDNN/fbgemm, VNNI where present), calibrated on the given
+    normalised batches; fp32 in and out."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
+    body = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                               model.layer1, model.layer2, model.layer3).eval()
+    prepared = prepare_fx(copy.deepcopy(body), get_default_qconfig_mapping("x86"), (calibration[0],))
+    with torch.no_grad():
+        for x in calibration:
+            prepared(x)
+    return convert_fx(prepared)
+
+
+def int8_accuracy(backbone: Path, data_root: Path, images: int, epochs: int) -> dict[str, float]:
+    """Does an int8 frozen prefix keep accuracy? Stage 1 (layer4+fc) of the transfer task of
+    benchmarks/time_to_accuracy.py, trained on the prefix's outputs computed once in fp32
+    or in int8 (same weights, seed and data order); best validation accuracy of each."""
+    from benchmarks.time_to_accuracy import FINETUNE_CLASSES, SEED, VAL_FRACTION
+    from core.engine.data import load_splits
+    from core.engine.model import build_model, forward_suffix
+    from core.engine.train import compute_features
+
+    pre = Preprocess(32)
+    splits = load_splits("folder", str(data_root), pre, FINETUNE_CLASSES, VAL_FRACTION,
+                         max_train_images=images, seed=SEED,
+                         cache_dir=Path.home() / ".cache" / "finetune-lab-bench" / "decoded")
+    torch.manual_seed(SEED)
+    base, _ = build_model(len(FINETUNE_CLASSES), "file", str(backbone))
+    base.eval()
+    prefix = frozen_prefix(STAGES["stage1"])
+    fp32 = Runtime(CPU)
+
+    def batches(imgs):
+        return [pre.normalize(imgs[i:i + 512]) for i in range(0, len(imgs), 512)]
+
+    feats = {"fp32": (compute_features(base, splits.train, prefix, pre, fp32),
+                      compute_features(base, splits.val, prefix, pre, fp32))}
+    t0 = time.perf_counter()
+    q = quantize_prefix(base, batches(splits.train.images[:1024]))
+    quant_s = time.perf_counter() - t0
+    with torch.no_grad():
+        feats["int8"] = (torch.cat([q(x) for x in batches(splits.train.images)]),
+                         torch.cat([q(x) for x in batches(splits.val.images)]))
+    out = {"quantize_s": quant_s, "feature_rel_error": (
+        (feats["int8"][1] - feats["fp32"][1]).norm() / feats["fp32"][1].norm()).item()}
+    for name, (tr, va) in feats.items():
+        model = copy.deepcopy(base)
+        set_trainable(model, STAGES["stage1"])
+        stage = cfgmod.StageConfig(groups=STAGES["stage1"], epochs=epochs, lr=0.01, schedule="cosine")
+        opt = make_optimizer(model, stage, fused=True)
+        sched = make_scheduler(opt, stage, -(-len(tr) // 128))
+        gen = torch.Generator().manual_seed(SEED)
+        best = 0.0
+        for _ in range(epochs):
+            train_one_epoch(model, splits.train, pre, fp32, opt, sched, STAGES["stage1"], "eval",
+                            128, False, gen, lambda *a: None, lambda: False, tr)
+            model.eval()
+            with torch.no_grad():
+                pred = forward_suffix(model, va, prefix).argmax(1)
+            best = max(best, (pred == splits.val.labels).float().mean().item())
+        out[f"val_acc_{name}"] = best
+    return out
+
+
+def int8_prefix(data: ImageSet, runtime: Runtime, pre: Preprocess, steps: int) -> dict[str, float]:
+    """Post-training static int8 (FX graph mode, the 'x86' qconfig: oneDNN/fbgemm, VNNI
+    where present) of conv1..layer3, calibrated on 8 batches. Random weights here: the
+    output error is what matters for the speed decision; accuracy needs trained weights."""
     model = build_resnet18(10).eval()
     # Non-trivial BN statistics: one pass in train mode over real images.
     model.train()
     with torch.no_grad():
         model(pre.normalize(data.images[:512]))
     model.eval()
-    body = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
-                               model.layer1, model.layer2, model.layer3).eval()
     folded = FoldedPrefix(model, frozen_prefix(STAGES["stage1"]))
     x = pre.normalize(data.images[:128])
-    prepared = prepare_fx(copy.deepcopy(body), get_default_qconfig_mapping("x86"), (x,))
+    q = quantize_prefix(model, [pre.normalize(data.images[128 * (i + 1):128 * (i + 2)])
+                                for i in range(8)])
     with torch.no_grad():
-        for i in range(8):
-            prepared(pre.normalize(data.images[128 * (i + 1):128 * (i + 2)]))
-        q = convert_fx(prepared)
         ref = folded(x)
         out = q(x)
         rel = ((out - ref).norm() / ref.norm()).item()
@@ -307,6 +367,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=6, help="batches of 128 per timed window")
     ap.add_argument("--steps", type=int, default=5, help="steps per profile / compile measure")
     ap.add_argument("--skip", default="", help="comma list of: profile,levers,compile,int8")
+    ap.add_argument("--int8-accuracy", default="", metavar="BACKBONE",
+                    help="also check int8's accuracy on the transfer task from this backbone "
+                         "(benchmarks/time_to_accuracy.py caches one in ~/.cache/finetune-lab-bench)")
     args = ap.parse_args(argv)
     if not args.bf16:
         os.environ[CPU_BF16_ENV] = "0"
@@ -398,6 +461,13 @@ def main(argv=None) -> int:
         except Exception as exc:  # the quantization API is optional in some builds
             log(f"int8 not measured: {type(exc).__name__}: {exc}")
             out["int8_prefix"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    if args.int8_accuracy:
+        log("\n== 5. int8 frozen prefix: accuracy on the transfer task (stage 1 on cached features) ==")
+        r = int8_accuracy(Path(args.int8_accuracy), Path(args.data).expanduser(), 5000, 3)
+        log(f"best val acc: fp32 prefix {r['val_acc_fp32']:.2%}, int8 prefix {r['val_acc_int8']:.2%}; "
+            f"feature relative error {r['feature_rel_error']:.3f}; quantizing took {r['quantize_s']:.1f} s")
+        out["int8_accuracy"] = {k: round(v, 4) for k, v in r.items()}
 
     print(json.dumps(out, sort_keys=True), flush=True)
     return 0
