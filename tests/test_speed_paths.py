@@ -296,7 +296,10 @@ def test_cuda_runtime_selection_without_a_gpu():
     rt = cuda_runtime(gpu, bf16_supported=True)
     assert rt.device == gpu and rt.autocast_dtype == rt.frozen_dtype == rt.eval_dtype == torch.bfloat16
     assert rt.channels_last and rt.frozen_channels_last and rt.data_on_device and rt.fused_optimizer
-    assert rt.eval_batch_size > default_runtime(CPU).eval_batch_size
+    assert rt.eval_batch(32) > default_runtime(CPU).eval_batch(32)
+    # Larger images: the batch shrinks with the area, never below the CPU's.
+    assert rt.eval_batch(64) == rt.eval_batch(32) // 4
+    assert rt.eval_batch(224) == default_runtime(CPU).eval_batch(224) == default_runtime(CPU).eval_batch(32)
     old = cuda_runtime(gpu, bf16_supported=False)  # e.g. a T4 or V100: fp32, no fp16 scaler
     assert old.autocast_dtype is None and old.frozen_dtype is None and old.eval_dtype is None
     assert default_runtime(CPU) == cpu_runtime(cpu_has_native_bf16())

@@ -46,8 +46,9 @@ MetricTuple = tuple[int, float, int, str, float]  # (stage, global epoch, step, 
 LOG_POINTS_PER_EPOCH = 10  # step-level train-loss rows per epoch, for live curves
 EVAL_BATCH = 512  # evaluation batch size on CPU: no gradients, so larger than training's
 # On a GPU a 32x32 batch of 512 is a few microseconds of arithmetic per kernel: evaluation is
-# launch-bound there, so it takes larger batches (uint8 input: 2048 images at 224 px are
-# about 1.2 GB of activations in bf16 for layer1, well inside any training GPU).
+# launch-bound there, so small images go in larger batches, at most this many; the batch
+# shrinks with the image area (conv1's output for 2048 images of 32 px is 134 MB in fp32)
+# and is never below EVAL_BATCH.
 CUDA_EVAL_BATCH = 2048
 
 
@@ -193,7 +194,12 @@ class Runtime:
     eval_dtype: torch.dtype | None = None  # autocast for evaluation; None = fp32
     fused_optimizer: bool = False  # one fused kernel per optimizer step (fewer memory passes)
     data_on_device: bool = False  # keep the uint8 data set on the accelerator when it fits
-    eval_batch_size: int = EVAL_BATCH  # images per evaluation / feature-caching batch
+    eval_batch_size: int = EVAL_BATCH  # images per evaluation / feature-caching batch at 32 px
+
+    def eval_batch(self, resolution: int) -> int:
+        """Evaluation batch at `resolution` px: eval_batch_size at 32 px, scaled down with
+        the image area (same activation memory), never below EVAL_BATCH."""
+        return max(EVAL_BATCH, min(self.eval_batch_size, self.eval_batch_size * 32 ** 2 // resolution ** 2))
 
     def autocast(self):
         return _autocast(self.device, self.autocast_dtype)
@@ -348,8 +354,8 @@ def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime
     total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
     preds = []
     with torch.inference_mode(), runtime.eval_autocast():
-        for idx in batch_indices(len(data), batch_size or runtime.eval_batch_size, None,
-                                 shuffle=False):
+        for idx in batch_indices(len(data), batch_size or runtime.eval_batch(pre.resolution),
+                                 None, shuffle=False):
             idx = idx.to(data.images.device)
             x = runtime.prepare(data.images[idx], pre,
                                 channels_last=runtime.channels_last or runtime.frozen_channels_last)
@@ -371,7 +377,8 @@ def compute_features(model: nn.Module, data: ImageSet, prefix: Sequence[str], pr
     runner = PrefixRunner(model, prefix, "eval", runtime, pre)
     data = _device_set(data, runtime)
     out = [runner.raw(data.images[idx.to(data.images.device)]).contiguous()
-           for idx in batch_indices(len(data), runtime.eval_batch_size, None, shuffle=False)]
+           for idx in batch_indices(len(data), runtime.eval_batch(pre.resolution), None,
+                                    shuffle=False)]
     return torch.cat(out)
 
 
