@@ -41,9 +41,11 @@ from core.config import LAYER_GROUPS
 from core.engine.data import DataSplits, ImageSet, Preprocess, decode_files, scan_folder, stratified_split
 from core.engine.model import build_resnet18, frozen_prefix, physical_cores, set_trainable
 from core.engine.train import (
+    CPU_BF16_ENV,
     Runtime,
     TrainHooks,
     compute_features,
+    cpu_has_native_bf16,
     default_runtime,
     evaluate,
     make_optimizer,
@@ -130,7 +132,9 @@ def cpu_fp32_peak(cores: int) -> tuple[float, str]:
     peak = cores * ghz * 1e9 * units * lanes * 2
     text = (f"{cores} cores x {ghz:.2f} GHz x {units} FMA/cycle x {lanes} fp32 lanes x 2 FLOP "
             f"= {peak / 1e9:.0f} GFLOP/s ({why}; bf16 hardware: "
-            f"{'yes' if {'avx512_bf16', 'amx_bf16'} & flags else 'no'})")
+            f"{'yes' if {'avx512_bf16', 'amx_bf16'} & flags else 'no'}; used: "
+            f"{'yes' if cpu_has_native_bf16() else 'no'}, ${CPU_BF16_ENV}="
+            f"{os.environ.get(CPU_BF16_ENV, 'unset')})")
     return peak, text
 
 

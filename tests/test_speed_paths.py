@@ -26,9 +26,13 @@ from core.engine.model import (
     set_trainable,
 )
 from core.engine.train import (
+    CPU_BF16_ENV,
     Runtime,
     compute_features,
+    cpu_flags,
     cpu_has_native_bf16,
+    cpu_runtime,
+    cuda_runtime,
     default_runtime,
     evaluate,
     make_optimizer,
@@ -227,6 +231,24 @@ def test_default_runtime_follows_the_hardware():
     assert rt.eval_dtype is None  # evaluation in fp32: recorded accuracies reproduce exactly
 
 
+def test_cpu_bf16_override_forces_either_runtime(monkeypatch):
+    """$FINETUNE_LAB_CPU_BF16 emulates a CPU without bf16 (fp32 throughout) on one that has
+    it, or forces bf16; anything else is refused rather than silently ignored."""
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert not cpu_has_native_bf16()
+    rt = default_runtime(CPU)
+    assert rt.autocast_dtype is None and rt.frozen_dtype is None and rt.eval_dtype is None
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert cpu_has_native_bf16()
+    rt = default_runtime(CPU)
+    assert rt.autocast_dtype == torch.bfloat16 and rt.frozen_dtype == torch.bfloat16
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=CPU_BF16_ENV):
+        cpu_has_native_bf16()
+    monkeypatch.setenv(CPU_BF16_ENV, "")
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def test_optimizer_fused_or_not_gives_the_same_update():
     torch.manual_seed(0)
     m1 = build_resnet18(3)
@@ -253,6 +275,34 @@ def test_evaluate_is_the_same_in_either_memory_format(splits):
         m.eval()
         logits = m(Preprocess(32).normalize(splits.val.images))
     assert a[0] == pytest.approx(F.cross_entropy(logits, splits.val.labels).item(), rel=1e-4)
+
+
+def test_evaluate_and_feature_cache_batch_by_the_runtime(splits):
+    """The runtime's evaluation batch size (larger on CUDA) changes only the batching."""
+    m = _model_with_real_bn(classes=3)
+    whole = evaluate(m, splits.val, Preprocess(32), Runtime(CPU))
+    small = Runtime(CPU, eval_batch_size=3)
+    assert len(splits.val) > 3  # really several batches
+    part = evaluate(m, splits.val, Preprocess(32), small)
+    assert part[0] == pytest.approx(whole[0], rel=1e-4) and torch.equal(part[2], whole[2])
+    f_whole = compute_features(m, splits.val, PREFIX3, Preprocess(32), Runtime(CPU))
+    f_part = compute_features(m, splits.val, PREFIX3, Preprocess(32), small)
+    torch.testing.assert_close(f_part, f_whole, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_runtime_selection_without_a_gpu():
+    """What default_runtime picks on CUDA, decided from the GPU's bf16 support alone."""
+    gpu = torch.device("cuda")
+    rt = cuda_runtime(gpu, bf16_supported=True)
+    assert rt.device == gpu and rt.autocast_dtype == rt.frozen_dtype == rt.eval_dtype == torch.bfloat16
+    assert rt.channels_last and rt.frozen_channels_last and rt.data_on_device and rt.fused_optimizer
+    assert rt.eval_batch(32) > default_runtime(CPU).eval_batch(32)
+    # Larger images: the batch shrinks with the area, never below the CPU's.
+    assert rt.eval_batch(64) == rt.eval_batch(32) // 4
+    assert rt.eval_batch(224) == default_runtime(CPU).eval_batch(224) == default_runtime(CPU).eval_batch(32)
+    old = cuda_runtime(gpu, bf16_supported=False)  # e.g. a T4 or V100: fp32, no fp16 scaler
+    assert old.autocast_dtype is None and old.frozen_dtype is None and old.eval_dtype is None
+    assert default_runtime(CPU) == cpu_runtime(cpu_has_native_bf16())
 
 
 def test_bn_train_policy_prefix_is_not_folded(splits):

@@ -9,6 +9,7 @@ quarter into the 2nd epoch), so curves from different stages share one x axis.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -45,7 +46,12 @@ from core.engine.stage_ends import STAGE_END_KEY, StageEnd
 
 MetricTuple = tuple[int, float, int, str, float]  # (stage, global epoch, step, key, value)
 LOG_POINTS_PER_EPOCH = 10  # step-level train-loss rows per epoch, for live curves
-EVAL_BATCH = 512  # evaluation batch size: no gradients, so larger than training's
+EVAL_BATCH = 512  # evaluation batch size on CPU: no gradients, so larger than training's
+# On a GPU a 32x32 batch of 512 is a few microseconds of arithmetic per kernel: evaluation is
+# launch-bound there, so small images go in larger batches, at most this many; the batch
+# shrinks with the image area (conv1's output for 2048 images of 32 px is 134 MB in fp32)
+# and is never below EVAL_BATCH.
+CUDA_EVAL_BATCH = 2048
 
 
 @dataclass
@@ -236,6 +242,12 @@ class Runtime:
     eval_dtype: torch.dtype | None = None  # autocast for evaluation; None = fp32
     fused_optimizer: bool = False  # one fused kernel per optimizer step (fewer memory passes)
     data_on_device: bool = False  # keep the uint8 data set on the accelerator when it fits
+    eval_batch_size: int = EVAL_BATCH  # images per evaluation / feature-caching batch at 32 px
+
+    def eval_batch(self, resolution: int) -> int:
+        """Evaluation batch at `resolution` px: eval_batch_size at 32 px, scaled down with
+        the image area (same activation memory), never below EVAL_BATCH."""
+        return max(EVAL_BATCH, min(self.eval_batch_size, self.eval_batch_size * 32 ** 2 // resolution ** 2))
 
     def autocast(self):
         return _autocast(self.device, self.autocast_dtype)
@@ -260,40 +272,68 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN
-    emulates bf16 and it is slower than fp32, so it must be detected, not assumed."""
+# Overrides bf16 detection on CPU: "0" forces the fp32 runtime (e.g. to measure what a CPU
+# without bf16 gets, on one that has it), "1" forces bf16. Unset or empty: detect.
+CPU_BF16_ENV = "FINETUNE_LAB_CPU_BF16"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo reports (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN
+    emulates bf16 and it is slower than fp32, so it must be detected, not assumed.
+    $FINETUNE_LAB_CPU_BF16 ("0"/"1") overrides the detection; this is the one place it is
+    read."""
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise ValueError(f"${CPU_BF16_ENV} must be 0, 1 or unset, not {override!r}")
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def default_runtime(device: torch.device) -> Runtime:
     """The measured-fastest settings for `device` (see benchmarks/throughput.py)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        bf16 = torch.cuda.is_bf16_supported()
-        # AMP on CUDA: tensor cores, half the memory traffic; bf16 needs no loss scaling.
-        dtype = torch.bfloat16 if bf16 else None
-        return Runtime(device, channels_last=True, autocast_dtype=dtype, frozen_dtype=dtype,
-                       frozen_channels_last=True, eval_dtype=dtype, fused_optimizer=True,
-                       data_on_device=True)
+        return cuda_runtime(device, torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        # Measured on a 2-core AVX512-BF16 CPU at 32x32 (benchmarks/README.md): the frozen
-        # prefix runs ~1.8x faster in bf16 + channels_last; bf16 autocast for the trained
-        # layers gave +12 % (stage 1), +32 % (stage 2), +38 % (all layers) with the same
-        # accuracy in short runs; channels_last for trained layers was slower in stages 1-2.
-        # Without hardware bf16 oneDNN emulates it, slower than fp32: then fp32 throughout.
-        bf16 = torch.bfloat16 if cpu_has_native_bf16() else None
-        return Runtime(device, channels_last=False, autocast_dtype=bf16, frozen_dtype=bf16,
-                       frozen_channels_last=True, eval_dtype=None, fused_optimizer=True)
+        return cpu_runtime(cpu_has_native_bf16())
     return Runtime(device)
+
+
+def cuda_runtime(device: torch.device, bf16_supported: bool) -> Runtime:
+    """AMP on CUDA: tensor cores, half the memory traffic; bf16 needs no loss scaling (a GPU
+    without bf16 trains in fp32 rather than fp16 with a loss scaler). channels_last for
+    the tensor cores' layout, the uint8 data set on the GPU (augmentation runs there too:
+    `augment_batch` indexes on the data's device), larger evaluation batches."""
+    dtype = torch.bfloat16 if bf16_supported else None
+    return Runtime(device, channels_last=True, autocast_dtype=dtype, frozen_dtype=dtype,
+                   frozen_channels_last=True, eval_dtype=dtype, fused_optimizer=True,
+                   data_on_device=True, eval_batch_size=CUDA_EVAL_BATCH)
+
+
+def cpu_runtime(native_bf16: bool) -> Runtime:
+    """Measured on a 2-core AVX512-BF16 CPU at 32x32 (benchmarks/README.md): the frozen
+    prefix runs ~1.8x faster in bf16 + channels_last; bf16 autocast for the trained layers
+    gave +12 % (stage 1), +32 % (stage 2), +38 % (all layers) with the same accuracy in
+    short runs; channels_last for trained layers was slower in stages 1-2. Without hardware
+    bf16 oneDNN emulates it, slower than fp32: then fp32 throughout (the prefix stays
+    channels_last: measured faster in fp32 too, benchmarks/cpu_levers.py)."""
+    bf16 = torch.bfloat16 if native_bf16 else None
+    return Runtime(torch.device("cpu"), channels_last=False, autocast_dtype=bf16,
+                   frozen_dtype=bf16, frozen_channels_last=True, eval_dtype=None,
+                   fused_optimizer=True)
 
 
 # ---------------------------------------------------------------- data on the device
@@ -351,7 +391,7 @@ class PrefixRunner:
 
 
 def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime,
-             batch_size: int = EVAL_BATCH,
+             batch_size: int | None = None,
              on_batch: Callable[[int, int], None] | None = None) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, predicted labels) over `data`, batched, no autograd. The body
     runs BN-folded (eval-mode BN is a per-channel affine map) in `runtime.eval_dtype`.
@@ -365,6 +405,7 @@ def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime
     total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
     preds = []
     with torch.inference_mode(), runtime.eval_autocast():
+        batch_size = batch_size or runtime.eval_batch(pre.resolution)
         for b, idx in enumerate(batch_indices(len(data), batch_size, None, shuffle=False)):
             if on_batch is not None:
                 on_batch(b * batch_size, len(data))
@@ -389,7 +430,8 @@ def compute_features(model: nn.Module, data: ImageSet, prefix: Sequence[str], pr
     runner = PrefixRunner(model, prefix, "eval", runtime, pre)
     data = _device_set(data, runtime)
     out = [runner.raw(data.images[idx.to(data.images.device)]).contiguous()
-           for idx in batch_indices(len(data), EVAL_BATCH, None, shuffle=False)]
+           for idx in batch_indices(len(data), runtime.eval_batch(pre.resolution), None,
+                                    shuffle=False)]
     return torch.cat(out)
 
 
