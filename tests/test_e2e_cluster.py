@@ -188,6 +188,7 @@ def test_experiment_on_ray_and_postgres_then_cancel_a_run(served, page):
     page.get_by_role("button", name="Cancel run").click()
     page.get_by_text(re.compile(r"^This run was cancelled")).wait_for(
         timeout=RUN_TIMEOUT_S * 1000)
+    wait_idle(page)
     shot(page, "cluster-run-cancelled")
     cancelled = store.get_run(run_id)
     assert cancelled.status == "cancelled", cancelled.error
