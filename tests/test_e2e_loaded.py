@@ -3,8 +3,8 @@ CPU burner per core runs beside it at normal priority, and the page must keep up
 progress text changes) and never go blank. Workers run at nice 10 (core.runs.worker), so
 the Streamlit server, at nice 0, gets its share of the CPU before training does.
 
-Fixtures copied from tests/test_e2e_browser.py (Debian chromium driven by Playwright, the app
-served by `streamlit run` on localhost with a temporary run store).
+Debian chromium driven by Playwright, the app served by `streamlit run` on localhost with a
+temporary run store (tests/browser_support.py).
 
 Run alone:  .venv/bin/python -m pytest -q -m browser -k loaded tests/test_e2e_loaded.py
 """
@@ -12,51 +12,35 @@ Run alone:  .venv/bin/python -m pytest -q -m browser -k loaded tests/test_e2e_lo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from core import config as cfgmod
 from core.runs import jobs
 from core.runs.store import RunStore
+from tests.browser_support import (
+    ARTIFACTS,
+    browser_page,
+    require_browser,
+    serve_app,
+    stop_active_runs,
+)
 from tests.conftest import make_image_folder, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-UI_TIMEOUT_MS = 60_000  # a page element to appear (the first render imports torch)
 CHANGE_TIMEOUT_MS = 20_000  # the progress text must change at least this often, loaded
 WATCH_S = 45  # how long the live page is watched
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-            return r.read().strip() == b"ok"
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base url, store, image folder): the app served on a free localhost port."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api")
+    require_browser()
     base = tmp_path_factory.mktemp("e2e-loaded")
     folder = make_image_folder(base / "datasets" / "colors", per_class=60)
     store = RunStore(base / "runs")
@@ -64,49 +48,17 @@ def served(tmp_path_factory):
            "FINETUNE_LAB_DATA_ROOTS": str(base / "datasets"),
            "TORCH_HOME": str(base / "torch-home"),  # no ImageNet weights: never downloads
            "FINETUNE_LAB_MAX_JOBS": "1"}
-    port = _free_port()
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "streamlit-server-loaded.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-         "--server.address", "localhost", "--server.port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://localhost:{port}"
-    try:
-        wait_for(lambda: server.poll() is not None or _healthy(url), timeout_s=120,
-                 what="the streamlit server to answer")
-        assert server.poll() is None, (ARTIFACTS / "streamlit-server-loaded.log").read_text()[-3000:]
-        yield url, store, folder
-    finally:
-        for run in store.list_runs(statuses=("queued", "running")):  # a failed test mid-run
-            jobs.cancel(store, run.id)
-            jobs.kill(store, run.id)
-        server.terminate()
+    with serve_app(env, "streamlit-server-loaded.log") as url:
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            yield url, store, folder
+        finally:
+            stop_active_runs(store)
 
 
 @pytest.fixture(scope="module")
 def page(served):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        pg = context.new_page()
-        pg.set_default_timeout(UI_TIMEOUT_MS)
-        try:
-            yield pg
-        finally:
-            context.close()
-            browser.close()
-
+    with browser_page() as pg:
+        yield pg
 
 
 PROGRESS_JS = """() => [...document.querySelectorAll('[data-testid="stProgress"]')]
