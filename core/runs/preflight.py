@@ -26,6 +26,17 @@ class PreflightReport:
     notes: list[str] = field(default_factory=list)
 
 
+def input_paths(cfg: RunConfig) -> list[Path]:
+    """The files and folders a run reads besides the store: an image-folder data set and a
+    weights file."""
+    paths = []
+    if cfg.data_source == "folder" and cfg.data_path:
+        paths.append(Path(cfg.data_path).expanduser())
+    if cfg.weights == "file" and cfg.weights_path:
+        paths.append(Path(cfg.weights_path).expanduser())
+    return paths
+
+
 def preflight(cfg: RunConfig, store=None) -> PreflightReport:
     """Raise PreflightError naming every problem; return what was found otherwise."""
     from core.engine.data import DataError, check_same_classes, scan_folder, train_test_folders

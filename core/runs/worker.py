@@ -24,6 +24,7 @@ from core import config as cfgmod
 from core.faults import fault_point
 from core.runs.entities import Run, RunProgress
 from core.runs.files import RunFiles
+from core.settings import ARTIFACTS_ENV
 from core.runs.jobs import dispatch
 from core.runs.recorder import TERMINATED, CheckpointPolicy, Heartbeat, RunRecorder
 from core.runs.store import RunStore
@@ -51,6 +52,7 @@ def execute_run(store: RunStore, run_id: str,
     with Heartbeat(store, run_id, on_progress=on_progress) as heartbeat:
         try:
             cfg = checked_config(run)
+            require_visible_inputs(cfg)
             runtime = prepare_process(cfg)
             splits, pre = load_data(store, cfg, heartbeat)
             stop_if_asked(heartbeat)  # between phases too, not only inside them
@@ -100,6 +102,21 @@ def checked_config(run: Run) -> cfgmod.RunConfig:
     if run.config_error:
         raise cfgmod.ConfigError([run.config_error])
     return cfgmod.check(run.config)
+
+
+def require_visible_inputs(cfg: cfgmod.RunConfig) -> None:
+    """Fail at once, naming this machine, when the run's data folder or weights file is not
+    here. The dashboard checked them where it runs; a cluster run reads them on whichever
+    node Ray picked, which sees only what is mounted there."""
+    from core.engine.data import DataError
+    from core.runs.preflight import input_paths
+
+    missing = [str(p) for p in input_paths(cfg) if not p.exists()]
+    if missing:
+        raise DataError(f"{' and '.join(missing)} not visible on {socket.gethostname()}: a run "
+                        f"reads its data on the machine that runs it, so on a cluster put data "
+                        f"sets and weights files on a path every node mounts at the same place "
+                        f"(e.g. under {ARTIFACTS_ENV}), then resume the run")
 
 
 def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
