@@ -103,28 +103,15 @@ class TrainingResult:
 
 @dataclass
 class ResumeState:
-    """Where a resumed run picks up: after `global_epoch` completed epochs."""
+    """Where a resumed run picks up: a last checkpoint's weights and training state (after
+    `training.global_epoch` completed epochs)."""
 
     model_state: dict[str, torch.Tensor]
-    global_epoch: int
-    step: int
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    rng: torch.Tensor  # data-order generator state
-    best_val_acc: float
-    best_stage: int
-    best_epoch: int
-    plateau: PlateauState = field(default_factory=lambda: PlateauState())
+    training: TrainingState
 
-    @classmethod
-    def of(cls, model_state: dict[str, torch.Tensor], state: TrainingState) -> ResumeState:
-        """Where a run resumes after the epoch `state` (a last checkpoint's) was saved at."""
-        return cls(model_state=model_state, global_epoch=state.global_epoch, step=state.step,
-                   optimizer=state.optimizer, scheduler=state.scheduler, rng=state.rng,
-                   best_val_acc=state.best_val_acc, best_stage=state.best_stage,
-                   best_epoch=state.best_epoch, plateau=PlateauState(
-                       state.stage_best_val_acc, state.stage_stale_epochs,
-                       state.run_stale_epochs, StageEnd(state.stage_end)))
+    @property
+    def plateau(self) -> PlateauState:
+        return PlateauState.of(self.training)
 
 
 @dataclass
@@ -137,6 +124,12 @@ class PlateauState:
     stage_stale_epochs: int = 0  # epochs since the stage's best
     run_stale_epochs: int = 0  # epochs since the run's best
     stage_end: StageEnd = StageEnd.NONE  # how the latest epoch ended its stage, if it did
+
+    @classmethod
+    def of(cls, state: TrainingState) -> PlateauState:
+        """The counters a last checkpoint's training state saved."""
+        return cls(state.stage_best_val_acc, state.stage_stale_epochs, state.run_stale_epochs,
+                   StageEnd(state.stage_end))
 
     def after_epoch(self, val_acc: float, run_improved: bool, stage: StageConfig,
                     epoch: int, last_stage: bool, early_stop_patience: int) -> PlateauState:
@@ -615,7 +608,7 @@ def _stage_features(model: nn.Module, stage: StageConfig, data: ImageSet, pre: P
 
 
 def _stage_optimizer(model: nn.Module, stage: StageConfig, steps_in_epoch: int, runtime: Runtime,
-                     resumed: ResumeState | None) -> tuple[torch.optim.Optimizer, Any]:
+                     resumed: TrainingState | None) -> tuple[torch.optim.Optimizer, Any]:
     """Makes the stage's layer groups trainable; returns its optimizer and LR scheduler,
     continued from `resumed`'s saved state when the stage resumes mid-way."""
     set_trainable(model, stage.groups)
@@ -638,23 +631,24 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
     clock = EpochClock(cfg.total_epochs)
     best, step, plateau = (-1.0, 0, 0), 0, PlateauState()
     last_epoch = 0  # global position of the last epoch trained (or resumed after)
+    resumed = resume.training if resume is not None else None  # state after the saved epoch
     if resume is not None:
         model.load_state_dict(resume.model_state)
-        generator.set_state(resume.rng)
-        step, best = resume.step, (resume.best_val_acc, resume.best_stage, resume.best_epoch)
-        plateau, last_epoch = resume.plateau, resume.global_epoch
+        generator.set_state(resume.training.rng)
+        step, last_epoch, plateau = resume.training.step, resume.training.global_epoch, resume.plateau
+        best = (resume.training.best_val_acc, resume.training.best_stage, resume.training.best_epoch)
     global_epoch = 0
     for s_idx, stage in enumerate(cfg.stages, 1):
         first_epoch_global = global_epoch
         global_epoch += stage.epochs  # nominal: an early-ended stage keeps its span
         if plateau.stage_end is StageEnd.EARLY_STOP:
             break  # the run stopped early (before an interruption, when resumed)
-        done_in_stage = max(0, resume.global_epoch - first_epoch_global) if resume else 0
-        if resume is not None and (global_epoch <= resume.global_epoch or (
+        done_in_stage = max(0, resumed.global_epoch - first_epoch_global) if resumed is not None else 0
+        if resumed is not None and (global_epoch <= resumed.global_epoch or (
                 plateau.stage_end is not StageEnd.NONE and done_in_stage)):
             continue  # stage already ended before the interruption
         optimizer, scheduler = _stage_optimizer(model, stage, spe, runtime,
-                                                resume if done_in_stage else None)
+                                                resumed if done_in_stage else None)
         if not done_in_stage:
             plateau = plateau.next_stage()
         features = _stage_features(model, stage, splits.train, pre, runtime, lambda: hooks.on_progress(

@@ -174,7 +174,7 @@ def resume_point(store: RunStore, run_id: str, classes: list[str]) -> ResumeStat
     # the checkpoint's step.
     store.truncate_metrics(run_id, state.step, stage=last.stage)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
-    return ResumeState.of(last.state_dict, state)
+    return ResumeState(last.state_dict, state)
 
 
 def donor_checkpoint(store: RunStore, cfg: cfgmod.RunConfig) -> str | None:
@@ -214,7 +214,7 @@ def resumed_stage_start(files: RunFiles, cfg: cfgmod.RunConfig, resume: ResumeSt
 
     first_epoch = 0
     for index, stage in enumerate(cfg.stages, 1):
-        if resume.global_epoch < first_epoch + stage.epochs:
+        if resume.training.global_epoch < first_epoch + stage.epochs:
             break
         first_epoch += stage.epochs
     else:
@@ -223,7 +223,7 @@ def resumed_stage_start(files: RunFiles, cfg: cfgmod.RunConfig, resume: ResumeSt
         return {k: v.detach().clone() for k, v in starting.named_parameters()}
     before = files.stage_end(index - 1)
     names = {k for k, _ in starting.named_parameters()}
-    if resume.global_epoch > first_epoch and before.exists():
+    if resume.training.global_epoch > first_epoch and before.exists():
         return {k: v for k, v in read_checkpoint(before).state_dict.items() if k in names}
     return {k: v.detach().clone() for k, v in resume.model_state.items() if k in names}
 
