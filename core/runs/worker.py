@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from core import config as cfgmod
 from core.faults import fault_point
 from core.runs.entities import Run, RunProgress
-from core.runs.files import RunFiles
+from core.settings import RunFiles
 from core.runs.jobs import dispatch
 from core.runs.recorder import TERMINATED, CheckpointPolicy, Heartbeat, RunRecorder
 from core.runs.store import RunStore
