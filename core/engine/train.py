@@ -620,6 +620,20 @@ def _stage_optimizer(model: nn.Module, stage: StageConfig, steps_in_epoch: int, 
     return optimizer, scheduler
 
 
+def _starting_point(model: nn.Module, generator: torch.Generator, resume: ResumeState | None,
+                    ) -> tuple[tuple[float, int, int], int, PlateauState, int]:
+    """(best (val_acc, stage, epoch), optimizer steps, plateau counters, global epochs done)
+    where the run starts: from scratch, or after `resume`'s saved epoch (its weights and
+    data order are loaded here)."""
+    if resume is None:
+        return (-1.0, 0, 0), 0, PlateauState(), 0
+    state = resume.training
+    model.load_state_dict(resume.model_state)
+    generator.set_state(state.rng)
+    return ((state.best_val_acc, state.best_stage, state.best_epoch), state.step,
+            resume.plateau, state.global_epoch)
+
+
 def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Preprocess,
                runtime: Runtime, hooks: TrainHooks, resume: ResumeState | None = None,
                ) -> TrainingResult:
@@ -629,14 +643,8 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
     generator = _resolve_generator(cfg.seed)
     spe = steps_per_epoch(len(splits.train), cfg.batch_size)
     clock = EpochClock(cfg.total_epochs)
-    best, step, plateau = (-1.0, 0, 0), 0, PlateauState()
-    last_epoch = 0  # global position of the last epoch trained (or resumed after)
+    best, step, plateau, last_epoch = _starting_point(model, generator, resume)
     resumed = resume.training if resume is not None else None  # state after the saved epoch
-    if resume is not None:
-        model.load_state_dict(resume.model_state)
-        generator.set_state(resume.training.rng)
-        step, last_epoch, plateau = resume.training.step, resume.training.global_epoch, resume.plateau
-        best = (resume.training.best_val_acc, resume.training.best_stage, resume.training.best_epoch)
     global_epoch = 0
     for s_idx, stage in enumerate(cfg.stages, 1):
         first_epoch_global = global_epoch
@@ -649,12 +657,11 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
             continue  # stage already ended before the interruption
         optimizer, scheduler = _stage_optimizer(model, stage, spe, runtime,
                                                 resumed if done_in_stage else None)
-        if not done_in_stage:
-            plateau = plateau.next_stage()
         features = _stage_features(model, stage, splits.train, pre, runtime, lambda: hooks.on_progress(
             {"phase": "caching features", "stage": s_idx, "stages": len(cfg.stages),
              "fraction": first_epoch_global / cfg.total_epochs}))
-        if not done_in_stage:  # a resume mid-stage logged it the first time
+        if not done_in_stage:  # a resume mid-stage goes on with its counters, logged the row
+            plateau = plateau.next_stage()
             hooks.on_metrics([(s_idx, float(first_epoch_global), step, "trainable_params",
                                float(count_parameters(model, stage.groups)))])
         for epoch in range(done_in_stage + 1, stage.epochs + 1):
