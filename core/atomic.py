@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# An atomic write's temp file is `.<name>.<random>.tmp` beside its target; core.runs.files
+# An atomic write's temp file is `.<name>.<random>.tmp` beside its target; core.settings
 # derives the pattern that finds the ones a killed worker left behind from these.
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
 

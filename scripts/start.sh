@@ -7,7 +7,7 @@ bash scripts/setup.sh requirements.txt
 .venv/bin/python - <<'PY'
 import os
 from core.engine.paths import DATA_ROOTS_ENV, data_roots
-from core.runs.files import DATA_DIR_ENV, data_dir
+from core.settings import DATA_DIR_ENV, data_dir
 
 print(f"Runs, checkpoints and logs are stored in {data_dir().resolve()} (set {DATA_DIR_ENV} to move them).")
 print("The UI may read data only under: " + ", ".join(str(r) for r in data_roots()))

@@ -18,7 +18,7 @@ from core.config import RunConfig, StageConfig
 from core.engine.checkpoints import Checkpoint, CheckpointError, atomic_torch_save, save_checkpoint
 from core.engine.data import Preprocess
 from core.engine.model import build_resnet18
-from core.runs.files import RunFiles
+from core.settings import RunFiles
 from tests.conftest import make_image_folder, tiny_config
 
 torch.set_num_threads(1)

@@ -129,7 +129,7 @@ def test_resume_after_a_plateau_end_continues_exactly(splits, tiny_folder, after
     ends = []
     full_result, full_rows = _run(cfg, splits, ends=ends)
     end, state, logged = next(x for x in ends if x[0].global_epoch == after)
-    resume = ResumeState.of(state, end.training_state)
+    resume = ResumeState(state, end.training_state)
     result, rows = _run(cfg, splits, resume=resume)
     # The resumed run logs exactly the uninterrupted run's rows after that epoch: it knows
     # stage 1 ended early and does not train its remaining epochs.
@@ -143,7 +143,7 @@ def test_resume_after_an_early_stop_trains_nothing(splits, tiny_folder):
     _run(cfg, splits, ends=ends)
     end, state, _ = ends[-1]
     assert end.stage_end is StageEnd.EARLY_STOP
-    result, rows = _run(cfg, splits, resume=ResumeState.of(state, end.training_state))
+    result, rows = _run(cfg, splits, resume=ResumeState(state, end.training_state))
     assert rows == [] and result.epochs_run == 2
 
 

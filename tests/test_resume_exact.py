@@ -19,9 +19,9 @@ from core.engine.checkpoints import read_checkpoint
 from core.engine.data import Preprocess, load_splits
 from core.faults import KILL_AT_ENV, TRACE_ENV
 from core.runs import jobs
-from core.runs.files import DATA_DIR_ENV
 from core.runs.store import RunStore
 from core.runs.worker import execute_run
+from core.settings import DATA_DIR_ENV
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

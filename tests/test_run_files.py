@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from core import config as cfgmod
-from core.runs.files import RunFiles, StoreLayout
 from core.runs.recorder import CheckpointKind, CheckpointPolicy
+from core.settings import RunFiles, StoreLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 OWNER = ROOT / "core" / "settings.py"

@@ -1,5 +1,5 @@
 """Disk use of runs: what each run keeps, what each file is for, and a clean-up that frees
-what no feature needs any more. Paths come from core.runs.files.RunFiles (their one owner).
+what no feature needs any more. Paths come from core.settings.RunFiles (their one owner).
 No torch, no streamlit.
 """
 
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.runs.files import RunFiles
 from core.runs.store import Run, RunStore
+from core.settings import RunFiles
 
 # Why a checkpoint is kept, in words for the run page.
 PURPOSE_BEST = "the best model by validation accuracy: Classify, export and downloads use it"

@@ -120,22 +120,8 @@ def _write_checked_onnx(model: Any, example: Any, x_check: Any, expected: Any,
 
 def readme_text(run: Run, classes: list[str], preprocess: dict[str, Any], onnx: bool,
                 stage: int, epoch: int, onnx_missing: str = "") -> str:
-    r = int(preprocess["resolution"])
-    mean = [round(float(m), 4) for m in preprocess["mean"]]
-    std = [round(float(s), 4) for s in preprocess["std"]]
     val = f"{100 * run.best_val_acc:.2f} %" if run.best_val_acc is not None else "n/a"
     test = f"{100 * run.test_acc:.2f} %" if run.test_acc is not None else "n/a"
-    onnx_section = f"""
-## ONNX (`{ONNX_NAME}`)
-
-```python
-import onnxruntime as ort
-session = ort.InferenceSession("{ONNX_NAME}", providers=["CPUExecutionProvider"])
-logits = session.run(["logits"], {{"input": x.numpy()}})[0]   # x as prepared above
-print(classes[int(logits[0].argmax())])
-```
-Input name `input`, output name `logits`; the batch size is free. Opset {ONNX_OPSET}.
-""" if onnx else f"\n(No ONNX file: {onnx_missing or 'it was not requested.'})\n"
     return f"""# {run.name} — exported model
 
 ResNet-18 fine-tuned in the Two-Stage Fine-Tuning Lab (run `{run.id}`), best checkpoint
@@ -148,12 +134,31 @@ Files:
 - `preprocess.json` — input resolution, mean and std
 - `metrics.csv` — every training metric of the run (stage, global epoch, step, key, value, unix time)
 - `config.json` — the run configuration
+{_input_section(preprocess, len(classes))}
+## TorchScript (`{TORCHSCRIPT_NAME}`)
 
+```python
+model = torch.jit.load("{TORCHSCRIPT_NAME}").eval()
+with torch.no_grad():
+    probs = model(x).softmax(1)[0]
+print(classes[int(probs.argmax())], float(probs.max()))
+```
+{_onnx_section(onnx, onnx_missing)}
+Classes: {", ".join(classes)}
+"""
+
+
+def _input_section(preprocess: dict[str, Any], num_classes: int) -> str:
+    """The README's "Input" section: the input tensor, and code that prepares an image."""
+    r = int(preprocess["resolution"])
+    mean = [round(float(m), 4) for m in preprocess["mean"]]
+    std = [round(float(s), 4) for s in preprocess["std"]]
+    return f"""
 ## Input
 
 A float32 tensor of shape N x 3 x {r} x {r}: RGB images, shorter side resized to {r} px
 (bilinear) and centre-cropped to a square, values scaled to 0..1, then normalised per
-channel with mean {mean} and std {std}. The output is N x {len(classes)} logits (apply
+channel with mean {mean} and std {std}. The output is N x {num_classes} logits (apply
 softmax for probabilities).
 
 ```python
@@ -177,17 +182,23 @@ def prepare(path, size={r}, mean={mean}, std={std}):
 
 x = prepare("my_image.jpg")
 ```
+"""
 
-## TorchScript (`{TORCHSCRIPT_NAME}`)
+
+def _onnx_section(onnx: bool, onnx_missing: str) -> str:
+    """The README's ONNX section, or the line that says why there is no ONNX file."""
+    if not onnx:
+        return f"\n(No ONNX file: {onnx_missing or 'it was not requested.'})\n"
+    return f"""
+## ONNX (`{ONNX_NAME}`)
 
 ```python
-model = torch.jit.load("{TORCHSCRIPT_NAME}").eval()
-with torch.no_grad():
-    probs = model(x).softmax(1)[0]
-print(classes[int(probs.argmax())], float(probs.max()))
+import onnxruntime as ort
+session = ort.InferenceSession("{ONNX_NAME}", providers=["CPUExecutionProvider"])
+logits = session.run(["logits"], {{"input": x.numpy()}})[0]   # x as prepared above
+print(classes[int(logits[0].argmax())])
 ```
-{onnx_section}
-Classes: {", ".join(classes)}
+Input name `input`, output name `logits`; the batch size is free. Opset {ONNX_OPSET}.
 """
 
 
@@ -198,22 +209,12 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
     inputs otherwise)."""
     import torch
 
-    from core.engine.checkpoints import CheckpointError, read_checkpoint
     from core.engine.data import Preprocess
 
-    if not run.best_checkpoint:
-        raise ExportError("this run has no best checkpoint yet; export needs at least one finished epoch")
-    try:
-        ckpt = read_checkpoint(run.best_checkpoint)
-    except CheckpointError as exc:
-        raise ExportError(str(exc)) from None
+    ckpt = _best_checkpoint(run)
     model = ckpt.build_model()
     pre = Preprocess.from_dict(ckpt.preprocess)
-    r = pre.resolution
-    if check_inputs is None:
-        g = torch.Generator().manual_seed(0)
-        check_inputs = torch.randint(0, 256, (8, 3, r, r), dtype=torch.uint8, generator=g)
-    x_check = pre.normalize(check_inputs)
+    x_check = pre.normalize(_check_images(check_inputs, pre.resolution))
     example = x_check[:2]
 
     run_files = store.files(run.id)
@@ -224,34 +225,12 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
     try:
         with torch.inference_mode():
             expected = model(x_check)
-        with warnings.catch_warnings():
-            # torch.jit warns that it is deprecated in favour of torch.export; TorchScript
-            # is still what plain-PyTorch users can load without the model's code.
-            warnings.simplefilter("ignore", FutureWarning)
-            traced = torch.jit.trace(model, example)
-            atomic_write(build / TORCHSCRIPT_NAME, lambda p: torch.jit.save(traced, str(p)))
-            loaded = torch.jit.load(str(build / TORCHSCRIPT_NAME)).eval()
-        with torch.inference_mode():
-            if not predictions_agree(expected, loaded(x_check)):
-                raise ExportError("the TorchScript model does not reproduce the checkpoint's predictions")
-
+        _write_checked_torchscript(model, example, x_check, expected, build / TORCHSCRIPT_NAME)
         onnx_ok = False
         if include_onnx:
-            available, why = onnx_available()
-            if not available:
-                notes.append(why)
-            else:
-                try:
-                    onnx_ok, note = _write_checked_onnx(model, example, x_check, expected,
-                                                        build / ONNX_NAME)
-                except Exception as exc:  # exporter bugs, unsupported ops, onnxscript errors…
-                    (build / ONNX_NAME).unlink(missing_ok=True)
-                    onnx_ok, note = False, ("The ONNX file was left out: the ONNX export failed "
-                                            f"({_short_reason(exc)}). The TorchScript file is "
-                                            "complete and checked.")
-                if note:
-                    notes.append(note)
-
+            onnx_ok, note = _onnx_file(model, example, x_check, expected, build / ONNX_NAME)
+            if note:
+                notes.append(note)
         atomic_write_text(build / "classes.json", json.dumps(ckpt.classes, indent=2))
         atomic_write_text(build / "preprocess.json", json.dumps(ckpt.preprocess, indent=2))
         atomic_write_text(build / "config.json", cfgmod.to_json(run.config))
@@ -262,23 +241,83 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
         onnx_missing = "" if onnx_ok else (notes[0] if notes and include_onnx else "")
         atomic_write_text(build / "README.md", readme_text(run, ckpt.classes, ckpt.preprocess, onnx_ok,
                                                      ckpt.stage, ckpt.epoch, onnx_missing))
-        old = run_dir / f"{run_files.EXPORT_BUILD_PREFIX}old-{time.time_ns()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(build, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(build, folder, run_dir / f"{run_files.EXPORT_BUILD_PREFIX}old-{time.time_ns()}")
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
-    zip_path = run_files.export_zip
+    _write_zip(run_files.export_zip, folder, files, run.id)
+    return ExportResult(folder=folder, zip_path=run_files.export_zip, files=files, onnx=onnx_ok,
+                        notes=notes, checked_images=len(x_check))
 
+
+def _best_checkpoint(run: Run) -> Any:
+    """The run's best checkpoint, or ExportError saying why there is none to export."""
+    from core.engine.checkpoints import CheckpointError, read_checkpoint
+
+    if not run.best_checkpoint:
+        raise ExportError("this run has no best checkpoint yet; export needs at least one finished epoch")
+    try:
+        return read_checkpoint(run.best_checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _check_images(check_inputs: Any, resolution: int) -> Any:
+    """The uint8 images of the agreement check: the given ones, else 8 seeded random ones."""
+    import torch
+
+    if check_inputs is not None:
+        return check_inputs
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (8, 3, resolution, resolution), dtype=torch.uint8, generator=g)
+
+
+def _write_checked_torchscript(model: Any, example: Any, x_check: Any, expected: Any,
+                               path: Path) -> None:
+    """Trace and write the TorchScript file; ExportError when, loaded back, it does not
+    give the checkpoint's top-1 classes on `x_check`."""
+    import torch
+
+    with warnings.catch_warnings():
+        # torch.jit warns that it is deprecated in favour of torch.export; TorchScript
+        # is still what plain-PyTorch users can load without the model's code.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example)
+        atomic_write(path, lambda p: torch.jit.save(traced, str(p)))
+        loaded = torch.jit.load(str(path)).eval()
+    with torch.inference_mode():
+        if not predictions_agree(expected, loaded(x_check)):
+            raise ExportError("the TorchScript model does not reproduce the checkpoint's predictions")
+
+
+def _onnx_file(model: Any, example: Any, x_check: Any, expected: Any, path: Path
+               ) -> tuple[bool, str]:
+    """(whether the checked ONNX file was written, a note on why not or what was not checked)."""
+    available, why = onnx_available()
+    if not available:
+        return False, why
+    try:
+        return _write_checked_onnx(model, example, x_check, expected, path)
+    except Exception as exc:  # exporter bugs, unsupported ops, onnxscript errors…
+        path.unlink(missing_ok=True)
+        return False, ("The ONNX file was left out: the ONNX export failed "
+                       f"({_short_reason(exc)}). The TorchScript file is complete and checked.")
+
+
+def _swap_in(build: Path, folder: Path, old: Path) -> None:
+    """Replace `folder` by `build`; the previous folder moves to `old` and is deleted."""
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(build, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_zip(zip_path: Path, folder: Path, files: list[str], run_id: str) -> None:
+    """`files` of `folder` in one zip, under a folder named after the run."""
     def write_zip(p: Path) -> None:
         with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as z:
             for name in files:
-                z.write(folder / name, arcname=f"{run.id}/{name}")
+                z.write(folder / name, arcname=f"{run_id}/{name}")
 
     atomic_write(zip_path, write_zip)
-    return ExportResult(folder=folder, zip_path=zip_path, files=files, onnx=onnx_ok, notes=notes,
-                        checked_images=len(x_check))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from core.engine.image_types import IMAGE_EXTENSIONS, list_image_files, train_test_folders
 from core.engine.paths import cifar10_dir, link_allowed
-from core.runs.files import RunFiles
+from core.settings import RunFiles
 
 if TYPE_CHECKING:
     import torch

@@ -57,8 +57,8 @@ def model_epoch_seconds(groups: Sequence[str], n_images: int, resolution: int = 
 
 
 def _default_store() -> Any:
-    from core.runs.files import StoreLayout
     from core.runs.store import RunStore
+    from core.settings import StoreLayout
 
     root = StoreLayout.default().root
     if not StoreLayout(root).database.exists():

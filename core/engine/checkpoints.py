@@ -15,13 +15,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from core.atomic import atomic_write
 from core.faults import fault_point
+
+if TYPE_CHECKING:
+    from core.engine.train import PlateauState
 
 FORMAT = "finetune-lab/checkpoint"
 FORMAT_VERSION = 1
@@ -94,6 +97,19 @@ class TrainingState:
     stage_stale_epochs: int = 0
     run_stale_epochs: int = 0
     stage_end: int = 0  # a core.engine.stage_ends.StageEnd code: this epoch ended its stage
+
+    @classmethod
+    def capture(cls, global_epoch: int, step: int, optimizer: torch.optim.Optimizer,
+                scheduler: Any, generator: torch.Generator, best: tuple[float, int, int],
+                plateau: PlateauState) -> TrainingState:
+        """The state after `global_epoch` completed epochs: the optimizer's, the scheduler's
+        and the data order's, the best so far as (val_acc, stage, epoch) and the plateau's."""
+        return cls(global_epoch=global_epoch, step=step, optimizer=optimizer.state_dict(),
+                   scheduler=scheduler.state_dict(), rng=generator.get_state(),
+                   best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
+                   stage_best_val_acc=plateau.stage_best_val_acc,
+                   stage_stale_epochs=plateau.stage_stale_epochs,
+                   run_stale_epochs=plateau.run_stale_epochs, stage_end=int(plateau.stage_end))
 
 
 @dataclass

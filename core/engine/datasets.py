@@ -242,58 +242,16 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
     dest = root / name
     if dest.exists():
         raise ImportRejected(f"a data set named {name} already exists in {root}; pick another name")
-    try:
-        zf = zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
-        raise ImportRejected("the upload is not a valid zip file") from None
-    except OSError as exc:
-        raise ImportRejected(f"the zip cannot be read ({exc.strerror or type(exc).__name__})") from None
+    zf = _open_zip(source)
     tmp = root / f".import-{name}-{uuid.uuid4().hex[:8]}"
     try:
         with zf:
-            infos = [i for i in zf.infolist() if not i.is_dir()]
-            if len(infos) > limits.max_files:
-                raise ImportRejected(f"the zip has {len(infos):,} files; the limit is "
-                                     f"{limits.max_files:,}")
-            images, non_images, ignored = [], [], 0
-            for info in infos:
-                parts = _entry_parts(info)  # checks every entry before writing anything
-                if not parts:
-                    continue
-                if _is_junk(parts):
-                    ignored += 1
-                elif PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS:
-                    images.append((parts, info))
-                else:
-                    non_images.append("/".join(parts))
-            if not images:
-                raise ImportRejected("the zip has no image files (JPEG, PNG, GIF, WebP, BMP, TIFF); "
-                                     "it should hold one folder of images per class")
-            stripped = _strip_common_top([p for p, _ in images])
-            if any(len(p) < 2 for p in stripped):
-                loose = next("/".join(p) for p in stripped if len(p) < 2)
-                raise ImportRejected(f"images must sit in one folder per class, but {loose} is "
-                                     f"not in a class folder")
-            _check_layout(stripped)
+            images, non_images, ignored = _sort_entries(zf, limits)
+            paths = _class_paths([p for p, _ in images])
             budget = [_check_sizes([info for _, info in images], root, limits)]
             tmp.mkdir()
-            for n, (parts, (_, info)) in enumerate(zip(stripped, images)):
-                label = "/".join(parts)
-                target = tmp.joinpath(*parts)
-                # Belt and braces: the components were checked, but never write outside tmp.
-                if tmp.resolve() not in target.resolve().parents:
-                    raise ImportRejected(f"unsafe path in the zip: {info.filename}")
-                try:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as dst:
-                        _copy_checked(src, dst, info.file_size, budget, label)
-                except ImportRejected:
-                    raise
-                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
-                        NotImplementedError) as exc:
-                    raise _unpack_error(exc, label) from None
-                if on_progress and n % 50 == 0:
-                    on_progress(f"Unpacking {n + 1:,}/{len(images):,}", 0.5 * (n + 1) / len(images))
+            _unpack(zf, [(p, info) for p, (_, info) in zip(paths, images)], tmp, budget,
+                    on_progress)
         summary = summarize_folder(tmp, name=name, check_images=True, remove_corrupt=True,
                                    on_progress=(lambda m, f: on_progress(m, 0.5 + 0.5 * f))
                                    if on_progress else None)
@@ -313,6 +271,75 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
         raise
 
 
+def _open_zip(source: str | os.PathLike[str] | IO[bytes]) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        raise ImportRejected("the upload is not a valid zip file") from None
+    except OSError as exc:
+        raise ImportRejected(f"the zip cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
+_ZipImage = tuple[tuple[str, ...], zipfile.ZipInfo]  # an image entry: its path components, its header
+
+
+def _sort_entries(zf: zipfile.ZipFile, limits: Limits) -> tuple[list[_ZipImage], list[str], int]:
+    """(image entries, paths of the other files, how many OS junk files) of the zip; every
+    entry's name is checked here, before anything is written."""
+    infos = [i for i in zf.infolist() if not i.is_dir()]
+    if len(infos) > limits.max_files:
+        raise ImportRejected(f"the zip has {len(infos):,} files; the limit is "
+                             f"{limits.max_files:,}")
+    images, non_images, ignored = [], [], 0
+    for info in infos:
+        parts = _entry_parts(info)  # checks every entry before writing anything
+        if not parts:
+            continue
+        if _is_junk(parts):
+            ignored += 1
+        elif PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS:
+            images.append((parts, info))
+        else:
+            non_images.append("/".join(parts))
+    if not images:
+        raise ImportRejected("the zip has no image files (JPEG, PNG, GIF, WebP, BMP, TIFF); "
+                             "it should hold one folder of images per class")
+    return images, non_images, ignored
+
+
+def _class_paths(image_paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The images' paths without a folder they all share, checked to be class folders."""
+    stripped = _strip_common_top(image_paths)
+    if any(len(p) < 2 for p in stripped):
+        loose = next("/".join(p) for p in stripped if len(p) < 2)
+        raise ImportRejected(f"images must sit in one folder per class, but {loose} is "
+                             f"not in a class folder")
+    _check_layout(stripped)
+    return stripped
+
+
+def _unpack(zf: zipfile.ZipFile, entries: list[_ZipImage], tmp: Path, budget: list[int],
+            on_progress: ProgressFn | None) -> None:
+    """Write each entry to its path under `tmp`, counting the bytes against `budget`."""
+    for n, (parts, info) in enumerate(entries):
+        label = "/".join(parts)
+        target = tmp.joinpath(*parts)
+        # Belt and braces: the components were checked, but never write outside tmp.
+        if tmp.resolve() not in target.resolve().parents:
+            raise ImportRejected(f"unsafe path in the zip: {info.filename}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                _copy_checked(src, dst, info.file_size, budget, label)
+        except ImportRejected:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
+                NotImplementedError) as exc:
+            raise _unpack_error(exc, label) from None
+        if on_progress and n % 50 == 0:
+            on_progress(f"Unpacking {n + 1:,}/{len(entries):,}", 0.5 * (n + 1) / len(entries))
+
+
 # ---------------------------------------------------------------- folders
 
 
@@ -328,15 +355,42 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
     class folders, or one class-folder tree). `check_images` decodes every image (or
     `max_check_per_class` of each class, sampled, for big folders); `remove_corrupt`
     deletes the unreadable ones (only for our own imported copy)."""
-    from core.engine.data import DataError, check_same_classes, open_image, scan_folder
-
     folder = Path(folder)
     parts = _parts_of(folder)
+    scan = _scan_parts(folder, parts, max_check_per_class)
+    corrupt = _decode_check(folder, scan, remove_corrupt, on_progress) if check_images else []
+    empty = [f"{part}/{c}" if part != "all" else c
+             for part, cc in scan.counts.items() for c, k in cc.items() if k == 0]
+    if empty:
+        raise ImportRejected(f"class folder(s) {', '.join(empty)} have no readable images")
+    summary = DatasetSummary(name=name or folder.name, path=folder,
+                             layout="split" if "train" in parts else "single",
+                             classes=scan.classes, counts=scan.counts, non_images=scan.non_images,
+                             corrupt=corrupt, outside_links=scan.outside_links)
+    summary.warnings += _summary_warnings(summary, remove_corrupt)
+    return summary
+
+
+@dataclass
+class _FolderScan:
+    """What listing a data-set folder's parts found, before any image is decoded."""
+
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # images per class per part (DatasetSummary.counts)
+    non_images: list[str]
+    outside_links: list[str]
+    to_check: list[tuple[str, str, Path]]  # (part, class, file) of the images to decode
+
+
+def _scan_parts(folder: Path, parts: dict[str, Path], max_check_per_class: int) -> _FolderScan:
+    """Lists every part's class folders (the same classes in each) and picks the images to
+    decode: all of them, or `max_check_per_class` of each class, sampled."""
+    from core.engine.data import DataError, check_same_classes, scan_folder
+
     counts: dict[str, dict[str, int]] = {}
     classes: list[str] | None = None
     non_images: list[str] = []
     outside_links: list[str] = []
-    corrupt: list[str] = []
     to_check: list[tuple[str, str, Path]] = []
     for part, path in parts.items():
         try:
@@ -362,43 +416,51 @@ def summarize_folder(folder: str | os.PathLike[str], name: str = "", check_image
                 chosen = random.Random(0).sample(files, max_check_per_class)
             to_check += [(part, c, f) for f in chosen]
     assert classes is not None
-    if check_images:
-        step = max(1, len(to_check) // 50)
-        for n, (part, c, f) in enumerate(to_check):
-            try:
-                open_image(f).close()
-            except DataError as exc:
-                corrupt.append(f"{f.relative_to(folder)}: {exc}")
-                if remove_corrupt:
-                    f.unlink()
-                    counts[part][c] -= 1
-            if on_progress and (n % step == 0 or n == len(to_check) - 1):
-                on_progress(f"Checking images {n + 1:,}/{len(to_check):,}", (n + 1) / len(to_check))
-    empty = [f"{part}/{c}" if part != "all" else c
-             for part, cc in counts.items() for c, k in cc.items() if k == 0]
-    if empty:
-        raise ImportRejected(f"class folder(s) {', '.join(empty)} have no readable images")
-    summary = DatasetSummary(name=name or folder.name, path=folder,
-                             layout="split" if "train" in parts else "single",
-                             classes=classes, counts=counts, non_images=non_images,
-                             corrupt=corrupt, outside_links=outside_links)
+    return _FolderScan(classes, counts, non_images, outside_links, to_check)
+
+
+def _decode_check(folder: Path, scan: _FolderScan, remove_corrupt: bool,
+                  on_progress: ProgressFn | None) -> list[str]:
+    """Decodes `scan.to_check`; returns the unreadable ones as "file: reason". With
+    `remove_corrupt` they are deleted and no longer counted in `scan.counts`."""
+    from core.engine.data import DataError, open_image
+
+    corrupt: list[str] = []
+    to_check = scan.to_check
+    step = max(1, len(to_check) // 50)
+    for n, (part, c, f) in enumerate(to_check):
+        try:
+            open_image(f).close()
+        except DataError as exc:
+            corrupt.append(f"{f.relative_to(folder)}: {exc}")
+            if remove_corrupt:
+                f.unlink()
+                scan.counts[part][c] -= 1
+        if on_progress and (n % step == 0 or n == len(to_check) - 1):
+            on_progress(f"Checking images {n + 1:,}/{len(to_check):,}", (n + 1) / len(to_check))
+    return corrupt
+
+
+def _summary_warnings(summary: DatasetSummary, remove_corrupt: bool) -> list[str]:
+    """What may make a data set train badly, or was left out of it, in words."""
+    out = []
     totals = summary.per_class_total()
     few = [c for c, k in totals.items() if k < FEW_IMAGES]
     if few:
-        summary.warnings.append(f"few images in {', '.join(few)} (under {FEW_IMAGES}); a few "
-                                f"hundred per class give a much more useful model")
+        out.append(f"few images in {', '.join(few)} (under {FEW_IMAGES}); a few "
+                   f"hundred per class give a much more useful model")
     if totals and max(totals.values()) > 5 * max(1, min(totals.values())):
-        summary.warnings.append("classes are very unbalanced (the largest has over 5x the "
-                                "images of the smallest); accuracy will favour the big classes")
+        out.append("classes are very unbalanced (the largest has over 5x the "
+                   "images of the smallest); accuracy will favour the big classes")
     if summary.layout == "single":
-        summary.warnings.append("no train/ and test/ folders: a test split is carved out of "
-                                "the images automatically (the run's test fraction)")
-    if outside_links:
-        summary.warnings.append(f"{len(outside_links)} link(s) lead outside the data folders and "
-                                f"were not followed; copy those images in instead")
-    if corrupt and remove_corrupt:
-        summary.warnings.append(f"{len(corrupt)} unreadable file(s) were left out")
-    return summary
+        out.append("no train/ and test/ folders: a test split is carved out of "
+                   "the images automatically (the run's test fraction)")
+    if summary.outside_links:
+        out.append(f"{len(summary.outside_links)} link(s) lead outside the data folders and "
+                   f"were not followed; copy those images in instead")
+    if summary.corrupt and remove_corrupt:
+        out.append(f"{len(summary.corrupt)} unreadable file(s) were left out")
+    return out
 
 
 @dataclass(frozen=True)

@@ -103,28 +103,15 @@ class TrainingResult:
 
 @dataclass
 class ResumeState:
-    """Where a resumed run picks up: after `global_epoch` completed epochs."""
+    """Where a resumed run picks up: a last checkpoint's weights and training state (after
+    `training.global_epoch` completed epochs)."""
 
     model_state: dict[str, torch.Tensor]
-    global_epoch: int
-    step: int
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    rng: torch.Tensor  # data-order generator state
-    best_val_acc: float
-    best_stage: int
-    best_epoch: int
-    plateau: PlateauState = field(default_factory=lambda: PlateauState())
+    training: TrainingState
 
-    @classmethod
-    def of(cls, model_state: dict[str, torch.Tensor], state: TrainingState) -> ResumeState:
-        """Where a run resumes after the epoch `state` (a last checkpoint's) was saved at."""
-        return cls(model_state=model_state, global_epoch=state.global_epoch, step=state.step,
-                   optimizer=state.optimizer, scheduler=state.scheduler, rng=state.rng,
-                   best_val_acc=state.best_val_acc, best_stage=state.best_stage,
-                   best_epoch=state.best_epoch, plateau=PlateauState(
-                       state.stage_best_val_acc, state.stage_stale_epochs,
-                       state.run_stale_epochs, StageEnd(state.stage_end)))
+    @property
+    def plateau(self) -> PlateauState:
+        return PlateauState.of(self.training)
 
 
 @dataclass
@@ -137,6 +124,12 @@ class PlateauState:
     stage_stale_epochs: int = 0  # epochs since the stage's best
     run_stale_epochs: int = 0  # epochs since the run's best
     stage_end: StageEnd = StageEnd.NONE  # how the latest epoch ended its stage, if it did
+
+    @classmethod
+    def of(cls, state: TrainingState) -> PlateauState:
+        """The counters a last checkpoint's training state saved."""
+        return cls(state.stage_best_val_acc, state.stage_stale_epochs, state.run_stale_epochs,
+                   StageEnd(state.stage_end))
 
     def after_epoch(self, val_acc: float, run_improved: bool, stage: StageConfig,
                     epoch: int, last_stage: bool, early_stop_patience: int) -> PlateauState:
@@ -497,140 +490,205 @@ def _resolve_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@dataclass
+class EpochClock:
+    """Wall seconds of each whole epoch (training + validation), for the time-left estimate."""
+
+    total_epochs: int
+    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_start: float = 0.0  # time.perf_counter() when the current epoch started
+
+    def start_epoch(self) -> None:
+        self.epoch_start = time.perf_counter()
+
+    def end_epoch(self) -> None:
+        self.epoch_seconds.append(time.perf_counter() - self.epoch_start)
+
+    def pace(self, epoch_fraction: float) -> float:
+        """Seconds per epoch at the current epoch's pace so far (training only)."""
+        return (time.perf_counter() - self.epoch_start) / epoch_fraction
+
+    def time_left(self, epochs_done: float, pace: float | None = None) -> float | None:
+        """Seconds left after `epochs_done` (fractional) of the run: from the timed epochs,
+        else from `pace` (seconds per epoch measured so far in the first one), else None."""
+        seconds = self.epoch_seconds
+        per_epoch = sum(seconds) / len(seconds) if seconds else pace
+        return per_epoch * (self.total_epochs - epochs_done) if per_epoch else None
+
+
+@dataclass(frozen=True)
+class EpochPlace:
+    """Where an epoch sits in the run."""
+
+    stage: int  # 1-based
+    stages: int
+    epoch: int  # 1-based within the stage
+    epochs: int  # the stage's
+    global_epoch: int  # 1-based across the run
+    total_epochs: int
+
+    def progress(self, phase: str, fraction: float, eta_s: float | None,
+                 **extra: Any) -> dict[str, Any]:
+        """A progress report during this epoch (the fields of core.runs.entities.RunProgress)."""
+        return {"phase": phase, "stage": self.stage, "stages": self.stages, "epoch": self.epoch,
+                "epochs": self.epochs, "global_epoch": self.global_epoch,
+                "total_epochs": self.total_epochs, "fraction": fraction, "eta_s": eta_s, **extra}
+
+
+class EpochReporter:
+    """What one epoch tells the hooks while it runs: `on_step` counts the run's optimizer
+    steps and, LOG_POINTS_PER_EPOCH times an epoch, logs the mean train loss and the LR and
+    reports progress; `on_val_batch` reports validation progress and checks for a stop."""
+
+    def __init__(self, place: EpochPlace, step: int, steps_in_epoch: int, clock: EpochClock,
+                 hooks: TrainHooks):
+        self.place, self.step, self.steps_in_epoch = place, step, steps_in_epoch
+        self.clock, self.hooks = clock, hooks
+        self.log_every = max(1, steps_in_epoch // LOG_POINTS_PER_EPOCH)
+        self.window: list[Any] = []  # this log interval's batch losses (0-d tensors)
+
+    def on_step(self, i: int, batch_loss: Any, lr: float) -> None:
+        self.step += 1
+        self.window.append(batch_loss)
+        if (i + 1) % self.log_every != 0 and i + 1 != self.steps_in_epoch:
+            return
+        place, frac_epoch = self.place, (i + 1) / self.steps_in_epoch
+        pos = place.global_epoch - 1 + frac_epoch
+        mean_loss = sum(float(v) for v in self.window) / len(self.window)  # one device sync
+        self.hooks.on_metrics([(place.stage, pos, self.step, "train/step_loss", mean_loss),
+                               (place.stage, pos, self.step, "lr", lr)])
+        self.window.clear()
+        # Before any epoch is timed, this epoch's pace so far (training only).
+        pace = self.clock.pace(frac_epoch)
+        self.hooks.on_progress(place.progress(
+            "training", pos / place.total_epochs, self.clock.time_left(pos, pace),
+            step=i + 1, steps_per_epoch=self.steps_in_epoch))
+
+    def on_val_batch(self, done: int, total: int) -> None:
+        place = self.place
+        self.hooks.on_progress(place.progress(
+            "validating", place.global_epoch / place.total_epochs,
+            self.clock.time_left(place.global_epoch),
+            message=f"Validating: {done:,}/{total:,} images", data_fraction=done / max(1, total)))
+        if self.hooks.should_stop():
+            raise Cancelled()
+
+
+def epoch_rows(place: EpochPlace, step: int, train: EpochMetrics, val_loss: float,
+               val_acc: float, stage_end: StageEnd) -> list[MetricTuple]:
+    """The metric rows of a finished epoch, at its global position."""
+    at = (place.stage, float(place.global_epoch), step)
+    rows = [(*at, "train/loss", train.loss), (*at, "train/acc", train.acc),
+            (*at, "val/loss", val_loss), (*at, "val/acc", val_acc),
+            (*at, "epoch_s", train.seconds),
+            (*at, "images_per_s", train.images / max(1e-9, train.seconds))]
+    if stage_end is not StageEnd.NONE:  # where and why the stage ended, for the charts
+        rows.append((*at, STAGE_END_KEY, float(stage_end)))
+    return rows
+
+
+def _onto_device(model: nn.Module, splits: DataSplits, runtime: Runtime) -> DataSplits:
+    """Moves `model` to the runtime's device and layout; returns `splits` with the train and
+    validation data where the trainer reads them (the GPU, when there is one)."""
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return DataSplits(_device_set(splits.train, runtime), _device_set(splits.val, runtime),
+                      splits.test, splits.classes, splits.skipped, splits.source)
+
+
+def _stage_features(model: nn.Module, stage: StageConfig, data: ImageSet, pre: Preprocess,
+                    runtime: Runtime, report: Callable[[], None]) -> torch.Tensor | None:
+    """The frozen prefix's cached outputs when the stage caches them (`report` first)."""
+    prefix = frozen_prefix(stage.groups)
+    if not (stage.feature_cache and prefix and not _prefix_bn_trains(stage)):
+        return None
+    report()
+    return compute_features(model, data, prefix, pre, runtime)
+
+
+def _stage_optimizer(model: nn.Module, stage: StageConfig, steps_in_epoch: int, runtime: Runtime,
+                     resumed: TrainingState | None) -> tuple[torch.optim.Optimizer, Any]:
+    """Makes the stage's layer groups trainable; returns its optimizer and LR scheduler,
+    continued from `resumed`'s saved state when the stage resumes mid-way."""
+    set_trainable(model, stage.groups)
+    optimizer = make_optimizer(model, stage, fused=runtime.fused_optimizer)
+    scheduler = make_scheduler(optimizer, stage, steps_in_epoch)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+    return optimizer, scheduler
+
+
+def _starting_point(model: nn.Module, generator: torch.Generator, resume: ResumeState | None,
+                    ) -> tuple[tuple[float, int, int], int, PlateauState, int]:
+    """(best (val_acc, stage, epoch), optimizer steps, plateau counters, global epochs done)
+    where the run starts: from scratch, or after `resume`'s saved epoch (its weights and
+    data order are loaded here)."""
+    if resume is None:
+        return (-1.0, 0, 0), 0, PlateauState(), 0
+    state = resume.training
+    model.load_state_dict(resume.model_state)
+    generator.set_state(state.rng)
+    return ((state.best_val_acc, state.best_stage, state.best_epoch), state.step,
+            resume.plateau, state.global_epoch)
+
+
 def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Preprocess,
                runtime: Runtime, hooks: TrainHooks, resume: ResumeState | None = None,
                ) -> TrainingResult:
     """Train every stage of `cfg` in order on one model. Raises Cancelled when stopped."""
     start = time.perf_counter()
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
-    # Train/validation data where the trainer reads them (the GPU, when there is one).
-    splits = DataSplits(_device_set(splits.train, runtime), _device_set(splits.val, runtime),
-                        splits.test, splits.classes, splits.skipped, splits.source)
+    splits = _onto_device(model, splits, runtime)
     generator = _resolve_generator(cfg.seed)
     spe = steps_per_epoch(len(splits.train), cfg.batch_size)
-    total_epochs = cfg.total_epochs
-    best = (-1.0, 0, 0)
-    step, global_epoch = 0, 0
-    plateau = PlateauState()
-    last_epoch = 0  # global position of the last epoch trained (or resumed after)
-    if resume is not None:
-        model.load_state_dict(resume.model_state)
-        generator.set_state(resume.rng)
-        step, best = resume.step, (resume.best_val_acc, resume.best_stage, resume.best_epoch)
-        plateau, last_epoch = resume.plateau, resume.global_epoch
-    # Wall seconds of each whole epoch (training + validation), for the time-left estimate.
-    epoch_seconds: list[float] = []
-
-    def time_left(epochs_done: float, pace: float | None = None) -> float | None:
-        """Seconds left after `epochs_done` (fractional) of the run: from the timed epochs,
-        else from `pace` (seconds per epoch measured so far in the first one), else None."""
-        per_epoch = sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else pace
-        return per_epoch * (total_epochs - epochs_done) if per_epoch else None
+    clock = EpochClock(cfg.total_epochs)
+    best, step, plateau, last_epoch = _starting_point(model, generator, resume)
+    resumed = resume.training if resume is not None else None  # state after the saved epoch
+    global_epoch = 0
     for s_idx, stage in enumerate(cfg.stages, 1):
         first_epoch_global = global_epoch
         global_epoch += stage.epochs  # nominal: an early-ended stage keeps its span
         if plateau.stage_end is StageEnd.EARLY_STOP:
             break  # the run stopped early (before an interruption, when resumed)
-        if resume is not None and (global_epoch <= resume.global_epoch or (
-                plateau.stage_end is not StageEnd.NONE
-                and first_epoch_global < resume.global_epoch)):
+        done_in_stage = max(0, resumed.global_epoch - first_epoch_global) if resumed is not None else 0
+        if resumed is not None and (global_epoch <= resumed.global_epoch or (
+                plateau.stage_end is not StageEnd.NONE and done_in_stage)):
             continue  # stage already ended before the interruption
-        set_trainable(model, stage.groups)
-        optimizer = make_optimizer(model, stage, fused=runtime.fused_optimizer)
-        scheduler = make_scheduler(optimizer, stage, spe)
-        done_in_stage = 0
-        if resume is not None and first_epoch_global < resume.global_epoch:
-            done_in_stage = resume.global_epoch - first_epoch_global
-            optimizer.load_state_dict(resume.optimizer)
-            scheduler.load_state_dict(resume.scheduler)
-        else:
+        optimizer, scheduler = _stage_optimizer(model, stage, spe, runtime,
+                                                resumed if done_in_stage else None)
+        features = _stage_features(model, stage, splits.train, pre, runtime, lambda: hooks.on_progress(
+            {"phase": "caching features", "stage": s_idx, "stages": len(cfg.stages),
+             "fraction": first_epoch_global / cfg.total_epochs}))
+        if not done_in_stage:  # a resume mid-stage goes on with its counters, logged the row
             plateau = plateau.next_stage()
-        prefix = frozen_prefix(stage.groups)
-        features = None
-        if stage.feature_cache and prefix and not _prefix_bn_trains(stage):
-            hooks.on_progress({"phase": "caching features", "stage": s_idx, "stages": len(cfg.stages),
-                               "fraction": (first_epoch_global) / total_epochs})
-            features = compute_features(model, splits.train, prefix, pre, runtime)
-        if done_in_stage == 0:  # a resume mid-stage logged it the first time
             hooks.on_metrics([(s_idx, float(first_epoch_global), step, "trainable_params",
                                float(count_parameters(model, stage.groups)))])
         for epoch in range(done_in_stage + 1, stage.epochs + 1):
-            g_epoch = first_epoch_global + epoch  # 1-based global epoch
-            log_every = max(1, spe // LOG_POINTS_PER_EPOCH)
-            window: list[Any] = []  # this log interval's batch losses (0-d tensors)
-
-            def on_step(i: int, batch_loss: Any, lr: float) -> None:
-                nonlocal step
-                step += 1
-                window.append(batch_loss)
-                if (i + 1) % log_every == 0 or i + 1 == spe:
-                    pos = g_epoch - 1 + (i + 1) / spe
-                    mean_loss = sum(float(v) for v in window) / len(window)  # one device sync
-                    hooks.on_metrics([(s_idx, pos, step, "train/step_loss", mean_loss),
-                                      (s_idx, pos, step, "lr", lr)])
-                    window.clear()
-                    frac_epoch = (i + 1) / spe
-                    # Before any epoch is timed, this epoch's pace so far (training only).
-                    pace = (time.perf_counter() - epoch_start) / frac_epoch
-                    hooks.on_progress({
-                        "phase": "training", "stage": s_idx, "stages": len(cfg.stages),
-                        "epoch": epoch, "epochs": stage.epochs, "global_epoch": g_epoch,
-                        "total_epochs": total_epochs, "step": i + 1, "steps_per_epoch": spe,
-                        "fraction": (g_epoch - 1 + frac_epoch) / total_epochs,
-                        "eta_s": time_left(g_epoch - 1 + frac_epoch, pace),
-                    })
-
-            epoch_start = time.perf_counter()
+            place = EpochPlace(s_idx, len(cfg.stages), epoch, stage.epochs,
+                               first_epoch_global + epoch, cfg.total_epochs)
+            reporter = EpochReporter(place, step, spe, clock, hooks)
+            clock.start_epoch()
             train_metrics = train_one_epoch(
                 model, splits.train, pre, runtime, optimizer, scheduler, stage.groups,
                 stage.bn_policy, cfg.batch_size, cfg.augment and features is None, generator,
-                on_step, hooks.should_stop, features)
-            def on_val_batch(done: int, total: int) -> None:
-                hooks.on_progress({
-                    "phase": "validating", "stage": s_idx, "stages": len(cfg.stages),
-                    "epoch": epoch, "epochs": stage.epochs, "global_epoch": g_epoch,
-                    "total_epochs": total_epochs, "fraction": g_epoch / total_epochs,
-                    "message": f"Validating: {done:,}/{total:,} images",
-                    "data_fraction": done / max(1, total),
-                    "eta_s": time_left(g_epoch)})
-                if hooks.should_stop():
-                    raise Cancelled()
-
-            val_loss, val_acc, _ = evaluate(model, splits.val, pre, runtime, on_batch=on_val_batch)
-            epoch_seconds.append(time.perf_counter() - epoch_start)
-            is_best = val_acc > best[0]
+                reporter.on_step, hooks.should_stop, features)
+            val_loss, val_acc, _ = evaluate(model, splits.val, pre, runtime,
+                                            on_batch=reporter.on_val_batch)
+            clock.end_epoch()
+            step, is_best = reporter.step, val_acc > best[0]
             if is_best:
                 best = (val_acc, s_idx, epoch)
             plateau = plateau.after_epoch(val_acc, is_best, stage, epoch,
                                           s_idx == len(cfg.stages), cfg.early_stop_patience)
-            last_epoch = g_epoch
-            # Where and why the stage ended, for the charts (a code of StageEnd).
-            end_rows = ([(s_idx, float(g_epoch), step, STAGE_END_KEY, float(plateau.stage_end))]
-                        if plateau.stage_end is not StageEnd.NONE else [])
-            hooks.on_metrics([
-                (s_idx, float(g_epoch), step, "train/loss", train_metrics.loss),
-                (s_idx, float(g_epoch), step, "train/acc", train_metrics.acc),
-                (s_idx, float(g_epoch), step, "val/loss", val_loss),
-                (s_idx, float(g_epoch), step, "val/acc", val_acc),
-                (s_idx, float(g_epoch), step, "epoch_s", train_metrics.seconds),
-                (s_idx, float(g_epoch), step, "images_per_s",
-                 train_metrics.images / max(1e-9, train_metrics.seconds)),
-                *end_rows,
-            ])
+            last_epoch = place.global_epoch
+            hooks.on_metrics(epoch_rows(place, step, train_metrics, val_loss, val_acc,
+                                        plateau.stage_end))
             hooks.on_epoch_end(EpochEnd(
-                model=model, stage=s_idx, epoch=epoch, global_epoch=g_epoch, step=step,
-                train=train_metrics, val_loss=val_loss, val_acc=val_acc, is_best=is_best,
-                training_state=TrainingState(
-                    global_epoch=g_epoch, step=step, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), rng=generator.get_state(),
-                    best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
-                    stage_best_val_acc=plateau.stage_best_val_acc,
-                    stage_stale_epochs=plateau.stage_stale_epochs,
-                    run_stale_epochs=plateau.run_stale_epochs,
-                    stage_end=int(plateau.stage_end),
-                ), stage_end=plateau.stage_end))
+                model=model, stage=s_idx, epoch=epoch, global_epoch=place.global_epoch,
+                step=step, train=train_metrics, val_loss=val_loss, val_acc=val_acc,
+                is_best=is_best, stage_end=plateau.stage_end, training_state=TrainingState.capture(
+                    place.global_epoch, step, optimizer, scheduler, generator, best, plateau)))
             if plateau.stage_end is not StageEnd.NONE:
                 break
     return TrainingResult(best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],

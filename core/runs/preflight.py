@@ -81,7 +81,7 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
             report.notes.append("ImageNet weights are not cached yet: they will be downloaded "
                                 "when the run starts (offline, pick random, file or run weights)")
     from core.runs.disk import space_problem  # the worker helper's figures (12.2)
-    from core.runs.files import data_dir
+    from core.settings import data_dir
 
     if problem := space_problem(cfg, report.train_images, store.root if store else data_dir()):
         errors.append(f"disk: {problem}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from core.config import RunConfig
 from core.faults import fault_point
 from core.runs.entities import RunProgress, RunResults, SplitSizes, StageWeightChange
-from core.runs.files import RunFiles
+from core.settings import RunFiles
 from core.runs.jobs import HEARTBEAT_S
 from core.runs.store import RunStore
 

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 from core import config as cfgmod
 from core.faults import fault_point
 from core.runs.entities import Run, RunProgress
-from core.runs.files import RunFiles
-from core.settings import ARTIFACTS_ENV
+from core.settings import ARTIFACTS_ENV, RunFiles
 from core.runs.jobs import dispatch
 from core.runs.recorder import TERMINATED, CheckpointPolicy, Heartbeat, RunRecorder
 from core.runs.store import RunStore
@@ -191,7 +190,7 @@ def resume_point(store: RunStore, run_id: str, classes: list[str]) -> ResumeStat
     # the checkpoint's step.
     store.truncate_metrics(run_id, state.step, stage=last.stage)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
-    return ResumeState.of(last.state_dict, state)
+    return ResumeState(last.state_dict, state)
 
 
 def donor_checkpoint(store: RunStore, cfg: cfgmod.RunConfig) -> str | None:
@@ -231,7 +230,7 @@ def resumed_stage_start(files: RunFiles, cfg: cfgmod.RunConfig, resume: ResumeSt
 
     first_epoch = 0
     for index, stage in enumerate(cfg.stages, 1):
-        if resume.global_epoch < first_epoch + stage.epochs:
+        if resume.training.global_epoch < first_epoch + stage.epochs:
             break
         first_epoch += stage.epochs
     else:
@@ -240,7 +239,7 @@ def resumed_stage_start(files: RunFiles, cfg: cfgmod.RunConfig, resume: ResumeSt
         return {k: v.detach().clone() for k, v in starting.named_parameters()}
     before = files.stage_end(index - 1)
     names = {k for k, _ in starting.named_parameters()}
-    if resume.global_epoch > first_epoch and before.exists():
+    if resume.training.global_epoch > first_epoch and before.exists():
         return {k: v for k, v in read_checkpoint(before).state_dict.items() if k in names}
     return {k: v.detach().clone() for k, v in resume.model_state.items() if k in names}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from core.process import is_alive
-from core.runs.files import RunFiles
+from core.settings import RunFiles
 from core.runs.store import Run, RunStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
