@@ -58,10 +58,17 @@ def mark_stage_ends(fig: go.Figure, frame: pd.DataFrame) -> go.Figure:
     if frame.empty:
         return fig
     ends = frame[(frame["key"] == STAGE_END_KEY) & (frame["value"] != float(StageEnd.COMPLETED))]
+    last_epoch = float(frame["epoch"].max())
     for stage, x, code in zip(ends["stage"], ends["epoch"], ends["value"]):
+        why = stage_end_text(code)
+        # A short label that fits a half-width chart ("stage 1 ended: plateau"), on the side
+        # of the line with room for it; the full reason shows on hover.
         fig.add_vline(x=float(x), line_dash="dot", line_color="#444", opacity=0.8,
-                      annotation_text=f"stage {int(stage)} ended: {stage_end_text(code)}",
-                      annotation_position="bottom right", annotation_font_size=10)
+                      annotation_text=f"stage {int(stage)} ended: {why.split(':')[0]}",
+                      annotation_hovertext=f"stage {int(stage)} ended: {why}",
+                      annotation_position=("bottom left" if x > 0.6 * last_epoch
+                                           else "bottom right"),
+                      annotation_font_size=10)
     return fig
 
 
