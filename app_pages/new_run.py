@@ -328,10 +328,10 @@ def summary(plan: planning.RunPlan, cfg: RunConfig,
                f"{'' if plan.train_images else ' (enter a data folder to estimate)'} at "
                f"{cfg.resolution} px; {plan.num_classes} classes. The first run of a data set "
                f"also decodes and caches the images.")
-    sure = [f"stage {i}: {estimates[s.groups].describe()} per epoch"
+    sure = [f"stage {i} {estimates[s.groups].describe()}"
             for i, s in enumerate(cfg.stages, 1) if s.groups in estimates]
-    if sure:
-        st.caption("How sure: " + "; ".join(sure) + ".")
+    if sure:  # each with how sure it is
+        st.caption("Time per epoch: " + "; ".join(sure) + ".")
     offline_notes(cfg)
     for e in plan.errors:
         st.error(e)

@@ -113,8 +113,9 @@ def test_new_run_with_an_empty_store_shows_the_default_recipe_and_summary(app_en
     assert summary.loc[0, "Trainable parameters"].startswith("8.4 M (75.")
     assert summary.loc[1, "Est. time per epoch"] not in ("—", "")
     # Issue 11.4: how sure the estimate is (no runs here: the cost model alone, rough).
-    assert any(c.value.startswith("How sure: stage 1: about ") and
-               "(rough: no runs on this machine yet) per epoch" in c.value for c in at.caption)
+    assert any(c.value.startswith("Time per epoch: stage 1 about ") and
+               "(rough: no runs on this machine yet); stage 2 about " in c.value
+               for c in at.caption)
     if not Path(os.environ.get("TORCH_HOME", "/x"), "hub/checkpoints").exists():
         assert any("will be downloaded" in i.value for i in at.info)
 
