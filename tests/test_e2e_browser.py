@@ -339,6 +339,7 @@ def test_new_user_path(served, page):
     page.locator(".stMultiSelect").nth(0).click()
     page.get_by_role("option", name=re.compile(r"^browser run")).click()
     page.keyboard.press("Escape")
+    page.wait_for_url(re.compile(r"[?&]runs=" + run_id))  # picked (a rerun could drop it)
     wait_idle(page)
     page.locator(".stMultiSelect").nth(1).click()
     page.get_by_role("option", name=re.compile(r"All at once \(2 runs\)$")).click()
