@@ -252,11 +252,38 @@ def show_results(exp_id: str) -> None:
                "a verdict is half the 95 % confidence interval of the difference (Welch's t).")
 
 
+def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> None:
+    """Edit the experiment's note and tags (the picker above filters by tag)."""
+    with st.expander("Note and tags" + (f": {', '.join(exp.tags)}" if exp.tags else ""),
+                     expanded=bool(exp.note)):
+        with st.form(P + f"annotate.{exp.id}", border=False):
+            note = st.text_area("Note", value=exp.note, key=P + f"note.{exp.id}",
+                                placeholder="the question, what you concluded", height=80)
+            tags = st.multiselect("Tags", sorted(set(all_tags) | set(exp.tags)),
+                                  default=list(exp.tags), key=P + f"tags.{exp.id}",
+                                  accept_new_options=True, placeholder="type a tag, press Enter")
+            if st.form_submit_button("Save note and tags"):
+                try:
+                    ex.annotate_experiment(store, exp.id, note, tags)
+                except (ex.ExperimentError, OSError) as exc:
+                    st.error(f"Could not save: {exc}")
+                else:
+                    st.toast("Saved.", icon=":material/check:")
+                    st.rerun()
+
+
 def results_section(store: RunStore) -> None:
     exps = ex.list_experiments(store)
     if not exps:
         st.info("No experiments yet. Pick recipes above and press **Run the experiment**.")
         return
+    tags = ex.experiment_tags(exps)
+    if tags:
+        tag = st.columns([1, 2])[0].selectbox(
+            "Only experiments tagged", [None, *tags], key=P + "tag",
+            format_func=lambda t: "any tag" if t is None else t)
+        if tag:
+            exps = [e for e in exps if tag in e.tags]
     by_id = {e.id: e for e in exps}
     if st.session_state.get(SELECTED) not in by_id:
         linked = st.query_params.get(SELECTED)
@@ -267,6 +294,7 @@ def results_section(store: RunStore) -> None:
     # In the URL (?experiment=id), always (a bound widget drops its default value from the
     # URL, and the default changes when a newer experiment is queued).
     st.query_params[SELECTED] = exp_id
+    notes_and_tags(store, by_id[exp_id], tags)
     active = ex.experiment_results(store, by_id[exp_id]).active > 0
     # While runs are active the results refresh themselves, without rerunning the page.
     st.fragment(run_every=REFRESH_S if active else None)(show_results)(exp_id)

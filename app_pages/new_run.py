@@ -16,7 +16,7 @@ import streamlit as st
 
 from app_pages._common import DATASETS_PAGE, HANDED_DATA_PATH, get_store, open_run, page_link
 from core import config as cfgmod
-from core.analysis import lr_finder, planning
+from core.analysis import lr_finder, planning, speed
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
 from core.engine.model_info import imagenet_weights_path
 from core.engine.paths import DATA_ROOTS_ENV, PathNotAllowed, cifar10_dir, data_roots, resolve_user_path
@@ -102,14 +102,25 @@ def user_path(text: str, what: str, errors: list[str]) -> str:
 
 
 @st.cache_data(ttl=30, show_spinner=False)
-def epoch_seconds(groups: tuple[str, ...], n_images: int, resolution: int, feature_cache: bool,
-                  device: str | None, store_root: str) -> float:
-    """Estimated seconds per epoch; the measured-speed lookup reads the run store, so it is
-    cached for 30 s per stage shape instead of repeated on every rerun."""
-    from core.analysis.speed import estimate_epoch_seconds  # no torch; fast
+def epoch_estimate(groups: tuple[str, ...], n_images: int, resolution: int, feature_cache: bool,
+                   device: str | None, store_root: str) -> speed.EpochEstimate:
+    """Estimated seconds per epoch and how sure the figure is; the measured-speed lookup
+    reads the run store, so it is cached for 30 s per stage shape instead of repeated on
+    every rerun."""
+    return speed.epoch_estimate(groups, n_images, resolution, feature_cache,
+                                store=RunStore(store_root), device=device)
 
-    return estimate_epoch_seconds(groups, n_images, resolution, feature_cache,
-                                  store=RunStore(store_root), device=device)
+
+def estimates_of(store: RunStore) -> tuple[planning.EpochEstimate, dict]:
+    """(seconds per epoch for plan_run, the estimates it asked for by stage groups): the
+    summary says how sure each stage's figure is."""
+    made: dict[tuple[str, ...], speed.EpochEstimate] = {}
+
+    def seconds(groups: tuple[str, ...], *shape: Any) -> float:
+        made[groups] = epoch_estimate(groups, *shape, str(store.root))
+        return made[groups].seconds
+
+    return seconds, made
 
 
 @st.cache_data(ttl=30, show_spinner="Scanning the image folder…")
@@ -302,7 +313,8 @@ def lr_finder_section(store: RunStore, cfg: RunConfig, n_stages: int) -> None:
             st.caption("Fix the config first: " + "; ".join(errors))
 
 
-def summary(plan: planning.RunPlan, cfg: RunConfig) -> None:
+def summary(plan: planning.RunPlan, cfg: RunConfig,
+            estimates: dict[tuple[str, ...], speed.EpochEstimate]) -> None:
     st.subheader("Summary")
     st.dataframe([{
         "Stage": f"Stage {i}", "Trains": s.trains,
@@ -316,6 +328,10 @@ def summary(plan: planning.RunPlan, cfg: RunConfig) -> None:
                f"{'' if plan.train_images else ' (enter a data folder to estimate)'} at "
                f"{cfg.resolution} px; {plan.num_classes} classes. The first run of a data set "
                f"also decodes and caches the images.")
+    sure = [f"stage {i} {estimates[s.groups].describe()}"
+            for i, s in enumerate(cfg.stages, 1) if s.groups in estimates]
+    if sure:  # each with how sure it is
+        st.caption("Time per epoch: " + "; ".join(sure) + ".")
     offline_notes(cfg)
     for e in plan.errors:
         st.error(e)
@@ -381,10 +397,10 @@ repeat_cols = st.columns([1, 1, 3], vertical_alignment="bottom")
 repeats = repeat_cols[0].number_input(
     "Repeat with N seeds", min_value=1, max_value=10, step=1, key=f"{P}repeats",
     help="Queue N runs with seeds seed, seed+1, ... as one group: Compare draws them as mean ± std.")
-plan = planning.plan_run(cfg, scan, path_errors, int(repeats),
-                         lambda *shape: epoch_seconds(*shape, str(store.root)))
+epoch_seconds, estimates = estimates_of(store)
+plan = planning.plan_run(cfg, scan, path_errors, int(repeats), epoch_seconds)
 with summary_area:
-    summary(plan, cfg)
+    summary(plan, cfg, estimates)
 start(store, cfg, plan, repeat_cols[1])
 if plan.errors:
     repeat_cols[2].caption("Fix the problems above to start.")

@@ -12,7 +12,7 @@ import streamlit as st
 
 from app_pages._common import INSIGHTS_PAGE, SELECTED_RUN, get_store, no_runs_message, open_run, pick_run
 from core import config as cfgmod
-from core.analysis import disk
+from core.analysis import disk, lr_finder
 from core.analysis.disk import fmt_bytes
 from core.runs import jobs
 from core.runs.store import Run, RunStore, StoreError
@@ -158,6 +158,23 @@ def results_view(store: RunStore, run: Run) -> None:
     delete_section(store, run)
 
 
+def lr_find_view(store: RunStore, run: Run) -> None:
+    """A recorded LR range test (core.analysis.lr_finder): its loss against the learning
+    rate and the suggestion, not the training charts and results it never had."""
+    c = lr_finder.curve_of(store, run.id)
+    st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, c.suggested_lr),
+                    key=P + "lr_find")
+    st.caption(f"An LR range test of {len(c.lrs)} steps, started from {run.results.weights}."
+               + (" Stopped early: the loss diverged." if c.diverged else ""))
+    if c.suggested_lr is None:
+        st.info("No clear fall in the loss: no suggestion.")
+    else:
+        st.success(f"Suggested learning rate: {c.suggested_lr:.2g} (where the loss falls "
+                   f"fastest). Use it as the stage's learning rate on **New run**.",
+                   icon=":material/tips_and_updates:")
+    delete_section(store, run)
+
+
 def disk_section(store: RunStore, run: Run) -> None:
     """The run's size on disk, what each checkpoint is for, and freeing what it no longer
     needs."""
@@ -268,5 +285,7 @@ notes_and_tags(store, run)
 if run.is_active:
     stop_buttons(store, run)
     live_view(run.id, run.status)
+elif lr_finder.is_lr_find_run(run):
+    lr_find_view(store, run)
 else:
     results_view(store, run)

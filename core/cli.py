@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="stage recipe (default: Two-stage)")
     src.add_argument("--config", type=Path, help="a JSON run config (as downloaded from the dashboard)")
     t.add_argument("--name", default="", help="run name shown in the dashboard")
+    t.add_argument("--note", default="", help="a free-text note on the run (editable on its "
+                   "Runs page)")
+    t.add_argument("--tag", action="append", default=[], dest="tags", metavar="TAG",
+                   help="a tag on the run, repeatable (Overview and Compare filter by tag)")
     t.add_argument("--epochs", type=_positive_int, metavar="N", help=_epochs_help())
     t.add_argument("--lr", type=float, help=f"learning rate of the first stage (presets only, "
                    f"not with --config; default {cfgmod.PRESET_LR:g})")
@@ -176,6 +180,7 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     run = store.create_run(cfg, name=args.name)
+    annotate(store, run.id, args)
     # Claim it for this process (bypassing the queue: the user asked for it now).
     store.claim_run_now(run.id, os.getpid())
     print(f"run {run.id}: {' -> '.join(s.trains for s in cfg.stages)} "
@@ -276,9 +281,21 @@ def cmd_submit(store: RunStore, args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfgmod.to_json(cfg))
         return 0
-    run = jobs.submit(store, cfg, name=args.name)  # preflight first: bad data queues nothing
+    # Preflight first: bad data queues nothing. The note and tags are on the run before an
+    # executor can pick it up.
+    run = jobs.submit(store, cfg, name=args.name, start=False)
+    annotate(store, run.id, args)
+    jobs.dispatch(store)
     print(run.id)
     return 0
+
+
+def annotate(store: RunStore, run_id: str, args: argparse.Namespace) -> None:
+    """The --note and --tag options of train and submit (run metadata, not config fields)."""
+    if args.note:
+        store.set_note(run_id, args.note)
+    if args.tags:
+        store.set_tags(run_id, args.tags)
 
 
 def cmd_cancel(store: RunStore, run_id: str) -> int:
@@ -310,7 +327,8 @@ def run_record(r: Run) -> dict[str, Any]:
     """One run as `runs --json` prints it."""
     return {"id": r.id, "name": r.name, "status": r.status, "pid": r.pid, "error": r.error,
             "best_val_acc": r.best_val_acc, "test_acc": r.test_acc, "created_at": r.created_at,
-            "executor": r.executor, "job_id": r.job_id, "host": r.host}
+            "executor": r.executor, "job_id": r.job_id, "host": r.host, "note": r.note,
+            "tags": list(r.tags)}
 
 
 def cmd_runs(store: RunStore, as_json: bool) -> int:

@@ -112,6 +112,10 @@ def test_new_run_with_an_empty_store_shows_the_default_recipe_and_summary(app_en
     # layer4+fc of ResNet-18 (10 classes) is about 8.4 M of 11.2 M parameters.
     assert summary.loc[0, "Trainable parameters"].startswith("8.4 M (75.")
     assert summary.loc[1, "Est. time per epoch"] not in ("—", "")
+    # Issue 11.4: how sure the estimate is (no runs here: the cost model alone, rough).
+    assert any(c.value.startswith("Time per epoch: stage 1 about ") and
+               "(rough: no runs on this machine yet); stage 2 about " in c.value
+               for c in at.caption)
     if not Path(os.environ.get("TORCH_HOME", "/x"), "hub/checkpoints").exists():
         assert any("will be downloaded" in i.value for i in at.info)
 
@@ -583,3 +587,21 @@ def test_start_sh_says_where_runs_are_stored_and_what_the_ui_may_read(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert f"stored in {tmp_path / 'store'}" in out
     assert f"only under: {tmp_path / 'a'}, {tmp_path / 'b'}" in out
+
+
+def test_an_lr_finder_run_shows_its_loss_against_lr_not_training_charts(app_env):
+    """Issue 11 (LR finder): a recorded range test opens on Runs as its curve and suggestion."""
+    from core.analysis import lr_finder
+
+    lrs = tuple(lr_finder.lr_at(i, 40) for i in range(40))
+    losses = tuple(2.0 if lr < 1e-3 else max(0.2, 2.0 - 0.4 * (i - 24)) for i, lr in enumerate(lrs))
+    curve = lr_finder.LrCurve(lrs, losses, losses, diverged=False)
+    finding = lr_finder.LrFinding(1, "layer4+fc", curve, "random initialisation")
+    run = lr_finder.record(app_env, tiny_config(Path("/x")), finding)
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
+    shown = texts(at)
+    assert "No curves yet" not in shown and "Best validation accuracy" not in shown
+    [chart] = at.get("plotly_chart")
+    assert "loss against learning rate" in chart.proto.spec
+    assert "started from random initialisation" in shown
+    assert f"Suggested learning rate: {curve.suggested_lr:.2g}" in shown

@@ -27,16 +27,19 @@ def test_help_documents_every_option(tmp_path):
 def test_train_in_foreground_lands_in_the_store(tmp_path, tiny_folder):
     res = _cli("train", "--preset", "Two-stage", "--data-source", "folder", "--data-path",
                str(tiny_folder), "--weights", "random", "--batch-size", "8", "--val-fraction",
-               "0.25", "--threads", "1", "--name", "from cli", data_dir=tmp_path)
+               "0.25", "--threads", "1", "--name", "from cli", "--note", "a first try",
+               "--tag", "cli", "--tag", "baseline", data_dir=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "finished run" in res.stdout and "test acc" in res.stdout
     [run] = RunStore(tmp_path).list_runs()
     assert run.status == "finished" and run.name == "from cli"
+    assert run.note == "a first try" and run.tags == ("baseline", "cli")  # --note, --tag
     assert {m.stage for m in RunStore(tmp_path).metrics(run.id, keys=["val/acc"])} == {1, 2}
     listing = _cli("runs", data_dir=tmp_path).stdout
     assert run.id in listing and "finished" in listing
     as_json = [json.loads(line) for line in _cli("runs", "--json", data_dir=tmp_path).stdout.splitlines()]
     assert as_json[0]["id"] == run.id and as_json[0]["test_acc"] is not None
+    assert as_json[0]["tags"] == ["baseline", "cli"] and as_json[0]["note"] == "a first try"
 
 
 def test_invalid_config_file_names_the_fields(tmp_path):
@@ -179,9 +182,11 @@ def test_submit_queues_in_the_background_cancel_and_resume(tmp_path, tiny_folder
     long = _cli("submit", *common, "--epochs", "200", "--name", "long", data_dir=tmp_path)
     assert long.returncode == 0, long.stderr
     long_id = long.stdout.strip()
-    short = _cli("submit", *common, "--name", "short", data_dir=tmp_path)
+    short = _cli("submit", *common, "--name", "short", "--tag", "sweep", "--note", "queued",
+                 data_dir=tmp_path)
     short_id = short.stdout.strip()
     store = RunStore(tmp_path)
+    assert store.get_run(short_id).tags == ("sweep",) and store.get_run(short_id).note == "queued"
     assert {r.id for r in store.list_runs()} == {long_id, short_id}  # printed: the run ids
     wait_for(lambda: store.get_run(long_id).progress.phase == "training", 120, "training")
     records = _runs_json(tmp_path)

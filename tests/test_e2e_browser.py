@@ -1,13 +1,18 @@
 """End to end in a real browser: Debian chromium driven by Playwright, the app served by
 `streamlit run` on localhost with a temporary run store and a generated tiny image folder.
 
-Starts a tiny run from the New-run form (folder data, random weights), watches its curve
-appear and the run finish, compares it with a second recipe, and classifies an uploaded
-image on Classify. Screenshots go to test-artifacts/ (git-ignored).
+The new user's path: the offline notices on New run, the LR finder of a stage (plot,
+suggestion, one click to use it), a run started from the form (folder data, random weights)
+whose curve streams in until it finishes, an experiment of two recipes that reaches a
+verdict, Compare, Overview, Classify on an uploaded image, a run whose stage ended on a
+plateau (the chart says where and why) and the cancel of a live run. Screenshots go to
+test-artifacts/ (git-ignored).
 
 Run alone:  .venv/bin/python -m pytest -q -m browser tests/test_e2e_browser.py
-README screenshots:  FINETUNE_LAB_SCREENSHOTS=docs/screenshots (same command) also writes
-run.png, compare.png and classify.png there, from a slightly larger run.
+README screenshots:  FINETUNE_LAB_SCREENSHOTS=docs/screenshots (same command) also writes the
+screenshots of the new and fixed screens there (new-run-offline.png, lr-finder.png, ...),
+from slightly larger runs. run.png, compare.png and classify.png come from real CIFAR-10 runs
+(scripts/screenshots.py): this test never overwrites them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from core import config as cfgmod
+from core.analysis.lr_finder import is_lr_find_run
 from core.runs import jobs
 from core.runs.store import RunStore
 from tests.conftest import make_image_folder, wait_for
@@ -66,7 +72,7 @@ def served(tmp_path_factory):
     env = {**os.environ, "FINETUNE_LAB_DATA": str(store.root),
            "FINETUNE_LAB_DATA_ROOTS": str(base / "datasets"),
            "TORCH_HOME": str(base / "torch-home"),  # no ImageNet weights: never downloads
-           "FINETUNE_LAB_MAX_JOBS": "1"}
+           "FINETUNE_LAB_MAX_JOBS": "2"}  # the experiment's runs two at a time
     port = _free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "streamlit-server.log", "wb")
@@ -111,15 +117,16 @@ def page(served):
             browser.close()
 
 
-def shot(pg, name: str, docs_name: str | None = None, height: int = 1000) -> None:
-    """Save a screenshot; the app scrolls inside its own container, so a taller viewport
-    (not full_page) is what captures more of a long page."""
+def shot(pg, name: str, docs_name: str | None = None, height: int = 1000, element=None) -> None:
+    """Save a screenshot of the page, or of one `element` of it; the app scrolls inside its
+    own container, so a taller viewport (not full_page) is what captures more of a long
+    page."""
     path = ARTIFACTS / f"e2e-{name}.png"
     size = pg.viewport_size
     if height != size["height"]:
         pg.set_viewport_size({"width": size["width"], "height": height})
         wait_idle(pg)
-    pg.screenshot(path=str(path))
+    (element or pg).screenshot(path=str(path))
     if height != size["height"]:
         pg.set_viewport_size(size)
     if DOCS_DIR and docs_name:
@@ -136,7 +143,38 @@ def wait_idle(pg) -> None:
         "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=UI_TIMEOUT_MS)
 
 
-def test_form_run_live_curves_compare_and_classify(served, page):
+def set_number(pg, label: str, value: int) -> None:
+    box = pg.get_by_role("spinbutton", name=label)
+    box.fill(str(value))
+    box.press("Enter")
+    wait_idle(pg)
+
+
+def choose(pg, label: str, option: str) -> None:
+    pg.get_by_role("combobox", name=label).click()
+    pg.get_by_role("option", name=option, exact=True).click()
+    wait_idle(pg)
+
+
+THUMB = '[data-testid="stSliderThumbValue"]'  # the value a Streamlit slider shows
+
+
+def slider_value(slider) -> str:
+    return slider.locator(THUMB).inner_text()
+
+
+def plateau_config(folder: Path) -> cfgmod.RunConfig:
+    """Stage 1 trains the head at an LR too small to change a prediction, so validation
+    accuracy is flat from its first epoch: with a patience of 1 the stage ends after epoch 2
+    of its 4."""
+    return cfgmod.RunConfig(
+        stages=(cfgmod.StageConfig(groups=("fc",), epochs=4, lr=1e-12, plateau_patience=1),
+                cfgmod.StageConfig(groups=("layer4", "fc"), epochs=1, lr=0.01)),
+        data_source="folder", data_path=str(folder), weights="random", batch_size=8,
+        val_fraction=0.25, threads=1, device="cpu")
+
+
+def test_new_user_path(served, page):
     from playwright.sync_api import expect
 
     url, store, folder = served
@@ -157,6 +195,9 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     # Offline first run: the defaults' downloads are named before Start, with the fixes.
     page.get_by_text(re.compile(r"^CIFAR-10 is not in .* fails without internet")).wait_for()
     page.get_by_text(re.compile(r"^The ImageNet weights are not on this machine")).wait_for()
+    page.get_by_role("button", name="Use random weights instead").wait_for()
+    page.get_by_role("combobox", name="Preset").wait_for()
+    wait_idle(page)
     shot(page, "new-run-offline", "new-run-offline.png", height=1400)
     page.get_by_text("Advanced: optimizer, data, weights, device").click()
     page.get_by_text("Image folder", exact=True).click()
@@ -171,17 +212,43 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     # Random weights under the Two-stage preset's frozen layers: said plainly, fix offered.
     page.get_by_text(re.compile(r"^Random weights with frozen layers")).wait_for()
     expect(page.get_by_role("button", name="Train every layer (All at once)")).to_be_visible()
-    if big:  # more steps and epochs for curves worth a screenshot
-        batch = page.locator(".stSlider").filter(has_text="Batch size").get_by_role("slider")
-        batch.focus()
-        for _ in range(3):  # 128 -> 64 -> 32 -> 16
-            batch.press("ArrowLeft")
-        wait_idle(page)
+    # Small batches: more steps for the curves, and cheap steps for the LR finder's 100.
+    batch = page.locator(".stSlider").filter(has_text="Batch size").get_by_role("slider")
+    batch.focus()
+    for _ in range(3 if big else 4):  # 128 -> 64 -> 32 -> 16 (-> 8)
+        batch.press("ArrowLeft")
+    wait_idle(page)
+    if big:  # more epochs for curves worth a screenshot
         for i in (0, 1):
             box = page.locator(".stNumberInput input").nth(1 + i)  # 0 is "Stages"
             box.fill("4")
             box.press("Enter")
             wait_idle(page)
+    page.get_by_text("Advanced: optimizer, data, weights, device").click()  # fold it again
+
+    # The LR finder of stage 1: a range test on exactly the groups stage 1 trains, its plot
+    # with the suggestion, and one click that makes the suggestion the stage's LR.
+    stage1_lr = page.locator(".stSlider").first  # the stage grid comes first: stage 1's LR
+    assert float(slider_value(stage1_lr)) == 0.01  # the preset's
+    page.get_by_text("LR finder: find a learning rate for a stage").click()
+    finder = page.locator('[data-testid="stExpander"]').filter(
+        has_text="LR finder: find a learning rate for a stage")
+    finder.get_by_role("button", name="Find LR for stage 1").click()
+    use = finder.get_by_role("button", name=re.compile(r"^Use \S+ for stage 1$"))
+    use.wait_for(timeout=RUN_TIMEOUT_S * 1000)
+    # The plot (SVG text): its title names the groups, the suggestion is marked.
+    expect(finder.get_by_text("LR finder, stage 1 (layer4+fc)")).to_be_attached()
+    expect(finder.get_by_text(re.compile(r"^suggested \S+ \(steepest descent\)"))).to_be_attached()
+    suggested = float(re.fullmatch(r"Use (\S+) for stage 1", use.inner_text()).group(1))
+    wait_idle(page)
+    shot(page, "lr-finder", "lr-finder.png", height=1400, element=finder)
+    use.click()
+    expect(stage1_lr.locator(THUMB)).not_to_have_text("0.01")  # the rerun has drawn it
+    assert float(slider_value(stage1_lr)) == pytest.approx(suggested, rel=0.05)
+    # The test is recorded like any run.
+    finder_runs = [r for r in store.list_runs() if is_lr_find_run(r)]
+    assert [r.status for r in finder_runs] == ["finished"], finder_runs
+
     name = page.get_by_role("textbox", name="Run name")
     name.fill("browser run")
     name.press("Enter")
@@ -209,17 +276,18 @@ def test_form_run_live_curves_compare_and_classify(served, page):
         timeout=RUN_TIMEOUT_S * 1000)
     page.get_by_text("Best validation accuracy").wait_for(timeout=RUN_TIMEOUT_S * 1000)
     page.get_by_text("Confusion matrix (test set)").wait_for()
-    runs = store.list_runs()
+    runs = [r for r in store.list_runs() if not is_lr_find_run(r)]
     assert [r.status for r in runs] == ["finished"], [(r.status, r.error) for r in runs]
     assert runs[0].name == "browser run"
     cfg = cfgmod.check(runs[0].config)
     assert cfg.data_source == "folder" and cfg.weights == "random"
+    assert cfg.stages[0].lr == pytest.approx(suggested, rel=0.05)  # the LR finder's
     wait_idle(page)
     assert page.title() == "Two-Stage Fine-Tuning Lab"  # nothing runs any more
     assert picker.input_value().startswith(f"browser run · {run_id[-6:]} (finished")
     page.get_by_text(re.compile(r"^Disk: ")).click()  # its size and what each file is for
     page.get_by_text(re.compile(r"best\.pt \(.*\): the best model")).wait_for()
-    shot(page, "run-finished", "run.png", height=1900)
+    shot(page, "run-finished", height=1900)
 
     # "Insights and export" opens that run on Run insights, in the URL too.
     page.get_by_role("button", name="Insights and export →").click()
@@ -227,29 +295,54 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     page.get_by_role("heading", name="Run insights").wait_for()
     assert run_id[-6:] in page.get_by_role("combobox", name="Run", exact=True).input_value()
 
-    # A second recipe (and, for README screenshots, a group of seeds) to compare against.
-    baseline = replace(cfg, stages=cfgmod.preset_stages("All at once", epochs=cfg.stages[0].epochs))
-    if big:
-        jobs.submit_seeds(store, baseline, [1, 2], name="all at once", group="all at once")
-    else:
-        jobs.submit(store, baseline, name="all at once")
-    wait_for(lambda: all(r.status in ("finished", "failed", "cancelled") for r in store.list_runs()),
-             timeout_s=RUN_TIMEOUT_S, what="the comparison runs to end")
-    assert all(r.status == "finished" for r in store.list_runs())
+    # An experiment from its form: Two-stage against All at once, two seeds each, on the
+    # data set the page lists, with random weights (offline).
+    page.goto(url + "/experiments")
+    page.get_by_text("Settings shared by the presets").wait_for()
+    assert "colors" in page.get_by_role("combobox", name="Data set").input_value()
+    set_number(page, "Epochs per stage", 2 if big else 1)
+    set_number(page, "Seeds per recipe", 2)
+    choose(page, "Starting weights", "Random (from scratch)")
+    exp_name = page.get_by_role("textbox", name="Experiment name (optional)")
+    exp_name.fill("browser experiment")
+    exp_name.press("Enter")
+    wait_idle(page)
+    page.get_by_text("This queues 4 runs (2 recipes × 2 seeds)").wait_for()
+    page.get_by_role("button", name="Run the experiment").click()
+    # It opens on its Results tab, in the URL too.
+    page.get_by_text(re.compile(r"^\d of 4 runs finished")).wait_for()
+    page.wait_for_url(re.compile(r"[?&]experiment=exp-"))
+    # Queued behind it: a run whose stage 1 ends on a plateau, and a long one to cancel.
+    plateau = jobs.submit(store, plateau_config(folder), name="plateau run")
+    long_cfg = replace(plateau_config(folder),
+                       stages=cfgmod.preset_stages("All at once", epochs=200))
+    to_cancel = jobs.submit(store, long_cfg, name="run to cancel")
+    # The verdict: who beat whom (or no clear winner), with an interval from two seeds.
+    verdict = page.get_by_text(re.compile(
+        r"^(Two-stage beat All at once|All at once beat Two-stage|No clear winner on best "
+        r"validation accuracy)"))
+    verdict.wait_for(timeout=RUN_TIMEOUT_S * 1000)
+    assert "over 2 seeds" in verdict.inner_text(), verdict.inner_text()
+    page.get_by_text("4 of 4 runs finished").wait_for()
+    # A link (the URL) opens the same experiment and verdict; drawn once, with none of its
+    # runs active, it is not refreshing (faded) while the screenshot is taken.
+    page.reload()
+    page.get_by_text("4 of 4 runs finished").wait_for()
+    verdict.wait_for()
+    page.get_by_text("Best validation accuracy, one dot per seed").wait_for()
+    wait_idle(page)
+    shot(page, "experiment-verdict", "experiment-verdict.png", height=1300)
 
+    # Compare: the form's run against the experiment's All-at-once seeds.
     page.goto(url + "/compare")
     page.get_by_text("Pick two or more runs or groups").wait_for()
-    runs_box = page.locator(".stMultiSelect").nth(0)
-    runs_box.click()
+    page.locator(".stMultiSelect").nth(0).click()
     page.get_by_role("option", name=re.compile(r"^browser run")).click()
     page.keyboard.press("Escape")
+    page.wait_for_url(re.compile(r"[?&]runs=" + run_id))  # picked (a rerun could drop it)
     wait_idle(page)
-    if big:
-        page.locator(".stMultiSelect").nth(1).click()
-        page.get_by_role("option", name=re.compile(r"^all at once \(2 runs\)")).click()
-    else:
-        page.locator(".stMultiSelect").nth(0).click()
-        page.get_by_role("option", name=re.compile(r"^all at once")).click()
+    page.locator(".stMultiSelect").nth(1).click()
+    page.get_by_role("option", name=re.compile(r"All at once \(2 runs\)$")).click()
     page.keyboard.press("Escape")
     wait_idle(page)
     page.get_by_text("Config differences").wait_for()
@@ -263,7 +356,7 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     shot(page, "compare-aligned", "compare-aligned.png", height=1400)
     page.get_by_text("Align at the start of stage 2").click()
     wait_idle(page)
-    shot(page, "compare", "compare.png", height=1400)
+    shot(page, "compare", height=1400)
 
     # Overview: the runs with their sizes, nothing cut; the disk total.
     page.goto(url)
@@ -285,4 +378,32 @@ def test_form_run_live_curves_compare_and_classify(served, page):
     page.get_by_text("Details", exact=True).wait_for()  # the page's last element
     wait_idle(page)
     page.wait_for_function("() => [...document.images].every(i => i.complete)")
-    shot(page, "classify", "classify.png", height=1400)
+    shot(page, "classify", height=1400)
+
+    # The plateau run: its charts mark where stage 1 ended (epoch 2 of 4) and why.
+    wait_for(lambda: store.get_run(plateau.id).status not in ("queued", "running"),
+             timeout_s=RUN_TIMEOUT_S, what="the plateau run to end")
+    assert store.get_run(plateau.id).status == "finished", store.get_run(plateau.id).error
+    page.goto(url + f"/runs?run={plateau.id}")
+    page.get_by_text("Best validation accuracy").wait_for()
+    mark = page.get_by_text("stage 1 ended: plateau", exact=True)
+    mark.first.wait_for()
+    assert mark.count() == 2  # on the loss and on the accuracy chart
+    ends = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].flatMap("
+                         "d => (d.layout.shapes || []).filter(s => s.line && s.line.dash === "
+                         "'dot').map(s => s.x0))")
+    assert ends == [2, 2], ends
+    wait_idle(page)
+    shot(page, "plateau", "plateau.png", height=1300)
+
+    # Cancel a live run: it stops, says so, and offers to resume.
+    wait_for(lambda: store.get_run(to_cancel.id).status == "running", timeout_s=RUN_TIMEOUT_S,
+             what="the run to cancel to start")
+    page.goto(url + f"/runs?run={to_cancel.id}")
+    cancel = page.get_by_role("button", name="Cancel run")
+    cancel.click()
+    page.get_by_text(re.compile(r"^This run was cancelled")).wait_for(timeout=RUN_TIMEOUT_S * 1000)
+    expect(page.get_by_role("button", name=re.compile(r"^Resume"))).to_be_visible()
+    assert store.get_run(to_cancel.id).status == "cancelled"
+    assert picker.input_value().startswith(f"run to cancel · {to_cancel.id[-6:]} (cancelled")
+    shot(page, "run-cancelled")

@@ -94,7 +94,12 @@ def test_figure_is_log_lr_with_the_suggestion_marked():
     assert fig.layout.xaxis.type == "log"
     assert [t.name for t in fig.data] == ["loss (per step)", "loss (smoothed)"]
     assert [s.x0 for s in fig.layout.shapes] == [1e-3]
-    assert "suggested 0.001 (steepest descent)" in [a.text for a in fig.layout.annotations]
+    label = next(a for a in fig.layout.annotations if a.text == "suggested 0.001 (steepest descent)")
+    # On a log axis an annotation's x is log10 of the LR (add_vline's label put it at 10**x).
+    assert label.x == pytest.approx(-3)
+    # The raw points may fall below the smoothed curve: the y range keeps them in view.
+    raw = [v - 0.5 for v in smoothed]
+    assert charts.lr_find_figure(lrs, raw, smoothed, 1e-3).layout.yaxis.range[0] < min(raw)
 
 
 def test_cli_lr_find_prints_the_curve_and_records_a_run(tmp_path, tiny_folder, capsys):

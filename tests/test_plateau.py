@@ -160,7 +160,11 @@ def test_chart_marks_where_and_why_a_stage_ended():
             MetricRow(5, "r", 2, 8.0, 12, STAGE_END_KEY, float(StageEnd.COMPLETED), 0.0)]
     fig = charts.metric_figure(views.metrics_frame(rows), "acc", views.stage_bounds(cfg))
     labels = [a.text for a in fig.layout.annotations]
-    assert "stage 1 ended: plateau: validation accuracy stopped improving" in labels
+    # Where (the line) and why: a label short enough for a half-width chart, the full
+    # reason on hover.
+    [mark] = [a for a in fig.layout.annotations if a.text.startswith("stage 1 ended")]
+    assert mark.text == "stage 1 ended: plateau"
+    assert mark.hovertext == "stage 1 ended: plateau: validation accuracy stopped improving"
     assert not any(t.startswith("stage 2 ended") for t in labels)  # ran all its epochs
     lines = [s for s in fig.layout.shapes if s.type == "line"]
     assert [s.x0 for s in lines] == [2.0]

@@ -28,7 +28,7 @@ from typing import Any
 
 from core import config as cfgmod
 from core.atomic import atomic_write_json
-from core.runs.store import Run, RunStore
+from core.runs.store import Run, RunStore, normalize_tags
 
 CONFIDENCE = 0.95
 MAX_SEEDS = 20  # one experiment queues recipes x seeds runs; more is almost surely a typo
@@ -255,21 +255,28 @@ class Experiment:
     created_at: float
     seeds: tuple[int, ...]
     recipes: tuple[Recipe, ...]
+    note: str = ""  # free text, as on runs
+    tags: tuple[str, ...] = ()  # sorted, trimmed (store.normalize_tags), as on runs
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "created_at": self.created_at,
                 "seeds": list(self.seeds),
                 "recipes": [{"name": r.name, "group": r.group, "config": cfgmod.to_dict(r.config)}
-                            for r in self.recipes]}
+                            for r in self.recipes],
+                "note": self.note, "tags": list(self.tags)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Experiment:
+        # Records written before notes and tags existed have neither: the fields' defaults.
+        annotations = {k: d[k] for k in ("note", "tags") if k in d}
         try:
             return cls(id=str(d["id"]), name=str(d["name"]), created_at=float(d["created_at"]),
                        seeds=tuple(int(s) for s in d["seeds"]),
                        recipes=tuple(Recipe(str(r["name"]), str(r["group"]),
                                             cfgmod.from_dict(r["config"], validate_values=False))
-                                     for r in d["recipes"]))
+                                     for r in d["recipes"]),
+                       **{k: str(v) if k == "note" else normalize_tags([str(t) for t in v])
+                          for k, v in annotations.items()})
         except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
             raise ExperimentError(f"experiment record is malformed ({exc})") from None
 
@@ -381,6 +388,20 @@ def list_experiments(store: RunStore) -> list[Experiment]:
         except (OSError, json.JSONDecodeError, ExperimentError):
             continue
     return sorted(out, key=lambda e: e.created_at, reverse=True)
+
+
+def annotate_experiment(store: RunStore, exp_id: str, note: str,
+                        tags: Sequence[str]) -> Experiment:
+    """Replace the experiment's note and tags (tags trimmed, repeats dropped, as on runs);
+    the record is rewritten atomically. Returns the experiment as stored."""
+    exp = replace(load_experiment(store, exp_id), note=note, tags=normalize_tags(tags))
+    atomic_write_json(experiments_dir(store) / f"{exp.id}.json", exp.to_dict())
+    return exp
+
+
+def experiment_tags(experiments: Sequence[Experiment]) -> list[str]:
+    """Every tag in use on these experiments, sorted (the page's filter choices)."""
+    return sorted({t for e in experiments for t in e.tags})
 
 
 def delete_experiment(store: RunStore, exp_id: str) -> None:

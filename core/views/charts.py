@@ -6,6 +6,7 @@ shaded and labelled on the global epoch axis the trainer logs on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -57,10 +58,17 @@ def mark_stage_ends(fig: go.Figure, frame: pd.DataFrame) -> go.Figure:
     if frame.empty:
         return fig
     ends = frame[(frame["key"] == STAGE_END_KEY) & (frame["value"] != float(StageEnd.COMPLETED))]
+    last_epoch = float(frame["epoch"].max())
     for stage, x, code in zip(ends["stage"], ends["epoch"], ends["value"]):
+        why = stage_end_text(code)
+        # A short label that fits a half-width chart ("stage 1 ended: plateau"), on the side
+        # of the line with room for it; the full reason shows on hover.
         fig.add_vline(x=float(x), line_dash="dot", line_color="#444", opacity=0.8,
-                      annotation_text=f"stage {int(stage)} ended: {stage_end_text(code)}",
-                      annotation_position="bottom right", annotation_font_size=10)
+                      annotation_text=f"stage {int(stage)} ended: {why.split(':')[0]}",
+                      annotation_hovertext=f"stage {int(stage)} ended: {why}",
+                      annotation_position=("bottom left" if x > 0.6 * last_epoch
+                                           else "bottom right"),
+                      annotation_font_size=10)
     return fig
 
 
@@ -263,12 +271,17 @@ def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequ
     fig.add_trace(go.Scatter(x=list(lrs), y=list(smoothed), name="loss (smoothed)", mode="lines",
                              line={"color": TRAIN_COLOR, "width": 2}))
     if suggested_lr is not None:
-        fig.add_vline(x=suggested_lr, line_dash="dash", line_color=VAL_COLOR,
-                      annotation_text=f"suggested {suggested_lr:.2g} (steepest descent)",
-                      annotation_position="top right", annotation_font_size=11)
+        fig.add_vline(x=suggested_lr, line_dash="dash", line_color=VAL_COLOR)
+        # Labelled with its own annotation: add_vline's label lands at the wrong x on a log
+        # axis (annotations there take log10 of the value, shapes the value itself).
+        fig.add_annotation(x=math.log10(suggested_lr), y=1, xref="x", yref="paper",
+                           text=f"suggested {suggested_lr:.2g} (steepest descent)",
+                           showarrow=False, xanchor="left", yanchor="top", xshift=4,
+                           font={"size": 11})
     _layout(fig, title, "learning rate (log scale)", "training loss", height=320)
     fig.update_xaxes(type="log", exponentformat="e")
     if smoothed:  # the blown-up tail would flatten everything else
-        low, high = min(smoothed), smoothed[0]
+        # The low end takes the raw points too: they fall faster than the moving average.
+        low, high = min(min(smoothed), min(losses, default=math.inf)), smoothed[0]
         fig.update_yaxes(range=[low - 0.1 * abs(high - low) - 1e-3, max(high, low) * 1.3 + 1e-3])
     return fig
