@@ -128,9 +128,9 @@ def wait_idle(pg) -> None:
         "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=UI_TIMEOUT_MS)
 
 
-def shot(pg, name: str, docs_name: str | None = None, height: int = 1000) -> Path:
-    """Save test-artifacts/e2e-`name`.png (and, with FINETUNE_LAB_SCREENSHOTS set, a copy named
-    `docs_name` there); returns its path. The app scrolls inside its own container, so a
+def shot(pg, name: str, docs_name: str | None = None, height: int = 1000, element=None) -> Path:
+    """Save test-artifacts/e2e-`name`.png of the page, or of one `element` of it (and, with
+    FINETUNE_LAB_SCREENSHOTS set, a copy named `docs_name` there); returns its path. The app scrolls inside its own container, so a
     taller viewport (not full_page) is what captures more of a long page."""
     path = ARTIFACTS / f"e2e-{name}.png"
     ARTIFACTS.mkdir(exist_ok=True)
@@ -138,7 +138,7 @@ def shot(pg, name: str, docs_name: str | None = None, height: int = 1000) -> Pat
     if height != size["height"]:
         pg.set_viewport_size({"width": size["width"], "height": height})
         wait_idle(pg)
-    pg.screenshot(path=str(path))
+    (element or pg).screenshot(path=str(path))
     if height != size["height"]:
         pg.set_viewport_size(size)
     if DOCS_DIR and docs_name:

@@ -19,11 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,38 +28,27 @@ from core import config as cfgmod
 from core.analysis.lr_finder import is_lr_find_run
 from core.runs import jobs
 from core.runs.store import RunStore
+from tests.browser_support import (
+    DOCS_DIR,
+    UI_TIMEOUT_MS,
+    browser_page,
+    require_browser,
+    serve_app,
+    shot,
+    stop_active_runs,
+    wait_idle,
+)
 from tests.conftest import make_image_folder, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-DOCS_DIR = os.environ.get("FINETUNE_LAB_SCREENSHOTS", "")  # where README screenshots go, if set
-UI_TIMEOUT_MS = 60_000  # a page element to appear (the first New-run render imports torch)
 RUN_TIMEOUT_S = 600  # a tiny run to finish on a shared 2-core machine (worker start included)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-            return r.read().strip() == b"ok"
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base url, store, image folder): the app served on a free localhost port."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api")
+    require_browser()
     base = tmp_path_factory.mktemp("e2e")
     big = bool(DOCS_DIR)
     folder = make_image_folder(base / "datasets" / "colors", per_class=40 if big else 12)
@@ -73,74 +57,17 @@ def served(tmp_path_factory):
            "FINETUNE_LAB_DATA_ROOTS": str(base / "datasets"),
            "TORCH_HOME": str(base / "torch-home"),  # no ImageNet weights: never downloads
            "FINETUNE_LAB_MAX_JOBS": "2"}  # the experiment's runs two at a time
-    port = _free_port()
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "streamlit-server.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-         "--server.address", "localhost", "--server.port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://localhost:{port}"
     try:
-        wait_for(lambda: server.poll() is not None or _healthy(url), timeout_s=120,
-                 what="the streamlit server to answer")
-        assert server.poll() is None, (ARTIFACTS / "streamlit-server.log").read_text()[-3000:]
-        yield url, store, folder
+        with serve_app(env, "streamlit-server.log") as url:
+            yield url, store, folder
     finally:
-        for run in store.list_runs(statuses=("queued", "running")):  # a failed test mid-run
-            jobs.cancel(store, run.id)
-            jobs.kill(store, run.id)
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        stop_active_runs(store)  # a failed test mid-run
 
 
 @pytest.fixture(scope="module")
 def page(served):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        pg = context.new_page()
-        pg.set_default_timeout(UI_TIMEOUT_MS)
-        try:
-            yield pg
-        finally:
-            context.close()
-            browser.close()
-
-
-def shot(pg, name: str, docs_name: str | None = None, height: int = 1000, element=None) -> None:
-    """Save a screenshot of the page, or of one `element` of it; the app scrolls inside its
-    own container, so a taller viewport (not full_page) is what captures more of a long
-    page."""
-    path = ARTIFACTS / f"e2e-{name}.png"
-    size = pg.viewport_size
-    if height != size["height"]:
-        pg.set_viewport_size({"width": size["width"], "height": height})
-        wait_idle(pg)
-    (element or pg).screenshot(path=str(path))
-    if height != size["height"]:
-        pg.set_viewport_size(size)
-    if DOCS_DIR and docs_name:
-        target = Path(DOCS_DIR)
-        if not target.is_absolute():
-            target = ROOT / target
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target / docs_name)
-
-
-def wait_idle(pg) -> None:
-    """Until Streamlit has finished the current script run (its status widget is gone)."""
-    pg.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=UI_TIMEOUT_MS)
+    with browser_page() as pg:
+        yield pg
 
 
 def set_number(pg, label: str, value: int) -> None:
