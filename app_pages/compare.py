@@ -141,5 +141,10 @@ if len(entries) == 1:
     st.caption("Add another run or group to compare against.")
 
 st.subheader("Final metrics")
-st.dataframe(final_metrics_table(entries), hide_index=True, key=P + "table")
+# Widths in px that fit a laptop's content width with no cut cell: the recipe and the
+# mean ± std accuracies are the long ones; Status ("finished") is the one that was cut.
+st.dataframe(final_metrics_table(entries), hide_index=True, key=P + "table", column_config={
+    c: st.column_config.Column(c, width=w) for c, w in
+    (("Entry", 150), ("Runs", 40), ("Recipe", 200), ("Best val acc", 120), ("Best at", 110),
+     ("Test acc", 120), ("Training time", 95), ("Status", 80))})
 config_differences(entries)

@@ -68,8 +68,8 @@ def runs_list(store: RunStore, runs: list[Run]) -> None:
     table["Id"] = [short_id(r.id) for r in runs]
     table.insert(len(table.columns) - 1, "Size",
                  [fmt_bytes(disk.folder_bytes(store.files(r.id).folder)) for r in runs])
-    px = {"Run": 140, "Status": 75, "Tags": 70, "Progress": 90, "Recipe": 180,
-          "Best val acc": 80, "Test acc": 75, "Started": 95, "Duration": 75, "Size": 70, "Id": 65}
+    px = {"Run": 200, "Status": 75, "Tags": 70, "Progress": 90, "Recipe": 150,
+          "Best val acc": 80, "Test acc": 75, "Started": 85, "Duration": 75, "Size": 70, "Id": 65}
     columns = {c: st.column_config.Column(c, width=w) for c, w in px.items()}
     columns["Progress"] = st.column_config.ProgressColumn("Progress", min_value=0.0,
                                                           max_value=1.0, format="percent",

@@ -86,6 +86,14 @@ def test_config_diff_table_lists_only_fields_that_differ():
     assert same.empty
 
 
+def test_config_diff_table_shows_a_found_lr_in_four_significant_digits():
+    """An LR finder's suggestion is a float like 0.0014508287784959393: the table cell is
+    cut unless it is rounded for display (the config keeps the exact value)."""
+    found = cfgmod.to_dict(cfgmod.with_stage(TWO_STAGE, 0, lr=0.0014508287784959393))
+    table = views.config_diff_table([("recipe", cfgmod.to_dict(TWO_STAGE)), ("found", found)])
+    assert table.loc["stage 1.lr", "found"] == "0.001451"
+
+
 def test_final_metrics_table_aggregates_groups_as_mean_and_std():
     a = make_run(name="a", best_val_acc=0.5, test_acc=0.4, best_stage=2, best_epoch=1)
     g = [make_run(name=f"g{i}", best_val_acc=v, test_acc=v) for i, v in enumerate((0.6, 0.8))]

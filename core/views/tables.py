@@ -366,7 +366,11 @@ def config_diff_table(named_configs: Sequence[tuple[str, dict[str, Any]]]) -> pd
 
 
 def _cell(v: Any) -> str:
-    return "" if v is None else str(v)
+    """A config value as a table shows it: floats to 4 significant digits (an LR finder's
+    0.0014508287784959393 reads 0.001451), everything else as it is."""
+    if v is None:
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def fmt_points(m: float, s: float) -> str:
