@@ -144,6 +144,18 @@ def test_metric_figure_shades_and_labels_each_stage_and_shows_accuracy_in_percen
     assert fig.layout.xaxis.title.text == charts.EPOCH_AXIS
 
 
+def test_lines_never_join_two_stages():
+    """A stage that a plateau ended at epoch 1 of 2 leaves epoch 2 untrained: the line must
+    break there, not run straight from stage 1's last point to stage 2's first."""
+    f = frame({"val/acc": [(1, 0.4), (3, 0.7), (4, 0.8)], "lr": [(0.5, 0.01), (1, 0.005),
+                                                                  (3.5, 0.001)]})
+    fig = charts.metric_figure(f, "acc", views.stage_bounds(TWO_STAGE))
+    assert list(fig.data[0].x) == [1.0, None, 3.0, 4.0]
+    assert list(fig.data[0].y) == pytest.approx([40.0, None, 70.0, 80.0])
+    lr = charts.lr_figure(f, views.stage_bounds(TWO_STAGE))
+    assert list(lr.data[0].x) == [0.5, 1.0, None, 3.5]
+
+
 def test_loss_figure_draws_step_loss_under_the_epoch_means():
     f = frame({"train/step_loss": [(0.5, 2.0), (1.0, 1.5)], "train/loss": [(1, 1.7)],
                "val/loss": [(1, 1.6)]})

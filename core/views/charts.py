@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 
 from core.config import LAYER_GROUPS, StageConfig
 from core.engine.stage_ends import STAGE_END_KEY, StageEnd, stage_end_text
-from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, run_color, series
+from core.views.tables import ACCURACY_KEYS, METRIC_LABELS, Curve, ema, run_color, stage_series
 
 if TYPE_CHECKING:
     from core.analysis.insights import WeightChange
@@ -79,7 +79,9 @@ def _mode(x: Sequence[float]) -> str:
 
 def _scale(key: str, values: Sequence[float]) -> list[float]:
     """Accuracies are stored as 0..1 and shown in percent."""
-    return [100 * v for v in values] if key in ACCURACY_KEYS else list(values)
+    if key not in ACCURACY_KEYS:
+        return list(values)
+    return [None if v is None else 100 * v for v in values]
 
 
 def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float, float, str]]
@@ -88,13 +90,13 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
     For loss, the per-step training loss is drawn faintly under the per-epoch mean."""
     fig = go.Figure()
     if metric == "loss":
-        x, y = series(frame, "train/step_loss")
+        x, y = stage_series(frame, "train/step_loss")
         if x:
             fig.add_trace(go.Scatter(x=x, y=y, name="train (per step)", mode=_mode(x),
                                      line={"color": TRAIN_COLOR, "width": 1}, opacity=0.35))
     for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
         key = f"{split}/{metric}"
-        x, y = series(frame, key)
+        x, y = stage_series(frame, key)
         if x:
             fig.add_trace(go.Scatter(x=x, y=_scale(key, y), name="validation" if split == "val" else
                                      "train (epoch)", mode="lines+markers",
@@ -111,7 +113,7 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
 
 def lr_figure(frame: pd.DataFrame, bounds: Sequence[tuple[float, float, str]]) -> go.Figure:
     fig = go.Figure()
-    x, y = series(frame, "lr")
+    x, y = stage_series(frame, "lr")
     if x:
         fig.add_trace(go.Scatter(x=x, y=y, name="learning rate", mode=_mode(x),
                                  line={"color": "#AB63FA", "width": 2}))

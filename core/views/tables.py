@@ -238,6 +238,26 @@ def series(frame: pd.DataFrame, key: str) -> tuple[list[float], list[float]]:
     return sub["epoch"].astype(float).tolist(), sub["value"].astype(float).tolist()
 
 
+def stage_series(frame: pd.DataFrame, key: str) -> tuple[list[float | None], list[float | None]]:
+    """`series` with a break (None, which plotly leaves undrawn) where the stage changes: a
+    line never joins two stages, so a stage that a plateau ended early shows its untrained
+    epochs as a gap, not as a straight line across them."""
+    if frame.empty:
+        return [], []
+    sub = frame[frame["key"] == key].sort_values(["epoch", "id"] if "id" in frame else ["epoch"])
+    x: list[float | None] = []
+    y: list[float | None] = []
+    previous = None
+    for stage, epoch, value in zip(sub["stage"], sub["epoch"], sub["value"]):
+        if previous is not None and stage != previous:
+            x.append(None)
+            y.append(None)
+        x.append(float(epoch))
+        y.append(float(value))
+        previous = stage
+    return x, y
+
+
 def ema(values: Sequence[float], weight: float) -> list[float]:
     """Exponential moving average with bias correction (as TensorBoard's smoothing):
     weight 0 returns the values unchanged, 0.9 is heavy smoothing. pandas' `ewm` with
