@@ -148,3 +148,13 @@ def shot(pg, name: str, docs_name: str | None = None, height: int = 1000, elemen
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / docs_name)
     return path
+
+
+def use_image_folder(pg, folder: Path) -> None:
+    """On New run: open Advanced, pick "Image folder" and type `folder` as the data folder."""
+    pg.get_by_text("Advanced: optimizer, data, weights, device").click()
+    pg.get_by_text("Image folder", exact=True).click()
+    wait_idle(pg)
+    data_input = pg.get_by_role("textbox", name="Data folder")  # not its help button
+    data_input.fill(str(folder))
+    data_input.press("Enter")

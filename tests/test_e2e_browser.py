@@ -36,6 +36,7 @@ from tests.browser_support import (
     serve_app,
     shot,
     stop_active_runs,
+    use_image_folder,
     wait_idle,
 )
 from tests.conftest import make_image_folder, wait_for
@@ -126,12 +127,7 @@ def test_new_user_path(served, page):
     page.get_by_role("combobox", name="Preset").wait_for()
     wait_idle(page)
     shot(page, "new-run-offline", "new-run-offline.png", height=1400)
-    page.get_by_text("Advanced: optimizer, data, weights, device").click()
-    page.get_by_text("Image folder", exact=True).click()
-    wait_idle(page)
-    data_input = page.get_by_role("textbox", name="Data folder")  # not its help button
-    data_input.fill(str(folder))
-    data_input.press("Enter")
+    use_image_folder(page, folder)
     n_train = 40 * 3 if big else 12 * 3
     page.get_by_text(f"3 classes, {n_train} training images.").wait_for()
     page.get_by_text("Random (from scratch)", exact=True).click()

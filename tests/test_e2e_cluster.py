@@ -28,6 +28,7 @@ from tests.browser_support import (
     serve_app,
     shot,
     stop_active_runs,
+    use_image_folder,
     wait_idle,
 )
 from tests.conftest import make_image_folder, postgres_database, wait_for
@@ -162,12 +163,7 @@ def test_experiment_on_ray_and_postgres_then_cancel_a_run(served, page):
     # New run: a long run on the same cluster, watched live, cancelled from the Runs page.
     page.goto(url + "/new_run")
     page.get_by_text("Estimated on this machine").wait_for()
-    page.get_by_text("Advanced: optimizer, data, weights, device").click()
-    page.get_by_text("Image folder", exact=True).click()
-    wait_idle(page)
-    data_input = page.get_by_role("textbox", name="Data folder")  # not its help button
-    data_input.fill(str(folder))
-    data_input.press("Enter")
+    use_image_folder(page, folder)
     page.get_by_text("3 classes, 36 training images.").wait_for()
     page.get_by_text("Random (from scratch)", exact=True).click()
     wait_idle(page)
