@@ -263,7 +263,7 @@ def test_runs_page_live_view_of_a_running_run(running_run):
     loss = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
                 if "Loss: training" in c.proto.spec)
     step_trace = next(t for t in loss["data"] if t["name"] == "train (per step)")
-    assert step_trace["x"] == [0.25, 0.5, 1.5]
+    assert step_trace["x"] == [0.25, 0.5, None, 1.5]  # stage 2's point, after a stage break
     at.button(key="runs.cancel").click().run()
     assert store.get_run(run.id).cancel_requested
     assert at.button(key="runs.kill")  # now offered as the fallback
