@@ -16,6 +16,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.analysis import planning, speed
 from core.engine.datasets import DatasetInfo, list_datasets
 from core.engine.paths import data_roots
 from core.runs import jobs
@@ -177,3 +178,19 @@ def found_datasets() -> list[DatasetInfo]:
 
 def forget_datasets() -> None:
     _datasets_under.clear()
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def epoch_estimate(groups: tuple[str, ...], n_images: int, resolution: int, feature_cache: bool,
+                   device: str | None, store_root: str) -> speed.EpochEstimate:
+    """Estimated seconds per epoch and how sure the figure is (New run, Experiments); the
+    measured-speed lookup reads the run store, so it is cached for 30 s per stage shape
+    instead of repeated on every rerun."""
+    return speed.epoch_estimate(groups, n_images, resolution, feature_cache,
+                                store=RunStore(store_root), device=device)
+
+
+@st.cache_data(ttl=30, show_spinner="Scanning the image folder…")
+def scan_image_folder(path: str) -> planning.FolderScan:
+    """A data folder's classes and images per class (New run, Experiments), cached 30 s."""
+    return planning.scan_image_folder(Path(path))

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages._common import HANDED_DATA_PATH, INSIGHTS_PAGE, found_datasets, get_store, page_link
+from app_pages._common import (
+    HANDED_DATA_PATH,
+    INSIGHTS_PAGE,
+    epoch_estimate,
+    found_datasets,
+    get_store,
+    page_link,
+    scan_image_folder,
+)
 from core import config as cfgmod
 from core.analysis import experiments as ex
 from core.engine.paths import PathNotAllowed, resolve_user_path
@@ -143,24 +151,6 @@ def weights_choice(where, store: RunStore, all_runs: list[Run], problems: list[s
     return {"weights": weights}
 
 
-@st.cache_data(ttl=30, show_spinner=False)
-def _epoch_seconds(groups: tuple[str, ...], n_images: int, resolution: int, feature_cache: bool,
-                   device: str | None, store_root: str) -> float:
-    from core.analysis.speed import estimate_epoch_seconds
-
-    return estimate_epoch_seconds(groups, n_images, resolution, feature_cache,
-                                  store=RunStore(store_root), device=device)
-
-
-@st.cache_data(ttl=30, show_spinner="Scanning the image folder…")
-def _scan(path: str):
-    from pathlib import Path
-
-    from core.analysis.planning import scan_image_folder
-
-    return scan_image_folder(Path(path))
-
-
 def estimate_caption(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]],
                      n_seeds: int) -> None:
     from core.views.tables import fmt_duration
@@ -168,9 +158,9 @@ def estimate_caption(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]
     if not recipes:
         return
     cfg = recipes[0][1]
-    scan = _scan(cfg.data_path) if cfg.data_source == "folder" and cfg.data_path else None
+    scan = scan_image_folder(cfg.data_path) if cfg.data_source == "folder" and cfg.data_path else None
     seconds = ex.estimated_seconds(recipes, n_seeds, scan,
-                                   lambda *shape: _epoch_seconds(*shape, str(store.root)))
+                                   lambda *shape: epoch_estimate(*shape, str(store.root)).seconds)
     st.caption("Estimated time on this machine: "
                + (f"about {fmt_duration(seconds)} for all runs." if seconds is not None
                   else "known once the data set is chosen."))

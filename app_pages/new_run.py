@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from app_pages._common import DATASETS_PAGE, HANDED_DATA_PATH, get_store, open_run, page_link
+from app_pages._common import (
+    DATASETS_PAGE,
+    HANDED_DATA_PATH,
+    epoch_estimate,
+    get_store,
+    open_run,
+    page_link,
+    scan_image_folder,
+)
 from core import config as cfgmod
 from core.analysis import lr_finder, planning, speed
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
@@ -101,16 +108,6 @@ def user_path(text: str, what: str, errors: list[str]) -> str:
         return ""
 
 
-@st.cache_data(ttl=30, show_spinner=False)
-def epoch_estimate(groups: tuple[str, ...], n_images: int, resolution: int, feature_cache: bool,
-                   device: str | None, store_root: str) -> speed.EpochEstimate:
-    """Estimated seconds per epoch and how sure the figure is; the measured-speed lookup
-    reads the run store, so it is cached for 30 s per stage shape instead of repeated on
-    every rerun."""
-    return speed.epoch_estimate(groups, n_images, resolution, feature_cache,
-                                store=RunStore(store_root), device=device)
-
-
 def estimates_of(store: RunStore) -> tuple[planning.EpochEstimate, dict]:
     """(seconds per epoch for plan_run, the estimates it asked for by stage groups): the
     summary says how sure each stage's figure is."""
@@ -121,11 +118,6 @@ def estimates_of(store: RunStore) -> tuple[planning.EpochEstimate, dict]:
         return made[groups].seconds
 
     return seconds, made
-
-
-@st.cache_data(ttl=30, show_spinner="Scanning the image folder…")
-def scan_image_folder(path: str) -> planning.FolderScan:
-    return planning.scan_image_folder(Path(path))
 
 
 @st.cache_data(ttl=60)
