@@ -32,5 +32,12 @@ st.set_page_config(page_title=APP_TITLE, page_icon=app_icon(),
                    layout="wide")
 nav = st.navigation([st.Page(path, title=title, icon=icon, default=(i == 0))
                      for i, (path, title, icon) in enumerate(PAGES)])
-render_sidebar()
 nav.run()
+# The sidebar's job panel (a fragment that refreshes itself every few seconds) is drawn
+# after the page, so a run that leaves the page (st.switch_page, e.g. Start on New run)
+# never registers its timer. Drawn first, its timer could fire while the switch was under
+# way; Streamlit then ran that refresh after the new page with the old page's id, the
+# browser went back to the old page's empty layout, the next live-view update had nowhere
+# to go ("Bad delta path index"), and the whole page went white for good (issue 12.7;
+# tests/test_e2e_loaded.py). Pages therefore end early with `return`, never st.stop().
+render_sidebar()

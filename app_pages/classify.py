@@ -38,16 +38,15 @@ def predictor_for(path: str | Path) -> inference.Predictor:
     return load_predictor(str(p), p.stat().st_mtime_ns)
 
 
-def usable_predictor(run) -> inference.Predictor:
-    """The run's best model, or the page stops with a plain reason."""
+def usable_predictor(run) -> inference.Predictor | None:
+    """The run's best model, or None after saying plainly why it can't be used."""
     from core.engine.checkpoints import CheckpointError  # imports torch: only once a model is used
 
     try:
         return predictor_for(run.best_checkpoint)
     except (CheckpointError, OSError) as exc:
         st.error(f"This model can't be used: {exc}. Pick another one above.")
-        st.stop()
-        raise  # unreachable; st.stop raises
+        return None
 
 
 @st.cache_resource(max_entries=8, show_spinner="Finding example pictures…")
@@ -214,31 +213,39 @@ def before_after(run, img) -> None:
 
 # ---------------------------------------------------------------- page
 
-st.title("Classify a picture")
-store = get_store()
-runs = inference.classifiable_runs(store)
-if not runs:
-    st.info("No trained model yet — start a run on New run")
-    new_run_link()
-    st.stop()
-newest = store.list_runs()[0]  # the data set the user last worked with: the newest run's
-best = inference.default_run(runs, preferred_data=inference.data_set_of(newest))
-run = pick_run("Model", runs, P + "run", model_label, default_id=best.id,
-               help="Which trained model to ask. Picked for you: a finished run with a real "
-                    "validation set, on the data you last used, with the best test accuracy.")
-predictor = usable_predictor(run)
-model_facts(run, predictor)
-try:
-    picture = get_picture(run, predictor)
-except inference.ImageRejected as exc:
-    st.error(str(exc))
-    st.stop()
-if picture is None:
-    st.caption("Choose a picture above to see what the model thinks it is.")
-    st.stop()
-try:
-    show_result(run, predictor, *picture)
-except Exception as exc:  # the page must stay usable whatever the picture does
-    log.exception("classify failed")
-    st.error(f"Something went wrong while looking at this picture ({type(exc).__name__}: {exc}). "
-             f"Try another picture.")
+def page() -> None:
+    """The page body. It ends early with `return`, never st.stop(): the app draws the
+    sidebar after the page (streamlit_app.py), and st.stop() would end that run too."""
+    st.title("Classify a picture")
+    store = get_store()
+    runs = inference.classifiable_runs(store)
+    if not runs:
+        st.info("No trained model yet — start a run on New run")
+        new_run_link()
+        return
+    newest = store.list_runs()[0]  # the data set the user last worked with: the newest run's
+    best = inference.default_run(runs, preferred_data=inference.data_set_of(newest))
+    run = pick_run("Model", runs, P + "run", model_label, default_id=best.id,
+                   help="Which trained model to ask. Picked for you: a finished run with a real "
+                        "validation set, on the data you last used, with the best test accuracy.")
+    predictor = usable_predictor(run)
+    if predictor is None:
+        return
+    model_facts(run, predictor)
+    try:
+        picture = get_picture(run, predictor)
+    except inference.ImageRejected as exc:
+        st.error(str(exc))
+        return
+    if picture is None:
+        st.caption("Choose a picture above to see what the model thinks it is.")
+        return
+    try:
+        show_result(run, predictor, *picture)
+    except Exception as exc:  # the page must stay usable whatever the picture does
+        log.exception("classify failed")
+        st.error(f"Something went wrong while looking at this picture ({type(exc).__name__}: {exc}). "
+                 f"Try another picture.")
+
+
+page()

@@ -112,39 +112,45 @@ def config_differences(entries: list[tuple[str, list[Run]]]) -> None:
 
 # ---------------------------------------------------------------- page
 
-st.title("Compare")
-store = get_store()
-runs = [r for r in store.list_runs() if r.status != "queued"]
-if not runs:
-    no_runs_message()
-    st.stop()
-if tags := store.all_tags():
-    tag = st.columns([1, 2])[0].selectbox("Only runs tagged", [None, *tags], key=P + "tag",
-                                          format_func=lambda t: "any tag" if t is None else t)
-    if tag:
-        runs = [r for r in runs if tag in r.tags]
-if len(runs) < 2:
-    st.info("Compare needs at least two runs — start another on **New run** (for example the "
-            "*All at once* preset, to test the two-stage recipe against it).")
-entries = pick_entries(runs)
-if not entries:
-    st.stop()
+def page() -> None:
+    """The page body. It ends early with `return`, never st.stop(): the app draws the
+    sidebar after the page (streamlit_app.py), and st.stop() would end that run too."""
+    st.title("Compare")
+    store = get_store()
+    runs = [r for r in store.list_runs() if r.status != "queued"]
+    if not runs:
+        no_runs_message()
+        return
+    if tags := store.all_tags():
+        tag = st.columns([1, 2])[0].selectbox("Only runs tagged", [None, *tags], key=P + "tag",
+                                              format_func=lambda t: "any tag" if t is None else t)
+        if tag:
+            runs = [r for r in runs if tag in r.tags]
+    if len(runs) < 2:
+        st.info("Compare needs at least two runs — start another on **New run** (for example the "
+                "*All at once* preset, to test the two-stage recipe against it).")
+    entries = pick_entries(runs)
+    if not entries:
+        return
 
-metric, smoothing, align = chart_options()
-curves = comparison_curves(aligned_entries(entries, align), lambda r: metrics_frame(store.metrics(r.id, keys=(metric,))),
-                           metric, align)
-if not any(c.x for c in curves):
-    st.info(f"No {METRIC_LABELS[metric][0].lower()} logged yet for these runs.")
-else:
-    st.plotly_chart(charts.compare_figure(curves, metric, smoothing, align), key=P + "chart")
-if len(entries) == 1:
-    st.caption("Add another run or group to compare against.")
+    metric, smoothing, align = chart_options()
+    curves = comparison_curves(aligned_entries(entries, align), lambda r: metrics_frame(store.metrics(r.id, keys=(metric,))),
+                               metric, align)
+    if not any(c.x for c in curves):
+        st.info(f"No {METRIC_LABELS[metric][0].lower()} logged yet for these runs.")
+    else:
+        st.plotly_chart(charts.compare_figure(curves, metric, smoothing, align), key=P + "chart")
+    if len(entries) == 1:
+        st.caption("Add another run or group to compare against.")
 
-st.subheader("Final metrics")
-# Widths in px that fit a laptop's content width with no cut cell: the recipe and the
-# mean ± std accuracies are the long ones; Status ("finished") is the one that was cut.
-st.dataframe(final_metrics_table(entries), hide_index=True, key=P + "table", column_config={
-    c: st.column_config.Column(c, width=w) for c, w in
-    (("Entry", 150), ("Runs", 40), ("Recipe", 200), ("Best val acc", 120), ("Best at", 110),
-     ("Test acc", 120), ("Training time", 95), ("Status", 80))})
-config_differences(entries)
+    st.subheader("Final metrics")
+    # Widths in px that fit a laptop's content width with no cut cell: the recipe and the
+    # mean ± std accuracies are the long ones; Status ("finished") is the one that was cut.
+    st.dataframe(final_metrics_table(entries), hide_index=True, key=P + "table", column_config={
+        c: st.column_config.Column(c, width=w) for c, w in
+        (("Entry", 150), ("Runs", 40), ("Recipe", 200), ("Best val acc", 120), ("Best at", 110),
+         ("Test acc", 120), ("Training time", 95), ("Status", 80))})
+    config_differences(entries)
+
+
+page()

@@ -120,18 +120,24 @@ def export_section(store: RunStore, run: Run) -> None:
 
 # ---------------------------------------------------------------- page
 
-st.title("Run insights")
-store = get_store()
-runs = [r for r in store.list_runs() if r.best_checkpoint or r.status == "finished"]
-if not runs:
-    st.info("Insights appear here once a run has finished an epoch.")
-    st.stop()
-run = pick_run("Run", runs, P + "run", run_label)
-attribution(store, run)
-weight_movement(run)
-confusion(run)
-if run.status == "finished":
-    mistakes(store, run)
-    export_section(store, run)
-else:
-    st.caption("The mistakes gallery and export need a finished run.")
+def page() -> None:
+    """The page body. It ends early with `return`, never st.stop(): the app draws the
+    sidebar after the page (streamlit_app.py), and st.stop() would end that run too."""
+    st.title("Run insights")
+    store = get_store()
+    runs = [r for r in store.list_runs() if r.best_checkpoint or r.status == "finished"]
+    if not runs:
+        st.info("Insights appear here once a run has finished an epoch.")
+        return
+    run = pick_run("Run", runs, P + "run", run_label)
+    attribution(store, run)
+    weight_movement(run)
+    confusion(run)
+    if run.status == "finished":
+        mistakes(store, run)
+        export_section(store, run)
+    else:
+        st.caption("The mistakes gallery and export need a finished run.")
+
+
+page()

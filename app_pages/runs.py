@@ -265,27 +265,33 @@ def stop_buttons(store: RunStore, run: Run) -> None:
 
 # ---------------------------------------------------------------- page
 
-st.title("Runs")
-store = get_store()
-runs = store.list_runs()
-if not runs:
-    no_runs_message()
-    st.stop()
+def page() -> None:
+    """The page body. It ends early with `return`, never st.stop(): the app draws the
+    sidebar after the page (streamlit_app.py), and st.stop() would end that run too."""
+    st.title("Runs")
+    store = get_store()
+    runs = store.list_runs()
+    if not runs:
+        no_runs_message()
+        return
 
-run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was picked
-st.markdown(f"<span style='color:{run_color(run.id)}'>&#9632;</span> "  # its colour on Compare
-            f"**{recipe_text(run.config)}** · id `{run.id}`"
-           + (f" · group {run.group}" if run.group else "")
-           + f" · {run.config.data_source}, {run.config.weights} weights",
-            unsafe_allow_html=True)
-st.caption(f"Where: {run.executor or 'in the foreground (command line)'}"  # issue 10 §1
-           + (f" job `{run.job_id}`" if run.job_id else "") + f" on {run.host or 'no host yet'}")
-notes_and_tags(store, run)
+    run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was picked
+    st.markdown(f"<span style='color:{run_color(run.id)}'>&#9632;</span> "  # its colour on Compare
+                f"**{recipe_text(run.config)}** · id `{run.id}`"
+               + (f" · group {run.group}" if run.group else "")
+               + f" · {run.config.data_source}, {run.config.weights} weights",
+                unsafe_allow_html=True)
+    st.caption(f"Where: {run.executor or 'in the foreground (command line)'}"  # issue 10 §1
+               + (f" job `{run.job_id}`" if run.job_id else "") + f" on {run.host or 'no host yet'}")
+    notes_and_tags(store, run)
 
-if run.is_active:
-    stop_buttons(store, run)
-    live_view(run.id, run.status)
-elif lr_finder.is_lr_find_run(run):
-    lr_find_view(store, run)
-else:
-    results_view(store, run)
+    if run.is_active:
+        stop_buttons(store, run)
+        live_view(run.id, run.status)
+    elif lr_finder.is_lr_find_run(run):
+        lr_find_view(store, run)
+    else:
+        results_view(store, run)
+
+
+page()
