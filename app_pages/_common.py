@@ -72,8 +72,13 @@ def pick_run(label: str, runs: list[Run], key: str, format_func: Callable[[Run],
         st.session_state[SELECTED_RUN] = chosen
 
     def remember() -> None:
-        st.session_state[SELECTED_RUN] = st.session_state[key]
-        st.query_params[RUN_PARAM] = st.session_state[key]
+        picked = st.session_state[key]
+        # The selectbox sends back the label the browser shows; a label that changed since
+        # (queued -> running, a new best) maps to no option and arrives as the label text.
+        # It is not a choice: keep the run shown (the code above re-selects it).
+        if picked in by_id:
+            st.session_state[SELECTED_RUN] = picked
+            st.query_params[RUN_PARAM] = picked
 
     st.selectbox(label, list(by_id), key=key, on_change=remember,
                  format_func=lambda i: format_func(by_id[i]), help=help)

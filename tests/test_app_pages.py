@@ -492,6 +492,34 @@ def test_opening_a_run_puts_it_in_the_url_and_a_link_opens_it(app_env):
     assert f"second · {b.id[-6:]}" in at.selectbox(key="runs.pick").format_func(b.id)
 
 
+def test_the_picked_run_stays_picked_when_its_label_changes(app_env):
+    """A picker names a run with its live status and accuracy; Streamlit's selectbox sends
+    back the label the browser shows. When the run's label changed meanwhile (queued ->
+    running, a new best), that old label maps to no run: it must not end in the URL, nor
+    make the page jump to another run."""
+    old = seed_finished(app_env, "older", tiny_config(Path("/x")), 0.6, 0.55)
+    seed_finished(app_env, "newer", tiny_config(Path("/x")), 0.7, 0.65)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT_S)
+    at.run()
+    at.switch_page("app_pages/runs.py").run()
+    at.query_params["run"] = old.id
+    at.run()
+    picker = at.selectbox(key="runs.pick")
+    assert picker.value == old.id
+    shown = picker.format_func(old.id)  # "older · <id> (finished, best val 60.0 %)"
+    app_env.set_best(old.id, 0.61, 1, 1, "")  # its label now says "best val 61.0 %"
+    at.run()
+    # The browser still shows (and sends back) the label it had: "... best val 60.0 %",
+    # no longer one of the options the server knows.
+    picker = at.selectbox(key="runs.pick")
+    picker.options.append(shown)
+    picker.set_value(shown).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["run"] == old.id
+    assert at.selectbox(key="runs.pick").value == old.id
+    assert "61.0" in at.selectbox(key="runs.pick").format_func(old.id)
+
+
 def test_notes_and_tags_are_edited_on_the_run_page_and_filter_overview(app_env):
     a = seed_finished(app_env, "tagged", tiny_config(Path("/x")), 0.6, 0.55)
     seed_finished(app_env, "plain", tiny_config(Path("/x")), 0.7, 0.65)
