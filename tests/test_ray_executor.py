@@ -140,3 +140,21 @@ def test_a_job_stopped_behind_our_back_ends_failed(store, tiny_folder, ray_env):
     wait_for(lambda: _ended(store, run.id), 120, "the run to end")
     final = store.get_run(run.id)
     assert final.status == "failed" and "stopped" in final.error, final.error
+
+
+def test_a_job_that_ignores_cancel_is_stopped_after_the_grace_period(store, tiny_folder,
+                                                                       ray_env):
+    """A worker that cannot honour a cancel (here frozen with SIGSTOP: a hung data read, a
+    stuck collective) is stopped through Ray once the supervisor's grace period is over,
+    and the run ends cancelled, not failed."""
+    run = jobs.submit(store, _long_config(tiny_folder))
+    wait_for(lambda: store.get_run(run.id).progress.phase == "training", 240, "training")
+    os.kill(store.get_run(run.id).pid, signal.SIGSTOP)
+    jobs.cancel(store, run.id)
+    assert store.get_run(run.id).status == "running"  # asked, not honoured
+    wait_for(lambda: _ended(store, run.id), supervisor.CANCEL_GRACE_S + 90,
+             "the supervisor to stop the job")
+    final = store.get_run(run.id)
+    assert final.status == "cancelled", final.error
+    assert f"Ray stopped job {run.job_id}" in final.error
+    assert ray_env.get_job_status(run.id).value == "STOPPED"
