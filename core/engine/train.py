@@ -428,7 +428,7 @@ def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime
             x = runtime.prepare(data.images[idx], pre,
                                 channels_last=runtime.channels_last or runtime.frozen_channels_last)
             y = data.labels[idx].to(runtime.device)
-            logits = model.fc(torch.flatten(body(x), 1)).float()
+            logits = model.fc(torch.flatten(model.avgpool(body(x)), 1)).float()
             total_loss += F.cross_entropy(logits, y, reduction="sum").double()
             preds.append(logits.argmax(1))
     pred = torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
