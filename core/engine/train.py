@@ -505,7 +505,8 @@ class StepGraph:
         self.loss_sum, self.correct = loss_sum, correct
         optimizer.zero_grad(set_to_none=True)  # backward allocates the grads inside the graph
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA calls (a worker's helpers) must not abort it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.loss = step(runner, x, y, crops, loss_sum, correct, cache_casts=False)
         self.grads = [p.grad for p in _optimized_params(optimizer)]
         self.graph = graph
