@@ -359,6 +359,8 @@ def accuracy_check(data: ImageSet, classes, device, epochs: int, groups=("layer4
     stage = cfgmod.StageConfig(groups=tuple(groups), epochs=epochs, lr=0.05, schedule="cosine")
     out = {}
     variants = [("fp32 reference", base, False), ("default runtime", default_runtime(device), False)]
+    if default_runtime(device).cuda_graphs:  # the same, every step eager: graphs change no result
+        variants.append(("default, no CUDA graphs", replace(default_runtime(device), cuda_graphs=False), False))
     if with_cache and frozen_prefix(groups):
         variants.append(("default + feature cache", default_runtime(device), True))
     for name, rt, cache in variants:
