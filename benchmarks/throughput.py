@@ -14,6 +14,8 @@ stage 1 (layer4+fc), stage 2 (layer3+layer4+fc) and all layers:
       autograd and BN-folded, single-pixel layer4 as matrix products, ...).
   (c) ours + the frozen-feature cache (stages with a frozen prefix): only the suffix trains
       on cached prefix outputs; the one-off caching cost is reported beside it.
+  (e) on CUDA only: ours with every step eager ($FINETUNE_LAB_CUDA_GRAPHS=0's runtime), to
+      show what replaying the step as a CUDA graph brings ((b) and (c) use the graphs).
 
 Also: seconds per epoch on 50,000 images, evaluation images/s, peak resident memory,
 achieved FLOP/s against the CPU's fp32 peak, and a short accuracy comparison (fp32 vs the
@@ -42,7 +44,9 @@ from core.engine.data import DataSplits, ImageSet, Preprocess, decode_files, sca
 from core.engine.model import build_resnet18, frozen_prefix, physical_cores, set_trainable
 from core.engine.train import (
     CPU_BF16_ENV,
+    GRAPH_WARMUP_STEPS,
     Runtime,
+    StepGraph,
     TrainHooks,
     compute_features,
     cpu_has_native_bf16,
@@ -247,6 +251,9 @@ class Ours:
         self.features: torch.Tensor | None = None
         self.cache_s = 0.0
         self.gen = torch.Generator().manual_seed(0)
+        # One captured step per input kind, kept across windows as run_stages keeps it
+        # across a stage's epochs.
+        self.graphs = {False: StepGraph(), True: StepGraph()}
 
     def build_cache(self) -> float:
         """Compute the frozen prefix's features for every image; returns seconds."""
@@ -270,7 +277,7 @@ class Ours:
         _sync(self.runtime.device)
         m = train_one_epoch(self.model, sub, self.pre, self.runtime, self.opt, self.sched,
                             self.groups, "eval", BATCH, True, self.gen, lambda *a: None,
-                            lambda: False, feats)
+                            lambda: False, feats, self.graphs[cached])
         _sync(self.runtime.device)
         return m.images / m.seconds
 
@@ -352,6 +359,8 @@ def accuracy_check(data: ImageSet, classes, device, epochs: int, groups=("layer4
     stage = cfgmod.StageConfig(groups=tuple(groups), epochs=epochs, lr=0.05, schedule="cosine")
     out = {}
     variants = [("fp32 reference", base, False), ("default runtime", default_runtime(device), False)]
+    if default_runtime(device).cuda_graphs:  # the same, every step eager: graphs change no result
+        variants.append(("default, no CUDA graphs", replace(default_runtime(device), cuda_graphs=False), False))
     if with_cache and frozen_prefix(groups):
         variants.append(("default + feature cache", default_runtime(device), True))
     for name, rt, cache in variants:
@@ -417,6 +426,9 @@ def main(argv=None) -> int:
 
     plain = {s: Plain(train_dir, imf_idx, g, device) for s, g in STAGES.items()}
     ours = {s: Ours(data, g, runtime, pre) for s, g in STAGES.items()}
+    # On CUDA also ours with every step eager: what the CUDA graphs bring.
+    eager = ({s: Ours(data, g, replace(runtime, cuda_graphs=False), pre) for s, g in STAGES.items()}
+             if runtime.cuda_graphs else {})
     cacheable = [s for s, g in STAGES.items() if frozen_prefix(g)]
     # Warm the prefix kernels (first calls pick/JIT them) so the caching cost is steady-state.
     warm = Ours(data.subset(torch.arange(min(len(data), 1024))), STAGES["stage2"], runtime, pre)
@@ -426,12 +438,16 @@ def main(argv=None) -> int:
     cache_cost = {}
     for s in cacheable:
         cache_cost[s] = ours[s].build_cache()
-    # Warm-up: first calls allocate, pick kernels, start threads.
+    # Warm-up: first calls allocate, pick kernels, start threads; on CUDA the step graphs
+    # are captured here (after GRAPH_WARMUP_STEPS eager steps), not in a timed window.
+    warm_batches = GRAPH_WARMUP_STEPS + 2 if runtime.cuda_graphs else 2
     for s in STAGES:
         plain[s].window(2, seed=999)
-        ours[s].window(2, seed=999)
+        ours[s].window(warm_batches, seed=999)
+        if s in eager:
+            eager[s].window(warm_batches, seed=999)
         if s in cacheable:
-            ours[s].window(2, seed=999, cached=True)
+            ours[s].window(warm_batches, seed=999, cached=True)
 
     ips: dict[tuple[str, str], list[float]] = {}
     t_start = time.perf_counter()
@@ -439,6 +455,8 @@ def main(argv=None) -> int:
         for s in STAGES:
             ips.setdefault(("a", s), []).append(plain[s].window(n_batches, seed=r))
             ips.setdefault(("b", s), []).append(ours[s].window(n_batches, seed=r))
+            if s in eager:
+                ips.setdefault(("e", s), []).append(eager[s].window(n_batches, seed=r))
             if s in cacheable:
                 ips.setdefault(("c", s), []).append(ours[s].window(n_batches, seed=r, cached=True))
         log(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)")
@@ -461,6 +479,11 @@ def main(argv=None) -> int:
             return f"{med[(k, s)]:7.0f} [{min(v):5.0f}..{max(v):5.0f}]"
         ca = f"{med[('c', s)] / med[('a', s)]:6.2f}" if ("c", s) in med else f"{'':6s}"
         log(f"{s:8s} {cell('a')} {cell('b')} {med[('b', s)] / med[('a', s)]:6.2f} {cell('c')} {ca}")
+    if eager:
+        log("(e) ours with every step eager (no CUDA graphs), and what the graphs bring (b/e):")
+        for s in STAGES:
+            log(f"{s:8s} {med[('e', s)]:7.0f} [{min(ips[('e', s)]):5.0f}..{max(ips[('e', s)]):5.0f}]"
+                f"   b/e {med[('b', s)] / med[('e', s)]:5.2f}x")
 
     log("")
     log(f"Seconds per epoch of {EPOCH_IMAGES:,} images (training only)")
@@ -543,6 +566,10 @@ def main(argv=None) -> int:
         "all_speedup": round(med[("b", "all")] / med[("a", "all")], 3),
         "cache_speedup": round(med[("c", "stage1")] / med[("a", "stage1")], 3),
         "cache_speedup_stage2": round(med[("c", "stage2")] / med[("a", "stage2")], 3),
+        "cuda_graphs": runtime.cuda_graphs,
+        "graph_speedup": ({s: round(med[("b", s)] / med[("e", s)], 3) for s in STAGES}
+                          if eager else None),
+        "images_per_s_spread": {f"{k}/{s}": [round(min(v)), round(max(v))] for (k, s), v in ips.items()},
         "images_per_s": {f"{k}/{s}": round(v, 1) for (k, s), v in med.items()},
         "epoch_s_50k": {f"{k}/{s}": round(EPOCH_IMAGES / v, 1) for (k, s), v in med.items()},
         "cache_build_s_50k": {s: round(c * EPOCH_IMAGES / len(data), 1) for s, c in cache_cost.items()},

@@ -354,3 +354,19 @@ def test_estimate_without_a_store_does_not_create_one(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_LAB_DATA", str(tmp_path / "nowhere"))
     assert estimate_epoch_seconds(("fc",), 1000) == pytest.approx(model_epoch_seconds(("fc",), 1000))
     assert not os.path.exists(tmp_path / "nowhere")
+
+
+def test_evaluate_above_32_px_pools_like_the_model():
+    """At 64 px layer4's map is 2x2, not 1x1: evaluation must average-pool it as the
+    model does before fc (it used to feed fc the flattened map and fail)."""
+    m = _model_with_real_bn(classes=3)
+    pre = Preprocess(64)
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=g),
+                    torch.tensor([0, 1, 2, 0, 1, 2]), ["a", "b", "c"])
+    loss, _, pred = evaluate(m, data, pre, Runtime(CPU))
+    with torch.no_grad():
+        m.eval()
+        logits = m(pre.normalize(data.images))
+    assert loss == pytest.approx(F.cross_entropy(logits, data.labels).item(), rel=1e-4)
+    assert torch.equal(pred, logits.argmax(1))

@@ -5,6 +5,7 @@ preprocessing definition shared by training, evaluation and the classify page.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -87,8 +88,7 @@ class Preprocess:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 N x 3 x H x W (any device) -> normalised float32."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255.0
+        mean, std = _channel_constants(self.mean, self.std, x.device)
         return (x.float() - mean) / std
 
     def to_dict(self) -> dict:
@@ -97,6 +97,16 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(resolution=int(d["resolution"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constants(mean: tuple[float, float, float], std: tuple[float, float, float],
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of 0..255 pixel values as 1 x 3 x 1 x 1 tensors on `device`, made once
+    per device: a host-to-device copy per batch would wait for the GPU, and is not allowed
+    inside a CUDA graph capture at all."""
+    return ((torch.tensor(mean) * 255.0).view(1, 3, 1, 1).to(device),
+            (torch.tensor(std) * 255.0).view(1, 3, 1, 1).to(device))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -459,17 +469,38 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None,
                   pad: int | None = None, flip: bool = True) -> torch.Tensor:
     """Random crop with zero padding + horizontal flip, on a uint8 (or float) batch
     N x C x H x W at once: no per-image Python work. `pad` defaults to H/8 (4 at 32 px)."""
+    pad = crop_pad(x.shape[-2]) if pad is None else pad
+    return apply_crop_flip(x, draw_crop_flip(len(x), pad, generator, flip), pad)
+
+
+def crop_pad(height: int) -> int:
+    """The random crop's zero padding at `height` px: H/8 (4 at 32 px)."""
+    return max(1, height // 8)
+
+
+def draw_crop_flip(n: int, pad: int, generator: torch.Generator | None = None,
+                   flip: bool = True) -> torch.Tensor:
+    """The random numbers of one augmented batch of `n` images, drawn on the generator's
+    device (CPU) in augment_batch's order: a 3 x n int64 tensor of (row offset, column
+    offset, flip 0/1). Drawing an epoch's worth up front and copying it to the GPU once
+    keeps the per-batch work free of host-to-device copies that wait for the GPU."""
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    do_flip = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    return torch.stack([oy, ox, do_flip.long()])
+
+
+def apply_crop_flip(x: torch.Tensor, params: torch.Tensor, pad: int) -> torch.Tensor:
+    """augment_batch with its random numbers given (`params` from draw_crop_flip, on any
+    device; moved to x's). Only tensor ops on x's device: no host work, no sync, so it
+    can run inside a CUDA graph."""
     n, c, h, w = x.shape
-    pad = max(1, h // 8) if pad is None else pad
     dev = x.device
+    params = params.to(dev, non_blocking=True)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])  # n x h
-    cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])  # n x w
-    if flip:
-        do_flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
-        cols = torch.where(do_flip[:, None], cols.flip(1), cols)
+    rows = params[0][:, None] + torch.arange(h, device=dev)[None, :]  # n x h
+    cols = params[1][:, None] + torch.arange(w, device=dev)[None, :]  # n x w
+    cols = torch.where(params[2][:, None].bool(), cols.flip(1), cols)
     b = torch.arange(n, device=dev)[:, None, None, None]
     ch = torch.arange(c, device=dev)[None, :, None, None]
     return padded[b, ch, rows[:, None, :, None], cols[:, None, None, :]]

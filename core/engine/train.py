@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,10 @@ from core.engine.data import (  # noqa: F401 (Cancelled: re-exported, raised her
     DataSplits,
     ImageSet,
     Preprocess,
-    augment_batch,
+    apply_crop_flip,
     batch_indices,
+    crop_pad,
+    draw_crop_flip,
     steps_per_epoch,
     training_batches,
 )
@@ -236,14 +238,17 @@ class Runtime:
     fused_optimizer: bool = False  # one fused kernel per optimizer step (fewer memory passes)
     data_on_device: bool = False  # keep the uint8 data set on the accelerator when it fits
     eval_batch_size: int = EVAL_BATCH  # images per evaluation / feature-caching batch at 32 px
+    cuda_graphs: bool = False  # replay full training steps as CUDA graphs (see StepGraph)
 
     def eval_batch(self, resolution: int) -> int:
         """Evaluation batch at `resolution` px: eval_batch_size at 32 px, scaled down with
         the image area (same activation memory), never below EVAL_BATCH."""
         return max(EVAL_BATCH, min(self.eval_batch_size, self.eval_batch_size * 32 ** 2 // resolution ** 2))
 
-    def autocast(self):
-        return _autocast(self.device, self.autocast_dtype)
+    def autocast(self, cache: bool = True):
+        """`cache=False` inside a CUDA graph capture: autocast's cache of cast weights
+        would hold tensors from the capture's memory pool past it (same values either way)."""
+        return _autocast(self.device, self.autocast_dtype, cache)
 
     def frozen_autocast(self):
         return _autocast(self.device, self.frozen_dtype)
@@ -259,10 +264,10 @@ class Runtime:
         return x
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
     if dtype is None:
         return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 # Overrides bf16 detection on CPU: "0" forces the fp32 runtime (e.g. to measure what a CPU
@@ -295,25 +300,42 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+# "0" turns the CUDA-graph training step off (every step eager, e.g. to measure what the
+# graphs bring or to rule them out when something looks wrong); unset, empty or "1": on.
+CUDA_GRAPHS_ENV = "FINETUNE_LAB_CUDA_GRAPHS"
+
+
+def cuda_graphs_enabled() -> bool:
+    """Whether $FINETUNE_LAB_CUDA_GRAPHS lets CUDA runs replay their training step as a
+    graph (the one place it is read)."""
+    value = os.environ.get(CUDA_GRAPHS_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${CUDA_GRAPHS_ENV} must be 0, 1 or unset, not {value!r}")
+    return value != "0"
+
+
 def default_runtime(device: torch.device) -> Runtime:
     """The measured-fastest settings for `device` (see benchmarks/throughput.py)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        return cuda_runtime(device, torch.cuda.is_bf16_supported())
+        return cuda_runtime(device, torch.cuda.is_bf16_supported(), cuda_graphs_enabled())
     if device.type == "cpu":
         return cpu_runtime(cpu_has_native_bf16())
     return Runtime(device)
 
 
-def cuda_runtime(device: torch.device, bf16_supported: bool) -> Runtime:
+def cuda_runtime(device: torch.device, bf16_supported: bool, graphs: bool = True) -> Runtime:
     """AMP on CUDA: tensor cores, half the memory traffic; bf16 needs no loss scaling (a GPU
     without bf16 trains in fp32 rather than fp16 with a loss scaler). channels_last for
     the tensor cores' layout, the uint8 data set on the GPU (augmentation runs there too:
-    `augment_batch` indexes on the data's device), larger evaluation batches."""
+    its random numbers are drawn per epoch and copied once, then `apply_crop_flip` indexes
+    on the data's device), larger evaluation batches, and the training step replayed as a
+    CUDA graph (`graphs`): at 32 px a step is hundreds of tiny kernels, bound by their
+    launches, not by the GPU."""
     dtype = torch.bfloat16 if bf16_supported else None
     return Runtime(device, channels_last=True, autocast_dtype=dtype, frozen_dtype=dtype,
                    frozen_channels_last=True, eval_dtype=dtype, fused_optimizer=True,
-                   data_on_device=True, eval_batch_size=CUDA_EVAL_BATCH)
+                   data_on_device=True, eval_batch_size=CUDA_EVAL_BATCH, cuda_graphs=graphs)
 
 
 def cpu_runtime(native_bf16: bool) -> Runtime:
@@ -406,7 +428,7 @@ def evaluate(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime
             x = runtime.prepare(data.images[idx], pre,
                                 channels_last=runtime.channels_last or runtime.frozen_channels_last)
             y = data.labels[idx].to(runtime.device)
-            logits = model.fc(torch.flatten(body(x), 1)).float()
+            logits = model.fc(torch.flatten(model.avgpool(body(x)), 1)).float()
             total_loss += F.cross_entropy(logits, y, reduction="sum").double()
             preds.append(logits.argmax(1))
     pred = torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
@@ -428,17 +450,144 @@ def compute_features(model: nn.Module, data: ImageSet, prefix: Sequence[str], pr
     return torch.cat(out)
 
 
+# ---------------------------------------------------------------- the training step as a CUDA graph
+
+# Eager steps a StepGraph runs before it captures: cudnn's algorithm search, the fused
+# optimizer's momentum buffers and the allocator's blocks all settle in the first steps,
+# and a capture must find them settled. They are real training steps, not extra ones.
+GRAPH_WARMUP_STEPS = 3
+
+
+def graph_step_applies(runtime: Runtime, inputs_on_device: bool, batch_len: int,
+                       batch_size: int) -> bool:
+    """Whether a training step may run as the stage's CUDA graph: only on CUDA with graphs
+    on (`Runtime.cuda_graphs`, $FINETUNE_LAB_CUDA_GRAPHS), only when the images (or cached
+    features) and labels already sit on the GPU (a graph cannot hold a host-side gather or
+    a copy from pinned memory), and only for a full batch (the graph's shapes are fixed: a
+    ragged last batch runs eagerly)."""
+    return (runtime.cuda_graphs and runtime.device.type == "cuda" and inputs_on_device
+            and batch_len == batch_size)
+
+
+class StepGraph:
+    """One stage's training step (frozen prefix, forward, loss, backward and the epoch's
+    running sums) captured once as a CUDA graph and replayed for every full batch after:
+    one launch instead of hundreds. The fused optimizer step and the LR schedule stay
+    eager (the schedule changes the LR every step). Make one per stage (one optimizer)
+    and pass it to each of the stage's `train_one_epoch` calls; it starts over by itself
+    when called with another model, optimizer or step shape.
+
+    Replays compute exactly what the eager step computes: the same kernels on the same
+    inputs (the graph reads the weights and BatchNorm statistics in place, writes the
+    gradients the optimizer reads, and updates the running statistics in place)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.eager_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.runner: PrefixRunner | None = None  # the prefix the graph runs (frozen: a snapshot is right)
+        self.x = self.y = self.crops = self.loss = None  # the graph's static inputs and output
+        self.loss_sum = self.correct = None  # the graph's running sums, zeroed per epoch
+        self.grads: list[torch.Tensor | None] = []  # where the graph writes the gradients
+
+    def use(self, key: tuple) -> None:
+        """Starts over unless the step is the one captured (same model, optimizer, shapes)."""
+        if self.key != key:
+            self.__init__()
+            self.key = key
+
+    def capture(self, step: Callable[..., torch.Tensor], runner: PrefixRunner,
+                optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                crops: torch.Tensor | None, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        """Records `step(runner, x, y, crops, loss_sum, correct)` with these tensors as the
+        graph's static inputs and sums. Records only: `replay` then runs it."""
+        self.runner, self.x, self.y, self.crops = runner, x, y, crops
+        self.loss_sum, self.correct = loss_sum, correct
+        optimizer.zero_grad(set_to_none=True)  # backward allocates the grads inside the graph
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA calls (a worker's helpers) must not abort it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.loss = step(runner, x, y, crops, loss_sum, correct, cache_casts=False)
+        self.grads = [p.grad for p in _optimized_params(optimizer)]
+        self.graph = graph
+
+    def replay(self, inputs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
+               crops: torch.Tensor | None) -> torch.Tensor:
+        """One full batch through the graph: the batch is gathered into the static inputs
+        (2-3 launches), then the graph runs. Returns the batch's loss (a copy: the static
+        output is overwritten by the next replay)."""
+        torch.index_select(inputs, 0, idx, out=self.x)
+        torch.index_select(labels, 0, idx, out=self.y)
+        if crops is not None:
+            self.crops.copy_(crops)
+        self.graph.replay()
+        return self.loss.clone()
+
+    def restore_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        """After an eager step (which makes new gradient tensors), point the parameters at
+        the graph's gradient tensors again, for the optimizer steps after later replays."""
+        for p, g in zip(_optimized_params(optimizer), self.grads):
+            p.grad = g
+
+
+def _optimized_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _step_body(model: nn.Module, prefix: Sequence[str], runtime: Runtime, cached: bool, pad: int,
+               runner: PrefixRunner, x: torch.Tensor, y: torch.Tensor, crops: torch.Tensor | None,
+               loss_sum: torch.Tensor, correct: torch.Tensor, cache_casts: bool = True) -> torch.Tensor:
+    """One step up to the gradients, device work only (no host sync, so a CUDA graph can
+    hold it): augmentation (`crops` given), the frozen prefix without autograd, the
+    suffix under autocast, loss, backward, and the epoch's running sums. `x` is the uint8
+    batch, or the cached features (`cached`). Returns the batch loss (0-d)."""
+    if cached:
+        if runtime.autocast_dtype is None:
+            x = x.float()
+    else:
+        if crops is not None:
+            x = apply_crop_flip(x, crops, pad)
+        x = runner(x)  # the frozen prefix needs no autograd graph: no saved activations
+    if runtime.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with runtime.autocast(cache=cache_casts):
+        logits = forward_suffix(model, x, prefix)
+        loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    batch_loss = loss.detach()
+    loss_sum += batch_loss.double() * len(y)
+    correct += (logits.detach().argmax(1) == y).sum()
+    return batch_loss
+
+
+@contextmanager
+def _side_stream(on: bool):
+    """Runs the block on a side CUDA stream (the warm-up before a capture, as PyTorch's
+    CUDA-graph notes prescribe), ordered after and before the current stream's work."""
+    if not on:
+        yield
+        return
+    side, current = torch.cuda.Stream(), torch.cuda.current_stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
 def train_one_epoch(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: Runtime,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainable: Sequence[str],
                     bn_policy: str, batch_size: int, augment: bool, generator: torch.Generator,
                     on_step: Callable[[int, Any, float], None], should_stop: Callable[[], bool],
-                    features: torch.Tensor | None = None) -> EpochMetrics:
+                    features: torch.Tensor | None = None,
+                    step_graph: StepGraph | None = None) -> EpochMetrics:
     """One pass over `data`. Returns the epoch's mean train loss and accuracy.
 
     `on_step(batch_index, batch_loss, lr)` after every optimizer step (`batch_loss` is a
     0-d tensor: converting it waits for the device, so callers do it only when they log);
     `should_stop` is checked before every batch and raises Cancelled. With `features`, the
-    frozen prefix's cached outputs are the inputs and only the suffix runs.
+    frozen prefix's cached outputs are the inputs and only the suffix runs. On CUDA with
+    graphs on, full batches replay `step_graph`'s captured step (pass the stage's one so
+    it captures once per stage; without it, once per call).
     """
     start = time.perf_counter()
     set_train_mode(model, trainable, bn_policy)
@@ -446,41 +595,56 @@ def train_one_epoch(model: nn.Module, data: ImageSet, pre: Preprocess, runtime: 
     runner = PrefixRunner(model, prefix, bn_policy, runtime, pre)
     data = _device_set(data, runtime)
     dev = runtime.device
-    n = len(data)
-    batches = training_batches(n, batch_size, generator)
-    # Running sums stay on the device: no host sync per step.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    cached = features is not None
+    inputs = features if features is not None else data.images
+    batches = training_batches(len(data), batch_size, generator)
+    # The whole epoch's data order and augmentation draws (in the generator's per-batch
+    # order) go to the device once: no per-step host-to-device copy that waits for the GPU.
+    pad = crop_pad(data.images.shape[-2])
+    crops = None
+    if augment and not cached and batches:
+        crops = torch.cat([draw_crop_flip(len(b), pad, generator) for b in batches], 1).to(
+            inputs.device, non_blocking=True)
+    order = torch.cat(batches).to(inputs.device, non_blocking=True) if batches else None
+    labels = data.labels.to(inputs.device, non_blocking=True)
+    on_device = inputs.is_cuda and labels.is_cuda
+    graphs = step_graph if step_graph is not None else StepGraph()
+    graphs.use((model, optimizer, tuple(trainable), bn_policy, batch_size, crops is not None,
+                cached, tuple(inputs.shape[1:]), inputs.dtype, runtime, pre))
+    if graphs.graph is not None:
+        loss_sum, correct = graphs.loss_sum.zero_(), graphs.correct.zero_()
+    else:  # running sums stay on the device: no host sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+
+    def step(run: PrefixRunner, x, y, c, s, k, cache_casts=True):
+        return _step_body(model, prefix, runtime, cached, pad, run, x, y, c, s, k, cache_casts)
+
     seen = 0
-    for i, idx in enumerate(batches):
+    for i, b in enumerate(batches):
         if should_stop():
             raise Cancelled()
-        idx_dev = idx.to(data.images.device, non_blocking=True)
-        y = data.labels[idx_dev].to(dev, non_blocking=True)
-        if features is not None:
-            x = features[idx.to(features.device, non_blocking=True)].to(dev, non_blocking=True)
-            if runtime.autocast_dtype is None:
-                x = x.float()
+        idx = order[seen:seen + len(b)]
+        c = crops[:, seen:seen + len(b)] if crops is not None else None
+        graphed = graph_step_applies(runtime, on_device, len(b), batch_size)
+        if graphed and graphs.graph is not None:
+            batch_loss = graphs.replay(inputs, labels, idx, c)
+        elif graphed and graphs.eager_steps >= GRAPH_WARMUP_STEPS:
+            graphs.capture(step, runner, optimizer, inputs[idx], labels[idx].to(dev),
+                           None if c is None else c.clone(), loss_sum, correct)
+            batch_loss = graphs.replay(inputs, labels, idx, c)
         else:
-            xb = data.images[idx_dev]
-            if augment:
-                xb = augment_batch(xb, generator)
-            # The frozen prefix needs no autograd graph: no saved activations, no backward.
-            x = runner(xb)
-        if runtime.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
-            logits = forward_suffix(model, x, prefix)
-            loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            with _side_stream(graphed):  # warm-up before a capture
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss = step(runner, inputs[idx].to(dev, non_blocking=True),
+                                  labels[idx].to(dev, non_blocking=True), c, loss_sum, correct)
+            graphs.eager_steps += graphed
         lr = optimizer.param_groups[0]["lr"]  # the LR this step used (scheduler.step moves it on)
         optimizer.step()
+        if not graphed and graphs.graph is not None:
+            graphs.restore_grads(optimizer)
         scheduler.step()
-        batch_loss = loss.detach()
-        loss_sum += batch_loss.double() * len(idx)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(idx)
+        seen += len(b)
         on_step(i, batch_loss, lr)
     return EpochMetrics(loss_sum.item() / max(1, seen), correct.item() / max(1, seen), seen,
                         time.perf_counter() - start)
@@ -660,6 +824,7 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
         features = _stage_features(model, stage, splits.train, pre, runtime, lambda: hooks.on_progress(
             {"phase": "caching features", "stage": s_idx, "stages": len(cfg.stages),
              "fraction": first_epoch_global / cfg.total_epochs}))
+        step_graph = StepGraph()  # the stage's training step, captured once on CUDA
         if not done_in_stage:  # a resume mid-stage goes on with its counters, logged the row
             plateau = plateau.next_stage()
             hooks.on_metrics([(s_idx, float(first_epoch_global), step, "trainable_params",
@@ -672,7 +837,7 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
             train_metrics = train_one_epoch(
                 model, splits.train, pre, runtime, optimizer, scheduler, stage.groups,
                 stage.bn_policy, cfg.batch_size, cfg.augment and features is None, generator,
-                reporter.on_step, hooks.should_stop, features)
+                reporter.on_step, hooks.should_stop, features, step_graph)
             val_loss, val_acc, _ = evaluate(model, splits.val, pre, runtime,
                                             on_batch=reporter.on_val_batch)
             clock.end_epoch()
