@@ -144,6 +144,22 @@ def test_metric_figure_shades_and_labels_each_stage_and_shows_accuracy_in_percen
     assert fig.layout.xaxis.title.text == charts.EPOCH_AXIS
 
 
+def test_accuracy_axis_never_zooms_into_equal_values():
+    """Early in a run train and validation accuracy can be equal (seen: 72.2 % both, ticks
+    72.222221 .. 72.222222): the axis keeps one decimal and a span of a few points."""
+    f = frame({"train/acc": [(1, 0.7222222)], "val/acc": [(1, 0.7222222)]})
+    fig = charts.metric_figure(f, "acc", views.stage_bounds(TWO_STAGE))
+    low, high = fig.layout.yaxis.range
+    assert high - low == pytest.approx(charts.MIN_PERCENT_SPAN) and low < 72.2 < high
+    assert fig.layout.yaxis.tickformat == ".1f"
+    top = charts.metric_figure(frame({"val/acc": [(1, 1.0)]}), "acc",
+                               views.stage_bounds(TWO_STAGE))
+    assert top.layout.yaxis.range[1] == pytest.approx(100.0)  # never above 100 %
+    spread = charts.metric_figure(frame({"val/acc": [(1, 0.2), (2, 0.6)]}), "acc",
+                                  views.stage_bounds(TWO_STAGE))
+    assert spread.layout.yaxis.range is None  # a real spread: plotly's own range
+
+
 def test_lines_never_join_two_stages():
     """A stage that a plateau ended at epoch 1 of 2 leaves epoch 2 untrained: the line must
     break there, not run straight from stage 1's last point to stage 2's first."""

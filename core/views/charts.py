@@ -89,6 +89,7 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
     """Training and validation of one metric ('loss' or 'acc') on one chart.
     For loss, the per-step training loss is drawn faintly under the per-epoch mean."""
     fig = go.Figure()
+    shown: list[float] = []  # the epoch-level values drawn, in the axis's unit
     if metric == "loss":
         x, y = stage_series(frame, "train/step_loss")
         if x:
@@ -98,7 +99,9 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
         key = f"{split}/{metric}"
         x, y = stage_series(frame, key)
         if x:
-            fig.add_trace(go.Scatter(x=x, y=_scale(key, y), name="validation" if split == "val" else
+            scaled = _scale(key, y)
+            shown += [v for v in scaled if v is not None]
+            fig.add_trace(go.Scatter(x=x, y=scaled, name="validation" if split == "val" else
                                      "train (epoch)", mode="lines+markers",
                                      line={"color": color, "width": 2}))
     shade_stages(fig, bounds)
@@ -106,9 +109,25 @@ def metric_figure(frame: pd.DataFrame, metric: str, bounds: Sequence[tuple[float
     y_title = METRIC_LABELS[f"val/{metric}"][1]
     name = {"loss": "Loss", "acc": "Accuracy"}[metric]
     _layout(fig, f"{name}: training and validation", EPOCH_AXIS, y_title)
+    if metric == "acc":
+        _percent_axis(fig, shown)
     if bounds:
         fig.update_xaxes(range=[0, max(b[1] for b in bounds)])
     return fig
+
+
+MIN_PERCENT_SPAN = 2.0  # percentage points an accuracy axis shows at least
+
+
+def _percent_axis(fig: go.Figure, values: Sequence[float]) -> None:
+    """Accuracy in percent with one decimal, over at least MIN_PERCENT_SPAN points: early in
+    a run train and validation can be equal, and plotly then zooms into nothing (ticks like
+    72.2222215 %)."""
+    fig.update_yaxes(tickformat=".1f")
+    if values and max(values) - min(values) < MIN_PERCENT_SPAN:
+        mid = (max(values) + min(values)) / 2
+        low = min(max(0.0, mid - MIN_PERCENT_SPAN / 2), 100.0 - MIN_PERCENT_SPAN)
+        fig.update_yaxes(range=[low, low + MIN_PERCENT_SPAN])
 
 
 def lr_figure(frame: pd.DataFrame, bounds: Sequence[tuple[float, float, str]]) -> go.Figure:
