@@ -97,7 +97,7 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
                                     "gets the same number of epochs.")
     lr = s[1].select_slider("Learning rate", cfgmod.LR_GRID, value=cfgmod.PRESET_LR,
                             format_func=lambda v: f"{v:g}", key=P + "lr",
-                            help="The first stage's; later stages scale it as the preset does.")
+                            help="The preset's learning rate; each stage scales it as the preset says.")
     cap = s[2].number_input("Training images cap (0 = all)", 0, 1_000_000, ex.DEFAULT_IMAGE_CAP,
                             step=500, key=P + "cap",
                             help="Fewer images train faster, but too few (or too few epochs) "

@@ -282,7 +282,7 @@ def int8_accuracy(backbone: Path, data_root: Path, images: int, epochs: int) -> 
                          max_train_images=images, seed=SEED,
                          cache_dir=Path.home() / ".cache" / "finetune-lab-bench" / "decoded")
     torch.manual_seed(SEED)
-    base, _ = build_model(len(FINETUNE_CLASSES), "file", str(backbone))
+    base = build_model(len(FINETUNE_CLASSES), "file", str(backbone)).model
     base.eval()
     prefix = frozen_prefix(STAGES["stage1"])
     fp32 = Runtime(CPU)

@@ -54,11 +54,22 @@ BENCH_CACHE = Path.home() / ".cache" / "finetune-lab-bench"
 SEED = 0
 VAL_FRACTION = 0.1
 
+L4, L34, L234 = ("layer4", "fc"), ("layer3", "layer4", "fc"), ("layer2", "layer3", "layer4", "fc")
+
+
+def _stage(groups: tuple[str, ...], epochs: int, lr: float, cache: bool = False,
+           schedule: str = "onecycle", warmup: float = 0.0) -> cfgmod.StageConfig:
+    """A hand-picked stage; `warmup` in epochs (with one-cycle: its rising phase)."""
+    return cfgmod.StageConfig(groups=groups, epochs=epochs, lr=lr, schedule=schedule,
+                              feature_cache=cache, warmup_epochs=warmup)
+
+
 # Configs a user can pick (the presets at their defaults) and hand-picked recipes.
 # name -> (stages, batch size)
 CONFIGS: dict[str, tuple[tuple[cfgmod.StageConfig, ...], int]] = {
     "preset Two-stage": (cfgmod.preset_stages("Two-stage"), 128),
     "preset All at once": (cfgmod.preset_stages("All at once"), 128),
+    "preset Fast transfer": (cfgmod.preset_stages("Fast transfer"), 128),
     "all layers 2 ep one-cycle lr 0.03": (
         (cfgmod.StageConfig(groups=cfgmod.LAYER_GROUPS, epochs=2, lr=0.03, schedule="onecycle"),), 128),
     "all layers 1 ep one-cycle lr 0.03": (
@@ -66,9 +77,39 @@ CONFIGS: dict[str, tuple[tuple[cfgmod.StageConfig, ...], int]] = {
     "two-stage 1+1 ep one-cycle lr 0.03": (
         (cfgmod.StageConfig(groups=("layer4", "fc"), epochs=1, lr=0.03, schedule="onecycle"),
          cfgmod.StageConfig(groups=cfgmod.LAYER_GROUPS, epochs=1, lr=0.03, schedule="onecycle")), 128),
+    # Stages on the frozen prefix's cached outputs (no augmentation, a fraction of an
+    # epoch's cost), some followed by a short all-layers stage: the candidates measured for
+    # the Fast transfer preset (its table in benchmarks/README.md). "cache l2+l3+l4 2 ep
+    # cosine lr 0.05" is the preset at its defaults.
+    "cache l3+l4 3 ep one-cycle lr 0.03": (
+        (_stage(L34, 3, 0.03, cache=True),), 128),
+    "cache l4 2 ep -> all 1 ep one-cycle lr 0.03": (
+        (_stage(L4, 2, 0.03, cache=True), _stage(cfgmod.LAYER_GROUPS, 1, 0.03)), 128),
+    "cache l3+l4 2 ep -> all 1 ep one-cycle lr 0.03": (
+        (_stage(L34, 2, 0.03, cache=True), _stage(cfgmod.LAYER_GROUPS, 1, 0.03)), 128),
+    "cache l3+l4 1 ep one-cycle lr 0.03": ((_stage(L34, 1, 0.03, cache=True),), 128),
+    "cache l3+l4 2 ep one-cycle lr 0.03": ((_stage(L34, 2, 0.03, cache=True),), 128),
+    "cache l3+l4 1 ep one-cycle lr 0.01": ((_stage(L34, 1, 0.01, cache=True),), 128),
+    "cache l3+l4 2 ep one-cycle lr 0.01": ((_stage(L34, 2, 0.01, cache=True),), 128),
+    "cache l2+l3+l4 2 ep one-cycle lr 0.03": ((_stage(L234, 2, 0.03, cache=True),), 128),
+    "cache l2+l3+l4 2 ep one-cycle lr 0.05": ((_stage(L234, 2, 0.05, cache=True),), 128),
+    "cache l2+l3+l4 2 ep cosine lr 0.03": (
+        (_stage(L234, 2, 0.03, cache=True, schedule="cosine"),), 128),
+    "cache l2+l3+l4 3 ep one-cycle lr 0.03": ((_stage(L234, 3, 0.03, cache=True),), 128),
+    "cache l3+l4 2 ep one-cycle lr 0.05": ((_stage(L34, 2, 0.05, cache=True),), 128),
+    "cache l3+l4 2 ep cosine lr 0.03": ((_stage(L34, 2, 0.03, cache=True, schedule="cosine"),), 128),
+    "cache l3+l4 2 ep cosine lr 0.05": ((_stage(L34, 2, 0.05, cache=True, schedule="cosine"),), 128),
+    "cache l3+l4 2 ep one-cycle (0.3 ep up) lr 0.05": (
+        (_stage(L34, 2, 0.05, cache=True, warmup=0.3),), 128),
+    "cache l2+l3+l4 2 ep cosine lr 0.05": (
+        (_stage(L234, 2, 0.05, cache=True, schedule="cosine"),), 128),
+    "cache l2+l3+l4 2 ep one-cycle (0.3 ep up) lr 0.05": (
+        (_stage(L234, 2, 0.05, cache=True, warmup=0.3),), 128),
+    "l3+l4 2 ep one-cycle lr 0.03": ((_stage(L34, 2, 0.03),), 128),
+    "all layers 1 ep one-cycle lr 0.05": ((_stage(cfgmod.LAYER_GROUPS, 1, 0.05),), 128),
 }
-DEFAULT_CONFIGS = ("preset Two-stage", "preset All at once", "all layers 2 ep one-cycle lr 0.03",
-                   "all layers 1 ep one-cycle lr 0.03")
+DEFAULT_CONFIGS = ("preset Two-stage", "preset All at once", "preset Fast transfer",
+                   "all layers 2 ep one-cycle lr 0.03")
 
 
 def cpu_seconds() -> float:
@@ -187,7 +228,7 @@ def plain_run(split, backbone: Path, epochs: int, test_dir: Path) -> Curve:
     curve = Curve("plain")
     t0, c0 = time.perf_counter(), cpu_seconds()
     torch.manual_seed(SEED)
-    model, _ = build_model(len(FINETUNE_CLASSES), "file", str(backbone))
+    model = build_model(len(FINETUNE_CLASSES), "file", str(backbone)).model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(SEED)
     train = DataLoader(_Files(tr_paths, tr_labels, plain_transforms(True)), batch_size=128,

@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tag", action="append", default=[], dest="tags", metavar="TAG",
                    help="a tag on the run, repeatable (Overview and Compare filter by tag)")
     t.add_argument("--epochs", type=_positive_int, metavar="N", help=_epochs_help())
-    t.add_argument("--lr", type=float, help=f"learning rate of the first stage (presets only, "
-                   f"not with --config; default {cfgmod.PRESET_LR:g})")
+    t.add_argument("--lr", type=float, help=f"the preset's learning rate: the first stage's, "
+                   f"except Fast transfer's, {cfgmod.FAST_TRANSFER_LR_MULT:g}x it; later stages "
+                   f"scale it (presets only, not with --config; default {cfgmod.PRESET_LR:g})")
     for cls in (cfgmod.RunConfig, cfgmod.StageConfig):
         for f, spec in cfgmod.specs(cls):
             if spec.flag:

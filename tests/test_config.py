@@ -20,6 +20,19 @@ def test_presets_are_valid_and_match_the_recipe():
     assert len(cfgmod.preset_stages("Gradual")) == 3
 
 
+def test_fast_transfer_is_one_cached_stage_scaled_by_the_preset_knobs():
+    """Fast transfer: layer2..fc on the cached outputs of conv1+layer1, 2 x epochs (the total
+    of a two-stage preset), at FAST_TRANSFER_LR_MULT x the preset LR, cosine."""
+    [stage] = cfgmod.preset_stages("Fast transfer", epochs=3, lr=0.02)
+    assert stage.groups == ("layer2", "layer3", "layer4", "fc")
+    assert stage.feature_cache and stage.schedule == "cosine"
+    assert stage.epochs == 6
+    assert stage.lr == pytest.approx(cfgmod.FAST_TRANSFER_LR_MULT * 0.02)
+    # At the defaults its LR sits on the form's grid: New run shows it without an extra value.
+    assert cfgmod.preset_stages("Fast transfer")[0].lr in cfgmod.LR_GRID
+    assert "Fast transfer" in cfgmod.PRESETS and "Fast transfer" in cfgmod.PRESET_DESCRIPTIONS
+
+
 def test_errors_name_the_field_and_stage():
     cfg = cfgmod.with_stage(cfgmod.preset_config("Two-stage"), 1, lr=0.0)
     assert cfgmod.validate(cfg) == ["stage 2: learning rate must be greater than 0"]
