@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -230,6 +231,28 @@ class RunConfig:
     @property
     def total_epochs(self) -> int:
         return sum(s.epochs for s in self.stages)
+
+
+# ---------------------------------------------------------------- frozen prefix
+
+
+def frozen_prefix(trainable: Sequence[str]) -> list[str]:
+    """Groups before the first trainable one (input side): these need no autograd."""
+    prefix = []
+    for g in LAYER_GROUPS[:-1]:  # fc is never part of the feature extractor prefix
+        if g in trainable:
+            break
+        prefix.append(g)
+    return prefix
+
+
+def cached_prefix(stage: StageConfig) -> list[str]:
+    """The groups whose outputs a stage trains on from the feature cache: its frozen
+    prefix, when the stage asks for the cache and the prefix's BatchNorm statistics are
+    fixed (with bn_policy "train" they change every batch, so outputs cannot be cached).
+    Empty when the stage caches nothing."""
+    prefix = frozen_prefix(stage.groups)
+    return prefix if stage.feature_cache and stage.bn_policy != "train" else []
 
 
 # ---------------------------------------------------------------- presets

@@ -108,3 +108,58 @@ def test_run_time_loaders_never_pass_on_torchs_weights_only_advice(tmp_path):
         load_weights_file(path)
     for exc in (as_checkpoint.value, as_weights.value):
         assert "weights_only" not in str(exc) and "could run code" in str(exc), str(exc)
+
+
+# ---------------------------------------------------------------- feature cache memory
+
+
+def test_cached_values_per_image_match_the_real_network():
+    """The torch-free sizes (core.engine.model_info) against a real ResNet-18's outputs."""
+    from core.engine.model import forward_prefix
+    from core.engine.model_info import group_output_values
+
+    model = build_resnet18(3).eval()
+    for resolution in (32, 64, 100, 224):
+        x = torch.zeros(1, 3, resolution, resolution)
+        with torch.no_grad():
+            for i, group in enumerate(cfgmod.LAYER_GROUPS[:-1]):
+                out = forward_prefix(model, x, cfgmod.LAYER_GROUPS[:i + 1])
+                assert out[0].numel() == group_output_values(group, resolution), (group,
+                                                                                  resolution)
+
+
+def test_a_feature_cache_that_cannot_fit_in_memory_is_refused_with_the_figures():
+    """Fast transfer caches conv1+layer1 outputs: 200,704 values per image at 224 px, so
+    10,000 photos need 3.8-7.5 GB. A run that cannot fit is refused before it starts."""
+    from core.runs.disk import memory_problem
+
+    cfg = cfgmod.preset_config("Fast transfer", resolution=224, val_fraction=0.2)
+    images = 10_000  # 8,000 cached after the validation share
+    need_least = 8_000 * 200_704 * 2
+    problem, caution = memory_problem(cfg, images, available=need_least - 1)
+    assert problem and caution is None
+    assert "stage 1's feature cache holds 8,000 images' frozen-layer outputs at 224 px" in problem
+    assert "turn the feature cache off for that stage" in problem
+    problem, caution = memory_problem(cfg, images, available=need_least + 1)
+    assert problem is None and "more than half" in caution  # may fit: said, not refused
+    assert memory_problem(cfg, images, available=100 * need_least) == (None, None)
+    cheap = replace(cfg, resolution=32)  # 4,096 values per image: 31-63 MB
+    assert memory_problem(cheap, images, available=1024**3) == (None, None)
+    no_cache = cfgmod.preset_config("Two-stage", resolution=224)
+    assert memory_problem(no_cache, images, available=1) == (None, None)
+    trains_bn = cfgmod.with_stage(cfg, 0, bn_policy="train")  # outputs change: never cached
+    assert memory_problem(trains_bn, images, available=1) == (None, None)
+
+
+def test_preflight_refuses_a_run_whose_cache_exceeds_this_machines_memory(tiny_folder,
+                                                                          monkeypatch):
+    """Wired into the checks a submit and the New run page make (the machine's real
+    available memory stood in for by a small figure: the tiny folder's cache is ~5 MB)."""
+    from core.runs import preflight as pf
+
+    cfg = replace(tiny_config(tiny_folder), resolution=224,
+                  stages=cfgmod.preset_stages("Fast transfer", epochs=1))
+    assert preflight(cfg).train_images == 36
+    monkeypatch.setattr(pf, "available_memory", lambda: 1024**2)
+    with pytest.raises(PreflightError, match=r"memory: stage 1's feature cache"):
+        preflight(cfg)

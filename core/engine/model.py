@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import LAYER_GROUPS
+from core.config import LAYER_GROUPS, frozen_prefix  # noqa: F401  (re-exported: the engine's callers import it here)
 from core.engine.data import IMAGENET_MEAN, IMAGENET_STD
 from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path, load_refusal
 
@@ -66,16 +66,6 @@ def set_train_mode(model: nn.Module, trainable: Sequence[str], bn_policy: str) -
                     for mod in m.modules():
                         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                             mod.eval()
-
-
-def frozen_prefix(trainable: Sequence[str]) -> list[str]:
-    """Groups before the first trainable one (input side): these need no autograd."""
-    prefix = []
-    for g in LAYER_GROUPS[:-1]:  # fc is never part of the feature extractor prefix
-        if g in trainable:
-            break
-        prefix.append(g)
-    return prefix
 
 
 def forward_prefix(model: nn.Module, x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:

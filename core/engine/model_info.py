@@ -1,6 +1,6 @@
 """Facts about the ResNet-18 the app trains, without importing torch (the New run page
-imports this at start-up): parameters per layer group and where torch caches the ImageNet
-weights. tests/test_app_pages.py checks both against core.engine.model on a real model."""
+imports this at start-up): parameters per layer group, the size of each group's output, and
+where torch caches the ImageNet weights. tests/test_app_pages.py checks both against core.engine.model on a real model."""
 
 from __future__ import annotations
 
@@ -33,6 +33,23 @@ def resnet18_group_parameters(group: str, num_classes: int) -> int:
 def resnet18_parameters(groups: Iterable[str], num_classes: int) -> int:
     """Parameters of the given layer groups (like core.engine.model.count_parameters)."""
     return sum(resnet18_group_parameters(g, num_classes) for g in groups)
+
+
+# Channels of each group's output and its stride (input pixels per output pixel); conv1
+# includes the max pool. fc has no map.
+RESNET18_GROUP_OUTPUT = {"conv1": (64, 4), "layer1": (64, 4), "layer2": (128, 8),
+                         "layer3": (256, 16), "layer4": (512, 32)}
+
+
+def group_output_values(group: str, resolution: int) -> int:
+    """Values in one image's output of `group` (channels x side x side) at `resolution`
+    pixels: what the feature cache stores per image when the frozen prefix ends there.
+    Each stride-2 step rounds up (padding 1), like the convolutions."""
+    channels, stride = RESNET18_GROUP_OUTPUT[group]
+    side = resolution
+    for _ in range(stride.bit_length() - 1):
+        side = (side + 1) // 2
+    return channels * side * side
 
 
 def torch_hub_dir() -> Path:

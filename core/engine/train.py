@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import LAYER_GROUPS, RunConfig, StageConfig
+from core.config import LAYER_GROUPS, RunConfig, StageConfig, cached_prefix
 from core.engine.checkpoints import TrainingState
 from core.engine.data import (  # noqa: F401 (Cancelled: re-exported, raised here too)
     Cancelled,
@@ -764,8 +764,8 @@ def _onto_device(model: nn.Module, splits: DataSplits, runtime: Runtime) -> Data
 def _stage_features(model: nn.Module, stage: StageConfig, data: ImageSet, pre: Preprocess,
                     runtime: Runtime, report: Callable[[], None]) -> torch.Tensor | None:
     """The frozen prefix's cached outputs when the stage caches them (`report` first)."""
-    prefix = frozen_prefix(stage.groups)
-    if not (stage.feature_cache and prefix and not _prefix_bn_trains(stage)):
+    prefix = cached_prefix(stage)
+    if not prefix:
         return None
     report()
     return compute_features(model, data, prefix, pre, runtime)
@@ -858,12 +858,6 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                 break
     return TrainingResult(best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
                           epochs_run=last_epoch, seconds=time.perf_counter() - start)
-
-
-def _prefix_bn_trains(stage: StageConfig) -> bool:
-    """With BN policy "train", the frozen prefix's BN statistics change every batch, so its
-    outputs cannot be cached."""
-    return stage.bn_policy == "train"
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> list[list[int]]:

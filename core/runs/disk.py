@@ -1,5 +1,6 @@
-"""Will a run fit on the disk? Checked before it starts (core.runs.preflight), so a run is
-refused with the figures instead of failing with a full disk halfway. No torch import here.
+"""Will a run fit on the disk, and its feature cache in memory? Checked before it starts
+(core.runs.preflight), so a run is refused with the figures instead of failing with a full
+disk, or being killed for memory, halfway. No torch import here.
 """
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from core.config import RunConfig
+from core.config import RunConfig, cached_prefix
+from core.engine.model_info import group_output_values
 
 # A ResNet-18 checkpoint file (weights + config + classes), bytes; last.pt adds optimizer
 # state, which this rough figure leaves out.
@@ -41,3 +43,48 @@ def space_problem(cfg: RunConfig, images: int, data_dir: Path) -> str | None:
             f"{cfg.resolution} px and {checkpoint_files(cfg)} checkpoints of ~45 MB) but "
             f"{data_dir} has {free / MB:,.0f} MB free; free space, cap the images or lower the "
             f"resolution")
+
+
+# Bytes per cached value: bf16 on CPUs with native bf16 and on GPUs, fp32 elsewhere. Which
+# one the worker's runtime picks is known only there (it imports torch): the smaller is
+# the least a cache can take.
+CACHE_BYTES_PER_VALUE = (2, 4)
+
+
+def cached_images(cfg: RunConfig, images: int) -> int:
+    """Training images a feature cache holds: after the cap, without the validation share."""
+    capped = min(images, cfg.max_train_images) if cfg.max_train_images else images
+    return round(capped * (1 - cfg.val_fraction))
+
+
+def feature_cache_bytes(cfg: RunConfig, images: int) -> list[tuple[int, int, int]]:
+    """(stage number, least bytes, most bytes) of each stage's feature cache; one at a time
+    is held (a stage's cache is dropped when the next stage starts)."""
+    out = []
+    for number, stage in enumerate(cfg.stages, 1):
+        if prefix := cached_prefix(stage):
+            values = cached_images(cfg, images) * group_output_values(prefix[-1], cfg.resolution)
+            out.append((number, values * CACHE_BYTES_PER_VALUE[0],
+                        values * CACHE_BYTES_PER_VALUE[1]))
+    return out
+
+
+def memory_problem(cfg: RunConfig, images: int, available: int) -> tuple[str | None, str | None]:
+    """(why the run's feature cache cannot fit in `available` bytes of memory, or None;
+    a caution when it may not, or None)."""
+    caches = feature_cache_bytes(cfg, images)
+    if not caches:
+        return None, None
+    stage, least, most = max(caches, key=lambda c: c[1])
+    what = (f"stage {stage}'s feature cache holds {cached_images(cfg, images):,} images' "
+            f"frozen-layer outputs at {cfg.resolution} px")
+    fixes = ("turn the feature cache off for that stage, lower the resolution, or cap the "
+             "training images")
+    if least > available:
+        return (f"{what}: at least {least / MB:,.0f} MB, but {available / MB:,.0f} MB of memory "
+                f"is available; {fixes}"), None
+    if most > available // 2:
+        return None, (f"{what}: {least / MB:,.0f}-{most / MB:,.0f} MB, more than half of the "
+                      f"{available / MB:,.0f} MB of memory available now; if the run is killed "
+                      f"for memory, {fixes}")
+    return None, None

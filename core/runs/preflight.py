@@ -26,6 +26,17 @@ class PreflightReport:
     notes: list[str] = field(default_factory=list)
 
 
+CIFAR10_TRAIN_IMAGES = 50_000  # torchvision's CIFAR-10 training split
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can give a new process now (psutil: free plus
+    reclaimable caches). On a cluster the worker's node may have more or less."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def input_paths(cfg: RunConfig) -> list[Path]:
     """The files and folders a run reads besides the store: an image-folder data set and a
     weights file."""
@@ -80,11 +91,17 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
         if not imagenet_weights_path().exists():
             report.notes.append("ImageNet weights are not cached yet: they will be downloaded "
                                 "when the run starts (offline, pick random, file or run weights)")
-    from core.runs.disk import space_problem  # the worker helper's figures (12.2)
+    from core.runs.disk import memory_problem, space_problem  # the worker helper's figures (12.2)
     from core.settings import data_dir
 
     if problem := space_problem(cfg, report.train_images, store.root if store else data_dir()):
         errors.append(f"disk: {problem}")
+    images = report.train_images if cfg.data_source == "folder" else CIFAR10_TRAIN_IMAGES
+    problem, caution = memory_problem(cfg, images, available_memory())
+    if problem:
+        errors.append(f"memory: {problem}")
+    if caution:
+        report.notes.append(caution)
     if errors:
         raise PreflightError(errors)
     return report
