@@ -28,6 +28,7 @@ from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
 from core.engine.model_info import imagenet_weights_path
 from core.engine.paths import DATA_ROOTS_ENV, PathNotAllowed, cifar10_dir, data_roots, resolve_user_path
 from core.runs import jobs
+from core.runs.preflight import available_memory
 from core.runs.store import RunStore, StoreError
 from core.views import charts
 from core.views.tables import fmt_count, fmt_duration, run_label
@@ -327,6 +328,8 @@ def summary(plan: planning.RunPlan, cfg: RunConfig,
     offline_notes(cfg)
     for e in plan.errors:
         st.error(e)
+    for c in plan.cautions:
+        st.warning(c, icon=":material/memory:")
     if any(e.startswith(("data folder:", "weights file:")) and DATA_ROOTS_ENV in e
            for e in plan.errors):
         roots = os.pathsep.join(str(r) for r in data_roots())
@@ -390,7 +393,7 @@ repeats = repeat_cols[0].number_input(
     "Repeat with N seeds", min_value=1, max_value=10, step=1, key=f"{P}repeats",
     help="Queue N runs with seeds seed, seed+1, ... as one group: Compare draws them as mean ± std.")
 epoch_seconds, estimates = estimates_of(store)
-plan = planning.plan_run(cfg, scan, path_errors, int(repeats), epoch_seconds)
+plan = planning.plan_run(cfg, scan, path_errors, int(repeats), epoch_seconds, available_memory())
 with summary_area:
     summary(plan, cfg, estimates)
 start(store, cfg, plan, repeat_cols[1])

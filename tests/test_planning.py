@@ -130,3 +130,14 @@ def test_plan_with_the_real_scan_estimate_and_store(tiny_folder: Path, tmp_path)
     assert (plan.train_images, plan.val_images) == (27, 9)  # 36 images, a quarter held out
     assert plan.stages[0].epoch_seconds == model_epoch_seconds(("layer4", "fc"), 27, 32)
     assert plan.errors == ()
+
+
+def test_new_runs_plan_refuses_a_feature_cache_that_cannot_fit_and_cautions_near_it():
+    """The form says it before Start (the same check as the submit's preflight)."""
+    cfg = cfgmod.preset_config("Fast transfer", resolution=224)  # CIFAR-10: 45,000 cached
+    least = 45_000 * 200_704 * 2
+    refused = plan_run(cfg, None, [], 1, Estimates(), available_memory=least // 2)
+    assert any(e.startswith("memory: Stage 1's feature cache") for e in refused.errors)
+    near = plan_run(cfg, None, [], 1, Estimates(), available_memory=least + 1)
+    assert not near.errors and "more than half" in near.cautions[0]
+    assert plan_run(cfg, None, [], 1, Estimates()).cautions == ()  # not asked: not checked

@@ -138,7 +138,7 @@ def test_a_feature_cache_that_cannot_fit_in_memory_is_refused_with_the_figures()
     need_least = 8_000 * 200_704 * 2
     problem, caution = memory_problem(cfg, images, available=need_least - 1)
     assert problem and caution is None
-    assert "stage 1's feature cache holds 8,000 images' frozen-layer outputs at 224 px" in problem
+    assert "Stage 1's feature cache holds 8,000 images' frozen-layer outputs at 224 px" in problem
     assert "turn the feature cache off for that stage" in problem
     problem, caution = memory_problem(cfg, images, available=need_least + 1)
     assert problem is None and "more than half" in caution  # may fit: said, not refused
@@ -161,5 +161,5 @@ def test_preflight_refuses_a_run_whose_cache_exceeds_this_machines_memory(tiny_f
                   stages=cfgmod.preset_stages("Fast transfer", epochs=1))
     assert preflight(cfg).train_images == 36
     monkeypatch.setattr(pf, "available_memory", lambda: 1024**2)
-    with pytest.raises(PreflightError, match=r"memory: stage 1's feature cache"):
+    with pytest.raises(PreflightError, match=r"memory: Stage 1's feature cache"):
         preflight(cfg)

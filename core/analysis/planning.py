@@ -16,6 +16,7 @@ from core import config as cfgmod
 from core.config import LAYER_GROUPS, RunConfig
 from core.engine.image_types import train_test_folders
 from core.engine.model_info import resnet18_parameters
+from core.runs.disk import memory_problem
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -95,6 +96,7 @@ class RunPlan:
     stages: tuple[StagePlan, ...]
     errors: tuple[str, ...]  # path problems first, then config problems
     seeds: tuple[int, ...]  # one run per seed
+    cautions: tuple[str, ...] = ()  # may not work (e.g. memory), said but not refused
 
 
 def collect_errors(cfg: RunConfig, path_errors: Sequence[str]) -> tuple[str, ...]:
@@ -107,10 +109,12 @@ def collect_errors(cfg: RunConfig, path_errors: Sequence[str]) -> tuple[str, ...
 
 
 def plan_run(cfg: RunConfig, scan: FolderScan | None, path_errors: Sequence[str],
-             repeats: int, epoch_seconds: EpochEstimate) -> RunPlan:
+             repeats: int, epoch_seconds: EpochEstimate,
+             available_memory: int | None = None) -> RunPlan:
     """The plan of `cfg` (and `repeats` runs with seeds seed, seed+1, ...). `scan`: the data
     folder of a folder run (None when there is none yet); `path_errors`: paths the form
-    refused."""
+    refused; `available_memory`: bytes this machine can give a run now, to size feature
+    caches against (None: not checked)."""
     errors = list(path_errors)
     if scan is not None and scan.error:
         errors.append(f"data folder: {scan.error}")
@@ -141,6 +145,11 @@ def plan_run(cfg: RunConfig, scan: FolderScan | None, path_errors: Sequence[str]
                                                s.feature_cache, device)
                                  if n_train and s.groups else None))
         for s in cfg.stages)
+    cautions: list[str] = []
+    if available_memory is not None:
+        problem, caution = memory_problem(cfg, pool, available_memory)  # the submit's check
+        errors += [f"memory: {problem}"] if problem else []
+        cautions += [caution] if caution else []
     return RunPlan(num_classes=num_classes, train_images=n_train, val_images=pool - n_train,
                    test_images=test, stages=stages, errors=collect_errors(cfg, errors),
-                   seeds=tuple(cfg.seed + k for k in range(repeats)))
+                   seeds=tuple(cfg.seed + k for k in range(repeats)), cautions=tuple(cautions))

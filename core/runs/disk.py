@@ -15,6 +15,7 @@ from core.engine.model_info import group_output_values
 # state, which this rough figure leaves out.
 CHECKPOINT_BYTES = 45 * 1024**2
 MB = 1024**2
+GB = 1024**3
 
 
 def checkpoint_files(cfg: RunConfig) -> int:
@@ -76,15 +77,15 @@ def memory_problem(cfg: RunConfig, images: int, available: int) -> tuple[str | N
     if not caches:
         return None, None
     stage, least, most = max(caches, key=lambda c: c[1])
-    what = (f"stage {stage}'s feature cache holds {cached_images(cfg, images):,} images' "
+    what = (f"Stage {stage}'s feature cache holds {cached_images(cfg, images):,} images' "
             f"frozen-layer outputs at {cfg.resolution} px")
     fixes = ("turn the feature cache off for that stage, lower the resolution, or cap the "
              "training images")
     if least > available:
-        return (f"{what}: at least {least / MB:,.0f} MB, but {available / MB:,.0f} MB of memory "
-                f"is available; {fixes}"), None
+        return (f"{what}: at least {least / GB:,.1f} GB, but {available / GB:,.1f} GB of "
+                f"memory is available. To start it, {fixes}."), None
     if most > available // 2:
-        return None, (f"{what}: {least / MB:,.0f}-{most / MB:,.0f} MB, more than half of the "
-                      f"{available / MB:,.0f} MB of memory available now; if the run is killed "
-                      f"for memory, {fixes}")
+        return None, (f"{what}: {least / GB:,.1f}-{most / GB:,.1f} GB, more than half of the "
+                      f"{available / GB:,.1f} GB of memory available now. If the run is killed "
+                      f"for memory, {fixes}.")
     return None, None
