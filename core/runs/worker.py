@@ -125,7 +125,10 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
     from core.engine.model import physical_cores, resolve_device
     from core.engine.train import default_runtime
 
-    lower_priority()
+    # The worker keeps its launcher's CPU priority. At nice 10 (tried for the white page of
+    # issue 12.7, whose cause was a browser race, not CPU), one ordinary process keeping a
+    # core busy made its other thread wait at every parallel region: all layers 25 img/s
+    # against 424 at nice 0, 2 threads, Zen 5 (benchmarks/README.md, "Beside other work").
     torch.set_num_threads(cfg.threads or physical_cores())
     torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
     device = resolve_device(cfg.device)
@@ -133,19 +136,6 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
     return default_runtime(device)
 
 
-# Niceness of a training process: the dashboard's server (nice 0) gets the CPU first when
-# it needs it, so a live page on a busy 2-core machine keeps answering (issue 12.7).
-WORKER_NICENESS = 10
-
-
-def lower_priority() -> None:
-    """Run this process at WORKER_NICENESS (never raise its priority back)."""
-    try:
-        current = os.nice(0)
-        if current < WORKER_NICENESS:
-            os.nice(WORKER_NICENESS - current)
-    except OSError as exc:
-        log.warning("could not lower the worker's CPU priority: %s", exc)
 
 
 def load_data(store: RunStore, cfg: cfgmod.RunConfig,
