@@ -233,6 +233,19 @@ class RunConfig:
         return sum(s.epochs for s in self.stages)
 
 
+def training_images(cfg: RunConfig, found: int, has_test_split: bool
+                    ) -> tuple[int, int, int | None]:
+    """(images split into training and validation, of which training, test images or None
+    when the data set has its own test split) from the `found` images of a run's training
+    source: without a test split the test share comes off first, then the cap, then the
+    validation share."""
+    pool = int(found * (1 if has_test_split else 1 - cfg.test_fraction))
+    test = None if has_test_split else found - pool
+    if cfg.max_train_images:
+        pool = min(pool, cfg.max_train_images)
+    return pool, int(pool * (1 - cfg.val_fraction)), test
+
+
 # ---------------------------------------------------------------- frozen prefix
 
 

@@ -134,21 +134,22 @@ def test_a_feature_cache_that_cannot_fit_in_memory_is_refused_with_the_figures()
     from core.runs.disk import memory_problem
 
     cfg = cfgmod.preset_config("Fast transfer", resolution=224, val_fraction=0.2)
-    images = 10_000  # 8,000 cached after the validation share
+    _, cached, _ = cfgmod.training_images(cfg, 10_000, has_test_split=True)
+    assert cached == 8_000  # after the validation share
     need_least = 8_000 * 200_704 * 2
-    problem, caution = memory_problem(cfg, images, available=need_least - 1)
+    problem, caution = memory_problem(cfg, cached, available=need_least - 1)
     assert problem and caution is None
     assert "Stage 1's feature cache holds 8,000 images' frozen-layer outputs at 224 px" in problem
     assert "turn the feature cache off for that stage" in problem
-    problem, caution = memory_problem(cfg, images, available=need_least + 1)
+    problem, caution = memory_problem(cfg, cached, available=need_least + 1)
     assert problem is None and "more than half" in caution  # may fit: said, not refused
-    assert memory_problem(cfg, images, available=100 * need_least) == (None, None)
+    assert memory_problem(cfg, cached, available=100 * need_least) == (None, None)
     cheap = replace(cfg, resolution=32)  # 4,096 values per image: 31-63 MB
-    assert memory_problem(cheap, images, available=1024**3) == (None, None)
+    assert memory_problem(cheap, cached, available=1024**3) == (None, None)
     no_cache = cfgmod.preset_config("Two-stage", resolution=224)
-    assert memory_problem(no_cache, images, available=1) == (None, None)
+    assert memory_problem(no_cache, cached, available=1) == (None, None)
     trains_bn = cfgmod.with_stage(cfg, 0, bn_policy="train")  # outputs change: never cached
-    assert memory_problem(trains_bn, images, available=1) == (None, None)
+    assert memory_problem(trains_bn, cached, available=1) == (None, None)
 
 
 def test_preflight_refuses_a_run_whose_cache_exceeds_this_machines_memory(tiny_folder,

@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import config as cfgmod
-from core.config import LAYER_GROUPS, RunConfig
+from core.config import LAYER_GROUPS, RunConfig, training_images
 from core.engine.image_types import train_test_folders
 from core.engine.model_info import resnet18_parameters
+from core.engine.paths import (
+    CIFAR10_CLASSES,
+    CIFAR10_TEST_IMAGES_PER_CLASS,
+    cifar10_train_images,
+)
 from core.runs.disk import memory_problem
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
-CIFAR10_TRAIN_IMAGES_PER_CLASS = 5000
-CIFAR10_TEST_IMAGES_PER_CLASS = 1000
 CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 reads (and downloads)
 
 
@@ -121,18 +122,14 @@ def plan_run(cfg: RunConfig, scan: FolderScan | None, path_errors: Sequence[str]
     scan_classes = scan.classes if scan is not None and not scan.error else ()
     if cfg.data_source == "cifar10":
         num_classes = len(cfg.classes) or len(CIFAR10_CLASSES)
-        pool = CIFAR10_TRAIN_IMAGES_PER_CLASS * num_classes
+        pool, n_train, _ = training_images(cfg, cifar10_train_images(cfg.classes), True)
         test: int | None = CIFAR10_TEST_IMAGES_PER_CLASS * num_classes
     else:
         num_classes = len(cfg.classes) or len(scan_classes) or len(CIFAR10_CLASSES)
         counts = scan.train_images if scan is not None else {}
         found = sum(counts[c] for c in (cfg.classes or scan_classes) if c in counts)
-        split = scan is not None and scan.has_test_split
-        pool = int(found * (1 if split else 1 - cfg.test_fraction))
-        test = None if split else found - pool
-    if cfg.max_train_images:
-        pool = min(pool, cfg.max_train_images)
-    n_train = int(pool * (1 - cfg.val_fraction))
+        pool, n_train, test = training_images(cfg, found,
+                                              scan is not None and scan.has_test_split)
 
     total = resnet18_parameters(LAYER_GROUPS, num_classes)
     # Measured speeds from earlier runs on the same kind of device count; "auto" uses any.
@@ -147,7 +144,7 @@ def plan_run(cfg: RunConfig, scan: FolderScan | None, path_errors: Sequence[str]
         for s in cfg.stages)
     cautions: list[str] = []
     if available_memory is not None:
-        problem, caution = memory_problem(cfg, pool, available_memory)  # the submit's check
+        problem, caution = memory_problem(cfg, n_train, available_memory)  # the submit's check
         errors += [f"memory: {problem}"] if problem else []
         cautions += [caution] if caution else []
     return RunPlan(num_classes=num_classes, train_images=n_train, val_images=pool - n_train,

@@ -27,6 +27,18 @@ def default_datasets_dir() -> Path:
     return StoreLayout.default().datasets
 
 
+# What torchvision's CIFAR-10 holds (planning sizes a run by these before it is downloaded).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR10_TRAIN_IMAGES_PER_CLASS = 5000
+CIFAR10_TEST_IMAGES_PER_CLASS = 1000
+
+
+def cifar10_train_images(classes: Sequence[str]) -> int:
+    """CIFAR-10 training images of `classes` (empty: all ten)."""
+    return CIFAR10_TRAIN_IMAGES_PER_CLASS * (len(classes) or len(CIFAR10_CLASSES))
+
+
 def cifar10_dir(data_path: str = "") -> Path:
     """Where CIFAR-10 is read from (and downloaded to): a run's data_path if it names one,
     else `<datasets>/cifar10`."""

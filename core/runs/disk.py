@@ -52,32 +52,27 @@ def space_problem(cfg: RunConfig, images: int, data_dir: Path) -> str | None:
 CACHE_BYTES_PER_VALUE = (2, 4)
 
 
-def cached_images(cfg: RunConfig, images: int) -> int:
-    """Training images a feature cache holds: after the cap, without the validation share."""
-    capped = min(images, cfg.max_train_images) if cfg.max_train_images else images
-    return round(capped * (1 - cfg.val_fraction))
-
-
-def feature_cache_bytes(cfg: RunConfig, images: int) -> list[tuple[int, int, int]]:
-    """(stage number, least bytes, most bytes) of each stage's feature cache; one at a time
-    is held (a stage's cache is dropped when the next stage starts)."""
+def feature_cache_bytes(cfg: RunConfig, cached: int) -> list[tuple[int, int, int]]:
+    """(stage number, least bytes, most bytes) of each stage's feature cache of `cached`
+    training images; one at a time is held (a stage's cache is dropped when the next stage
+    starts)."""
     out = []
     for number, stage in enumerate(cfg.stages, 1):
         if prefix := cached_prefix(stage):
-            values = cached_images(cfg, images) * group_output_values(prefix[-1], cfg.resolution)
+            values = cached * group_output_values(prefix[-1], cfg.resolution)
             out.append((number, values * CACHE_BYTES_PER_VALUE[0],
                         values * CACHE_BYTES_PER_VALUE[1]))
     return out
 
 
-def memory_problem(cfg: RunConfig, images: int, available: int) -> tuple[str | None, str | None]:
-    """(why the run's feature cache cannot fit in `available` bytes of memory, or None;
-    a caution when it may not, or None)."""
-    caches = feature_cache_bytes(cfg, images)
+def memory_problem(cfg: RunConfig, cached: int, available: int) -> tuple[str | None, str | None]:
+    """(why the run's feature cache of `cached` training images cannot fit in `available`
+    bytes of memory, or None; a caution when it may not, or None)."""
+    caches = feature_cache_bytes(cfg, cached)
     if not caches:
         return None, None
     stage, least, most = max(caches, key=lambda c: c[1])
-    what = (f"Stage {stage}'s feature cache holds {cached_images(cfg, images):,} images' "
+    what = (f"Stage {stage}'s feature cache holds {cached:,} images' "
             f"frozen-layer outputs at {cfg.resolution} px")
     fixes = ("turn the feature cache off for that stage, lower the resolution, or cap the "
              "training images")

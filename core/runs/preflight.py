@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import ConfigError, RunConfig
+from core.config import ConfigError, RunConfig, training_images
+from core.engine.paths import cifar10_train_images
 
 
 class PreflightError(ConfigError):
@@ -24,9 +25,6 @@ class PreflightReport:
     train_images: int = 0  # image files found (before the cap and the validation split)
     skipped_files: int = 0  # non-image files that will be ignored
     notes: list[str] = field(default_factory=list)
-
-
-CIFAR10_TRAIN_IMAGES = 50_000  # torchvision's CIFAR-10 training split
 
 
 def available_memory() -> int:
@@ -54,12 +52,14 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
 
     report = PreflightReport()
     errors: list[str] = []
+    has_test_split = cfg.data_source == "cifar10"  # a folder's: its train/ + test/ layout
     if cfg.data_source == "folder":
         root = Path(cfg.data_path).expanduser()
         try:
             if not root.is_dir():
                 raise DataError(f"data folder {root} does not exist; check the path")
             parts = train_test_folders(root)
+            has_test_split = bool(parts)
             if parts:
                 names, files, skipped = scan_folder(parts[0], cfg.classes)
                 test_names, _, test_skipped = scan_folder(parts[1], cfg.classes)
@@ -96,8 +96,10 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
 
     if problem := space_problem(cfg, report.train_images, store.root if store else data_dir()):
         errors.append(f"disk: {problem}")
-    images = report.train_images if cfg.data_source == "folder" else CIFAR10_TRAIN_IMAGES
-    problem, caution = memory_problem(cfg, images, available_memory())
+    found = (report.train_images if cfg.data_source == "folder"
+             else cifar10_train_images(cfg.classes))
+    _, cached, _ = training_images(cfg, found, has_test_split)
+    problem, caution = memory_problem(cfg, cached, available_memory())
     if problem:
         errors.append(f"memory: {problem}")
     if caution:
