@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.summary import emit_summary
 from benchmarks.throughput import DEFAULT_DATA, STAGES, cpu_model, folder_listing, load_ours, log
 from core import config as cfgmod
 from core.config import LAYER_GROUPS
@@ -469,7 +469,7 @@ def main(argv=None) -> int:
             f"feature relative error {r['feature_rel_error']:.3f}; quantizing took {r['quantize_s']:.1f} s")
         out["int8_accuracy"] = {k: round(v, 4) for k, v in r.items()}
 
-    print(json.dumps(out, sort_keys=True), flush=True)
+    emit_summary(out)
     return 0
 
 

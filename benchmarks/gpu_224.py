@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.summary import emit_summary
+
 RESOLUTION = 224
 
 
@@ -264,11 +266,8 @@ def main(argv=None) -> int:
                 "recipe_total": round(sum(f["epoch_s"]) / sum(last["epoch_s"]), 3)}
             log(f"    fastai/ours: {verdict[precision]}")
     summary["fastai_over_ours"] = verdict
-    line = json.dumps(summary, sort_keys=True)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
     log("")
-    print(line, flush=True)
+    emit_summary(summary, args.json_out)
     return 0
 
 

@@ -7,13 +7,14 @@ on), plus fast-path equalities on the device. Exit status 0 = all good.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from benchmarks.summary import emit_summary
 
 
 def main(argv=None) -> int:
@@ -72,10 +73,7 @@ def main(argv=None) -> int:
             out[f"run_cache_{cache}"] = res
             ok = ok and status == "finished" and str(res["device"]).startswith(args.device)
     out["ok"] = ok
-    line = json.dumps(out, sort_keys=True)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    print(line)
+    emit_summary(out, args.json_out)
     return 0 if ok else 1
 
 

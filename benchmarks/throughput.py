@@ -25,7 +25,6 @@ default runtime vs the feature cache). The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.summary import emit_summary
 from core import config as cfgmod
 from core.config import LAYER_GROUPS
 from core.engine.data import DataSplits, ImageSet, Preprocess, decode_files, scan_folder, stratified_split
@@ -585,12 +585,8 @@ def main(argv=None) -> int:
     }
     if device.type == "cuda":
         summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)
-    line = json.dumps(summary, sort_keys=True)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(line + "\n")
     log("")
-    print(line, flush=True)
+    emit_summary(summary, args.json_out)
     return 0
 
 

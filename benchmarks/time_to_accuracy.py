@@ -31,7 +31,6 @@ change, metric logging) as a share of the epoch. The last line printed is one JS
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.summary import emit_summary
 from benchmarks.throughput import DEFAULT_DATA, cpu_model, log, plain_transforms
 from core import config as cfgmod
 from core.engine.data import ImageSet, cap_stratified, scan_folder, stratified_split
@@ -479,10 +479,7 @@ def main(argv=None) -> int:
         "total_s": {c.name: round(c.points[-1][0], 1) for c in curves},
         "curves": {c.name: [(round(t, 1), round(a, 4)) for t, a in c.points] for c in curves},
     }
-    line = json.dumps(summary, sort_keys=True)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    print(line, flush=True)
+    emit_summary(summary, args.json_out)
     return 0
 
 
