@@ -133,6 +133,21 @@ def profile_step(data: ImageSet, groups, runtime: Runtime, pre: Preprocess, batc
     return {k: statistics.median(v) for k, v in rows.items()}
 
 
+def interleaved_ms(first, second, steps: int) -> tuple[float, float]:
+    """Median milliseconds of `first()` and `second()` over `steps` rounds, alternating them
+    in each round so other load on the machine hits both alike."""
+    a_ms, b_ms = [], []
+    for _ in range(steps):
+        a = time.perf_counter()
+        first()
+        b = time.perf_counter()
+        second()
+        c = time.perf_counter()
+        a_ms.append((b - a) * 1000)
+        b_ms.append((c - b) * 1000)
+    return statistics.median(a_ms), statistics.median(b_ms)
+
+
 def profiler_top(data: ImageSet, groups, runtime: Runtime, pre: Preprocess, batch: int,
                  top: int = 14) -> str:
     from torch.profiler import ProfilerActivity, profile
@@ -233,19 +248,11 @@ def compile_prefix(data: ImageSet, runtime: Runtime, pre: Preprocess, steps: int
             compiled(x)
             first = time.perf_counter() - t0
             err = (compiled(x).float() - folded(x).float()).abs().max().item()
-            eager, comp = [], []
-            for _ in range(steps):
-                a = time.perf_counter()
-                folded(x)
-                b = time.perf_counter()
-                compiled(x)
-                c = time.perf_counter()
-                eager.append((b - a) * 1000)
-                comp.append((c - b) * 1000)
+            eager_ms, compiled_ms = interleaved_ms(lambda: folded(x), lambda: compiled(x), steps)
     finally:
         icfg.freezing = False
-    return {"first_call_s": first, "eager_ms": statistics.median(eager),
-            "compiled_ms": statistics.median(comp), "max_abs_diff": err}
+    return {"first_call_s": first, "eager_ms": eager_ms, "compiled_ms": compiled_ms,
+            "max_abs_diff": err}
 
 
 # ---------------------------------------------------------------- 4. int8 prefix
@@ -339,19 +346,10 @@ def int8_prefix(data: ImageSet, runtime: Runtime, pre: Preprocess, steps: int) -
         rel = ((out - ref).norm() / ref.norm()).item()
         cos = F.cosine_similarity(out.flatten(1), ref.flatten(1)).mean().item()
         xc = x.contiguous(memory_format=torch.channels_last)
-        f32, i8 = [], []
         for _ in range(2):
             folded(xc), q(x)
-        for _ in range(steps):
-            a = time.perf_counter()
-            folded(xc)
-            b = time.perf_counter()
-            q(x)
-            c = time.perf_counter()
-            f32.append((b - a) * 1000)
-            i8.append((c - b) * 1000)
-    return {"fp32_folded_ms": statistics.median(f32), "int8_ms": statistics.median(i8),
-            "rel_error": rel, "mean_cosine": cos}
+        f32_ms, i8_ms = interleaved_ms(lambda: folded(xc), lambda: q(x), steps)
+    return {"fp32_folded_ms": f32_ms, "int8_ms": i8_ms, "rel_error": rel, "mean_cosine": cos}
 
 
 # ---------------------------------------------------------------- main
