@@ -158,6 +158,13 @@ def test_accuracy_axis_never_zooms_into_equal_values():
     spread = charts.metric_figure(frame({"val/acc": [(1, 0.2), (2, 0.6)]}), "acc",
                                   views.stage_bounds(TWO_STAGE))
     assert spread.layout.yaxis.range is None  # a real spread: plotly's own range
+    # Compare's accuracy chart too: two runs level at 72.2 %.
+    level = [views.Curve(n, [1.0], [0.7222222]) for n in ("a", "b")]
+    compared = charts.compare_figure(level, "val/acc")
+    low, high = compared.layout.yaxis.range
+    assert high - low == pytest.approx(charts.MIN_PERCENT_SPAN) and low < 72.2 < high
+    assert compared.layout.yaxis.tickformat == ".1f"
+    assert charts.compare_figure(level, "val/loss").layout.yaxis.range is None  # not a percent
 
 
 def test_lines_never_join_two_stages():

@@ -191,11 +191,13 @@ def compare_figure(curves: Sequence[Curve], key: str, smoothing: float = 0.0,
     """Curves of several runs/groups on one epoch axis. Groups get a ± std band; with
     smoothing, the raw points stay visible as faint markers under the smoothed line."""
     fig = go.Figure()
+    shown: list[float] = []  # every value drawn, in the axis's unit
     for c in curves:
         color = run_color(c.color_key or c.name)  # the run's (or group's) colour on every page
         if not c.x:
             continue
         y = _scale(key, c.y)
+        shown += [v for v in y if v is not None]
         if c.std is not None and c.n_runs > 1:
             std = _scale(key, c.std)
             upper = [a + b for a, b in zip(y, std)]
@@ -203,6 +205,7 @@ def compare_figure(curves: Sequence[Curve], key: str, smoothing: float = 0.0,
             if key in ACCURACY_KEYS:  # a band past 0 or 100 % would show impossible values
                 upper = [min(100.0, v) for v in upper]
                 lower = [max(0.0, v) for v in lower]
+            shown += upper + lower
             fig.add_trace(go.Scatter(x=list(c.x) + list(c.x)[::-1], y=upper + lower[::-1],
                                      fill="toself", mode="lines", fillcolor=_rgba(color, 0.15),
                                      line={"width": 0}, hoverinfo="skip", showlegend=True,
@@ -229,7 +232,10 @@ def compare_figure(curves: Sequence[Curve], key: str, smoothing: float = 0.0,
                           annotation_position="top left", annotation_font_size=11)
     title, unit = METRIC_LABELS.get(key, (key, key))
     x_title = "epochs since the start of stage 2" if aligned else EPOCH_AXIS
-    return _layout(fig, title, x_title, unit, height=420)
+    _layout(fig, title, x_title, unit, height=420)
+    if key in ACCURACY_KEYS:
+        _percent_axis(fig, shown)
+    return fig
 
 
 def _rgba(hex_color: str, alpha: float) -> str:
