@@ -8,6 +8,14 @@
 # runs as it is and the tests that need them are skipped (in CI they fail instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One set of services per machine at a time: Debian's PostgreSQL cluster is one data folder,
+# and `ray stop --force` ends every Ray process of the machine. A second caller (two test
+# runs in two checkouts) waits here; the lock is inherited across the re-exec below.
+if [ -z "${FINETUNE_LAB_SERVICES_LOCKED:-}" ] && command -v flock >/dev/null 2>&1; then
+  export FINETUNE_LAB_SERVICES_LOCKED=1
+  exec 9>/tmp/finetune-lab-services.lock
+  flock 9
+fi
 if [ "${FINETUNE_LAB_IN_NETNS:-}" != 1 ] && [ "$(id -u)" = 0 ] && unshare -n true 2>/dev/null; then
   export FINETUNE_LAB_IN_NETNS=1
   exec unshare -n bash "$0" "$@"

@@ -41,6 +41,17 @@ def test_runs_are_plain_entities(store):
     assert store.get_run(run.id).ended_at is not None
 
 
+def test_runs_have_a_kind_and_lists_filter_by_it(store):
+    from core.runs.entities import TRAINING_KINDS
+    trained = store.create_run(RunConfig(), name="trained")
+    finder = store.create_run(RunConfig(), name="range test", kind="lr_finder")
+    assert trained.kind == "training" and store.get_run(finder.id).kind == "lr_finder"
+    assert [r.id for r in store.list_runs(kinds=TRAINING_KINDS)] == [trained.id]
+    assert {r.id for r in store.list_runs()} == {trained.id, finder.id}
+    with pytest.raises(ValueError, match="unknown run kind"):
+        store.create_run(RunConfig(), kind="nonsense")
+
+
 def test_incremental_metric_reads(store):
     run = store.create_run(RunConfig())
     store.log_metrics(run.id, [(1, 0.5, 1, "train/step_loss", 2.0), (1, 1.0, 2, "val/acc", 0.5)])

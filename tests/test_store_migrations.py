@@ -221,3 +221,15 @@ def test_a_new_postgresql_database_is_migrated_once_by_racing_processes(tmp_path
                 SCHEMA_VERSION]
         run = store.create_run(cfgmod.preset_config("Two-stage"))
         assert store.claim_run_now(run.id, 1) and store.get_run(run.id).status == "running"
+
+
+def test_range_tests_recorded_before_run_kinds_become_lr_finder_runs(tmp_path):
+    root = tmp_path / "runs"
+    write_old_store(root)
+    with sqlite3.connect(root / "runs.sqlite3") as con:
+        con.execute("INSERT INTO runs (id, name, status, config, created_at) VALUES "
+                    "('20260101-000003-dddddd', 'LR finder · stage 1 (layer4..fc) · 01-01 10:00', "
+                    "'finished', ?, 4.0)", (json.dumps(CONFIG),))
+    kinds = {r.name: r.kind for r in RunStore(root).list_runs()}
+    assert kinds.pop("LR finder · stage 1 (layer4..fc) · 01-01 10:00") == "lr_finder"
+    assert set(kinds.values()) == {"training"}

@@ -218,7 +218,7 @@ def find_lr(store: RunStore, cfg: RunConfig, stage: int, start_checkpoint: str |
 def record(store: RunStore, cfg: RunConfig, finding: LrFinding, name: str = "") -> Run:
     """Record a range test as an ordinary, finished run: its config, the curve as metric
     rows and the suggestion, under a name that says what it is."""
-    run = store.create_run(cfg, name=run_name(finding, name))
+    run = store.create_run(cfg, name=run_name(finding, name), kind="lr_finder")
     if not store.claim_run_now(run.id, os.getpid()):  # a worker took it first: not ours
         store.request_cancel(run.id)
         raise RuntimeError(f"run {run.id} was claimed by a worker before it was recorded")
@@ -244,7 +244,7 @@ def run_name(finding: LrFinding, name: str = "") -> str:
 
 
 def is_lr_find_run(run: Run) -> bool:
-    return run.name.startswith(RUN_NAME_PREFIX + " · ")
+    return run.kind == "lr_finder"
 
 
 def curve_of(store: RunStore, run_id: str) -> LrCurve:

@@ -15,6 +15,13 @@ STATUSES = ("queued", "running", "finished", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 DONE = ("finished", "failed", "cancelled")
 
+# What a run is for. "training": a run the user started (New run, an experiment, the CLI);
+# "trial": a run a search started (a training run too: it opens and compares like one);
+# "lr_finder": a learning-rate range test; "export": a model export. Lists of results show
+# TRAINING_KINDS; the other kinds are tools' records, reached from the tool that made them.
+KINDS = ("training", "trial", "lr_finder", "export")
+TRAINING_KINDS = ("training", "trial")
+
 
 @dataclass(frozen=True)
 class RunProgress:
@@ -110,6 +117,7 @@ class Run:
     results: RunResults = field(default_factory=RunResults)
     note: str = ""  # the user's free-text note
     tags: tuple[str, ...] = ()  # the user's labels, sorted
+    kind: str = "training"  # one of KINDS
 
     @property
     def is_active(self) -> bool:

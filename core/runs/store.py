@@ -52,6 +52,7 @@ from core.process import process_identity
 from core.runs.entities import (
     ACTIVE,
     DONE,
+    KINDS,
     STATUSES,
     MetricRow,
     Run,
@@ -123,6 +124,7 @@ runs = sa.Table(
     sa.Column("note", sa.Text, nullable=False),
     # The last metric `seq` handed out for this run (never reused, like an autoincrement).
     sa.Column("metric_seq", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # one of entities.KINDS
 )
 
 metrics = sa.Table(
@@ -274,9 +276,18 @@ def _m7_metric_seq(con: Connection) -> None:
     _ddl(con, "CREATE UNIQUE INDEX metrics_run_seq ON metrics(run_id, seq)")
 
 
+def _m8_run_kind(con: Connection) -> None:
+    """A run has a kind (entities.KINDS), so lists show what the user asked for. Range tests
+    recorded before kinds existed are found by the name the LR finder gave them."""
+    _ddl(con, "ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'training'")
+    con.execute(sa.text("UPDATE runs SET kind='lr_finder' WHERE name LIKE :prefix"),
+                {"prefix": "LR finder · %"})
+    _ddl(con, "CREATE INDEX runs_kind ON runs(kind, created_at)")
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint,
-    _m5_executor_and_job, _m6_notes_and_tags, _m7_metric_seq)
+    _m5_executor_and_job, _m6_notes_and_tags, _m7_metric_seq, _m8_run_kind)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -562,7 +573,7 @@ class RunStore:
             best_checkpoint=str(self.files(row["id"]).resolve(best)) if best else None,
             test_acc=row["test_acc"], last_step=row["last_step"],
             results=results_from_json(row["results"]),
-            note=row["note"], tags=tags,
+            note=row["note"], tags=tags, kind=row["kind"],
         )
 
     def files(self, run_id: str) -> RunFiles:
@@ -574,11 +585,14 @@ class RunStore:
 
     # ---------------------------------------------------------------- runs
 
-    def create_run(self, config: RunConfig, name: str = "", group: str = "") -> Run:
+    def create_run(self, config: RunConfig, name: str = "", group: str = "",
+                   kind: str = "training") -> Run:
+        if kind not in KINDS:
+            raise ValueError(f"unknown run kind {kind!r}: one of {', '.join(KINDS)}")
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         with self._write() as con:
             con.execute(runs.insert().values(
-                id=run_id, name=name or run_id, grp=group, status="queued",
+                id=run_id, name=name or run_id, grp=group, status="queued", kind=kind,
                 config=config_to_json(config), created_at=time.time(), cancel_requested=0,
                 progress=progress_to_json(RunProgress()), results=results_to_json(RunResults()),
                 last_step=-1, note="", metric_seq=0))
@@ -590,11 +604,14 @@ class RunStore:
         return self._runs(rows)[0] if rows else None
 
     def list_runs(self, statuses: Sequence[str] = (), group: str | None = None,
-                  tag: str | None = None) -> list[Run]:
-        """Runs, newest first, optionally filtered by status, group and tag."""
+                  tag: str | None = None, kinds: Sequence[str] = ()) -> list[Run]:
+        """Runs, newest first, optionally filtered by status, group, tag and kind (() : all
+        kinds; lists of results pass entities.TRAINING_KINDS)."""
         query = sa.select(runs)
         if statuses:
             query = query.where(runs.c.status.in_(list(statuses)))
+        if kinds:
+            query = query.where(runs.c.kind.in_(list(kinds)))
         if group is not None:
             query = query.where(runs.c.grp == group)
         if tag is not None:
