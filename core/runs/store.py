@@ -76,8 +76,9 @@ from core.settings import (
 )
 
 __all__ = ["ACTIVE", "DATA_DIR_ENV", "DB_ENV", "DEFAULT_DATA_DIR", "DONE", "STATUSES",
-           "Experiment", "ExperimentNotFound", "MetricRow", "NewerSchemaError", "Recipe", "Run", "RunProgress", "RunResults", "RunStore", "SplitSizes",
-           "StageWeightChange", "StoreError", "data_dir", "database_url", "dispose_engines"]
+           "Experiment", "ExperimentNotFound", "MetricRow", "NewerSchemaError", "Recipe", "Run",
+           "RunProgress", "RunResults", "RunStore", "SplitSizes", "StageWeightChange",
+           "StoreError", "data_dir", "database_url", "dispose_engines", "store_failure_reason"]
 
 log = logging.getLogger("finetune_lab.store")
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for the lock before giving up
@@ -1035,6 +1036,17 @@ def _is_store_failure(exc: sa.exc.DatabaseError) -> bool:
     """Whether a database error is the store's condition (disk full, locked, server gone,
     corrupt file) rather than a mistake in a query (ProgrammingError, IntegrityError)."""
     return isinstance(exc, sa.exc.OperationalError) or type(exc) is sa.exc.DatabaseError
+
+
+def store_failure_reason(exc: BaseException) -> str:
+    """Why the store failed, in the database's own words (one line): the database error a
+    StoreError came from, else its own message."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sa.exc.DBAPIError):
+            return _reason(seen)
+        seen = seen.__cause__
+    return _reason(exc)
 
 
 def _reason(exc: BaseException) -> str:
