@@ -22,6 +22,7 @@ from core import config as cfgmod
 from core.analysis import experiments as ex
 from core.analysis import planning
 from core.engine.paths import PathNotAllowed, resolve_user_path
+from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.tables import recipe_results_table
@@ -374,7 +375,7 @@ if st.session_state.pop(OPEN_RESULTS, False):
     st.session_state[TAB] = RESULTS_TAB
 tab_new, tab_results = st.tabs([NEW_TAB, RESULTS_TAB], key=TAB, bind="query-params")
 with tab_new:
-    compare_form(store, store.list_runs())
+    compare_form(store, store.list_runs(kinds=TRAINING_KINDS))
 with tab_results:
     results_section(store)
 page_link(INSIGHTS_PAGE, "Look inside one run: Run insights", ":material/insights:", "Run insights")

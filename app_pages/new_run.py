@@ -27,6 +27,7 @@ from core.analysis import lr_finder, planning, speed
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
 from core.engine.paths import DATA_ROOTS_ENV, PathNotAllowed, cifar10_dir, data_roots, resolve_user_path
 from core.runs import jobs
+from core.runs.entities import TRAINING_KINDS
 from core.runs.preflight import available_memory
 from core.runs.store import RunStore, StoreError
 from core.views import charts
@@ -229,7 +230,8 @@ def weights_settings(store: RunStore, device_col: Any, errors: list[str]) -> tup
         field_input(w[1], RunConfig, "weights_path")
         weights_path = user_path(st.session_state[f"{P}weights_path"], "weights file", errors)
     elif weights == "run":
-        donors = {r.id: r for r in store.list_runs(statuses=("finished",)) if r.best_checkpoint}
+        donors = {r.id: r for r in store.list_runs(statuses=("finished",), kinds=TRAINING_KINDS)
+                  if r.best_checkpoint}
         if st.session_state[f"{P}weights_run"] not in donors:
             st.session_state[f"{P}weights_run"] = next(iter(donors), None)
         w[1].selectbox(cfgmod.field_spec(RunConfig, "weights_run").label, list(donors),
