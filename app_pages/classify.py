@@ -13,6 +13,7 @@ import streamlit as st
 
 from app_pages._common import get_store, new_run_link, pick_run
 from core.analysis import inference
+from core.runs.entities import TRAINING_KINDS
 from core.views import charts
 from core.views.images import panel, pixelated
 from core.views.tables import short_id, tiny_validation, val_caveat
@@ -223,7 +224,7 @@ def page() -> None:
         st.info("No trained model yet — start a run on New run")
         new_run_link()
         return
-    newest = store.list_runs()[0]  # the data set the user last worked with: the newest run's
+    newest = store.list_runs(kinds=TRAINING_KINDS)[0]  # the data set the user last worked with: the newest run's
     best = inference.default_run(runs, preferred_data=inference.data_set_of(newest))
     run = pick_run("Model", runs, P + "run", model_label, default_id=best.id,
                    help="Which trained model to ask. Picked for you: a finished run with a real "

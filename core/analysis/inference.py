@@ -20,6 +20,7 @@ from PIL import Image
 
 from core.engine.image_types import IMAGE_EXTENSIONS, list_image_files, train_test_folders
 from core.engine.paths import cifar10_dir, link_allowed
+from core.runs.entities import TRAINING_KINDS
 from core.settings import RunFiles
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def classifiable_runs(store: RunStore) -> list[Run]:
     """Runs with a usable model: finished ones, and cancelled ones that kept a best
     checkpoint. Newest first (the store's order)."""
     out = []
-    for run in store.list_runs(statuses=("finished", "cancelled")):
+    for run in store.list_runs(statuses=("finished", "cancelled"), kinds=TRAINING_KINDS):
         if run.best_checkpoint and Path(run.best_checkpoint).is_file():
             out.append(run)
     return out
