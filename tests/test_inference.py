@@ -223,6 +223,8 @@ def test_stage_checkpoints(tmp_path):
     write_checkpoint(tmp_path / "stage1.pt")
     both = inference.stage_checkpoints(files, n_stages=2)
     assert (both.stage1, both.final, both.note) == (tmp_path / "stage1.pt", tmp_path / "last.pt", None)
+    write_checkpoint(tmp_path / "best.pt")  # the model every verdict uses: it, not last.pt
+    assert inference.stage_checkpoints(files, n_stages=2).final == tmp_path / "best.pt"
 
 
 def test_before_and_after_on_a_real_two_stage_run(finished_run):
