@@ -23,8 +23,9 @@ from pathlib import Path
 
 import tenacity
 
-from core.runs import executors, jobs
+from core.runs import executors
 from core.runs.executors.local import spawn_detached
+from core.runs.queue_steps import advance
 from core.runs.store import (
     ACTIVE,
     NewerSchemaError,
@@ -146,7 +147,7 @@ def supervise(store: RunStore) -> None:
                 return
             while watch.active(store):
                 try:
-                    jobs.advance(store)
+                    advance(store)
                     escalation.check(store, time.time())
                 except StoreError as exc:  # logged once per outage by the watch
                     watch.failed(exc)

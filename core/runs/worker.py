@@ -94,7 +94,7 @@ def _execute(store: RunStore, run: Run, writer: StoreWriter,
              on_beat: Callable[[], None] | None) -> str:
     from core.engine.data import DataError
     from core.engine.model import WeightsError
-    from core.engine.train import Cancelled, run_stages
+    from core.engine.train import Cancelled, Diverged, run_stages
 
     run_id = run.id
     with Heartbeat(writer, on_progress=on_progress, on_beat=on_beat) as heartbeat:
@@ -123,7 +123,7 @@ def _execute(store: RunStore, run: Run, writer: StoreWriter,
         except Cancelled:
             log.info("stopped; best checkpoint so far kept")
             return settle(store, run_id, "cancelled", "cancelled by request", writer=writer)
-        except (cfgmod.ConfigError, DataError, WeightsError) as exc:
+        except (cfgmod.ConfigError, DataError, WeightsError, Diverged) as exc:
             log.error("%s", exc)
             return settle(store, run_id, "failed", str(exc), writer=writer)
         except Exception as exc:  # anything else: recorded with the traceback in the log
