@@ -8,7 +8,7 @@ the run store and the pages all ask this module for a path instead of spelling i
   run store when no store URL is set.
 - The artifact root ($FINETUNE_LAB_ARTIFACTS, default the data directory) holds what runs
   write and read as files: one folder per run (checkpoints, log, export), the decoded-data
-  cache, experiment records and uploaded data sets. On a cluster it is a shared path (an NFS
+  cache and uploaded data sets. On a cluster it is a shared path (an NFS
   mount) that every node sees at the same place; the store records paths relative to it.
 - The run store URL ($FINETUNE_LAB_DB, e.g. postgresql://user:pw@host/db) names a shared
   database; unset, the store is SQLite under the data directory.
@@ -152,7 +152,8 @@ class StoreLayout:
 
     @property
     def experiments(self) -> Path:
-        """One JSON record per experiment (core.analysis.experiments)."""
+        """Where versions before store migration 10 kept one JSON record per experiment;
+        the store imports them into its `experiments` table on first open."""
         return self.artifacts / "experiments"
 
     @property

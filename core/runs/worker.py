@@ -59,21 +59,21 @@ def execute_run(store: RunStore, run_id: str,
     """Run the (already claimed, status running) run to its end. Returns the final status.
     Every outcome is recorded in the store; exceptions do not escape. Store writes go
     through a StoreWriter (riding through outages). `watch_queue`: a worker of the local
-    queue restarts the queue supervisor if it dies."""
+    queue restarts the queue supervisor if it dies while runs wait."""
     run = store.get_run(run_id)
     if run is None:
         raise SystemExit(f"run {run_id} not found in {store.root}")
     writer = StoreWriter(store, run_id)
     try:
         return _execute(store, run, writer, on_progress,
-                        _supervisor_keeper(store) if watch_queue else None)
+                        _supervisor_keeper(store, writer) if watch_queue else None)
     finally:
         writer.close()
 
 
-def _supervisor_keeper(store: RunStore) -> Callable[[], None]:
-    """A heartbeat callback that starts the queue supervisor when none runs (at most every
-    SUPERVISOR_CHECK_S)."""
+def _supervisor_keeper(store: RunStore, writer: StoreWriter) -> Callable[[], None]:
+    """A heartbeat callback that starts the queue supervisor when none runs while runs wait
+    in the queue (at most every SUPERVISOR_CHECK_S; not while the store is down)."""
     from core.runs import supervisor
 
     last = 0.0
@@ -81,11 +81,12 @@ def _supervisor_keeper(store: RunStore) -> Callable[[], None]:
     def keep() -> None:
         nonlocal last
         now = time.monotonic()
-        if now - last >= SUPERVISOR_CHECK_S:
-            last = now
-            if not supervisor.is_running(store):
-                log.warning("the queue supervisor is gone: starting one")
-                supervisor.ensure_running(store)
+        if now - last < SUPERVISOR_CHECK_S or writer.store_down:
+            return
+        last = now
+        if not supervisor.is_running(store) and store.list_runs(statuses=("queued",)):
+            log.warning("the queue supervisor is gone while runs wait: starting one")
+            supervisor.ensure_running(store)
     return keep
 
 
