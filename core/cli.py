@@ -359,11 +359,12 @@ def run_record(r: Run) -> dict[str, Any]:
 
 
 def cmd_runs(store: RunStore, as_json: bool) -> int:
-    from core.runs.jobs import dispatch
+    from core.runs.jobs import dispatch, reconcile
 
-    # Settling a dead run frees its slot: the same step starts the next queued run and
-    # makes sure a supervisor watches (issue 22.2), so the listing never leaves a stall.
-    dispatch(store)
+    # Settling a dead run frees its slot: then the next queued run starts and a supervisor
+    # watches (issue 22.2), so the listing never leaves the queue stalled behind it.
+    if reconcile(store):
+        dispatch(store)
     runs = store.list_runs()
     if as_json:
         for r in runs:  # JSON Lines: a script can read one run per line as it comes
