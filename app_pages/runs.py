@@ -12,6 +12,7 @@ import streamlit as st
 
 from app_pages._common import (
     INSIGHTS_PAGE,
+    NEW_RUN_PAGE,
     RUN_PARAM,
     SELECTED_RUN,
     get_store,
@@ -19,6 +20,7 @@ from app_pages._common import (
     open_run,
     pick_run,
 )
+from app_pages._forms import CONFIG_FOR_NEW_RUN
 from core import config as cfgmod
 from core.analysis import disk, lr_finder
 from core.analysis.disk import fmt_bytes
@@ -157,6 +159,11 @@ def results_view(store: RunStore, run: Run) -> None:
             right.plotly_chart(charts.per_class_figure(r.per_class_acc, classes),
                                key=P + "per_class")
     downloads(store, run)
+    if st.button("Run again with this config", key=P + "again", disabled=bool(run.config_error),
+                 help="Opens New run filled in with this run's config: change anything, then "
+                      "Start."):
+        st.session_state[CONFIG_FOR_NEW_RUN] = cfgmod.to_json(run.config)
+        st.switch_page(NEW_RUN_PAGE)
     if run.status == "finished" and st.button(
             "Insights and export →", key=P + "insights",
             help="What each stage added, which layers moved, confused classes, top mistakes, "
