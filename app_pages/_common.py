@@ -155,7 +155,7 @@ def jobs_panel() -> None:
         return
     for run in s.running:
         st.markdown(f":material/play_circle: {md(run.name)} · `{short_id(run.id)}`")
-        st.progress(progress_fraction(run), text=md(progress_text(run)))
+        st.progress(progress_fraction(run), text=progress_text(run))
     if s.queued:
         st.caption(f"{len(s.queued)} queued: " + ", ".join(md(r.name) for r in s.queued[:5])
                    + (" …" if len(s.queued) > 5 else ""))

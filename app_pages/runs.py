@@ -102,7 +102,7 @@ def live_view(run_id: str, shown_status: str) -> None:
     if run is None or run.status != shown_status:
         st.rerun()  # it started or ended: rerun the whole page (picker, results view)
         return
-    st.progress(progress_fraction(run), text=md(progress_text(run)))
+    st.progress(progress_fraction(run), text=progress_text(run))
     if run.status == "running" and run.started_at:
         st.caption(f"Running for {fmt_duration(run.duration_s)}"
                    + (" · stopping after the current batch…" if run.cancel_requested else ""))
