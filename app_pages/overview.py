@@ -9,7 +9,7 @@ import time
 
 import streamlit as st
 
-from app_pages._common import SELECTED_RUN, get_store, new_run_link, no_runs_message, open_run
+from app_pages._common import SELECTED_RUN, access, get_store, new_run_link, no_runs_message, open_run
 from core import config as cfgmod
 from core.analysis import disk
 from core.analysis.disk import fmt_bytes
@@ -84,7 +84,7 @@ def runs_list(store: RunStore, runs: list[Run]) -> None:
         chosen = st.selectbox("Open a run", ids, index=ids.index(current) if current in ids else 0,
                               format_func=lambda i: run_label(by_id[i]), key=P + "pick")
     with button_col:
-        if st.button("Open", key=P + "open", type="primary"):
+        if access().offers("runs") and st.button("Open", key=P + "open", type="primary"):
             open_run(chosen)
 
 
@@ -127,6 +127,7 @@ if all_runs:
         st.caption(f"{hidden} run{'s' * (hidden != 1)} hidden by the filters above.")
     if runs:
         runs_list(store, runs)
-    disk_panel(store, all_runs)
+    if access().may_change():  # paths and a delete: not for a viewer (core.access)
+        disk_panel(store, all_runs)
 else:
     no_runs_message()
