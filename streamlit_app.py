@@ -31,8 +31,9 @@ PAGES = (  # (file, title, icon); the first is the home page
     ("app_pages/classify.py", "Classify", ":material/image_search:"),
     ("app_pages/experiments.py", "Experiments", ":material/science:"),
     ("app_pages/datasets.py", "Datasets", ":material/folder_open:"),
+    ("app_pages/present.py", "Present", ":material/co_present:"),
 )
-PRESENT_PAGE = ("app_pages/present.py", "Present", ":material/co_present:")
+PRESENT_PAGE = "app_pages/present.py"  # a viewer's home page
 # The read-only pages a viewer may be given (core.access.READ_ONLY_PAGES), by file.
 VIEWER_PAGE_FILES = {"overview": "app_pages/overview.py", "runs": "app_pages/runs.py",
                      "compare": "app_pages/compare.py"}
@@ -61,14 +62,12 @@ if refusal:
 else:
     presenting = st.query_params.get("present") == "1"
     if you.lab:
-        pages = [*PAGES, PRESENT_PAGE]
-        entries = [st.Page(path, title=title, icon=icon, default=(i == 0))
-                   for i, (path, title, icon) in enumerate(pages)]
-    else:
-        files = [PRESENT_PAGE] + [p for p in PAGES if p[0] in
-                                  {VIEWER_PAGE_FILES[name] for name in you.pages}]
-        entries = [st.Page(path, title=title, icon=icon, default=(i == 0))
-                   for i, (path, title, icon) in enumerate(files)]
+        pages = list(PAGES)
+    else:  # what is not registered here cannot be opened, not even by its URL
+        offered = {PRESENT_PAGE} | {VIEWER_PAGE_FILES[name] for name in you.pages}
+        pages = sorted((p for p in PAGES if p[0] in offered), key=lambda p: p[0] != PRESENT_PAGE)
+    entries = [st.Page(path, title=title, icon=icon, default=(i == 0))
+               for i, (path, title, icon) in enumerate(pages)]
     hide_nav = presenting or len(entries) == 1
     nav = st.navigation(entries, position="hidden" if hide_nav else
                         ("sidebar" if you.lab else "top"))
