@@ -149,7 +149,7 @@ def page() -> None:
     # mean ± std accuracies are the long ones; Status ("finished") is the one that was cut.
     st.dataframe(final_metrics_table(entries), hide_index=True, key=P + "table", column_config={
         c: st.column_config.Column(c, width=w) for c, w in
-        (("Entry", 150), ("Runs", 40), ("Recipe", 200), ("Best val acc", 120), ("Best at", 110),
+        (("Entry", int(min(330, max(150, 7.5 * max(len(n) for n, _ in entries))))), ("Runs", 40), ("Recipe", 200), ("Best val acc", 120), ("Best at", 110),
          ("Test acc", 120), ("Training time", 95), ("Status", 80))})
     config_differences(entries)
 

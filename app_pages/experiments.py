@@ -19,6 +19,7 @@ from app_pages._common import (
     scan_image_folder,
 )
 from app_pages._forms import keep_form, restore_form
+from app_pages._pickers import weights_file_picker
 from core import config as cfgmod
 from core.analysis import experiments as ex
 from core.analysis import planning
@@ -145,10 +146,10 @@ def weights_choice(where, store: RunStore, all_runs: list[Run], problems: list[s
                                    "without them cached can use random, a weights file or "
                                    "another run's best checkpoint.")
     if weights == "file":
-        text = st.text_input(cfgmod.field_spec(cfgmod.RunConfig, "weights_path").label,
-                             key=P + "weights_path")
+        picked = weights_file_picker(st, P + "weights_path",
+                                     cfgmod.field_spec(cfgmod.RunConfig, "weights_path").label)
         try:
-            path = str(resolve_user_path(text)) if text.strip() else ""
+            path = str(resolve_user_path(picked)) if picked else ""
         except PathNotAllowed as exc:
             problems.append(f"weights file: {exc}")
             path = ""

@@ -23,6 +23,7 @@ from app_pages._common import (
     scan_image_folder,
 )
 from app_pages._forms import CONFIG_FOR_NEW_RUN, keep_form, restore_form
+from app_pages._pickers import data_folder_picker, weights_file_picker
 from core import config as cfgmod
 from core.analysis import lr_finder, planning, speed
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
@@ -165,17 +166,28 @@ def use_random_weights() -> None:
     st.session_state[f"{P}weights"] = "random"
 
 
+def use_weights(choice: str) -> None:
+    """The offline fixes that keep the recipe: a weights file, or a run's checkpoint."""
+    st.session_state[f"{P}weights"] = choice
+
+
 def offline_notes(cfg: RunConfig) -> None:
     """Before Start: what the defaults need from the internet, with the fix that works
     offline; and random weights under frozen layers, in plain words, with its fix."""
     needed = planning.needs_download(cfg)  # Experiments asks the same before queuing
     if "imagenet" in needed:
         st.info("The ImageNet weights are not on this machine yet: they will be downloaded "
-                "(45 MB) when the run starts, which fails without internet. Offline? Under "
-                "**Advanced**, pick *Random*, a *Weights file*, or *Another run's best "
-                "checkpoint*.", icon=":material/cloud_off:")
-        st.button("Use random weights instead", key=f"{P}fix_weights",
-                  on_click=use_random_weights)
+                "(45 MB) when the run starts, which fails without internet. Offline? Start "
+                "from a weights file (upload one) or another run's best checkpoint, which "
+                "keep this recipe; the picker is under **Advanced**, *Starting weights*. "
+                "Random weights suit only the *All at once* preset.", icon=":material/cloud_off:")
+        fix = st.columns(3)
+        fix[0].button("Use a weights file", key=f"{P}fix_file", on_click=use_weights,
+                      args=("file",))
+        fix[1].button("Use another run's checkpoint", key=f"{P}fix_run", on_click=use_weights,
+                      args=("run",))
+        fix[2].button("Use random weights instead", key=f"{P}fix_weights",
+                      on_click=use_random_weights)
     if "cifar10" in needed:
         st.info(f"CIFAR-10 is not in {cifar10_dir(cfg.data_path)}: it will be downloaded "
                 f"(170 MB) when the run starts, which fails without internet. Offline? Copy "
@@ -232,6 +244,8 @@ def data_settings(errors: list[str]) -> tuple[str, planning.FolderScan | None]:
     d = st.columns([1.3, 2])
     field_input(d[0], RunConfig, "data_source")
     folder = st.session_state[f"{P}data_source"] == "folder"
+    if folder:
+        data_folder_picker(d[0], f"{P}data_pick", f"{P}data_path")
     field_input(d[1], RunConfig, "data_path",
                 label="Data folder" if folder else "CIFAR-10 folder (blank = default)",
                 placeholder="folder with train/ and test/ class folders" if folder
@@ -261,8 +275,9 @@ def weights_settings(store: RunStore, device_col: Any, errors: list[str]) -> tup
     weights = st.session_state[f"{P}weights"]
     weights_path = weights_run = ""
     if weights == "file":
-        field_input(w[1], RunConfig, "weights_path")
-        weights_path = user_path(st.session_state[f"{P}weights_path"], "weights file", errors)
+        picked = weights_file_picker(w[1], f"{P}weights_path",
+                                     cfgmod.field_spec(RunConfig, "weights_path").label)
+        weights_path = user_path(picked, "weights file", errors)
     elif weights == "run":
         donors = {r.id: r for r in store.list_runs(statuses=("finished",), kinds=TRAINING_KINDS)
                   if r.best_checkpoint}

@@ -113,7 +113,8 @@ def live_view(run_id: str, shown_status: str) -> None:
 
 def summary_metrics(run: Run) -> None:
     r = run.results
-    c = st.columns([1.2, 1, 1, 1.5, 0.7])
+    # Training time gets room for "12 min 39 s" (it was cut to "12 min 3...").
+    c = st.columns([1.1, 0.9, 1.4, 1.5, 0.6])
     best_at = f"stage {run.best_stage}, epoch {run.best_epoch}" if run.best_stage else None
     c[0].metric("Best validation accuracy", fmt_pct(run.best_val_acc, 2), help=best_at,
                 delta=best_at, delta_color="off", delta_arrow="off")

@@ -372,7 +372,9 @@ def final_metrics_table(entries: Sequence[tuple[str, Sequence[Run]]]) -> pd.Data
 def config_diff_table(named_configs: Sequence[tuple[str, dict[str, Any]]]) -> pd.DataFrame:
     """Config fields (flattened, 'stage 2.lr') whose values differ between any of the given
     configs; one column per config. Fields equal everywhere are left out."""
-    flat = [(name, flatten(cfg)) for name, cfg in named_configs]
+    # A class list is a set: the same classes picked in another order are no difference.
+    flat = [(name, flatten({**cfg, "classes": sorted(cfg["classes"])} if cfg.get("classes")
+                           else cfg)) for name, cfg in named_configs]
     keys = sorted({k for _, f in flat for k in f})
     missing = object()
     differing = [k for k in keys if len({repr(f.get(k, missing)) for _, f in flat}) > 1]
