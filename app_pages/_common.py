@@ -24,6 +24,7 @@ from core.engine.paths import data_roots
 from core.runs import jobs
 from core.runs.store import Run, RunStore, StoreError
 from core.views.tables import fmt_pct, progress_fraction, progress_text, short_id
+from core.views.text import md
 
 # Cross-page session keys.
 SELECTED_RUN = "selected_run_id"  # the run last picked: Runs, Run insights and Classify open it
@@ -147,13 +148,13 @@ def notify_ended(store: RunStore, active_ids: set[str]) -> None:
         if run is None:
             continue
         if run.status == "finished":
-            st.toast(f"**{name}** finished: best validation {fmt_pct(run.best_val_acc)}.",
+            st.toast(f"**{md(name)}** finished: best validation {fmt_pct(run.best_val_acc)}.",
                      icon=":material/check_circle:", duration="long")
         elif run.status == "failed":
-            st.toast(f"**{name}** failed: {run.error or 'see its log on Runs'}.",
+            st.toast(f"**{md(name)}** failed: {md(run.error) if run.error else 'see its log on Runs'}.",
                      icon=":material/error:", duration="long")
         elif run.status == "cancelled":
-            st.toast(f"**{name}** was cancelled.", icon=":material/stop_circle:",
+            st.toast(f"**{md(name)}** was cancelled.", icon=":material/stop_circle:",
                      duration="long")
 
 
@@ -169,7 +170,7 @@ def jobs_panel() -> None:
         jobs.ensure_watched(store)
         s = jobs.summary(store)
     except StoreError as exc:
-        st.warning(f"Job status unavailable: {exc}")
+        st.warning(f"Job status unavailable: {md(exc)}")
         return
     active = {r.id: r.name for r in (*s.running, *s.queued)}
     notify_ended(store, set(active))
@@ -180,10 +181,10 @@ def jobs_panel() -> None:
         st.caption("Nothing running. Start a run on **New run**.")
         return
     for run in s.running:
-        st.markdown(f":material/play_circle: {run.name} · `{short_id(run.id)}`")
+        st.markdown(f":material/play_circle: {md(run.name)} · `{short_id(run.id)}`")
         st.progress(progress_fraction(run), text=progress_text(run))
     if s.queued:
-        st.caption(f"{len(s.queued)} queued: " + ", ".join(r.name for r in s.queued[:5])
+        st.caption(f"{len(s.queued)} queued: " + ", ".join(md(r.name) for r in s.queued[:5])
                    + (" …" if len(s.queued) > 5 else ""))
 
 

@@ -28,6 +28,7 @@ from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.tables import recipe_results_table
+from core.views.text import md
 
 P = "experiments."
 # Keys bound to URL query parameters (so they are short words, not "experiments.*").
@@ -325,7 +326,7 @@ def failure_reasons(res: ex.ExperimentResults) -> None:
 
 def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> None:
     """Edit the experiment's note and tags (the picker above filters by tag)."""
-    with st.expander("Note and tags" + (f": {', '.join(exp.tags)}" if exp.tags else ""),
+    with st.expander("Note and tags" + (f": {', '.join(md(t) for t in exp.tags)}" if exp.tags else ""),
                      expanded=bool(exp.note)):
         with st.form(P + f"annotate.{exp.id}", border=False):
             note = st.text_area("Note", value=exp.note, key=P + f"note.{exp.id}",

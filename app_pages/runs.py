@@ -43,6 +43,7 @@ from core.views.tables import (
     stage_bounds,
     val_caveat,
 )
+from core.views.text import md
 
 P = "runs."
 LIVE_REFRESH_S = 1.5  # seconds between live-view refreshes while a run is active
@@ -139,9 +140,9 @@ def summary_metrics(run: Run) -> None:
 def results_view(store: RunStore, run: Run) -> None:
     r = run.results
     if run.status == "failed":
-        st.error(f"This run failed: {run.error or 'no reason recorded'}")
+        st.error(f"This run failed: {md(run.error) if run.error else 'no reason recorded'}")
     elif run.status == "cancelled":
-        st.warning(f"This run was cancelled ({run.error or 'by request'}).")
+        st.warning(f"This run was cancelled ({md(run.error) if run.error else 'by request'}).")
     if run.status in ("failed", "cancelled") and access().may_change():
         # Always offered: without a saved epoch (killed while writing the first last.pt)
         # the worker starts over, which gives the same run.
@@ -183,7 +184,7 @@ def lr_find_view(store: RunStore, run: Run) -> None:
     c = lr_finder.curve_of(store, run.id)
     st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, c.suggested_lr),
                     key=P + "lr_find")
-    st.caption(f"An LR range test of {len(c.lrs)} steps, started from {run.results.weights}."
+    st.caption(f"An LR range test of {len(c.lrs)} steps, started from {md(run.results.weights)}."
                + (" Stopped early: the loss diverged." if c.diverged else ""))
     if c.suggested_lr is None:
         st.info("No clear fall in the loss: no suggestion.")
@@ -217,7 +218,7 @@ def notes_and_tags(store: RunStore, run: Run) -> None:
     """Edit the run's note and tags (Overview and Compare filter by tag)."""
     if not access().may_change():  # a viewer changes nothing (core.access)
         return
-    with st.expander("Note and tags" + (f": {', '.join(run.tags)}" if run.tags else ""),
+    with st.expander("Note and tags" + (f": {', '.join(md(t) for t in run.tags)}" if run.tags else ""),
                      expanded=bool(run.note)):
         with st.form(P + f"annotate.{run.id}", border=False):
             note = st.text_area("Note", value=run.note, key=P + f"note.{run.id}",
@@ -259,7 +260,7 @@ def delete_section(store: RunStore, run: Run) -> None:
             st.session_state[confirm_key] = run.id
             st.rerun()
         return
-    st.warning(f"Delete **{run.name}** with its checkpoints, metrics and log? This cannot "
+    st.warning(f"Delete **{md(run.name)}** with its checkpoints, metrics and log? This cannot "
                f"be undone.")
     yes, no, _ = st.columns([1, 1, 4])
     if yes.button("Yes, delete", type="primary", key=P + "delete_yes"):
@@ -267,7 +268,7 @@ def delete_section(store: RunStore, run: Run) -> None:
             return
         st.session_state.pop(confirm_key, None)
         st.session_state.pop(SELECTED_RUN, None)
-        st.toast(f"Deleted {run.name}")
+        st.toast(f"Deleted {md(run.name)}")
         st.rerun()
     if no.button("Keep it", key=P + "delete_no"):
         st.session_state.pop(confirm_key, None)
@@ -309,11 +310,11 @@ def page() -> None:
     run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was picked
     st.markdown(f"<span style='color:{run_color(run.id)}'>&#9632;</span> "  # its colour on Compare
                 f"**{recipe_text(run.config)}** · id `{run.id}`"
-               + (f" · group {run.group}" if run.group else "")
+               + (f" · group {md(run.group)}" if run.group else "")
                + f" · {run.config.data_source}, {run.config.weights} weights",
                 unsafe_allow_html=True)
     st.caption(f"Where: {run.executor or 'in the foreground (command line)'}"  # issue 10 §1
-               + (f" job `{run.job_id}`" if run.job_id else "") + f" on {run.host or 'no host yet'}")
+               + (f" job `{run.job_id}`" if run.job_id else "") + f" on {md(run.host) if run.host else 'no host yet'}")
     notes_and_tags(store, run)
 
     if run.is_active:
