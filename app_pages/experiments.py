@@ -115,7 +115,7 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
                                  "leave recipes near chance and the answer buried in noise.")
     weight_fields = weights_choice(s[3], store, all_runs, problems)
     device = s[4].selectbox("Device", cfgmod.DEVICES, key=P + "device")
-    name = st.text_input("Experiment name (optional)", key=P + "name",
+    name = st.text_input("Experiment name (optional)", key=P + "name", max_chars=cfgmod.NAME_MAX_CHARS,
                          placeholder="e.g. does two-stage beat all at once on my photos?")
 
     base = cfgmod.RunConfig(max_train_images=int(cap), device=device, **weight_fields, **fields)
@@ -330,6 +330,7 @@ def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> 
                      expanded=bool(exp.note)):
         with st.form(P + f"annotate.{exp.id}", border=False):
             note = st.text_area("Note", value=exp.note, key=P + f"note.{exp.id}",
+                                max_chars=cfgmod.NOTE_MAX_CHARS,
                                 placeholder="the question, what you concluded", height=80)
             tags = st.multiselect("Tags", sorted(set(all_tags) | set(exp.tags)),
                                   default=list(exp.tags), key=P + f"tags.{exp.id}",

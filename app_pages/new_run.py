@@ -405,7 +405,7 @@ def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: A
 def note_and_tags(store: RunStore) -> None:
     """A note and tags given before Start (Overview and Compare filter by tag)."""
     c = st.columns([3, 2])
-    c[0].text_area("Note (optional)", key=f"{P}note", height=68,
+    c[0].text_area("Note (optional)", key=f"{P}note", height=68, max_chars=cfgmod.NOTE_MAX_CHARS,
                    placeholder="what you are trying, what you expect")
     c[1].multiselect("Tags (optional)", sorted(set(store.all_tags()) | set(st.session_state[f"{P}tags"])),
                      key=f"{P}tags", accept_new_options=True,
@@ -429,7 +429,7 @@ with st.expander("Load a config (the JSON a run's page downloads)"):
     if problem := st.session_state.get(f"{P}config_problem"):
         st.error(problem)
 top[1].number_input("Stages", min_value=1, max_value=MAX_STAGES, step=1, key=f"{P}n_stages")
-top[2].text_input("Run name", key=f"{P}name", placeholder="automatic")
+top[2].text_input("Run name", key=f"{P}name", placeholder="automatic", max_chars=cfgmod.NAME_MAX_CHARS)
 n_stages = int(st.session_state[f"{P}n_stages"])
 
 st.subheader("Stages")

@@ -58,6 +58,9 @@ def act(action, *args) -> bool:
     except StoreError as exc:
         st.error(str(exc))
         return False
+    except cfgmod.ConfigError as exc:  # a note or tag over its length limit
+        st.error(md("; ".join(exc.errors)))
+        return False
     return True
 
 
@@ -222,6 +225,7 @@ def notes_and_tags(store: RunStore, run: Run) -> None:
                      expanded=bool(run.note)):
         with st.form(P + f"annotate.{run.id}", border=False):
             note = st.text_area("Note", value=run.note, key=P + f"note.{run.id}",
+                                max_chars=cfgmod.NOTE_MAX_CHARS,
                                 placeholder="what you tried, what you saw", height=80)
             tags = st.multiselect("Tags", sorted(set(store.all_tags()) | set(run.tags)),
                                   default=list(run.tags), key=P + f"tags.{run.id}",
