@@ -15,6 +15,7 @@ from app_pages._common import (
     NEW_RUN_PAGE,
     RUN_PARAM,
     SELECTED_RUN,
+    access,
     get_store,
     no_runs_message,
     open_run,
@@ -145,7 +146,7 @@ def results_view(store: RunStore, run: Run) -> None:
         st.error(f"This run failed: {md(run.error) if run.error else 'no reason recorded'}")
     elif run.status == "cancelled":
         st.warning(f"This run was cancelled ({md(run.error) if run.error else 'by request'}).")
-    if run.status in ("failed", "cancelled"):
+    if run.status in ("failed", "cancelled") and access().may_change():
         # Always offered: without a saved epoch (killed while writing the first last.pt)
         # the worker starts over, which gives the same run.
         label = ("Resume from the last completed epoch" if store.files(run.id).last.exists()
@@ -162,13 +163,14 @@ def results_view(store: RunStore, run: Run) -> None:
         if r.per_class_acc:
             right.plotly_chart(charts.per_class_figure(r.per_class_acc, classes),
                                key=P + "per_class")
-    downloads(store, run)
-    if st.button("Run again with this config", key=P + "again", disabled=bool(run.config_error),
-                 help="Opens New run filled in with this run's config: change anything, then "
-                      "Start."):
+    if access().may_change():  # a viewer downloads, reruns and exports nothing (core.access)
+        downloads(store, run)
+    if access().may_change() and st.button(
+            "Run again with this config", key=P + "again", disabled=bool(run.config_error),
+            help="Opens New run filled in with this run's config: change anything, then Start."):
         st.session_state[CONFIG_FOR_NEW_RUN] = cfgmod.to_json(run.config)
         st.switch_page(NEW_RUN_PAGE)
-    if run.status == "finished" and st.button(
+    if run.status == "finished" and access().may_change() and st.button(
             "Insights and export →", key=P + "insights",
             help="What each stage added, which layers moved, confused classes, top mistakes, "
                  "TorchScript/ONNX export"):
@@ -199,6 +201,8 @@ def lr_find_view(store: RunStore, run: Run) -> None:
 def disk_section(store: RunStore, run: Run) -> None:
     """The run's size on disk, what each checkpoint is for, and freeing what it no longer
     needs."""
+    if not access().may_change():  # paths and a delete: not for a viewer (core.access)
+        return
     usage = disk.run_disk(run, store.files(run.id))
     with st.expander(f"Disk: {fmt_bytes(usage.total_bytes)}"):
         for f in usage.checkpoints:
@@ -215,6 +219,8 @@ def disk_section(store: RunStore, run: Run) -> None:
 
 def notes_and_tags(store: RunStore, run: Run) -> None:
     """Edit the run's note and tags (Overview and Compare filter by tag)."""
+    if not access().may_change():  # a viewer changes nothing (core.access)
+        return
     with st.expander("Note and tags" + (f": {', '.join(md(t) for t in run.tags)}" if run.tags else ""),
                      expanded=bool(run.note)):
         with st.form(P + f"annotate.{run.id}", border=False):
@@ -250,6 +256,8 @@ def downloads(store: RunStore, run: Run) -> None:
 
 
 def delete_section(store: RunStore, run: Run) -> None:
+    if not access().may_change():  # a viewer deletes nothing (core.access)
+        return
     confirm_key = P + "confirm_delete"
     if st.session_state.get(confirm_key) != run.id:
         if st.button("Delete this run…", key=P + "delete"):
@@ -273,6 +281,8 @@ def delete_section(store: RunStore, run: Run) -> None:
 
 def stop_buttons(store: RunStore, run: Run) -> None:
     """Cancel (honoured after the current batch), then Force stop if that was not enough."""
+    if not access().may_change():  # a viewer cancels nothing (core.access)
+        return
     cols = st.columns([1, 1, 4])
     if not run.cancel_requested:
         if cols[0].button("Cancel run", key=P + "cancel",
