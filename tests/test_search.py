@@ -240,7 +240,8 @@ def test_a_sigkilled_driver_is_replaced_and_no_trial_is_lost_or_run_twice(store,
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
              60, "the driver to die")
-    assert not search_driver.is_running(store, sid)
+    # Its lock goes with it (a child it was starting holds the lock's file until its exec).
+    wait_for(lambda: not search_driver.is_running(store, sid), 60, "the driver's lock to go")
     assert searchmod.summary(store, sid).state == "running"  # nothing ended it
 
     search_driver.ensure_running(store, sid)  # what the Search page and the CLI do
