@@ -22,6 +22,7 @@ from core.views.tables import (
     run_chip,
     seed_groups,
 )
+from core.views.text import md
 
 P = "compare."
 RUNS_PARAM, GROUPS_PARAM = "runs", "group"  # URL query parameters: run ids, group names
@@ -80,7 +81,7 @@ def aligned_entries(entries: list[tuple[str, list[Run]]], align: bool
     left_out = [n for n, m in entries if len(m[0].config.stages) < 2]
     if left_out:
         st.caption("Left out of the aligned chart (one stage, no stage 2 to align on): "
-                   + ", ".join(f"**{n}**" for n in left_out) + ".")
+                   + ", ".join(f"**{md(n)}**" for n in left_out) + ".")
     return kept
 
 

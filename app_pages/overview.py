@@ -9,7 +9,7 @@ import time
 
 import streamlit as st
 
-from app_pages._common import SELECTED_RUN, get_store, new_run_link, no_runs_message, open_run
+from app_pages._common import SELECTED_RUN, access, get_store, new_run_link, no_runs_message, open_run
 from core import config as cfgmod
 from core.analysis import disk
 from core.analysis.disk import fmt_bytes
@@ -88,7 +88,7 @@ def runs_list(store: RunStore, runs: list[Run]) -> None:
         chosen = st.selectbox("Open a run", ids, index=ids.index(current) if current in ids else 0,
                               format_func=lambda i: run_label(by_id[i]), key=P + "pick")
     with button_col:
-        if st.button("Open", key=P + "open", type="primary"):
+        if access().offers("runs") and st.button("Open", key=P + "open", type="primary"):
             open_run(chosen)
 
 
@@ -139,7 +139,8 @@ def runs_section(refreshing: bool) -> None:
         st.caption(f"{hidden} run{'s' * (hidden != 1)} hidden by the filters above.")
     if runs:
         runs_list(store, runs)
-    disk_panel(store, store.list_runs())  # every kind takes disk space
+    if access().may_change():  # paths and a delete: not for a viewer (core.access)
+        disk_panel(store, store.list_runs())  # every kind takes disk space
 
 
 st.subheader("Runs")

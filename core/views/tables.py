@@ -20,6 +20,7 @@ import pandas as pd
 
 from core.config import LAYER_GROUPS, RunConfig, flatten, to_dict
 from core.runs.store import MetricRow, Run
+from core.views.text import visible
 
 if TYPE_CHECKING:
     from core.analysis.experiments import ExperimentResults
@@ -138,13 +139,13 @@ def run_label(run: Run) -> str:
     """How a run is named in pickers: name and short id (two runs may share a name), its
     live status and best accuracy."""
     best = f", best val {fmt_pct(run.best_val_acc)}" if run.best_val_acc is not None else ""
-    return f"{run.name} · {short_id(run.id)} ({run.status}{best})"
+    return f"{visible(run.name)} · {short_id(run.id)} ({run.status}{best})"  # pickers: plain text
 
 
 def run_chip(run: Run) -> str:
     """A short label for chips (multiselects), which have room for little: name and short
     id, without status or accuracy."""
-    return f"{run.name} · {short_id(run.id)}"
+    return f"{visible(run.name)} · {short_id(run.id)}"
 
 
 def run_color(run_id: str) -> str:
