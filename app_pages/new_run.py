@@ -34,6 +34,7 @@ from core.runs.preflight import available_memory
 from core.runs.store import RunStore, StoreError
 from core.views import charts
 from core.views.tables import fmt_count, fmt_duration, run_label
+from core.views.text import md
 
 P = "new_run."  # session-state prefix of this page
 # Column widths of the stage grid; Schedule is wide enough for "cosine decay" uncut.
@@ -107,7 +108,7 @@ def config_upload() -> None:
     else:
         load_config(cfg)
         st.session_state[f"{P}config_problem"] = ""
-        st.toast(f"Loaded {upload.name} into the form.", icon=":material/upload_file:")
+        st.toast(f"Loaded {md(upload.name)} into the form.", icon=":material/upload_file:")
 
 
 def field_input(where: Any, cls: type, name: str, prefix: str = P, **options: Any) -> Any:
@@ -336,7 +337,7 @@ def lr_finder_section(store: RunStore, cfg: RunConfig, n_stages: int) -> None:
             st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, c.suggested_lr,
                                                   f"LR finder, stage {i + 1} ({finding.trains})"),
                             key=f"{key}.chart")
-            st.caption(f"Started from {finding.start}."
+            st.caption(f"Started from {md(finding.start)}."
                        f"{' Stopped early: the loss diverged.' if c.diverged else ''}")
             if c.suggested_lr is None:
                 st.caption("No clear fall in the loss: no suggestion.")
@@ -405,7 +406,7 @@ def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: A
 def note_and_tags(store: RunStore) -> None:
     """A note and tags given before Start (Overview and Compare filter by tag)."""
     c = st.columns([3, 2])
-    c[0].text_area("Note (optional)", key=f"{P}note", height=68,
+    c[0].text_area("Note (optional)", key=f"{P}note", height=68, max_chars=cfgmod.NOTE_MAX_CHARS,
                    placeholder="what you are trying, what you expect")
     c[1].multiselect("Tags (optional)", sorted(set(store.all_tags()) | set(st.session_state[f"{P}tags"])),
                      key=f"{P}tags", accept_new_options=True,
@@ -429,7 +430,7 @@ with st.expander("Load a config (the JSON a run's page downloads)"):
     if problem := st.session_state.get(f"{P}config_problem"):
         st.error(problem)
 top[1].number_input("Stages", min_value=1, max_value=MAX_STAGES, step=1, key=f"{P}n_stages")
-top[2].text_input("Run name", key=f"{P}name", placeholder="automatic")
+top[2].text_input("Run name", key=f"{P}name", placeholder="automatic", max_chars=cfgmod.NAME_MAX_CHARS)
 n_stages = int(st.session_state[f"{P}n_stages"])
 
 st.subheader("Stages")
