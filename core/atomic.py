@@ -14,6 +14,7 @@ from typing import Any
 # An atomic write's temp file is `.<name>.<random>.tmp` beside its target; core.settings
 # derives the pattern that finds the ones a killed worker left behind from these.
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+FILE_MODE = 0o640  # what an atomically written file ends up with: owner writes, group reads
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -25,6 +26,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
                                dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file 0600; a dashboard or an export job running as another
+        # user of the group (on a cluster, the shared artifact root) must read checkpoints.
+        os.chmod(tmp, FILE_MODE)
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -175,9 +175,11 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfgmod.to_json(cfg))
         return 0
-    from core.runs.preflight import preflight
+    from core.runs.preflight import ExecutorUnavailable, device_problem, preflight
 
     report = preflight(cfg, store)  # bad data/weights fail here, before a run exists
+    if problem := device_problem(cfg):  # it runs here, in the foreground
+        raise ExecutorUnavailable([problem])
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     run = store.create_run(cfg, name=args.name)
@@ -333,9 +335,11 @@ def run_record(r: Run) -> dict[str, Any]:
 
 
 def cmd_runs(store: RunStore, as_json: bool) -> int:
-    from core.runs.jobs import reconcile
+    from core.runs.jobs import cluster_notice, reconcile
 
     reconcile(store)
+    if notice := cluster_notice(store):
+        print(notice, file=sys.stderr)
     runs = store.list_runs()
     if as_json:
         for r in runs:  # JSON Lines: a script can read one run per line as it comes
@@ -368,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_resume(store, args.run_id)
         return cmd_runs(store, args.json)
     except cfgmod.ConfigError as exc:
-        print("invalid config:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+        from core.runs.preflight import ExecutorUnavailable
+
+        heading = "cannot submit" if isinstance(exc, ExecutorUnavailable) else "invalid config"
+        print(f"{heading}:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
         return 2
     except Exception as exc:
         from core.runs.store import StoreError

@@ -147,6 +147,12 @@ class StoreLayout:
     def supervisor_log(self) -> Path:
         return self.root / "supervisor.log"
 
+    @property
+    def cluster_health(self) -> Path:
+        """Whether the Ray cluster was reachable at the last look, and since when
+        (core.runs.executors.ray.ClusterHealth), written by whoever looked last."""
+        return self.root / "ray-cluster.json"
+
     def run(self, run_id: str) -> RunFiles:
         """One run's folder, under the artifact root."""
         return RunFiles(self.artifacts / run_id, run_id)
