@@ -20,7 +20,9 @@ from app_pages._common import (
 )
 from core import config as cfgmod
 from core.analysis import experiments as ex
+from core.analysis import planning
 from core.engine.paths import PathNotAllowed, resolve_user_path
+from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.tables import recipe_results_table
@@ -112,8 +114,11 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
     saved_recipes, saved_problems = ex.saved_run_recipes([by_id[i] for i in saved_ids],
                                                          taken=[n for n, _ in recipes])
     estimate_caption(store, recipes + saved_recipes, int(seeds_n))
-    submit(store, recipes + saved_recipes, list(range(int(seeds_n))), name,
-           problems + saved_problems)
+    all_recipes = recipes + saved_recipes
+    problems = problems + saved_problems
+    problems += ex.validate_experiment(all_recipes, list(range(int(seeds_n)))) if not problems else []
+    ready = not problems and queue_checks(store, [c for _, c in all_recipes], P + "online")
+    submit(store, all_recipes, list(range(int(seeds_n))), name, problems, ready)
 
 
 def form_fingerprint(recipes: list[tuple[str, cfgmod.RunConfig]], seeds: list[int],
@@ -166,10 +171,60 @@ def estimate_caption(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]
                   else "known once the data set is chosen."))
 
 
+@st.cache_data(ttl=15, show_spinner="Checking the data and starting weights…")
+def preflight_of(cfg_json: str, store_root: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(problems, notes) of New run's preflight (core.runs.preflight: data, weights, disk,
+    memory) for one config; cached 15 s as it lists the data folder."""
+    from core.runs.preflight import preflight
+
+    try:
+        report = preflight(cfgmod.from_json(cfg_json), RunStore(store_root))
+    except cfgmod.ConfigError as exc:
+        return tuple(exc.errors), ()
+    return (), tuple(report.notes)
+
+
+DOWNLOADS = {"imagenet": "the ImageNet weights (45 MB)", "cifar10": "CIFAR-10 (170 MB)"}
+
+
+def queue_checks(store: RunStore, configs: list[cfgmod.RunConfig], online_key: str) -> bool:
+    """New run's checks before anything is queued, for every config the experiment would
+    run: the preflight's problems (shown; they block), its notes, and what the runs would
+    download when they start, which fails offline (blocks until the user says the machine
+    is online). True when the runs can be queued."""
+    problems: list[str] = []
+    notes: list[str] = []
+    needed: list[str] = []
+    for cfg in configs:
+        found, said = preflight_of(cfgmod.to_json(cfg), str(store.root))
+        problems += [p for p in found if p not in problems]
+        notes += [n for n in said if n not in notes]
+        needed += [d for d in planning.needs_download(cfg) if d not in needed]
+    for p in problems:
+        st.error(p)
+    for n in notes:
+        if not ("imagenet" in needed and n.startswith("ImageNet weights")):  # said below
+            st.caption(n)
+    if needed:
+        what = " and ".join(DOWNLOADS[d] for d in needed)
+        st.warning(f"Every run would download {what} when it starts, which fails without "
+                   f"internet, so offline each run would fail within seconds. Offline? "
+                   + ("Pick a *Weights file* or *Another run's best checkpoint* under "
+                      "**Starting weights** (or *Random*, best with *All at once*). "
+                      if "imagenet" in needed else "")
+                   + ("Pick an image folder as the **Data set** (add one on Datasets). "
+                      if "cifar10" in needed else ""),
+                   icon=":material/cloud_off:")
+        online = st.checkbox("This machine is online: download when the first run starts",
+                             key=online_key)
+        return not problems and online
+    return not problems
+
+
 def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: list[int],
-           name: str, problems: list[str]) -> None:
-    """What the experiment queues, the button that queues it, and every problem in the way."""
-    problems = problems + (ex.validate_experiment(recipes, seeds) if not problems else [])
+           name: str, problems: list[str], ready: bool) -> None:
+    """What the experiment queues, the button that queues it (enabled when `ready`: the
+    checks passed), and every problem in the way."""
     n_runs = len(recipes) * len(seeds)
     st.caption(f"This queues {n_runs} run{'s' * (n_runs != 1)} ({len(recipes)} recipes × "
                f"{len(seeds)} seeds); they run one after another in the background.")
@@ -177,7 +232,7 @@ def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: 
     last = st.session_state.get(SUBMITTED)  # (fingerprint, experiment name, runs) or None
     queued = last is not None and last[0] == fingerprint
     if st.button("Run the experiment", type="primary", key=P + "submit",
-                 disabled=bool(problems) or queued,
+                 disabled=bool(problems) or not ready or queued,
                  help="Queued: change the form to queue another." if queued else None):
         try:
             exp = ex.submit_experiment(store, recipes, seeds, name=name)
@@ -211,6 +266,7 @@ def show_results(exp_id: str) -> None:
                 text=f"{res.finished} of {res.total} runs finished"
                      + (f", {res.active} queued or running" if res.active else ""))
     st.dataframe(recipe_results_table(res), hide_index=True, width="stretch")
+    failure_reasons(res)
     val = [c for c in res.comparisons if c.metric == "val"]
     test = [c for c in res.comparisons if c.metric == "test"]
     if not val:
@@ -220,8 +276,10 @@ def show_results(exp_id: str) -> None:
         st.warning(f"{len(missing)} run{'s' * (len(missing) != 1)} of this experiment did not "
                    f"finish (cancelled or failed), so its verdict is missing or rests on fewer "
                    f"seeds than planned.")
+        ready = queue_checks(store, [recipe.config for recipe, _ in missing],
+                             P + f"rerun_online.{exp.id}")
         if st.button(f"Re-run the {len(missing)} missing run{'s' * (len(missing) != 1)}",
-                     key=P + f"rerun.{exp.id}", type="primary"):
+                     key=P + f"rerun.{exp.id}", type="primary", disabled=not ready):
             try:
                 ex.rerun_missing(store, res)
             except cfgmod.ConfigError as exc:
@@ -240,6 +298,19 @@ def show_results(exp_id: str) -> None:
                         key=P + f"fig.{exp.id}")
     st.caption("± after a mean is the spread across seeds (sample standard deviation); ± in "
                "a verdict is half the 95 % confidence interval of the difference (Welch's t).")
+
+
+def failure_reasons(res: ex.ExperimentResults) -> None:
+    """Why runs failed, under the table where their results would be: one message per
+    reason, naming the runs it stopped (seed by seed, recipe by recipe)."""
+    by_reason: dict[str, list[str]] = {}
+    for rr in res.recipes:
+        for run in rr.runs:
+            if run.status == "failed":
+                reason = run.error or "no reason was recorded; see the run's log on Runs"
+                by_reason.setdefault(reason, []).append(f"{rr.recipe.name} seed {run.config.seed}")
+    for reason, where in by_reason.items():
+        st.error(f"Failed ({', '.join(where)}): {reason}", icon=":material/error:")
 
 
 def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> None:
@@ -304,7 +375,7 @@ if st.session_state.pop(OPEN_RESULTS, False):
     st.session_state[TAB] = RESULTS_TAB
 tab_new, tab_results = st.tabs([NEW_TAB, RESULTS_TAB], key=TAB, bind="query-params")
 with tab_new:
-    compare_form(store, store.list_runs())
+    compare_form(store, store.list_runs(kinds=TRAINING_KINDS))
 with tab_results:
     results_section(store)
 page_link(INSIGHTS_PAGE, "Look inside one run: Run insights", ":material/insights:", "Run insights")

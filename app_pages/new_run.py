@@ -25,9 +25,9 @@ from app_pages._common import (
 from core import config as cfgmod
 from core.analysis import lr_finder, planning, speed
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
-from core.engine.model_info import imagenet_weights_path
 from core.engine.paths import DATA_ROOTS_ENV, PathNotAllowed, cifar10_dir, data_roots, resolve_user_path
 from core.runs import jobs
+from core.runs.entities import TRAINING_KINDS
 from core.runs.preflight import available_memory
 from core.runs.store import RunStore, StoreError
 from core.views import charts
@@ -121,16 +121,6 @@ def estimates_of(store: RunStore) -> tuple[planning.EpochEstimate, dict]:
     return seconds, made
 
 
-@st.cache_data(ttl=60)
-def imagenet_weights_cached() -> bool:
-    return imagenet_weights_path().exists()
-
-
-@st.cache_data(ttl=60)
-def cifar10_present(data_path: str) -> bool:
-    return planning.cifar10_present(data_path)
-
-
 def train_all_groups() -> None:
     """The fix for random weights with frozen layers: one stage that trains everything."""
     st.session_state[f"{P}preset"] = "All at once"
@@ -144,14 +134,15 @@ def use_random_weights() -> None:
 def offline_notes(cfg: RunConfig) -> None:
     """Before Start: what the defaults need from the internet, with the fix that works
     offline; and random weights under frozen layers, in plain words, with its fix."""
-    if cfg.weights == "imagenet" and not imagenet_weights_cached():
+    needed = planning.needs_download(cfg)  # Experiments asks the same before queuing
+    if "imagenet" in needed:
         st.info("The ImageNet weights are not on this machine yet: they will be downloaded "
                 "(45 MB) when the run starts, which fails without internet. Offline? Under "
                 "**Advanced**, pick *Random*, a *Weights file*, or *Another run's best "
                 "checkpoint*.", icon=":material/cloud_off:")
         st.button("Use random weights instead", key=f"{P}fix_weights",
                   on_click=use_random_weights)
-    if cfg.data_source == "cifar10" and not cifar10_present(cfg.data_path):
+    if "cifar10" in needed:
         st.info(f"CIFAR-10 is not in {cifar10_dir(cfg.data_path)}: it will be downloaded "
                 f"(170 MB) when the run starts, which fails without internet. Offline? Copy "
                 f"`{planning.CIFAR10_FOLDER}/` there (the README's *Offline use* steps), or add "
@@ -239,7 +230,8 @@ def weights_settings(store: RunStore, device_col: Any, errors: list[str]) -> tup
         field_input(w[1], RunConfig, "weights_path")
         weights_path = user_path(st.session_state[f"{P}weights_path"], "weights file", errors)
     elif weights == "run":
-        donors = {r.id: r for r in store.list_runs(statuses=("finished",)) if r.best_checkpoint}
+        donors = {r.id: r for r in store.list_runs(statuses=("finished",), kinds=TRAINING_KINDS)
+                  if r.best_checkpoint}
         if st.session_state[f"{P}weights_run"] not in donors:
             st.session_state[f"{P}weights_run"] = next(iter(donors), None)
         w[1].selectbox(cfgmod.field_spec(RunConfig, "weights_run").label, list(donors),

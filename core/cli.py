@@ -23,6 +23,7 @@ from typing import Any
 
 from core import config as cfgmod
 from core.runs.store import DATA_DIR_ENV, Run, RunProgress, RunStore
+from core.views.text import visible  # every text output: no user's escape sequence or newline
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,13 +182,13 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     if problem := device_problem(cfg):  # it runs here, in the foreground
         raise ExecutorUnavailable([problem])
     for note in report.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(f"note: {visible(note)}", file=sys.stderr)
     run = store.create_run(cfg, name=args.name)
     annotate(store, run.id, args)
     # Claim it for this process (bypassing the queue: the user asked for it now).
     store.claim_run_now(run.id, os.getpid())
     print(f"run {run.id}: {' -> '.join(s.trains for s in cfg.stages)} "
-          f"({cfg.total_epochs} epochs); store {store.root}", file=sys.stderr)
+          f"({cfg.total_epochs} epochs); store {visible(store.root)}", file=sys.stderr)
     bar = tqdm(total=1000, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
                file=sys.stderr)
 
@@ -197,7 +198,7 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
         if p.stage:
             desc = f"stage {p.stage}/{p.stages} epoch {p.epoch or '-'}/{p.epochs or '-'}"
         elif p.message:
-            desc = p.message
+            desc = visible(p.message)
         bar.set_description(desc, refresh=False)
         bar.refresh()
 
@@ -214,9 +215,9 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     if status == "finished":
         print(f"finished run {run.id}: best val acc {final.best_val_acc:.4f} (stage "
               f"{final.best_stage}, epoch {final.best_epoch}), test acc {final.test_acc:.4f}, "
-              f"{final.duration_s:.1f} s; checkpoint {final.best_checkpoint}")
+              f"{final.duration_s:.1f} s; checkpoint {visible(final.best_checkpoint)}")
         return 0
-    print(f"run {run.id} {status}: {final.error}", file=sys.stderr)
+    print(f"run {run.id} {status}: {visible(final.error)}", file=sys.stderr)
     return 1
 
 
@@ -226,7 +227,7 @@ class _TqdmHandler(logging.Handler):
         self.bar = bar
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.bar.write(self.format(record), file=sys.stderr)
+        self.bar.write(visible(self.format(record), keep_newlines=True), file=sys.stderr)
 
 
 def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
@@ -240,7 +241,7 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
     else:
         run = store.get_run(args.run)
         if run is None:
-            print(f"no run {args.run!r} in {store.root}", file=sys.stderr)
+            print(f"no run {visible(args.run)!r} in {visible(store.root)}", file=sys.stderr)
             return 2
         cfg = cfgmod.check(run.config)
     if not 1 <= args.stage <= len(cfg.stages):
@@ -254,7 +255,7 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     finding = lr_finder.find_lr(
         store, cfg, args.stage, str(args.start_checkpoint) if args.start_checkpoint else None,
-        steps=args.steps, on_progress=lambda msg, f: print(f"\r{msg} {100 * f:3.0f} %", end="",
+        steps=args.steps, on_progress=lambda msg, f: print(f"\r{visible(msg)} {100 * f:3.0f} %", end="",
                                                            file=sys.stderr))
     print(file=sys.stderr)
     run = lr_finder.record(store, cfg, finding, args.name)
@@ -265,7 +266,7 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
                           "min_loss_lr_over_10": c.min_loss_lr_over_10, "diverged": c.diverged,
                           "lrs": c.lrs, "losses": c.losses, "smoothed": c.smoothed}, indent=2))
         return 0
-    print(f"stage {finding.stage} ({finding.trains}) from {finding.start}")
+    print(f"stage {finding.stage} ({visible(finding.trains)}) from {visible(finding.start)}")
     print(f"{len(c.lrs)} steps, {c.lrs[0]:.1e} .. {c.lrs[-1]:.1e}"
           f"{' (stopped: the loss diverged)' if c.diverged else ''}")
     if c.suggested_lr is None:
@@ -306,10 +307,10 @@ def cmd_cancel(store: RunStore, run_id: str) -> int:
 
     run = jobs.cancel(store, run_id)
     if run is None:
-        print(f"no run {run_id} in {store.root}", file=sys.stderr)
+        print(f"no run {visible(run_id)} in {visible(store.root)}", file=sys.stderr)
         return 1
     state = "cancel requested (stops between batches)" if run.status == "running" else run.status
-    print(f"run {run_id}: {state}", file=sys.stderr)
+    print(f"run {visible(run_id)}: {state}", file=sys.stderr)
     return 0 if run.status in ("running", "cancelled") else 1
 
 
@@ -319,10 +320,11 @@ def cmd_resume(store: RunStore, run_id: str) -> int:
     before = store.get_run(run_id)
     if before is None or before.status not in ("failed", "cancelled"):
         state = before.status if before else "missing"
-        print(f"run {run_id} is {state}; only failed or cancelled runs resume", file=sys.stderr)
+        print(f"run {visible(run_id)} is {state}; only failed or cancelled runs resume",
+              file=sys.stderr)
         return 1
     run = jobs.resume(store, run_id)
-    print(f"run {run_id}: {run.status if run else 'missing'}", file=sys.stderr)
+    print(f"run {visible(run_id)}: {run.status if run else 'missing'}", file=sys.stderr)
     return 0
 
 
@@ -339,7 +341,7 @@ def cmd_runs(store: RunStore, as_json: bool) -> int:
 
     reconcile(store)
     if notice := cluster_notice(store):
-        print(notice, file=sys.stderr)
+        print(visible(notice), file=sys.stderr)
     runs = store.list_runs()
     if as_json:
         for r in runs:  # JSON Lines: a script can read one run per line as it comes
@@ -352,7 +354,7 @@ def cmd_runs(store: RunStore, as_json: bool) -> int:
     for r in runs:
         val = f"{r.best_val_acc:.3f}" if r.best_val_acc is not None else "-"
         test = f"{r.test_acc:.3f}" if r.test_acc is not None else "-"
-        print(f"{r.id:<23} {r.status:<10} {val:>8} {test:>6}  {r.name}")
+        print(f"{visible(r.id):<23} {r.status:<10} {val:>8} {test:>6}  {visible(r.name)}")
     return 0
 
 
@@ -375,13 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         from core.runs.preflight import ExecutorUnavailable
 
         heading = "cannot submit" if isinstance(exc, ExecutorUnavailable) else "invalid config"
-        print(f"{heading}:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+        print(f"{heading}:\n  " + "\n  ".join(visible(e) for e in exc.errors), file=sys.stderr)
         return 2
     except Exception as exc:
         from core.runs.store import StoreError
 
         if isinstance(exc, StoreError):
-            print(str(exc), file=sys.stderr)
+            print(visible(exc), file=sys.stderr)
             return 2
         raise
 
