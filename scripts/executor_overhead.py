@@ -3,9 +3,10 @@ cluster"). Runs the same tiny run (generated 3-class image folder, random weight
 per stage, 32 px, 1 thread) REPS times through jobs.submit with each executor, interleaved
 so both see the same load, and reports the median of each phase:
   submit:   the jobs.submit call (checks, the run row, handing it to the executor)
-  claim:    submit -> the worker process has imported its code and claimed the run (for Ray:
-            the job supervisor actor's process, the runtime_env, the entrypoint's shell)
-  progress: claim -> the worker's first progress report
+  up:       submit -> the worker process has imported its code and opened the store (its
+            log's first line; for Ray this includes the job supervisor actor's process,
+            the runtime_env and the entrypoint's shell)
+  progress: up -> the worker's first progress report
   total:    submit -> the run is settled finished in the store (by the worker itself)
 
     bash scripts/with_services.sh .venv/bin/python scripts/executor_overhead.py [REPS] \
@@ -35,7 +36,7 @@ from core.runs.store import RunStore  # noqa: E402
 from tests.conftest import make_image_folder, tiny_config  # noqa: E402
 
 POLL_S = 0.005  # how often the store is read while timing, seconds
-PHASES = ("submit", "claim", "progress", "total")
+PHASES = ("submit", "up", "progress", "total")
 
 
 def time_one(store: RunStore, data: Path) -> dict[str, float]:
@@ -53,8 +54,19 @@ def time_one(store: RunStore, data: Path) -> dict[str, float]:
             total = time.perf_counter() - t0
             break
         time.sleep(POLL_S)
-    claim = (r.started_at or wall0) - wall0  # the worker's claim, on the store's clock
-    return times | {"claim": claim, "progress": (progress_at or total) - claim, "total": total}
+    up = worker_up_at(store, run.id) - wall0
+    return times | {"up": up, "progress": (progress_at or total) - up, "total": total}
+
+
+def worker_up_at(store: RunStore, run_id: str) -> float:
+    """When the worker wrote its log's first line ("worker pid ..."), seconds since the
+    epoch: the same point of core.runs.worker.main on both executors."""
+    import datetime
+
+    first = next(line for line in store.files(run_id).log.read_text().splitlines()
+                 if " worker pid " in line)
+    stamp = datetime.datetime.strptime(first[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
 
 
 def cpu_name() -> str:
