@@ -502,6 +502,9 @@ class ClusterWatch:
 
         first_miss: float | None = None
         while not self._stop.wait(WATCH_S):
+            if self._settled_elsewhere():
+                TERMINATED.set()  # no second writer beside a resumed attempt
+                return
             if _gcs_answers(self.gcs):
                 first_miss = None
                 continue
@@ -517,6 +520,22 @@ class ClusterWatch:
                 log.error("could not record the loss in the run store: %s", exc)
             TERMINATED.set()
             return
+
+
+    def _settled_elsewhere(self) -> bool:
+        """Whether the run was settled while this worker still runs: a head restarted
+        within LOST_AFTER_S answers again but no longer knows this job, and the supervisor
+        then records the run failed ("the Ray cluster does not know job ..."); the worker
+        must stop, or a resume would train beside it."""
+        try:
+            run = self.store.get_run(self.run_id)
+        except Exception:  # a store outage is the store's business (it retries)
+            return False
+        if run is None or run.status == "running":
+            return False
+        log.error("the run was settled as %s by someone else (%s): stopping", run.status,
+                  run.error or "no reason given")
+        return True
 
 
 def watch_cluster(store: RunStore, run_id: str) -> ClusterWatch | None:
