@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import urllib.request
@@ -58,6 +59,9 @@ class OwnRayHead:
                     nodes = json.load(r)["data"]["result"]["result"]
                 with urllib.request.urlopen(f"{self.url}/api/jobs/", timeout=5) as r:
                     r.read()  # the job API answers too (it starts after the node list)
+                # Ray's client server listens once it found the node; on a loaded machine it
+                # may give up first (30 s, fixed), and `ray start --block` then ends the head.
+                socket.create_connection(("127.0.0.1", self.port + 1), 5).close()
                 return any(n["state"] == "ALIVE" for n in nodes)
             except (OSError, ValueError, KeyError):
                 return False
