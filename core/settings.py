@@ -153,6 +153,11 @@ class StoreLayout:
         (core.runs.executors.ray.ClusterHealth), written by whoever looked last."""
         return self.root / "ray-cluster.json"
 
+    @property
+    def search_drivers(self) -> Path:
+        """Each search driver's lock and log (core.runs.search_driver), on this machine."""
+        return self.root / "searches"
+
     def run(self, run_id: str) -> RunFiles:
         """One run's folder, under the artifact root."""
         return RunFiles(self.artifacts / run_id, run_id)

@@ -58,7 +58,8 @@ def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = 
     and device. Raises ConfigError / PreflightError."""
     cfg = resources.apply(cfg) if resources is not None else cfg
     cfgmod.check(cfg)
-    if check_data:
+    if check_data:  # (submit_seeds checked the name it was given and the group)
+        cfgmod.check_text_limits(name=name, group=group)
         from core.runs.preflight import preflight
 
         report = preflight(cfg, store)
@@ -77,6 +78,7 @@ def submit_seeds(store: RunStore, cfg: cfgmod.RunConfig, seeds: list[int], name:
 
     cfg = resources.apply(cfg) if resources is not None else cfg
     cfgmod.check(cfg)
+    cfgmod.check_text_limits(name=name, group=group)
     report = preflight(cfg, store)  # once: the seeds share data and weights
     check_executor(store, cfg, report.memory_bytes)
     runs = [submit(store, replace(cfg, seed=s), name=f"{name} seed {s}", group=group, start=False,
