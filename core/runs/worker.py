@@ -186,7 +186,8 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
     torch.set_num_threads(cfg.threads or physical_cores())
     torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
     device = resolve_device(cfg.device)
-    log.info("%s on %s", " -> ".join(s.trains for s in cfg.stages), device)
+    log.info("%s on %s, %d threads", " -> ".join(s.trains for s in cfg.stages), device,
+             torch.get_num_threads())
     return default_runtime(device)
 
 
@@ -407,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         store.set_pid(args.run_id, os.getpid())
     log.info("worker pid %d on %s (executor %s, job %s)", os.getpid(), socket.gethostname(),
              run.executor or "local", run.job_id or "-")
+    if run.executor == "ray":  # a head lost mid-run: record why and stop (executors.ray)
+        from core.runs.executors.ray import watch_cluster
+
+        watch_cluster(store, args.run_id)
     # SIGTERM stops the run between batches. Unless the lab asked for it (a cancel request,
     # then a cluster stop after the grace period), it is a fault: a job stopped behind our
     # back, a node shutting down. A signal handler must not touch the store (the main thread
