@@ -8,6 +8,7 @@ dashboard runs go through exactly the same code and land in the same store.
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import logging
 import os
@@ -133,7 +134,9 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
     torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
     device = resolve_device(cfg.device)
     log.info("%s on %s", " -> ".join(s.trains for s in cfg.stages), device)
-    return default_runtime(device)
+    # This process is the run's alone: each CPU stage sets its threads (0 = from the cores
+    # other work leaves free when it starts; core.engine.train.stage_threads).
+    return dataclasses.replace(default_runtime(device), cpu_threads=cfg.threads)
 
 
 
