@@ -23,6 +23,7 @@ PAGES = (  # (file, title, icon); the first is the home page
     ("app_pages/insights.py", "Run insights", ":material/insights:"),
     ("app_pages/classify.py", "Classify", ":material/image_search:"),
     ("app_pages/experiments.py", "Experiments", ":material/science:"),
+    ("app_pages/search.py", "Search", ":material/travel_explore:"),
     ("app_pages/datasets.py", "Datasets", ":material/folder_open:"),
 )
 

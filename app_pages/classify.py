@@ -13,9 +13,10 @@ import streamlit as st
 
 from app_pages._common import get_store, new_run_link, pick_run
 from core.analysis import inference
+from core.runs.entities import TRAINING_KINDS
 from core.views import charts
 from core.views.images import panel, pixelated
-from core.views.tables import short_id, tiny_validation, val_caveat
+from core.views.tables import fmt_pct, short_id, tiny_validation, val_caveat
 
 log = logging.getLogger("finetune_lab.classify")
 
@@ -56,10 +57,17 @@ def load_gallery(source: str, path: str, classes: tuple[str, ...], per_class: in
 
 
 def model_label(run) -> str:
+    """The run and its one headline figure, named as on Runs and Compare: test accuracy
+    where the run has a test split, else validation accuracy (said so)."""
     name = f"{run.name or run.id} · {short_id(run.id)}"
-    acc = f"{run.best_val_acc:.0%} right on held-out pictures" if run.best_val_acc is not None else "not scored"
-    if n := tiny_validation(run):
-        acc += f" (only {n} pictures)"
+    if run.test_acc is not None:
+        acc = f"test accuracy {fmt_pct(run.test_acc)}"
+    elif run.best_val_acc is not None:
+        acc = f"validation accuracy {fmt_pct(run.best_val_acc)} (no test split)"
+        if n := tiny_validation(run):
+            acc += f", only {n} pictures"
+    else:
+        acc = "not scored"
     stopped = " · stopped early" if run.status == "cancelled" else ""
     return f"{name} — {acc}{stopped}"
 
@@ -167,7 +175,7 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
     else:
         st.info(explanation.meaning)
 
-    before_after(run, img)
+    before_after(run, predictor, img)
 
     with st.expander("Details"):
         import pandas as pd
@@ -185,7 +193,9 @@ def show_result(run, predictor, img, caption: str, true_label: str | None) -> No
                     f"{', '.join(predictor.classes)}.")
 
 
-def before_after(run, img) -> None:
+def before_after(run, predictor, img) -> None:
+    """Stage 1's model beside the verdict's: the right panel is the very model (checkpoint
+    and preprocessing) the verdict above came from, so its figures are the same."""
     st.subheader("Before and after")
     n_stages = len(run.config.stages)
     models = inference.stage_checkpoints(get_store().files(run.id), n_stages)
@@ -196,11 +206,12 @@ def before_after(run, img) -> None:
 
     cols = st.columns(2)
     for col, path, title in ((cols[0], models.stage1, "After stage 1"),
-                             (cols[1], models.final, "At the end of training")):
+                             (cols[1], None, f"The model above (stage {predictor.stage}, "
+                                              f"epoch {predictor.epoch}: the best)")):
         with col:
             st.markdown(f"**{title}**")
             try:
-                preds = predictor_for(path).predict(img, 3)
+                preds = (predictor_for(path) if path else predictor).predict(img, 3)
             except (CheckpointError, OSError) as exc:
                 st.caption(f"That model can't be loaded: {exc}")
                 continue
@@ -223,7 +234,7 @@ def page() -> None:
         st.info("No trained model yet — start a run on New run")
         new_run_link()
         return
-    newest = store.list_runs()[0]  # the data set the user last worked with: the newest run's
+    newest = store.list_runs(kinds=TRAINING_KINDS)[0]  # the data set the user last worked with: the newest run's
     best = inference.default_run(runs, preferred_data=inference.data_set_of(newest))
     run = pick_run("Model", runs, P + "run", model_label, default_id=best.id,
                    help="Which trained model to ask. Picked for you: a finished run with a real "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_pages._common import get_store, no_runs_message
+from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run
 from core.views import charts
 from core.views.tables import (
@@ -117,7 +118,7 @@ def page() -> None:
     sidebar after the page (streamlit_app.py), and st.stop() would end that run too."""
     st.title("Compare")
     store = get_store()
-    runs = [r for r in store.list_runs() if r.status != "queued"]
+    runs = [r for r in store.list_runs(kinds=TRAINING_KINDS) if r.status != "queued"]
     if not runs:
         no_runs_message()
         return

@@ -18,9 +18,12 @@ from app_pages._common import (
     page_link,
     scan_image_folder,
 )
+from app_pages._forms import keep_form, restore_form
 from core import config as cfgmod
 from core.analysis import experiments as ex
+from core.analysis import planning
 from core.engine.paths import PathNotAllowed, resolve_user_path
+from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.tables import recipe_results_table
@@ -34,6 +37,13 @@ NEW_TAB, RESULTS_TAB = "Compare recipes", "Results"
 REFRESH_S = 3  # seconds between result refreshes while an experiment's runs are active
 CIFAR = "CIFAR-10 (torchvision)"
 OTHER = "Another folder…"
+# Every key of the form with its first-visit value (the data set's: the first listed); the
+# form keeps its values for the session (app_pages._forms).
+FORM = {P + "presets": ["Two-stage", "All at once"], P + "saved": [], P + "seeds": ex.DEFAULT_SEEDS,
+        P + "data": None, P + "path": "", P + "epochs": ex.DEFAULT_EPOCHS_PER_STAGE,
+        P + "lr": cfgmod.PRESET_LR, P + "cap": ex.DEFAULT_IMAGE_CAP, P + "weights": "imagenet",
+        P + "weights_path": "", P + "weights_run": None, P + "device": cfgmod.DEVICES[0],
+        P + "name": "", P + "online": False}
 
 
 # ---------------------------------------------------------------- compare recipes
@@ -44,10 +54,12 @@ def data_fields(store: RunStore) -> tuple[dict, list[str]]:
     found = {f"{d.name}  ({d.path})": str(d.path) for d in found_datasets()}
     options = list(found) + [OTHER, CIFAR]
     handed = st.session_state.get(HANDED_DATA_PATH)
-    if handed and P + "data" not in st.session_state:
+    if handed and st.session_state[P + "data"] is None:  # the form's first visit
         label = next((k for k, v in found.items() if v == handed), None)
         st.session_state[P + "data"] = label or OTHER
-        st.session_state.setdefault(P + "path", handed)
+        st.session_state[P + "path"] = handed
+    if st.session_state.get(P + "data") not in options:  # first visit, or the set is gone
+        st.session_state[P + "data"] = options[0]
     choice = st.selectbox("Data set", options, key=P + "data",
                           help="Image folders under the data folders are listed; add one on "
                                "the Datasets page.")
@@ -73,33 +85,30 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
                 "seed on the same data; when they finish you get each recipe's mean ± spread "
                 "and whether the difference is bigger than seed-to-seed luck.")
     c = st.columns([3, 3])
-    presets = c[0].multiselect("Presets", cfgmod.PRESETS, default=["Two-stage", "All at once"],
-                               key=P + "presets")
+    presets = c[0].multiselect("Presets", cfgmod.PRESETS, key=P + "presets")
     for name in presets:
         c[0].caption(f"**{name}**: {cfgmod.PRESET_DESCRIPTIONS[name]}")
     saved = [r for r in all_runs if r.status == "finished"]
     by_id = {r.id: r for r in saved}
+    st.session_state[P + "saved"] = [i for i in st.session_state[P + "saved"] if i in by_id]
     saved_ids = c[1].multiselect(
         "Configs of earlier runs (used as they were, seed aside)", list(by_id), key=P + "saved",
         format_func=lambda i: f"{by_id[i].name} ({i})",
         placeholder="no finished runs yet" if not saved else "optional")
     seeds_n = c[1].number_input("Seeds per recipe", min_value=1, max_value=ex.MAX_SEEDS,
-                                value=ex.DEFAULT_SEEDS,
                                 key=P + "seeds", help="Runs use seeds 0, 1, … 5 seeds give a "
                                 "useful interval; 1 seed gives no interval at all.")
 
     st.markdown("**Settings shared by the presets**")
     fields, problems = data_fields(store)
     s = st.columns(5)
-    epochs = s[0].number_input("Epochs per stage", 1, 100, ex.DEFAULT_EPOCHS_PER_STAGE,
-                               key=P + "epochs",
+    epochs = s[0].number_input("Epochs per stage", 1, 100, key=P + "epochs",
                                help="One-stage presets train for twice this, so every recipe "
                                     "gets the same number of epochs.")
-    lr = s[1].select_slider("Learning rate", cfgmod.LR_GRID, value=cfgmod.PRESET_LR,
-                            format_func=lambda v: f"{v:g}", key=P + "lr",
+    lr = s[1].select_slider("Learning rate", cfgmod.LR_GRID, format_func=lambda v: f"{v:g}", key=P + "lr",
                             help="The preset's learning rate; each stage scales it as the preset says.")
-    cap = s[2].number_input("Training images cap (0 = all)", 0, 1_000_000, ex.DEFAULT_IMAGE_CAP,
-                            step=500, key=P + "cap",
+    cap = s[2].number_input("Training images cap (0 = all)", 0, 1_000_000, step=500,
+                            key=P + "cap",
                             help="Fewer images train faster, but too few (or too few epochs) "
                                  "leave recipes near chance and the answer buried in noise.")
     weight_fields = weights_choice(s[3], store, all_runs, problems)
@@ -112,8 +121,11 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
     saved_recipes, saved_problems = ex.saved_run_recipes([by_id[i] for i in saved_ids],
                                                          taken=[n for n, _ in recipes])
     estimate_caption(store, recipes + saved_recipes, int(seeds_n))
-    submit(store, recipes + saved_recipes, list(range(int(seeds_n))), name,
-           problems + saved_problems)
+    all_recipes = recipes + saved_recipes
+    problems = problems + saved_problems
+    problems += ex.validate_experiment(all_recipes, list(range(int(seeds_n)))) if not problems else []
+    ready = not problems and queue_checks(store, [c for _, c in all_recipes], P + "online")
+    submit(store, all_recipes, list(range(int(seeds_n))), name, problems, ready)
 
 
 def form_fingerprint(recipes: list[tuple[str, cfgmod.RunConfig]], seeds: list[int],
@@ -143,6 +155,8 @@ def weights_choice(where, store: RunStore, all_runs: list[Run], problems: list[s
         return {"weights": "file", "weights_path": path}
     if weights == "run":
         donors = {r.id: r for r in all_runs if r.status == "finished" and r.best_checkpoint}
+        if st.session_state[P + "weights_run"] not in donors:
+            st.session_state[P + "weights_run"] = next(iter(donors), None)
         donor = st.selectbox(cfgmod.field_spec(cfgmod.RunConfig, "weights_run").label,
                              list(donors), key=P + "weights_run",
                              format_func=lambda i: f"{donors[i].name} ({i})",
@@ -166,10 +180,60 @@ def estimate_caption(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]
                   else "known once the data set is chosen."))
 
 
+@st.cache_data(ttl=15, show_spinner="Checking the data and starting weights…")
+def preflight_of(cfg_json: str, store_root: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(problems, notes) of New run's preflight (core.runs.preflight: data, weights, disk,
+    memory) for one config; cached 15 s as it lists the data folder."""
+    from core.runs.preflight import preflight
+
+    try:
+        report = preflight(cfgmod.from_json(cfg_json), RunStore(store_root))
+    except cfgmod.ConfigError as exc:
+        return tuple(exc.errors), ()
+    return (), tuple(report.notes)
+
+
+DOWNLOADS = {"imagenet": "the ImageNet weights (45 MB)", "cifar10": "CIFAR-10 (170 MB)"}
+
+
+def queue_checks(store: RunStore, configs: list[cfgmod.RunConfig], online_key: str) -> bool:
+    """New run's checks before anything is queued, for every config the experiment would
+    run: the preflight's problems (shown; they block), its notes, and what the runs would
+    download when they start, which fails offline (blocks until the user says the machine
+    is online). True when the runs can be queued."""
+    problems: list[str] = []
+    notes: list[str] = []
+    needed: list[str] = []
+    for cfg in configs:
+        found, said = preflight_of(cfgmod.to_json(cfg), str(store.root))
+        problems += [p for p in found if p not in problems]
+        notes += [n for n in said if n not in notes]
+        needed += [d for d in planning.needs_download(cfg) if d not in needed]
+    for p in problems:
+        st.error(p)
+    for n in notes:
+        if not ("imagenet" in needed and n.startswith("ImageNet weights")):  # said below
+            st.caption(n)
+    if needed:
+        what = " and ".join(DOWNLOADS[d] for d in needed)
+        st.warning(f"Every run would download {what} when it starts, which fails without "
+                   f"internet, so offline each run would fail within seconds. Offline? "
+                   + ("Pick a *Weights file* or *Another run's best checkpoint* under "
+                      "**Starting weights** (or *Random*, best with *All at once*). "
+                      if "imagenet" in needed else "")
+                   + ("Pick an image folder as the **Data set** (add one on Datasets). "
+                      if "cifar10" in needed else ""),
+                   icon=":material/cloud_off:")
+        online = st.checkbox("This machine is online: download when the first run starts",
+                             key=online_key)
+        return not problems and online
+    return not problems
+
+
 def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: list[int],
-           name: str, problems: list[str]) -> None:
-    """What the experiment queues, the button that queues it, and every problem in the way."""
-    problems = problems + (ex.validate_experiment(recipes, seeds) if not problems else [])
+           name: str, problems: list[str], ready: bool) -> None:
+    """What the experiment queues, the button that queues it (enabled when `ready`: the
+    checks passed), and every problem in the way."""
     n_runs = len(recipes) * len(seeds)
     st.caption(f"This queues {n_runs} run{'s' * (n_runs != 1)} ({len(recipes)} recipes × "
                f"{len(seeds)} seeds); they run one after another in the background.")
@@ -177,7 +241,7 @@ def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: 
     last = st.session_state.get(SUBMITTED)  # (fingerprint, experiment name, runs) or None
     queued = last is not None and last[0] == fingerprint
     if st.button("Run the experiment", type="primary", key=P + "submit",
-                 disabled=bool(problems) or queued,
+                 disabled=bool(problems) or not ready or queued,
                  help="Queued: change the form to queue another." if queued else None):
         try:
             exp = ex.submit_experiment(store, recipes, seeds, name=name)
@@ -211,6 +275,7 @@ def show_results(exp_id: str) -> None:
                 text=f"{res.finished} of {res.total} runs finished"
                      + (f", {res.active} queued or running" if res.active else ""))
     st.dataframe(recipe_results_table(res), hide_index=True, width="stretch")
+    failure_reasons(res)
     val = [c for c in res.comparisons if c.metric == "val"]
     test = [c for c in res.comparisons if c.metric == "test"]
     if not val:
@@ -220,8 +285,10 @@ def show_results(exp_id: str) -> None:
         st.warning(f"{len(missing)} run{'s' * (len(missing) != 1)} of this experiment did not "
                    f"finish (cancelled or failed), so its verdict is missing or rests on fewer "
                    f"seeds than planned.")
+        ready = queue_checks(store, [recipe.config for recipe, _ in missing],
+                             P + f"rerun_online.{exp.id}")
         if st.button(f"Re-run the {len(missing)} missing run{'s' * (len(missing) != 1)}",
-                     key=P + f"rerun.{exp.id}", type="primary"):
+                     key=P + f"rerun.{exp.id}", type="primary", disabled=not ready):
             try:
                 ex.rerun_missing(store, res)
             except cfgmod.ConfigError as exc:
@@ -242,6 +309,19 @@ def show_results(exp_id: str) -> None:
                "a verdict is half the 95 % confidence interval of the difference (Welch's t).")
 
 
+def failure_reasons(res: ex.ExperimentResults) -> None:
+    """Why runs failed, under the table where their results would be: one message per
+    reason, naming the runs it stopped (seed by seed, recipe by recipe)."""
+    by_reason: dict[str, list[str]] = {}
+    for rr in res.recipes:
+        for run in rr.runs:
+            if run.status == "failed":
+                reason = run.error or "no reason was recorded; see the run's log on Runs"
+                by_reason.setdefault(reason, []).append(f"{rr.recipe.name} seed {run.config.seed}")
+    for reason, where in by_reason.items():
+        st.error(f"Failed ({', '.join(where)}): {reason}", icon=":material/error:")
+
+
 def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> None:
     """Edit the experiment's note and tags (the picker above filters by tag)."""
     with st.expander("Note and tags" + (f": {', '.join(exp.tags)}" if exp.tags else ""),
@@ -260,6 +340,22 @@ def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> 
                 else:
                     st.toast("Saved.", icon=":material/check:")
                     st.rerun()
+
+
+COMPARE_PAGE = "app_pages/compare.py"
+
+
+def open_in_compare(store: RunStore, exp: ex.Experiment) -> None:
+    """Compare with the experiment's recipes as groups of seeds (mean ± std curves, the
+    config diff), in the URL too (?group=...), so the link can be shared."""
+    groups = [r.group for r in exp.recipes if store.list_runs(group=r.group)]
+    if st.button("Open in Compare", key=P + "compare", disabled=len(groups) < 1,
+                 icon=":material/compare_arrows:",
+                 help="Each recipe's runs as one group: their curves as mean ± std, and how "
+                      "the configs differ."):
+        st.session_state["compare.runs"] = []  # Compare's pickers: the groups, no single runs
+        st.session_state["compare.groups"] = groups
+        st.switch_page(COMPARE_PAGE, query_params={"group": groups})
 
 
 def results_section(store: RunStore) -> None:
@@ -288,6 +384,7 @@ def results_section(store: RunStore) -> None:
     active = ex.experiment_results(store, by_id[exp_id]).active > 0
     # While runs are active the results refresh themselves, without rerunning the page.
     st.fragment(run_every=REFRESH_S if active else None)(show_results)(exp_id)
+    open_in_compare(store, by_id[exp_id])
     if st.button("Forget this experiment (its runs stay)", key=P + "forget"):
         ex.delete_experiment(store, exp_id)
         st.session_state.pop(SELECTED, None)
@@ -303,8 +400,10 @@ store = get_store()
 if st.session_state.pop(OPEN_RESULTS, False):
     st.session_state[TAB] = RESULTS_TAB
 tab_new, tab_results = st.tabs([NEW_TAB, RESULTS_TAB], key=TAB, bind="query-params")
+restore_form("experiments", FORM)
 with tab_new:
-    compare_form(store, store.list_runs())
+    compare_form(store, store.list_runs(kinds=TRAINING_KINDS))
+keep_form("experiments", FORM)
 with tab_results:
     results_section(store)
 page_link(INSIGHTS_PAGE, "Look inside one run: Run insights", ":material/insights:", "Run insights")

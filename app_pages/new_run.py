@@ -22,12 +22,13 @@ from app_pages._common import (
     page_link,
     scan_image_folder,
 )
+from app_pages._forms import CONFIG_FOR_NEW_RUN, keep_form, restore_form
 from core import config as cfgmod
 from core.analysis import lr_finder, planning, speed
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
-from core.engine.model_info import imagenet_weights_path
 from core.engine.paths import DATA_ROOTS_ENV, PathNotAllowed, cifar10_dir, data_roots, resolve_user_path
 from core.runs import jobs
+from core.runs.entities import TRAINING_KINDS
 from core.runs.preflight import available_memory
 from core.runs.store import RunStore, StoreError
 from core.views import charts
@@ -57,22 +58,55 @@ def apply_preset() -> None:
     st.session_state[f"{P}n_stages"] = len(stages)
 
 
+def form_defaults() -> dict[str, Any]:
+    """Every key of the form with its first-visit value: the default run config with the
+    Two-stage preset's stages (stages beyond the preset repeat its last one)."""
+    stages = cfgmod.preset_stages("Two-stage")
+    out = {f"{P}preset": "Two-stage", f"{P}n_stages": len(stages),
+           **cfgmod.form_state(RunConfig(), P), f"{P}name": "", f"{P}repeats": 1,
+           f"{P}note": "", f"{P}tags": []}
+    for i in range(MAX_STAGES):
+        out.update(cfgmod.form_state(stages[min(i, len(stages) - 1)], stage_prefix(i)))
+    return out
+
+
+FORM = form_defaults()
+
+
+def load_config(cfg: RunConfig) -> None:
+    """Fill the form with `cfg` (Run again, Load a config); the preset picker is left as it
+    was, as its stages were changed."""
+    st.session_state.update(cfgmod.form_state(cfg, P))
+    for i, stage in enumerate(cfg.stages):
+        put_stage(i, stage)
+    st.session_state[f"{P}n_stages"] = len(cfg.stages)
+
+
 def ensure_defaults() -> None:
-    """First visit (or back after leaving the page, which drops widget state): the default
-    run config and the Two-stage preset."""
-    if f"{P}preset" not in st.session_state:
-        st.session_state[f"{P}preset"] = "Two-stage"
-        apply_preset()
-    defaults = {**cfgmod.form_state(RunConfig(), P), f"{P}name": "", f"{P}repeats": 1}
-    for k, v in defaults.items():
-        st.session_state.setdefault(k, v)
+    """Every visit: the values the form held when last left this session (leaving the page
+    drops widget state), else the defaults; then a data folder or config handed over."""
+    restore_form("new_run", FORM)
     handed = st.session_state.pop(HANDED_DATA_PATH, None)
     if handed:
         st.session_state[f"{P}data_source"] = "folder"
         st.session_state[f"{P}data_path"] = handed
-    for i in range(MAX_STAGES):
-        if cfgmod.field_key(stage_prefix(i), "epochs") not in st.session_state:
-            put_stage(i, read_stage(i - 1) if i > 0 else StageConfig())  # beyond the preset
+    if text := st.session_state.pop(CONFIG_FOR_NEW_RUN, None):
+        load_config(cfgmod.from_json(text))
+
+
+def config_upload() -> None:
+    """Load a config: the JSON the Runs page downloads (or `python -m core run` reads)."""
+    upload = st.session_state.get(f"{P}config_file")
+    if upload is None:
+        return
+    try:
+        cfg = cfgmod.from_json(upload.getvalue())
+    except cfgmod.ConfigError as exc:
+        st.session_state[f"{P}config_problem"] = f"{upload.name} is not a run config: " + "; ".join(exc.errors)
+    else:
+        load_config(cfg)
+        st.session_state[f"{P}config_problem"] = ""
+        st.toast(f"Loaded {upload.name} into the form.", icon=":material/upload_file:")
 
 
 def field_input(where: Any, cls: type, name: str, prefix: str = P, **options: Any) -> Any:
@@ -121,16 +155,6 @@ def estimates_of(store: RunStore) -> tuple[planning.EpochEstimate, dict]:
     return seconds, made
 
 
-@st.cache_data(ttl=60)
-def imagenet_weights_cached() -> bool:
-    return imagenet_weights_path().exists()
-
-
-@st.cache_data(ttl=60)
-def cifar10_present(data_path: str) -> bool:
-    return planning.cifar10_present(data_path)
-
-
 def train_all_groups() -> None:
     """The fix for random weights with frozen layers: one stage that trains everything."""
     st.session_state[f"{P}preset"] = "All at once"
@@ -144,14 +168,15 @@ def use_random_weights() -> None:
 def offline_notes(cfg: RunConfig) -> None:
     """Before Start: what the defaults need from the internet, with the fix that works
     offline; and random weights under frozen layers, in plain words, with its fix."""
-    if cfg.weights == "imagenet" and not imagenet_weights_cached():
+    needed = planning.needs_download(cfg)  # Experiments asks the same before queuing
+    if "imagenet" in needed:
         st.info("The ImageNet weights are not on this machine yet: they will be downloaded "
                 "(45 MB) when the run starts, which fails without internet. Offline? Under "
                 "**Advanced**, pick *Random*, a *Weights file*, or *Another run's best "
                 "checkpoint*.", icon=":material/cloud_off:")
         st.button("Use random weights instead", key=f"{P}fix_weights",
                   on_click=use_random_weights)
-    if cfg.data_source == "cifar10" and not cifar10_present(cfg.data_path):
+    if "cifar10" in needed:
         st.info(f"CIFAR-10 is not in {cifar10_dir(cfg.data_path)}: it will be downloaded "
                 f"(170 MB) when the run starts, which fails without internet. Offline? Copy "
                 f"`{planning.CIFAR10_FOLDER}/` there (the README's *Offline use* steps), or add "
@@ -239,7 +264,8 @@ def weights_settings(store: RunStore, device_col: Any, errors: list[str]) -> tup
         field_input(w[1], RunConfig, "weights_path")
         weights_path = user_path(st.session_state[f"{P}weights_path"], "weights file", errors)
     elif weights == "run":
-        donors = {r.id: r for r in store.list_runs(statuses=("finished",)) if r.best_checkpoint}
+        donors = {r.id: r for r in store.list_runs(statuses=("finished",), kinds=TRAINING_KINDS)
+                  if r.best_checkpoint}
         if st.session_state[f"{P}weights_run"] not in donors:
             st.session_state[f"{P}weights_run"] = next(iter(donors), None)
         w[1].selectbox(cfgmod.field_spec(RunConfig, "weights_run").label, list(donors),
@@ -347,13 +373,28 @@ def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: A
     name = s[f"{P}name"].strip() or f"{s[f'{P}preset']} {time.strftime('%m-%d %H:%M:%S')}"
     try:
         if len(plan.seeds) == 1:
-            run = jobs.submit(store, cfg, name=name)
+            runs = [jobs.submit(store, cfg, name=name)]
         else:
-            run = jobs.submit_seeds(store, cfg, list(plan.seeds), name=name, group=name)[0]
+            runs = jobs.submit_seeds(store, cfg, list(plan.seeds), name=name, group=name)
+        for run in runs:  # the note and tags written before Start
+            if s[f"{P}note"].strip():
+                store.set_note(run.id, s[f"{P}note"])
+            if s[f"{P}tags"]:
+                store.set_tags(run.id, list(s[f"{P}tags"]))
     except (cfgmod.ConfigError, StoreError, OSError) as exc:
         st.error(f"Could not start the run: {exc}")
     else:
-        open_run(run.id)  # where its progress and results are, with the run in the URL
+        open_run(runs[0].id)  # where its progress and results are, with the run in the URL
+
+
+def note_and_tags(store: RunStore) -> None:
+    """A note and tags given before Start (Overview and Compare filter by tag)."""
+    c = st.columns([3, 2])
+    c[0].text_area("Note (optional)", key=f"{P}note", height=68,
+                   placeholder="what you are trying, what you expect")
+    c[1].multiselect("Tags (optional)", sorted(set(store.all_tags()) | set(st.session_state[f"{P}tags"])),
+                     key=f"{P}tags", accept_new_options=True,
+                     placeholder="type a tag, press Enter")
 
 
 # ---------------------------------------------------------------- page
@@ -367,6 +408,11 @@ top = st.columns([2, 1, 1])
 top[0].selectbox("Preset", cfgmod.PRESETS, key=f"{P}preset", on_change=apply_preset,
                  help="Fills in the stages; change anything afterwards.")
 top[0].caption(cfgmod.PRESET_DESCRIPTIONS[st.session_state[f"{P}preset"]])
+with st.expander("Load a config (the JSON a run's page downloads)"):
+    st.file_uploader("Config file", type=["json"], key=f"{P}config_file", on_change=config_upload,
+                     help="Fills in the form; change anything before Start.")
+    if problem := st.session_state.get(f"{P}config_problem"):
+        st.error(problem)
 top[1].number_input("Stages", min_value=1, max_value=MAX_STAGES, step=1, key=f"{P}n_stages")
 top[2].text_input("Run name", key=f"{P}name", placeholder="automatic")
 n_stages = int(st.session_state[f"{P}n_stages"])
@@ -388,6 +434,7 @@ cfg = cfgmod.from_form(RunConfig, st.session_state, P,
                        weights_path=weights_path, weights_run=weights_run)
 lr_finder_section(store, cfg, n_stages)
 summary_area = st.container()  # drawn once the plan (which needs the seed count) exists
+note_and_tags(store)
 repeat_cols = st.columns([1, 1, 3], vertical_alignment="bottom")
 repeats = repeat_cols[0].number_input(
     "Repeat with N seeds", min_value=1, max_value=10, step=1, key=f"{P}repeats",
@@ -401,3 +448,4 @@ if plan.errors:
     repeat_cols[2].caption("Fix the problems above to start.")
 with st.expander("Config as JSON"):
     st.code(cfgmod.to_json(cfg), language="json")
+keep_form("new_run", FORM)

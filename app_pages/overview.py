@@ -13,6 +13,7 @@ from app_pages._common import SELECTED_RUN, get_store, new_run_link, no_runs_mes
 from core import config as cfgmod
 from core.analysis import disk
 from core.analysis.disk import fmt_bytes
+from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.tables import ENDED_BADLY, recipe_short, run_label, runs_table, short_id
@@ -117,16 +118,17 @@ st.markdown(INTRO)
 recipe_panel()
 st.subheader("Runs")
 store = get_store()
-all_runs = store.list_runs()
+# Training runs only: tools' records (LR range tests, exports) are reached from their tool.
+all_runs = store.list_runs(kinds=TRAINING_KINDS)
 if all_runs:
     show_ended, tag = run_filters(store)
-    runs = [r for r in (store.list_runs(tag=tag) if tag else all_runs)
+    runs = [r for r in (store.list_runs(tag=tag, kinds=TRAINING_KINDS) if tag else all_runs)
             if show_ended or r.status not in ENDED_BADLY]
     hidden = len(all_runs) - len(runs)
     if hidden:
         st.caption(f"{hidden} run{'s' * (hidden != 1)} hidden by the filters above.")
     if runs:
         runs_list(store, runs)
-    disk_panel(store, all_runs)
+    disk_panel(store, store.list_runs())  # every kind takes disk space
 else:
     no_runs_message()

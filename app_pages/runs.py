@@ -10,11 +10,22 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_pages._common import INSIGHTS_PAGE, SELECTED_RUN, get_store, no_runs_message, open_run, pick_run
+from app_pages._common import (
+    INSIGHTS_PAGE,
+    NEW_RUN_PAGE,
+    RUN_PARAM,
+    SELECTED_RUN,
+    get_store,
+    no_runs_message,
+    open_run,
+    pick_run,
+)
+from app_pages._forms import CONFIG_FOR_NEW_RUN
 from core import config as cfgmod
 from core.analysis import disk, lr_finder
 from core.analysis.disk import fmt_bytes
 from core.runs import jobs
+from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore, StoreError
 from core.views import charts
 from core.views.tables import (
@@ -147,6 +158,11 @@ def results_view(store: RunStore, run: Run) -> None:
             right.plotly_chart(charts.per_class_figure(r.per_class_acc, classes),
                                key=P + "per_class")
     downloads(store, run)
+    if st.button("Run again with this config", key=P + "again", disabled=bool(run.config_error),
+                 help="Opens New run filled in with this run's config: change anything, then "
+                      "Start."):
+        st.session_state[CONFIG_FOR_NEW_RUN] = cfgmod.to_json(run.config)
+        st.switch_page(NEW_RUN_PAGE)
     if run.status == "finished" and st.button(
             "Insights and export →", key=P + "insights",
             help="What each stage added, which layers moved, confused classes, top mistakes, "
@@ -270,7 +286,11 @@ def page() -> None:
     sidebar after the page (streamlit_app.py), and st.stop() would end that run too."""
     st.title("Runs")
     store = get_store()
-    runs = store.list_runs()
+    # Training runs; a tool's record (an LR range test) only when a link opens it.
+    runs = store.list_runs(kinds=TRAINING_KINDS)
+    linked = st.query_params.get(RUN_PARAM) or st.session_state.get(SELECTED_RUN)
+    if linked and linked not in {r.id for r in runs} and (tool_run := store.get_run(linked)):
+        runs.insert(0, tool_run)
     if not runs:
         no_runs_message()
         return

@@ -6,6 +6,8 @@
     python -m core cancel RUN_ID | resume RUN_ID
     python -m core runs [--json]
     python -m core lr-find --config run.json --stage 2
+    python -m core search ...data options of train... --trials N [--minutes M]
+    python -m core search --status ID [--json] | --stop ID
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from core import config as cfgmod
 from core.runs.store import DATA_DIR_ENV, Run, RunProgress, RunStore
+from core.views.text import visible  # every text output: no user's escape sequence or newline
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,10 +81,32 @@ def _parser() -> argparse.ArgumentParser:
                        ("resume", "queue a failed or cancelled run again, from its last epoch")):
         sub.add_parser(name, help=text, description=text).add_argument("run_id")
 
+    _add_search_parser(sub, t)
     r = sub.add_parser("runs", help="list runs with status and best accuracy")
     r.add_argument("--json", action="store_true",
                    help="machine-readable output: one JSON object per line per run")
     return p
+
+
+def _add_search_parser(sub: Any, train: argparse.ArgumentParser) -> None:
+    se = sub.add_parser(
+        "search", add_help=False, help="search staged recipes in the background (Optuna)",
+        description="Search staged recipes (stages, the layer groups each trains, per-stage "
+        "learning rates and epochs, schedule, BatchNorm policy, group LR multiplier) on the "
+        "data and weights given as for train; each trial is a run. Prints the search id. "
+        "Then --status ID [--json] or --stop ID.")
+    se._add_container_actions(train)  # the data and weights options of train, exactly
+    se.add_argument("--trials", type=_positive_int, default=12, metavar="N",
+                    help="trials to run (default 12)")
+    se.add_argument("--minutes", type=float, default=None, metavar="M",
+                    help="start no new trial after M minutes (default: no time limit)")
+    se.add_argument("--space", type=Path, default=None, metavar="FILE",
+                    help="a JSON object narrowing or fixing dimensions, e.g. "
+                         '{"stages": [2, 2], "schedule": ["onecycle"]}')
+    what = se.add_mutually_exclusive_group()
+    what.add_argument("--status", metavar="ID", help="print a search's state")
+    what.add_argument("--stop", metavar="ID", help="stop a search (running trials are cancelled)")
+    se.add_argument("--json", action="store_true", help="with --status: one JSON object")
 
 
 def _positive_int(text: str) -> int:
@@ -179,13 +204,13 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
 
     report = preflight(cfg, store)  # bad data/weights fail here, before a run exists
     for note in report.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(f"note: {visible(note)}", file=sys.stderr)
     run = store.create_run(cfg, name=args.name)
     annotate(store, run.id, args)
     # Claim it for this process (bypassing the queue: the user asked for it now).
     store.claim_run_now(run.id, os.getpid())
     print(f"run {run.id}: {' -> '.join(s.trains for s in cfg.stages)} "
-          f"({cfg.total_epochs} epochs); store {store.root}", file=sys.stderr)
+          f"({cfg.total_epochs} epochs); store {visible(store.root)}", file=sys.stderr)
     bar = tqdm(total=1000, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
                file=sys.stderr)
 
@@ -195,7 +220,7 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
         if p.stage:
             desc = f"stage {p.stage}/{p.stages} epoch {p.epoch or '-'}/{p.epochs or '-'}"
         elif p.message:
-            desc = p.message
+            desc = visible(p.message)
         bar.set_description(desc, refresh=False)
         bar.refresh()
 
@@ -212,9 +237,9 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     if status == "finished":
         print(f"finished run {run.id}: best val acc {final.best_val_acc:.4f} (stage "
               f"{final.best_stage}, epoch {final.best_epoch}), test acc {final.test_acc:.4f}, "
-              f"{final.duration_s:.1f} s; checkpoint {final.best_checkpoint}")
+              f"{final.duration_s:.1f} s; checkpoint {visible(final.best_checkpoint)}")
         return 0
-    print(f"run {run.id} {status}: {final.error}", file=sys.stderr)
+    print(f"run {run.id} {status}: {visible(final.error)}", file=sys.stderr)
     return 1
 
 
@@ -224,7 +249,7 @@ class _TqdmHandler(logging.Handler):
         self.bar = bar
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.bar.write(self.format(record), file=sys.stderr)
+        self.bar.write(visible(self.format(record), keep_newlines=True), file=sys.stderr)
 
 
 def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
@@ -238,7 +263,7 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
     else:
         run = store.get_run(args.run)
         if run is None:
-            print(f"no run {args.run!r} in {store.root}", file=sys.stderr)
+            print(f"no run {visible(args.run)!r} in {visible(store.root)}", file=sys.stderr)
             return 2
         cfg = cfgmod.check(run.config)
     if not 1 <= args.stage <= len(cfg.stages):
@@ -252,7 +277,7 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     finding = lr_finder.find_lr(
         store, cfg, args.stage, str(args.start_checkpoint) if args.start_checkpoint else None,
-        steps=args.steps, on_progress=lambda msg, f: print(f"\r{msg} {100 * f:3.0f} %", end="",
+        steps=args.steps, on_progress=lambda msg, f: print(f"\r{visible(msg)} {100 * f:3.0f} %", end="",
                                                            file=sys.stderr))
     print(file=sys.stderr)
     run = lr_finder.record(store, cfg, finding, args.name)
@@ -263,7 +288,7 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
                           "min_loss_lr_over_10": c.min_loss_lr_over_10, "diverged": c.diverged,
                           "lrs": c.lrs, "losses": c.losses, "smoothed": c.smoothed}, indent=2))
         return 0
-    print(f"stage {finding.stage} ({finding.trains}) from {finding.start}")
+    print(f"stage {finding.stage} ({visible(finding.trains)}) from {visible(finding.start)}")
     print(f"{len(c.lrs)} steps, {c.lrs[0]:.1e} .. {c.lrs[-1]:.1e}"
           f"{' (stopped: the loss diverged)' if c.diverged else ''}")
     if c.suggested_lr is None:
@@ -304,10 +329,10 @@ def cmd_cancel(store: RunStore, run_id: str) -> int:
 
     run = jobs.cancel(store, run_id)
     if run is None:
-        print(f"no run {run_id} in {store.root}", file=sys.stderr)
+        print(f"no run {visible(run_id)} in {visible(store.root)}", file=sys.stderr)
         return 1
     state = "cancel requested (stops between batches)" if run.status == "running" else run.status
-    print(f"run {run_id}: {state}", file=sys.stderr)
+    print(f"run {visible(run_id)}: {state}", file=sys.stderr)
     return 0 if run.status in ("running", "cancelled") else 1
 
 
@@ -317,10 +342,11 @@ def cmd_resume(store: RunStore, run_id: str) -> int:
     before = store.get_run(run_id)
     if before is None or before.status not in ("failed", "cancelled"):
         state = before.status if before else "missing"
-        print(f"run {run_id} is {state}; only failed or cancelled runs resume", file=sys.stderr)
+        print(f"run {visible(run_id)} is {state}; only failed or cancelled runs resume",
+              file=sys.stderr)
         return 1
     run = jobs.resume(store, run_id)
-    print(f"run {run_id}: {run.status if run else 'missing'}", file=sys.stderr)
+    print(f"run {visible(run_id)}: {run.status if run else 'missing'}", file=sys.stderr)
     return 0
 
 
@@ -348,7 +374,50 @@ def cmd_runs(store: RunStore, as_json: bool) -> int:
     for r in runs:
         val = f"{r.best_val_acc:.3f}" if r.best_val_acc is not None else "-"
         test = f"{r.test_acc:.3f}" if r.test_acc is not None else "-"
-        print(f"{r.id:<23} {r.status:<10} {val:>8} {test:>6}  {r.name}")
+        print(f"{visible(r.id):<23} {r.status:<10} {val:>8} {test:>6}  {visible(r.name)}")
+    return 0
+
+
+def cmd_search(store: RunStore, args: argparse.Namespace) -> int:
+    from core.analysis import search as searchmod
+
+    if args.status:
+        found = searchmod.summary(store, args.status)
+        status = found.to_status()
+        if args.json:
+            print(json.dumps(status))
+            return 0
+        print(f"search {visible(found.id)} ({visible(found.spec.name)}): {found.state}; "
+              f"{status['trials']} of "
+              f"{found.spec.trials} trials: {status['finished']} finished, {status['pruned']} "
+              f"pruned, {status['failed']} failed, {status['running']} running")
+        if status["best"]:
+            print(f"best: trial {status['best']['trial']} (run {visible(status['best']['run_id'])}), "
+                  f"val acc {status['best']['val_acc']:.4f}: {status['best']['recipe']}")
+        return 0
+    if args.stop:
+        searchmod.request_stop(store, args.stop)
+        print(f"search {visible(args.stop)}: stop requested (running trials are cancelled)",
+              file=sys.stderr)
+        return 0
+    space = searchmod.SearchSpace()
+    if args.space is not None:
+        try:
+            given = json.loads(args.space.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise cfgmod.ConfigError([f"space: cannot read {args.space} ({exc})"]) from None
+        unknown = sorted(set(given) - {d.name for d in searchmod.DIMENSIONS}) if isinstance(
+            given, dict) else ["(not an object)"]
+        if unknown:
+            raise cfgmod.ConfigError([f"space: unknown dimensions {', '.join(unknown)}; known: "
+                                      f"{', '.join(d.name for d in searchmod.DIMENSIONS)}"])
+        space = searchmod.SearchSpace.from_dict(given)
+    spec = searchmod.SearchSpec(name=args.name, base=build_config(args), space=space,
+                                trials=args.trials, minutes=args.minutes)
+    if args.print_config:
+        print(spec.to_json())
+        return 0
+    print(searchmod.create_search(store, spec))
     return 0
 
 
@@ -366,15 +435,18 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cancel(store, args.run_id)
         if args.command == "resume":
             return cmd_resume(store, args.run_id)
+        if args.command == "search":
+            return cmd_search(store, args)
         return cmd_runs(store, args.json)
     except cfgmod.ConfigError as exc:
-        print("invalid config:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+        print("invalid config:\n  " + "\n  ".join(visible(e) for e in exc.errors), file=sys.stderr)
         return 2
     except Exception as exc:
+        from core.analysis.search import SearchError
         from core.runs.store import StoreError
 
-        if isinstance(exc, StoreError):
-            print(str(exc), file=sys.stderr)
+        if isinstance(exc, (StoreError, SearchError)):
+            print(visible(exc), file=sys.stderr)
             return 2
         raise
 

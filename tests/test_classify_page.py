@@ -132,7 +132,8 @@ def test_five_classes_for_a_test_image(monkeypatch, five_class_store):
     assert sorted(table["class"]) == sorted(FIVE) and table["probability"].is_monotonic_decreasing
     assert best_guess(at) == table["class"].iloc[0]
     # Before and after: both models answered.
-    assert {"**After stage 1**", "**At the end of training**"} <= {m.value for m in at.markdown}
+    assert {"**After stage 1**", "**The model above (stage 2, epoch 1: the best)**"} <= {
+        m.value for m in at.markdown}
     # Another example: the page follows the click.
     at.button(key="classify.try.5").click().run()
     assert_ok(at)
@@ -236,3 +237,31 @@ def test_the_page_names_the_models_classes_and_the_checkpoint_behind_the_verdict
     assert "This model knows **5 classes**" in shown
     assert all(c in shown.split("This model knows")[1] for c in FIVE)
     assert "`best.pt`" in shown and runs["two-stage"].id[-6:] in shown
+
+
+def test_one_figure_per_concept_and_one_model_behind_both_panels(monkeypatch, tmp_path):
+    """Issue 20.5: the model picker names the run's test accuracy, as Runs does (it said
+    "64 % right on held-out pictures": validation, beside a test figure of 69 %); and
+    "Before and after"'s right panel is the verdict's own model (best.pt, its
+    preprocessing), so for one photo it gives the same figures as the headline, even when
+    the last epoch's weights (last.pt) differ from the best."""
+    data = make_image_folder(tmp_path / "colors5", per_class=4, classes=FIVE)
+    store = RunStore(tmp_path / "runs")
+    run = add_model_run(store, tiny_config(data, classes=FIVE), "two-stage", 0.64)
+    store.set_results(run.id, store.get_run(run.id).results, test_acc=0.69)
+    torch.manual_seed(99)  # the last epoch's weights: not the best ones
+    save_checkpoint(store.files(run.id).last,
+                    Checkpoint.of_model(build_resnet18(len(FIVE)), cfgmod.to_dict(run.config),
+                                        list(FIVE), Preprocess(resolution=32).to_dict(), 2, 1,
+                                        {"val_acc": 0.5}))
+    at = app(monkeypatch, store.root)
+    assert_ok(at)
+    label = at.selectbox(key="classify.run").options[0]
+    assert "test accuracy 69.0 %" in label and "64" not in label
+    at.file_uploader(key="classify.upload").set_value(("mine.png", png_bytes(), "image/png")).run()
+    assert_ok(at)
+    line = next(m.value for m in at.markdown if m.value.startswith("Best guess: **"))
+    top, sure = line.split("**")[1], line.split("(")[1].removesuffix(" sure)")
+    panels = [c.value for c in at.caption if " · " in c.value and "%" in c.value]
+    assert len(panels) == 2, panels  # after stage 1, and the model above
+    assert panels[1].split(" · ")[0] == f"{top} {sure}", (line, panels)

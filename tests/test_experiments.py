@@ -8,6 +8,7 @@ import os
 from dataclasses import replace
 
 import pytest
+from scipy import stats
 
 from core import config as cfgmod
 from core.analysis import experiments as ex
@@ -22,26 +23,6 @@ def test_mean_and_sample_std_use_n_minus_1():
     # sum of squared deviations 5, divided by n - 1 = 3 (not by n = 4)
     assert ex.sample_std([1, 2, 3, 4]) == pytest.approx(math.sqrt(5 / 3))
     assert math.isnan(ex.sample_std([7.0]))
-
-
-@pytest.mark.parametrize("df, expected", [
-    (1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (10, 2.2281389), (30, 2.0422725),
-    (8, 2.3060041), (1e7, 1.9599640),
-])
-def test_t_quantile_matches_tables(df, expected):
-    assert ex.t_quantile(0.975, df) == pytest.approx(expected, rel=2e-4)
-
-
-def test_t_quantile_fractional_df_lies_between_neighbours():
-    # Welch's df is fractional: its quantile must fall between the integer ones.
-    assert ex.t_quantile(0.975, 8) < ex.t_quantile(0.975, 7.5) < ex.t_quantile(0.975, 7)
-
-
-def test_t_quantile_is_symmetric_and_inverts_the_cdf():
-    assert ex.t_quantile(0.025, 5) == pytest.approx(-ex.t_quantile(0.975, 5))
-    for df in (1.5, 3, 12):
-        for p in (0.6, 0.9, 0.995):
-            assert ex.t_cdf(ex.t_quantile(p, df), df) == pytest.approx(p, abs=1e-9)
 
 
 def test_welch_interval_equal_sizes_known_values():
@@ -61,7 +42,7 @@ def test_welch_unequal_variances_uses_satterthwaite_df():
     d = ex.welch_difference(a, b)
     assert d.df == pytest.approx(df)
     assert d.diff == pytest.approx(12 - 2.25)
-    assert d.half_width == pytest.approx(ex.t_quantile(0.975, df) * math.sqrt(va + vb))
+    assert d.half_width == pytest.approx(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
     assert d.excludes_zero
 
 
@@ -98,14 +79,6 @@ def test_verdict_mentions_stability_and_single_seed():
     assert "A was also more stable across seeds" in ex.verdict("A", "B", d, std_a=0.1, std_b=5.0)
     one = ex.verdict("A", "B", ex.welch_difference([80.0], [70.0]))
     assert "A scored 10.0 points higher" in one and "at least 2 seeds" in one
-
-
-def test_parse_seeds():
-    assert ex.parse_seeds("0-4") == [0, 1, 2, 3, 4]
-    assert ex.parse_seeds("3, 1 7") == [3, 1, 7]
-    for bad in ("", "a", "5-2", "0-100"):
-        with pytest.raises(ex.ExperimentError):
-            ex.parse_seeds(bad)
 
 
 # ---------------------------------------------------------------- records and results
@@ -172,7 +145,8 @@ def test_submit_records_groups_and_results_compute_stats(store, tiny_folder, mon
     val_cmp = next(c for c in res.comparisons if c.metric == "val")
     assert val_cmp.difference.diff == pytest.approx(3.0)
     assert val_cmp.difference == ex.welch_difference([80, 82, 84], [78, 79, 80])
-    assert val_cmp.text.startswith("No clear winner") or "beat" in val_cmp.text
+    # 3 points apart with spreads of 2 and 1 over 3 seeds: the 95 % interval includes 0.
+    assert val_cmp.text.startswith("No clear winner")
     assert {c.metric for c in res.comparisons} == {"val", "test"}
 
 

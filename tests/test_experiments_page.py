@@ -305,3 +305,44 @@ def test_experiments_carry_a_note_and_tags_edited_on_the_page_and_filter_the_pic
     at.selectbox(key="experiments.tag").set_value("pilot").run()
     assert at.selectbox(key="experiment").options == [
         f"{newer.name} — 2 recipes × 2 seeds ({newer.id})"]
+
+
+# ---------------------------------------------------------------- issue 20
+
+
+def test_an_offline_experiment_is_checked_before_queuing_and_failures_say_why(
+        app_env, no_workers, tiny_folder):
+    """Issue 20.1: with ImageNet weights left as the starting weights and none cached (the
+    tests' TORCH_HOME is empty), the form says every run would download them and queues
+    nothing until the user says the machine is online or picks other weights; a data folder
+    that does not exist is New run's preflight error, before anything is queued. A failed
+    run's reason shows under the table, where its result would be, and the re-run button
+    is held by the same checks."""
+    at = run_page(EXPERIMENTS)
+    assert at.selectbox(key="experiments.weights").value == "imagenet"
+    assert any("would download the ImageNet weights" in w.value for w in at.warning)
+    assert at.button(key="experiments.submit").disabled
+    at.checkbox(key="experiments.online").check().run()
+    assert not at.button(key="experiments.submit").disabled  # the user's call: online
+    at.checkbox(key="experiments.online").uncheck().run()
+    at.selectbox(key="experiments.weights").set_value("random")
+    at.selectbox(key="experiments.data").set_value("Another folder…").run()
+    at.text_input(key="experiments.path").set_value(str(tiny_folder.parent / "gone")).run()
+    assert at.button(key="experiments.submit").disabled
+    assert any("does not exist" in e.value for e in at.error), [e.value for e in at.error]
+    assert app_env.list_runs() == []
+
+    at = _queue_experiment(app_env)  # random weights: nothing to download
+    [exp] = ex.list_experiments(app_env)
+    reason = "ImageNet weights for ResNet-18 are unavailable (download failed: no network)"
+    for recipe in exp.recipes:
+        for run in app_env.list_runs(group=recipe.group):
+            app_env.claim_run_now(run.id, os.getpid())
+            app_env.finish_run(run.id, "failed", error=reason)
+    at.run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert f"Failed (Two-stage seed 0, Two-stage seed 1, All at once seed 0, All at once seed 1): {reason}" in errors
+    per_seed = list(at.dataframe[0].value["val acc per seed (%)"])
+    assert per_seed == ["seed 0 failed, seed 1 failed"] * 2
+    assert not at.button(key=f"experiments.rerun.{exp.id}").disabled  # random: no download

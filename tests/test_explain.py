@@ -36,11 +36,12 @@ def test_heatmap_has_input_shape_and_unit_range(resnet, side, grid):
 
 
 def test_nonzero_map_peaks_at_one_and_class_can_be_chosen(resnet):
+    torch.manual_seed(2)
     x = torch.randn(1, 3, 96, 96)
     maps = [grad_cam(resnet, x, class_index=c) for c in range(4)]
     assert [m.class_index for m in maps] == [0, 1, 2, 3]
     for m in maps:
-        assert m.heatmap.max() == pytest.approx(1.0) or m.heatmap.max() == 0.0
+        assert m.heatmap.max() == pytest.approx(1.0)
     # Different classes are explained by different evidence.
     assert not all(np.allclose(maps[0].heatmap, m.heatmap) for m in maps[1:])
 
@@ -90,6 +91,9 @@ def test_map_points_at_the_evidence_in_the_right_place():
     cam1 = grad_cam(PassThrough(), x, class_index=1).heatmap
     assert cam0[:4, :4].min() == pytest.approx(1.0) and cam0[4:, 4:].max() == 0.0
     assert cam1[4:, 4:].min() == pytest.approx(1.0) and cam1[:4, :4].max() == 0.0
+    # No evidence anywhere: an all-zero map, not a division by zero.
+    blank = grad_cam(PassThrough(), torch.zeros(1, 3, 8, 8), class_index=0).heatmap
+    assert not np.isnan(blank).any() and blank.max() == 0.0
 
 
 def test_colorize_ends_and_overlay_size():
@@ -143,12 +147,11 @@ def test_resnet_at_32_px_is_never_a_uniform_tint(resnet):
 
     torch.manual_seed(1)
     e = explain(resnet, torch.randn(1, 3, 32, 32))
-    assert e.method in ("occlusion", "none")  # layer4 is 1 x 1 here: no Grad-CAM
-    if e.available:
-        assert e.heatmap.shape == (32, 32) and float(e.heatmap.max()) == pytest.approx(1.0)
-        assert float(e.heatmap.min()) < 1.0  # it says where, not "everywhere"
-    # A fine enough grid keeps Grad-CAM.
-    assert explain(resnet, torch.randn(1, 3, 128, 128)).method in ("grad-cam", "occlusion")
+    assert e.method == "occlusion"  # layer4 is 1 x 1 here: no Grad-CAM
+    assert e.heatmap.shape == (32, 32) and float(e.heatmap.max()) == pytest.approx(1.0)
+    assert float(e.heatmap.min()) < 1.0  # it says where, not "everywhere"
+    # A fine enough grid (4 x 4 at 128 px) keeps Grad-CAM.
+    assert explain(resnet, torch.randn(1, 3, 128, 128)).method == "grad-cam"
 
 
 def test_no_evidence_anywhere_says_so_in_words():

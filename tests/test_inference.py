@@ -75,10 +75,33 @@ def test_model_view_is_the_stored_preprocessing(predictor):
     assert predictor.resolution == 40 and predictor.stage == 2
 
 
-def test_explain_uses_the_predictor_lock_and_returns_input_sized_map(predictor):
+def test_explain_returns_an_input_sized_map(predictor):
     cam = predictor.explain(Image.new("RGB", (40, 40), (100, 100, 100)))
     assert cam.heatmap.shape == (40, 40)
     assert 0.0 <= cam.heatmap.min() and cam.heatmap.max() <= 1.0
+
+
+def test_explanations_hook_the_shared_model_only_under_the_predictor_lock(predictor, monkeypatch):
+    """Grad-CAM registers hooks on a model every session shares (st.cache_resource): two
+    sessions explaining at once would read each other's activations. Both ways to explain
+    must run while the predictor's lock is held."""
+    from core.analysis import explain as explain_mod
+
+    held: list[bool] = []
+
+    def spying(real):
+        def call(*args, **kwargs):
+            held.append(predictor._lock.locked())
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(explain_mod, "grad_cam", spying(explain_mod.grad_cam))
+    monkeypatch.setattr(explain_mod, "explain", spying(explain_mod.explain))
+    img = Image.new("RGB", (40, 40), (100, 100, 100))
+    predictor.explain(img)
+    predictor.explanation(img)
+    assert len(held) >= 2 and all(held)  # explain() may call grad_cam() inside
+    assert not predictor._lock.locked()  # and released afterwards
 
 
 # ---------------------------------------------------------------- words
@@ -200,6 +223,8 @@ def test_stage_checkpoints(tmp_path):
     write_checkpoint(tmp_path / "stage1.pt")
     both = inference.stage_checkpoints(files, n_stages=2)
     assert (both.stage1, both.final, both.note) == (tmp_path / "stage1.pt", tmp_path / "last.pt", None)
+    write_checkpoint(tmp_path / "best.pt")  # the model every verdict uses: it, not last.pt
+    assert inference.stage_checkpoints(files, n_stages=2).final == tmp_path / "best.pt"
 
 
 def test_before_and_after_on_a_real_two_stage_run(finished_run):

@@ -6,8 +6,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 from core import config as cfgmod
 from core.runs.recorder import CheckpointKind, CheckpointPolicy
 from core.settings import RunFiles, StoreLayout
@@ -15,10 +13,32 @@ from core.settings import RunFiles, StoreLayout
 ROOT = Path(__file__).resolve().parent.parent
 OWNER = ROOT / "core" / "settings.py"
 SCANNED = [ROOT / "core", ROOT / "app_pages", ROOT / "streamlit_app.py", ROOT / "scripts"]
-# The names RunFiles and StoreLayout own, as they would appear in a string literal (an
-# f-string's placeholders read as "{}").
-OWNED = re.compile(r"(^|/)(best\.pt|last\.pt|stage(\d+|\{\})\.pt|worker\.log|runs\.sqlite3)$"
-                   r"|^(cache|experiments|datasets|export)/?$|-export\.zip$|^\.export-|\.\*\.tmp$")
+
+
+def owned_names() -> re.Pattern[str]:
+    """The names RunFiles and StoreLayout own, read from the owner itself (so a name added
+    there is checked here without a second list), as they would appear in a string literal,
+    with a run id or stage number as any text or an f-string placeholder ("{}"). A file name
+    counts as a whole literal or its last path part; a folder name ("cache", "export") only
+    inside a path ("cache/x", "a/export"): alone it is also an ordinary word (a run kind)."""
+    run_id, stage = "RUNID", 7
+    files = RunFiles(Path("/r"), run_id)
+    layout = StoreLayout(Path("/s"))
+    paths = [getattr(obj, name) for obj in (files, layout) for name in dir(type(obj))
+             if isinstance(getattr(type(obj), name), property)]
+    names = {p.name for p in paths if isinstance(p, Path)} | {files.stage_end(stage).name}
+
+    def pattern(name: str) -> str:
+        return re.escape(name).replace(run_id, r"(?:.+|\{\})").replace(str(stage), r"(?:\d+|\{\})")
+
+    file_names = "|".join(pattern(n) for n in sorted(names) if "." in n)
+    folders = "|".join(pattern(n) for n in sorted(names) if "." not in n)
+    return re.compile(rf"(^|/)({file_names})$|/({folders})/?$|^({folders})/"
+                      rf"|^{re.escape(RunFiles.EXPORT_BUILD_PREFIX)}"
+                      rf"|^{re.escape(RunFiles.TEMP_GLOB)}$")
+
+
+OWNED = owned_names()
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -56,24 +76,12 @@ def python_files() -> list[Path]:
 
 
 def test_file_names_are_spelled_only_by_their_owner():
+    # The owner's names were read (a check that found no names would pass on anything).
+    assert all(OWNED.search(n) for n in ("best.pt", "stage{}.pt", "{}-export.zip", "a/cache"))
     found = [f"{path.relative_to(ROOT)}:{line}: {text!r}"
              for path in python_files() if path != OWNER
              for line, text in string_literals(path) if OWNED.search(text)]
     assert not found, "file names outside core/settings.py:\n" + "\n".join(found)
-
-
-@pytest.mark.parametrize("literal", ["best.pt", "stage1.pt", "stage{}.pt", "worker.log",
-                                     "runs.sqlite3", "cache", "experiments", "datasets",
-                                     "export", "x-export.zip", ".export-", ".*.tmp"])
-def test_the_check_catches_each_owned_name(literal):
-    assert OWNED.search(literal)
-
-
-def test_the_check_reads_code_not_docstrings(tmp_path):
-    module = tmp_path / "m.py"
-    module.write_text('"""Mentions best.pt in prose."""\n'
-                      'def f(d, k):\n    """last.pt too."""\n    return d / f"stage{k}.pt"\n')
-    assert [t for _, t in string_literals(module) if OWNED.search(t)] == ["stage{}.pt"]
 
 
 def test_layout_and_run_files_paths(tmp_path):

@@ -67,24 +67,6 @@ def sample_std(xs: Sequence[float]) -> float:
     return statistics.stdev(xs) if len(xs) >= 2 else math.nan
 
 
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with `df` (> 0, may be fractional) degrees of freedom."""
-    from scipy import stats  # lazily: pages that import this module stay fast
-
-    if df <= 0:
-        raise ValueError("degrees of freedom must be positive")
-    return float(stats.t.cdf(t, df))
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The t value with P(T <= t) = p (e.g. p = 0.975 for a two-sided 95 % interval)."""
-    from scipy import stats
-
-    if not 0.0 < p < 1.0:
-        raise ValueError("p must be in (0, 1)")
-    return float(stats.t.ppf(p, df))
-
-
 @dataclass(frozen=True)
 class Difference:
     """mean(a) - mean(b) with a Welch confidence interval. Units are those of the inputs."""
@@ -288,27 +270,6 @@ def experiments_dir(store: RunStore) -> Path:
 def _slug(text: str) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return s[:40] or "recipe"
-
-
-def parse_seeds(text: str) -> list[int]:
-    """Seeds from "0-4", "1, 2, 7" or "3" (a count: seeds 0..2 would be "0-2")."""
-    seeds: list[int] = []
-    for part in re.split(r"[,\s]+", text.strip()):
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part) or re.fullmatch(r"(\d+)", part)
-        if not m:
-            raise ExperimentError(f"seeds: {part!r} is not a whole number or a range like 0-4")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.lastindex == 2 else lo
-        if hi < lo:
-            raise ExperimentError(f"seeds: range {part} runs backwards")
-        seeds += [s for s in range(lo, hi + 1) if s not in seeds]
-        if len(seeds) > MAX_SEEDS:
-            raise ExperimentError(f"seeds: at most {MAX_SEEDS} seeds per experiment")
-    if not seeds:
-        raise ExperimentError("seeds: give at least one seed, e.g. 0-4")
-    return seeds
 
 
 def validate_experiment(recipes: Sequence[tuple[str, cfgmod.RunConfig]], seeds: Sequence[int]) -> list[str]:

@@ -27,6 +27,7 @@ from core import config as cfgmod
 from core.atomic import atomic_write, atomic_write_text
 from core.runs.store import Run, RunStore
 from core.views.tables import metrics_csv
+from core.views.text import md  # a run name is text in the README, never markdown
 
 TORCHSCRIPT_NAME = "model.torchscript.pt"
 ONNX_NAME = "model.onnx"
@@ -122,7 +123,7 @@ def readme_text(run: Run, classes: list[str], preprocess: dict[str, Any], onnx: 
                 stage: int, epoch: int, onnx_missing: str = "") -> str:
     val = f"{100 * run.best_val_acc:.2f} %" if run.best_val_acc is not None else "n/a"
     test = f"{100 * run.test_acc:.2f} %" if run.test_acc is not None else "n/a"
-    return f"""# {run.name} — exported model
+    return f"""# {md(run.name)} — exported model
 
 ResNet-18 fine-tuned in the Two-Stage Fine-Tuning Lab (run `{run.id}`), best checkpoint
 from stage {stage}, epoch {epoch}. Best validation accuracy {val}; test accuracy {test}.

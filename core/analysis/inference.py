@@ -20,6 +20,7 @@ from PIL import Image
 
 from core.engine.image_types import IMAGE_EXTENSIONS, list_image_files, train_test_folders
 from core.engine.paths import cifar10_dir, link_allowed
+from core.runs.entities import TRAINING_KINDS
 from core.settings import RunFiles
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def classifiable_runs(store: RunStore) -> list[Run]:
     """Runs with a usable model: finished ones, and cancelled ones that kept a best
     checkpoint. Newest first (the store's order)."""
     out = []
-    for run in store.list_runs(statuses=("finished", "cancelled")):
+    for run in store.list_runs(statuses=("finished", "cancelled"), kinds=TRAINING_KINDS):
         if run.best_checkpoint and Path(run.best_checkpoint).is_file():
             out.append(run)
     return out
@@ -301,10 +302,12 @@ class StageModels:
 
 
 def stage_checkpoints(files: RunFiles, n_stages: int) -> StageModels:
-    """Checkpoints for a "before and after" comparison: end of stage 1 vs end of the run.
+    """Checkpoints for a "before and after" comparison: end of stage 1 vs the run's model.
 
-    The end of the run is the last checkpoint (the final weights), else the best one."""
-    final = next((p for p in (files.last, files.best) if p.is_file()), None)
+    The run's model is the best checkpoint, the one every verdict, export and download
+    uses (issue 20.5: the last epoch's weights gave a second, slightly different answer
+    beside the verdict); the last checkpoint only when no best was kept."""
+    final = next((p for p in (files.best, files.last) if p.is_file()), None)
     stage1 = files.stage_end(1)
     if n_stages < 2:
         return StageModels(None, final, "This run had only one stage, so there is no "

@@ -32,6 +32,21 @@ def cifar10_present(data_path: str = "") -> bool:
 
     return (cifar10_dir(data_path) / CIFAR10_FOLDER).is_dir()
 
+
+def needs_download(cfg: RunConfig) -> tuple[str, ...]:
+    """What a run of `cfg` would download when it starts, which fails on a machine without
+    internet: "imagenet" (the starting weights), "cifar10" (the data set). New run and
+    Experiments say so before anything is queued, with the fixes that work offline."""
+    from core.engine.model_info import imagenet_weights_path  # a path: no torch import
+
+    needed = []
+    if cfg.weights == "imagenet" and not imagenet_weights_path().exists():
+        needed.append("imagenet")
+    if cfg.data_source == "cifar10" and not cifar10_present(cfg.data_path):
+        needed.append("cifar10")
+    return tuple(needed)
+
+
 # Seconds per epoch for (groups, images, resolution in pixels, feature cache, device or None
 # for any): core.analysis.speed.estimate_epoch_seconds with a store bound.
 EpochEstimate = Callable[..., float]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.config import LAYER_GROUPS
+from core.runs.entities import TRAINING_KINDS
 
 # Per-image cost in milliseconds at 32x32 on the calibration CPU (benchmarks/README.md),
 # with the trainer's default CPU runtime there (bf16 where the CPU has it): a frozen group
@@ -75,7 +76,7 @@ def measured_images_per_s(groups: Sequence[str], resolution: int = 32, feature_c
             return None
         want = set(groups)
         samples: list[float] = []
-        for run in store.list_runs()[:MAX_RUNS_SCANNED]:
+        for run in store.list_runs(kinds=TRAINING_KINDS)[:MAX_RUNS_SCANNED]:
             cfg = run.config
             if cfg.resolution != resolution:
                 continue
@@ -137,7 +138,7 @@ def machine_factor(store: Any = None, device: str | None = None) -> tuple[float,
         if store is None:
             return None
         ratios: list[float] = []
-        for run in store.list_runs()[:MAX_RUNS_SCANNED]:
+        for run in store.list_runs(kinds=TRAINING_KINDS)[:MAX_RUNS_SCANNED]:
             cfg = run.config
             if device and not run.results.device.startswith(device):
                 continue

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from core.atomic import atomic_write
+from core.engine.arch import build_resnet18
+from core.engine.model_info import load_refusal
 from core.faults import fault_point
 
 if TYPE_CHECKING:
@@ -140,8 +142,6 @@ class Checkpoint:
                    training_state=training_state)
 
     def build_model(self) -> nn.Module:
-        from core.engine.model import build_resnet18
-
         model = build_resnet18(len(self.classes))
         try:
             model.load_state_dict(self.state_dict)
@@ -171,8 +171,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        from core.engine.model_info import load_refusal
-
         raise CheckpointError(f"{p.name} is not a checkpoint that can be loaded safely "
                               f"({load_refusal(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from core.engine.checkpoints import atomic_torch_save
 from core.engine.image_types import (  # shared with torch-free pages
     IMAGE_EXTENSIONS,  # noqa: F401 (re-exported: core.engine.data names the whole data rule)
     OUTSIDE_LINK,
@@ -313,8 +314,6 @@ def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
             raise DataError(f"class folder {root / name} has no readable images")
     result = ImageSet(images, label_t, names, skipped)
     if cache_file is not None:
-        from core.engine.checkpoints import atomic_torch_save
-
         try:
             atomic_torch_save({"images": images, "labels": label_t, "classes": names,
                                "skipped": skipped}, cache_file)

@@ -252,9 +252,12 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
             tmp.mkdir()
             _unpack(zf, [(p, info) for p, (_, info) in zip(paths, images)], tmp, budget,
                     on_progress)
-        summary = summarize_folder(tmp, name=name, check_images=True, remove_corrupt=True,
-                                   on_progress=(lambda m, f: on_progress(m, 0.5 + 0.5 * f))
-                                   if on_progress else None)
+        try:
+            summary = summarize_folder(tmp, name=name, check_images=True, remove_corrupt=True,
+                                       on_progress=(lambda m, f: on_progress(m, 0.5 + 0.5 * f))
+                                       if on_progress else None)
+        except ImportRejected as exc:  # it names the hidden temp folder: name the upload
+            raise ImportRejected(str(exc).replace(str(tmp), zip_label(source))) from None
         summary.non_images = non_images + summary.non_images
         summary.ignored += ignored
         os.replace(tmp, dest)
@@ -269,6 +272,12 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def zip_label(source: str | os.PathLike[str] | IO[bytes]) -> str:
+    """How messages name the zip: the uploaded or given file's name, never a temp path."""
+    name = getattr(source, "name", None) if not isinstance(source, (str, os.PathLike)) else source
+    return f"the zip {Path(name).name}" if name else "the zip"
 
 
 def _open_zip(source: str | os.PathLike[str] | IO[bytes]) -> zipfile.ZipFile:

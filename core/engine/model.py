@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import process
 from core.config import LAYER_GROUPS, frozen_prefix  # noqa: F401  (re-exported: the engine's callers import it here)
+from core.engine.arch import build_resnet18  # noqa: F401  (re-exported: callers build it here)
+from core.engine.checkpoints import CheckpointError, read_checkpoint
 from core.engine.data import IMAGENET_MEAN, IMAGENET_STD
 from core.engine.model_info import IMAGENET_WEIGHTS_FILE, imagenet_weights_path, load_refusal
 
@@ -28,12 +31,6 @@ GROUP_MODULES: dict[str, tuple[str, ...]] = {
 
 class WeightsError(RuntimeError):
     """Starting weights cannot be had; the message says what to do instead."""
-
-
-def build_resnet18(num_classes: int) -> nn.Module:
-    import torchvision
-
-    return torchvision.models.resnet18(weights=None, num_classes=num_classes)
 
 
 def group_modules(model: nn.Module, group: str) -> list[nn.Module]:
@@ -243,8 +240,6 @@ def _imagenet_help(path: Path, why: str) -> str:
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A ResNet-18 state_dict from a .pth file: a raw state_dict or one of our checkpoints."""
-    from core.engine.checkpoints import CheckpointError, read_checkpoint
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise WeightsError(f"weights file {p} does not exist; check the path")
@@ -303,8 +298,6 @@ def file_normalization(path: str | Path) -> Normalization:
     checkpoints carries its preprocess; a plain file may hold {"state_dict": ...,
     "mean": [r, g, b], "std": [r, g, b]} (or the two under "preprocess"). A file that says
     nothing gets ImageNet's (what torchvision-style ResNet-18 weights use)."""
-    from core.engine.checkpoints import CheckpointError, read_checkpoint
-
     p = Path(path).expanduser()
     try:
         stats: Any = read_checkpoint(p).preprocess
@@ -386,6 +379,4 @@ def resolve_device(choice: str) -> torch.device:
 
 def physical_cores() -> int:
     """Physical cores (not hyper-threads): one torch thread per core is fastest for convs."""
-    from core.process import physical_cores as cores
-
-    return cores()
+    return process.physical_cores()

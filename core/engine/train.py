@@ -57,6 +57,24 @@ EVAL_BATCH = 512  # evaluation batch size on CPU: no gradients, so larger than t
 CUDA_EVAL_BATCH = 2048
 
 
+class Diverged(RuntimeError):
+    """A loss went NaN or infinite: the weights are ruined, so the run ends here (the best
+    checkpoint of the epochs before stays). Never written as a metric row: the store keeps
+    only finite values."""
+
+    def __init__(self, stage: int, epoch: int, what: str, loss: float):
+        shown = "NaN" if math.isnan(loss) else ("inf" if loss > 0 else "-inf")
+        super().__init__(f"training diverged at stage {stage}, epoch {epoch} ({what} {shown}): "
+                         f"lower the learning rate")
+        self.stage, self.epoch = stage, epoch
+
+
+def check_finite(place: EpochPlace, what: str, loss: float) -> None:
+    """Raises Diverged when `loss` (a float already on the host) is not finite."""
+    if not math.isfinite(loss):
+        raise Diverged(place.stage, place.epoch, what, loss)
+
+
 @dataclass
 class TrainHooks:
     """How training talks to the outside. Every hook is optional."""
@@ -768,6 +786,7 @@ class EpochReporter:
         place, frac_epoch = self.place, (i + 1) / self.steps_in_epoch
         pos = place.global_epoch - 1 + frac_epoch
         mean_loss = sum(float(v) for v in self.window) / len(self.window)  # one device sync
+        check_finite(place, "loss", mean_loss)
         self.hooks.on_metrics([(place.stage, pos, self.step, "train/step_loss", mean_loss),
                                (place.stage, pos, self.step, "lr", lr)])
         self.window.clear()
@@ -895,6 +914,10 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
             val_loss, val_acc, _ = evaluate(model, splits.val, pre, runtime,
                                             on_batch=reporter.on_val_batch)
             clock.end_epoch()
+            # Before anything is recorded or saved: a diverged epoch writes no row and no
+            # checkpoint, so best.pt and last.pt stay those of the last sound epoch.
+            check_finite(place, "loss", train_metrics.loss)
+            check_finite(place, "validation loss", val_loss)
             step, is_best = reporter.step, val_acc > best[0]
             if is_best:
                 best = (val_acc, s_idx, epoch)

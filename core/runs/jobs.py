@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, replace
 
 from core import config as cfgmod
-from core.runs import executors
+from core.runs import executors, supervisor
 from core.runs.executors.base import (  # noqa: F401  (re-exported: the facade's vocabulary)
     EXECUTOR_ENV,
     HEARTBEAT_S,
@@ -30,6 +29,7 @@ from core.runs.executors.base import (  # noqa: F401  (re-exported: the facade's
     worker_command,
 )
 from core.runs.executors.local import MAX_JOBS_ENV, max_jobs, reap  # noqa: F401
+from core.runs.queue_steps import advance, reconcile  # noqa: F401  (re-exported: the facade's steps)
 from core.runs.store import ACTIVE, Run, RunStore
 
 log = logging.getLogger("finetune_lab.jobs")
@@ -80,13 +80,6 @@ def check_executor() -> None:
         raise PreflightError([str(exc)]) from None
 
 
-def advance(store: RunStore) -> list[str]:
-    """One scheduling step: settle runs whose worker is gone, then hand queued runs to the
-    executor. Returns the ids handed over. What the supervisor does in its loop."""
-    reconcile(store)
-    return executors.current().dispatch(store)
-
-
 def dispatch(store: RunStore) -> list[str]:
     """Hand queued runs to the executor now, and make sure the supervisor watches while
     anything is active. Returns the ids handed over."""
@@ -98,8 +91,6 @@ def dispatch(store: RunStore) -> list[str]:
         log.warning("could not hand queued runs to the executor: %s", exc)
         started = []
     if store.list_runs(statuses=ACTIVE):
-        from core.runs import supervisor
-
         supervisor.ensure_running(store)
     return started
 
@@ -108,34 +99,10 @@ def ensure_watched(store: RunStore) -> bool:
     """If runs are active and no supervisor watches them (after a machine restart no submit
     comes to start one), dispatch: settle, hand over, start a supervisor. Returns whether
     it had to."""
-    from core.runs import supervisor
-
     if store.list_runs(statuses=ACTIVE) and not supervisor.is_running(store):
         dispatch(store)
         return True
     return False
-
-
-def reconcile(store: RunStore) -> list[str]:
-    """Settle active runs that are actually over (worker died, job failed or was stopped),
-    with the reason. Returns their ids."""
-    reap()
-    settled = []
-    now = time.time()
-    for run in store.list_runs(statuses=ACTIVE):
-        if run.status == "queued" and not run.job_id:
-            continue  # not handed to anyone yet
-        verdict = executors.executor_named(run.executor).verdict(run, now)
-        if verdict is None:
-            continue
-        if run.status == "running":
-            done = store.finish_run(run.id, verdict.status, verdict.reason, only_if_running=True)
-        else:  # a job that died before its worker claimed the run
-            done = store.finish_run(run.id, verdict.status, verdict.reason)
-        if done:
-            settled.append(run.id)
-            remove_partial_files(store.files(run.id))
-    return settled
 
 
 def cancel(store: RunStore, run_id: str) -> Run | None:
@@ -147,8 +114,6 @@ def cancel(store: RunStore, run_id: str) -> Run | None:
     if before is not None and before.status == "queued" and before.job_id:
         executors.executor_named(before.executor).stop(store, before)
     if run is not None and run.status == "running":
-        from core.runs import supervisor
-
         supervisor.ensure_running(store)
     return run
 

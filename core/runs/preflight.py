@@ -204,4 +204,10 @@ def weights_file_problem(path: Path) -> str | None:
     if wrong:
         return (f"has ResNet-18's tensor names but {len(wrong)} backbone tensors are missing or "
                 f"of another shape (e.g. {wrong[0]}); {EXPECTED_WEIGHTS}")
+    # NaN or infinite weights train to a NaN loss from the first batch: refused here, at
+    # submit, not found out as a diverged run.
+    broken = [k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        return (f"holds non-finite values (NaN or infinity) in {len(broken)} tensor(s) "
+                f"(e.g. {broken[0]}); these weights cannot train: save them again from a sound model")
     return None

@@ -21,8 +21,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.runs import executors, jobs
+from core.runs import executors
 from core.runs.executors.local import spawn_detached
+from core.runs.queue_steps import advance
 from core.runs.store import ACTIVE, RunStore
 
 log = logging.getLogger("finetune_lab.supervisor")
@@ -112,7 +113,7 @@ def supervise(store: RunStore) -> None:
                 return
             while _active(store):
                 try:
-                    jobs.advance(store)
+                    advance(store)
                     escalation.check(store, time.time())
                 except Exception as exc:  # a busy store or an unreachable cluster: retry
                     log.warning("queue step failed, retrying: %s", exc)

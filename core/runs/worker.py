@@ -44,7 +44,7 @@ def execute_run(store: RunStore, run_id: str,
     Every outcome is recorded in the store; exceptions do not escape."""
     from core.engine.data import DataError
     from core.engine.model import WeightsError
-    from core.engine.train import Cancelled, run_stages
+    from core.engine.train import Cancelled, Diverged, run_stages
 
     run = store.get_run(run_id)
     if run is None:
@@ -75,7 +75,7 @@ def execute_run(store: RunStore, run_id: str,
         except Cancelled:
             log.info("stopped; best checkpoint so far kept")
             return settle(store, run_id, "cancelled", "cancelled by request")
-        except (cfgmod.ConfigError, DataError, WeightsError) as exc:
+        except (cfgmod.ConfigError, DataError, WeightsError, Diverged) as exc:
             log.error("%s", exc)
             return settle(store, run_id, "failed", str(exc))
         except Exception as exc:  # anything else: recorded with the traceback in the log

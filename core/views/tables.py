@@ -400,6 +400,14 @@ def fmt_points(m: float, s: float) -> str:
     return f"{m:.1f}" if math.isnan(s) else f"{m:.1f} ± {s:.1f}"
 
 
+def _seed_cell(run) -> str:
+    """One seed's result in a recipe row: its accuracy, or what became of it ("failed"):
+    a failed run shows where its result would be (its reason is under the table)."""
+    if run.status == "finished" and run.best_val_acc is not None:
+        return f"{100 * run.best_val_acc:.1f}"
+    return f"seed {run.config.seed} {run.status}"
+
+
 def recipe_results_table(res: ExperimentResults) -> pd.DataFrame:
     """One row per recipe of an experiment: finished runs, mean ± std per metric, per seed."""
     rows = []
@@ -410,7 +418,7 @@ def recipe_results_table(res: ExperimentResults) -> pd.DataFrame:
                      "finished": f"{r.n_done} of {len(r.runs)}",
                      "best val acc (%)": fmt_points(vm, vs),
                      "test acc (%)": fmt_points(tm, ts),
-                     "val acc per seed (%)": ", ".join(f"{v:.1f}" for v in r.val),
+                     "val acc per seed (%)": ", ".join(_seed_cell(run) for run in r.runs),
                      "other": ", ".join(f"{n} {k}" for k, n in sorted(r.counts.items())
                                         if k != "finished")})
     return pd.DataFrame(rows)
