@@ -318,16 +318,16 @@ def busy_cpus_elsewhere(sample_s: float = FREE_CPU_SAMPLE_S) -> float:
 def threads_for_free_cpu(cores: int, busy_elsewhere: float) -> int:
     """One torch thread per core that other processes leave free, at least one: a thread on
     a core another process keeps busy gets a slice of it, and at every parallel region its
-    partners wait for it (all layers 424 img/s beside one busy process on 2 cores, against
-    1,871 quiet: benchmarks/README.md, "Training beside other work"). Rounded, so a core
-    half taken still counts as free."""
+    partners wait for it (measured by benchmarks/contention.py; benchmarks/README.md,
+    "Training beside other work"). Rounded, so a core half taken still counts as free."""
     return max(1, min(cores, math.floor(cores - busy_elsewhere + 0.5)))
 
 
 def stage_threads(runtime: Runtime, recorded: int = 0) -> int | None:
     """Torch threads for a CPU stage starting now (None: leave them as they are). A stage
     resumed part-way uses the threads it `recorded` when it started: the thread count
-    changes how reductions split, so the same count keeps a resume bit-exact."""
+    changes how reductions split (a ResNet-18 backward here: gradients 4e-6 apart with 1
+    and 2 threads, identical with the same count), so the same count keeps a resume exact."""
     if runtime.device.type != "cpu" or runtime.cpu_threads is None:
         return None
     if recorded > 0:
