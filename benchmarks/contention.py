@@ -4,7 +4,7 @@ two, for the trainer's thread policies, measured interleaved in one invocation.
     python -m benchmarks.contention [--quick] [--data DIR] [--variants ...]
 
 A laptop is never quiet: the browser and the dashboard share the CPU with a run. A busy
-process here is `python -c "while True: pass"` at the same priority (nice 0), started for
+process here is a Python busy loop (`while ...: pass`) at the same priority (nice 0), started for
 each condition and stopped after it. Each variant is one long-lived measuring process
 (OpenMP's wait policy is read once, before torch starts, so a policy needs its own
 process) that decodes the data once and then answers "train n batches now" requests with
@@ -46,7 +46,8 @@ VARIANTS = {  # name -> (environment additions, cpu_threads for stage_threads)
 }
 DEFAULT_VARIANT = "auto"
 CONDITIONS = {"quiet": 0, "one_busy": 1, "two_busy": 2}
-BUSY_CODE = "while True: pass"
+# Busy until its parent (this benchmark) is gone, so a killed benchmark leaves no spinner.
+BUSY_CODE = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 
 
 # ---------------------------------------------------------------- the measuring process
@@ -121,6 +122,38 @@ def stop_busy(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def summarize(ips: dict[tuple[str, str], list[float]], chosen: dict[str, list[int]],
+              names: list[str], rounds: int) -> dict:
+    """Print the table and return the summary's measured part: `ips` maps (condition,
+    variant) to images/s per round, `chosen` the threads the default variant took."""
+    med = {k: statistics.median(v) for k, v in ips.items()}
+    print(f"\nimages/s, median of {rounds} rounds [min..max]; share = beside busy / quiet:")
+    print(f"{'variant':15s} " + " ".join(f"{c:>22s}" for c in CONDITIONS) + f" {'1 busy':>7s} {'2 busy':>7s}")
+    shares = {}
+    for n in names:
+        cells = " ".join(f"{med[(c, n)]:8.0f} [{min(ips[(c, n)]):5.0f}..{max(ips[(c, n)]):5.0f}]"
+                         for c in CONDITIONS)
+        one, two = med[("one_busy", n)] / med[("quiet", n)], med[("two_busy", n)] / med[("quiet", n)]
+        shares[n] = {"one_busy_share": round(one, 3), "two_busy_share": round(two, 3)}
+        print(f"{n:15s} {cells} {one:7.1%} {two:7.1%}")
+    quiet_vs_fixed = ({n: round(med[("quiet", n)] / med[("quiet", "fixed")], 3) for n in names}
+                      if "fixed" in names else None)
+    if quiet_vs_fixed:
+        print("quiet throughput against 'fixed' (one thread per core whatever the load): "
+              + ", ".join(f"{n} {v:.2f}x" for n, v in quiet_vs_fixed.items()))
+    print(f"threads '{DEFAULT_VARIANT}' chose: " + ", ".join(f"{c} {v}" for c, v in chosen.items()))
+    summary = {
+        "default_variant": DEFAULT_VARIANT,
+        "one_busy_share": shares[DEFAULT_VARIANT]["one_busy_share"],
+        "two_busy_share": shares[DEFAULT_VARIANT]["two_busy_share"],
+        "shares": shares, "quiet_vs_fixed": quiet_vs_fixed,
+        "images_per_s": {f"{c}/{n}": round(v, 1) for (c, n), v in med.items()},
+        "images_per_s_all": {f"{c}/{n}": [round(x, 1) for x in v] for (c, n), v in ips.items()},
+        "threads_chosen": chosen, "rounds": rounds,
+    }
+    return summary
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -179,34 +212,11 @@ def main(argv=None) -> int:
     finally:
         for m in measurers.values():
             m.close()
-    med = {k: statistics.median(v) for k, v in ips.items()}
-    print(f"\nimages/s, median of {rounds} rounds [min..max]; share = beside busy / quiet:")
-    print(f"{'variant':15s} " + " ".join(f"{c:>22s}" for c in CONDITIONS) + f" {'1 busy':>7s} {'2 busy':>7s}")
-    shares = {}
-    for n in names:
-        cells = " ".join(f"{med[(c, n)]:8.0f} [{min(ips[(c, n)]):5.0f}..{max(ips[(c, n)]):5.0f}]"
-                         for c in CONDITIONS)
-        one, two = med[("one_busy", n)] / med[("quiet", n)], med[("two_busy", n)] / med[("quiet", n)]
-        shares[n] = {"one_busy_share": round(one, 3), "two_busy_share": round(two, 3)}
-        print(f"{n:15s} {cells} {one:7.1%} {two:7.1%}")
-    quiet_vs_fixed = ({n: round(med[("quiet", n)] / med[("quiet", "fixed")], 3) for n in names}
-                      if "fixed" in names else None)
-    if quiet_vs_fixed:
-        print("quiet throughput against 'fixed' (one thread per core whatever the load): "
-              + ", ".join(f"{n} {v:.2f}x" for n, v in quiet_vs_fixed.items()))
-    print(f"threads '{DEFAULT_VARIANT}' chose: " + ", ".join(f"{c} {v}" for c, v in chosen.items()))
-    summary = {
-        "default_variant": DEFAULT_VARIANT,
-        "one_busy_share": shares[DEFAULT_VARIANT]["one_busy_share"],
-        "two_busy_share": shares[DEFAULT_VARIANT]["two_busy_share"],
-        "shares": shares, "quiet_vs_fixed": quiet_vs_fixed,
-        "images_per_s": {f"{c}/{n}": round(v, 1) for (c, n), v in med.items()},
-        "images_per_s_all": {f"{c}/{n}": [round(x, 1) for x in v] for (c, n), v in ips.items()},
-        "threads_chosen": chosen, "rounds": rounds, "batches_per_window": batches,
-        "images": args.images, "machine": cpu_label(), "logical_cpus": os.cpu_count(),
-        "load_average_start": [round(x, 2) for x in started_load],
-        "load_average_end": [round(x, 2) for x in os.getloadavg()],
-    }
+    summary = summarize(ips, chosen, names, rounds)
+    summary.update({"batches_per_window": batches, "images": args.images, "machine": cpu_label(),
+                    "logical_cpus": os.cpu_count(),
+                    "load_average_start": [round(x, 2) for x in started_load],
+                    "load_average_end": [round(x, 2) for x in os.getloadavg()]})
     emit_summary(summary, args.json_out, bench="contention", started_load=started_load)
     return 0
 
