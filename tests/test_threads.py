@@ -67,10 +67,12 @@ def _train(cfg, splits, runtime, resume=None, seen=None):
     return rows, ends
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # trains 5 tiny epochs: minutes at load 30+ on the shared machine
 def test_a_stage_records_its_threads_and_a_resume_reuses_them(tiny_folder, splits, tmp_path):
     cfg = replace(tiny_config(tiny_folder), stages=(
         cfgmod.StageConfig(groups=("fc",), epochs=2, lr=0.01),
-        cfgmod.StageConfig(groups=("layer4", "fc"), epochs=1, lr=0.01)))
+        cfgmod.StageConfig(groups=("fc",), epochs=1, lr=0.01)))
     rows, ends = _train(cfg, splits, Runtime(cpu_threads=2))
     assert [(s, v) for s, _, _, k, v in rows if k == THREADS_KEY] == [(1, 2.0), (2, 2.0)]
     assert [(e.training_state.threads, n) for e, n in ends] == [(2, 2), (2, 2), (2, 2)]
