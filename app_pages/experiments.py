@@ -19,6 +19,7 @@ from app_pages._common import (
     scan_image_folder,
 )
 from app_pages._forms import keep_form, restore_form
+from app_pages._pickers import weights_file_picker
 from core import config as cfgmod
 from core.analysis import experiments as ex
 from core.analysis import planning
@@ -27,6 +28,7 @@ from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.tables import recipe_results_table
+from core.views.text import md
 
 P = "experiments."
 # Keys bound to URL query parameters (so they are short words, not "experiments.*").
@@ -113,7 +115,7 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
                                  "leave recipes near chance and the answer buried in noise.")
     weight_fields = weights_choice(s[3], store, all_runs, problems)
     device = s[4].selectbox("Device", cfgmod.DEVICES, key=P + "device")
-    name = st.text_input("Experiment name (optional)", key=P + "name",
+    name = st.text_input("Experiment name (optional)", key=P + "name", max_chars=cfgmod.NAME_MAX_CHARS,
                          placeholder="e.g. does two-stage beat all at once on my photos?")
 
     base = cfgmod.RunConfig(max_train_images=int(cap), device=device, **weight_fields, **fields)
@@ -145,10 +147,10 @@ def weights_choice(where, store: RunStore, all_runs: list[Run], problems: list[s
                                    "without them cached can use random, a weights file or "
                                    "another run's best checkpoint.")
     if weights == "file":
-        text = st.text_input(cfgmod.field_spec(cfgmod.RunConfig, "weights_path").label,
-                             key=P + "weights_path")
+        picked = weights_file_picker(st, P + "weights_path",
+                                     cfgmod.field_spec(cfgmod.RunConfig, "weights_path").label)
         try:
-            path = str(resolve_user_path(text)) if text.strip() else ""
+            path = str(resolve_user_path(picked)) if picked else ""
         except PathNotAllowed as exc:
             problems.append(f"weights file: {exc}")
             path = ""
@@ -253,7 +255,7 @@ def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: 
             st.session_state[OPEN_RESULTS] = True  # the next run opens the Results tab
             st.rerun()
     if queued:
-        st.success(f"Queued {last[2]} runs as experiment **{last[1]}**. Its results are on "
+        st.success(f"Queued {last[2]} runs as experiment **{md(last[1])}**. Its results are on "
                    f"the **Results** tab (open now) as runs finish. Change the form to queue "
                    f"another experiment.")
     for p in problems:
@@ -319,15 +321,16 @@ def failure_reasons(res: ex.ExperimentResults) -> None:
                 reason = run.error or "no reason was recorded; see the run's log on Runs"
                 by_reason.setdefault(reason, []).append(f"{rr.recipe.name} seed {run.config.seed}")
     for reason, where in by_reason.items():
-        st.error(f"Failed ({', '.join(where)}): {reason}", icon=":material/error:")
+        st.error(f"Failed ({md(', '.join(where))}): {md(reason)}", icon=":material/error:")
 
 
 def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> None:
     """Edit the experiment's note and tags (the picker above filters by tag)."""
-    with st.expander("Note and tags" + (f": {', '.join(exp.tags)}" if exp.tags else ""),
+    with st.expander("Note and tags" + (f": {', '.join(md(t) for t in exp.tags)}" if exp.tags else ""),
                      expanded=bool(exp.note)):
         with st.form(P + f"annotate.{exp.id}", border=False):
             note = st.text_area("Note", value=exp.note, key=P + f"note.{exp.id}",
+                                max_chars=cfgmod.NOTE_MAX_CHARS,
                                 placeholder="the question, what you concluded", height=80)
             tags = st.multiselect("Tags", sorted(set(all_tags) | set(exp.tags)),
                                   default=list(exp.tags), key=P + f"tags.{exp.id}",

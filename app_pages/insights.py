@@ -17,6 +17,7 @@ from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.images import pixelated
 from core.views.tables import run_label
+from core.views.text import md
 
 P = "insights."
 TOP_LOSSES = 12
@@ -64,8 +65,8 @@ def confusion(run: Run) -> None:
                                                run.results.confusion else "."))
         return
     for p in pairs:
-        st.markdown(f"- **{p.true}** taken for **{p.predicted}**: {p.count} time"
-                    f"{'s' * (p.count != 1)} ({100 * p.rate:.0f} % of the {p.true} test images)")
+        st.markdown(f"- **{md(p.true)}** taken for **{md(p.predicted)}**: {p.count} time"
+                    f"{'s' * (p.count != 1)} ({100 * p.rate:.0f} % of the {md(p.true)} test images)")
 
 
 def mistakes(store: RunStore, run: Run) -> None:

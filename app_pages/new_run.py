@@ -23,6 +23,7 @@ from app_pages._common import (
     scan_image_folder,
 )
 from app_pages._forms import CONFIG_FOR_NEW_RUN, keep_form, restore_form
+from app_pages._pickers import data_folder_picker, weights_file_picker
 from core import config as cfgmod
 from core.analysis import lr_finder, planning, speed
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
@@ -33,6 +34,7 @@ from core.runs.preflight import available_memory
 from core.runs.store import RunStore, StoreError
 from core.views import charts
 from core.views.tables import fmt_count, fmt_duration, run_label
+from core.views.text import md
 
 P = "new_run."  # session-state prefix of this page
 # Column widths of the stage grid; Schedule is wide enough for "cosine decay" uncut.
@@ -106,7 +108,7 @@ def config_upload() -> None:
     else:
         load_config(cfg)
         st.session_state[f"{P}config_problem"] = ""
-        st.toast(f"Loaded {upload.name} into the form.", icon=":material/upload_file:")
+        st.toast(f"Loaded {md(upload.name)} into the form.", icon=":material/upload_file:")
 
 
 def field_input(where: Any, cls: type, name: str, prefix: str = P, **options: Any) -> Any:
@@ -165,17 +167,28 @@ def use_random_weights() -> None:
     st.session_state[f"{P}weights"] = "random"
 
 
+def use_weights(choice: str) -> None:
+    """The offline fixes that keep the recipe: a weights file, or a run's checkpoint."""
+    st.session_state[f"{P}weights"] = choice
+
+
 def offline_notes(cfg: RunConfig) -> None:
     """Before Start: what the defaults need from the internet, with the fix that works
     offline; and random weights under frozen layers, in plain words, with its fix."""
     needed = planning.needs_download(cfg)  # Experiments asks the same before queuing
     if "imagenet" in needed:
         st.info("The ImageNet weights are not on this machine yet: they will be downloaded "
-                "(45 MB) when the run starts, which fails without internet. Offline? Under "
-                "**Advanced**, pick *Random*, a *Weights file*, or *Another run's best "
-                "checkpoint*.", icon=":material/cloud_off:")
-        st.button("Use random weights instead", key=f"{P}fix_weights",
-                  on_click=use_random_weights)
+                "(45 MB) when the run starts, which fails without internet. Offline? Start "
+                "from a weights file (upload one) or another run's best checkpoint, which "
+                "keep this recipe; the picker is under **Advanced**, *Starting weights*. "
+                "Random weights suit only the *All at once* preset.", icon=":material/cloud_off:")
+        fix = st.columns(3)
+        fix[0].button("Use a weights file", key=f"{P}fix_file", on_click=use_weights,
+                      args=("file",))
+        fix[1].button("Use another run's checkpoint", key=f"{P}fix_run", on_click=use_weights,
+                      args=("run",))
+        fix[2].button("Use random weights instead", key=f"{P}fix_weights",
+                      on_click=use_random_weights)
     if "cifar10" in needed:
         st.info(f"CIFAR-10 is not in {cifar10_dir(cfg.data_path)}: it will be downloaded "
                 f"(170 MB) when the run starts, which fails without internet. Offline? Copy "
@@ -232,6 +245,8 @@ def data_settings(errors: list[str]) -> tuple[str, planning.FolderScan | None]:
     d = st.columns([1.3, 2])
     field_input(d[0], RunConfig, "data_source")
     folder = st.session_state[f"{P}data_source"] == "folder"
+    if folder:
+        data_folder_picker(d[0], f"{P}data_pick", f"{P}data_path")
     field_input(d[1], RunConfig, "data_path",
                 label="Data folder" if folder else "CIFAR-10 folder (blank = default)",
                 placeholder="folder with train/ and test/ class folders" if folder
@@ -261,8 +276,9 @@ def weights_settings(store: RunStore, device_col: Any, errors: list[str]) -> tup
     weights = st.session_state[f"{P}weights"]
     weights_path = weights_run = ""
     if weights == "file":
-        field_input(w[1], RunConfig, "weights_path")
-        weights_path = user_path(st.session_state[f"{P}weights_path"], "weights file", errors)
+        picked = weights_file_picker(w[1], f"{P}weights_path",
+                                     cfgmod.field_spec(RunConfig, "weights_path").label)
+        weights_path = user_path(picked, "weights file", errors)
     elif weights == "run":
         donors = {r.id: r for r in store.list_runs(statuses=("finished",), kinds=TRAINING_KINDS)
                   if r.best_checkpoint}
@@ -321,7 +337,7 @@ def lr_finder_section(store: RunStore, cfg: RunConfig, n_stages: int) -> None:
             st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, c.suggested_lr,
                                                   f"LR finder, stage {i + 1} ({finding.trains})"),
                             key=f"{key}.chart")
-            st.caption(f"Started from {finding.start}."
+            st.caption(f"Started from {md(finding.start)}."
                        f"{' Stopped early: the loss diverged.' if c.diverged else ''}")
             if c.suggested_lr is None:
                 st.caption("No clear fall in the loss: no suggestion.")
@@ -390,7 +406,7 @@ def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: A
 def note_and_tags(store: RunStore) -> None:
     """A note and tags given before Start (Overview and Compare filter by tag)."""
     c = st.columns([3, 2])
-    c[0].text_area("Note (optional)", key=f"{P}note", height=68,
+    c[0].text_area("Note (optional)", key=f"{P}note", height=68, max_chars=cfgmod.NOTE_MAX_CHARS,
                    placeholder="what you are trying, what you expect")
     c[1].multiselect("Tags (optional)", sorted(set(store.all_tags()) | set(st.session_state[f"{P}tags"])),
                      key=f"{P}tags", accept_new_options=True,
@@ -414,7 +430,7 @@ with st.expander("Load a config (the JSON a run's page downloads)"):
     if problem := st.session_state.get(f"{P}config_problem"):
         st.error(problem)
 top[1].number_input("Stages", min_value=1, max_value=MAX_STAGES, step=1, key=f"{P}n_stages")
-top[2].text_input("Run name", key=f"{P}name", placeholder="automatic")
+top[2].text_input("Run name", key=f"{P}name", placeholder="automatic", max_chars=cfgmod.NAME_MAX_CHARS)
 n_stages = int(st.session_state[f"{P}n_stages"])
 
 st.subheader("Stages")

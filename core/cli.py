@@ -200,6 +200,7 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfgmod.to_json(cfg))
         return 0
+    cfgmod.check_text_limits(name=args.name, note=args.note, tags=args.tags)
     from core.runs.preflight import preflight
 
     report = preflight(cfg, store)  # bad data/weights fail here, before a run exists
@@ -309,6 +310,7 @@ def cmd_submit(store: RunStore, args: argparse.Namespace) -> int:
         return 0
     # Preflight first: bad data queues nothing. The note and tags are on the run before an
     # executor can pick it up.
+    cfgmod.check_text_limits(name=args.name, note=args.note, tags=args.tags)
     run = jobs.submit(store, cfg, name=args.name, start=False)
     annotate(store, run.id, args)
     jobs.dispatch(store)
@@ -400,6 +402,9 @@ def cmd_search(store: RunStore, args: argparse.Namespace) -> int:
         print(f"search {visible(args.stop)}: stop requested (running trials are cancelled)",
               file=sys.stderr)
         return 0
+    if args.note or args.tags:  # train's options; a search's runs are named after it
+        raise cfgmod.ConfigError(["--note/--tag: label runs, not searches; each trial run is "
+                                  "named after the search (--name)"])
     space = searchmod.SearchSpace()
     if args.space is not None:
         try:

@@ -129,3 +129,59 @@ def test_experiments_keep_their_form_and_open_in_compare(app_env, no_workers):
     assert not at.exception, [e.value for e in at.exception]
     assert [t.value for t in at.title] == ["Compare"]
     assert at.multiselect(key="compare.groups").value == [r.group for r in exp.recipes]
+
+
+# ---------------------------------------------------------------- 20.2: pickers
+
+
+def _state_dict_bytes() -> bytes:
+    import io
+
+    import torch
+
+    from core.engine.model import build_resnet18
+
+    buf = io.BytesIO()
+    torch.save(build_resnet18(3).state_dict(), buf)
+    return buf.getvalue()
+
+
+def test_offline_fixes_are_pickers_not_typed_paths(app_env, no_workers, tiny_folder,
+                                                    tmp_path, monkeypatch):
+    """Issue 20.2: offline, New run offers the fixes that keep the recipe: a weights file
+    uploaded (checked, stored under the data folder, then picked from a list) or another
+    run's checkpoint picked from a list; the data folder is picked from the data sets found
+    under the data roots. A file that is not ResNet-18 weights is refused in words and not
+    stored."""
+    roots = tmp_path / "roots"
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", f"{roots}{os.pathsep}{tiny_folder.parent}")
+    donor = seed_finished(app_env, "donor", tiny_config(tiny_folder), 0.6, 0.55)
+    best = app_env.files(donor.id).best
+    best.parent.mkdir(parents=True, exist_ok=True)
+    best.write_bytes(_state_dict_bytes())
+    app_env.set_best(donor.id, 0.6, 2, 1, str(best))
+    at = open_page("app_pages/new_run.py")
+    at.button(key="new_run.fix_run").click().run()
+    assert at.radio(key="new_run.weights").value == "run"
+    assert at.selectbox(key="new_run.weights_run").value == donor.id
+    at.radio(key="new_run.weights").set_value("imagenet").run()  # the notice again
+    at.button(key="new_run.fix_file").click().run()
+    assert at.radio(key="new_run.weights").value == "file"
+    at.file_uploader(key="new_run.weights_path.upload").set_value(
+        ("notes.pt", b'{"not": "weights"}', "application/octet-stream")).run()
+    assert any(e.value.startswith("Not stored: notes.pt is a JSON file") for e in at.error)
+    assert not (roots / "weights").exists() or not list((roots / "weights").iterdir())
+    at.file_uploader(key="new_run.weights_path.upload").set_value(
+        ("my resnet.pth", _state_dict_bytes(), "application/octet-stream")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    stored = roots / "weights" / "my-resnet.pth"
+    assert stored.is_file()
+    assert at.selectbox(key="new_run.weights_path").value == str(stored)
+    at.radio(key="new_run.data_source").set_value("folder").run()
+    at.selectbox(key="new_run.data_pick").set_value(str(tiny_folder)).run()
+    assert at.text_input(key="new_run.data_path").value == str(tiny_folder)
+    assert not at.error, [e.value for e in at.error]
+    at.button(key="new_run.start").click().run()
+    [run] = [r for r in app_env.list_runs() if r.id != donor.id]
+    assert run.config.weights == "file" and run.config.weights_path == str(stored)
+    assert run.config.data_path == str(tiny_folder)
