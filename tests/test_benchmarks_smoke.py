@@ -33,7 +33,8 @@ def run_benchmark(module: str, *args: str, cwd: Path) -> dict:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     records = [json.loads(p.read_text()) for p in results.glob("*.json")]
-    assert [r["summary"] for r in records] == [summary]
+    same = json.dumps(summary, sort_keys=True)  # as text: a NaN in both still compares equal
+    assert [json.dumps(r["summary"], sort_keys=True) for r in records] == [same]
     env = records[0]["environment"]
     assert env["torch"] and env["cpu"]["model_name"] and env["command"].startswith(
         f"python -m benchmarks.{module}")
@@ -61,8 +62,10 @@ def test_cpu_levers_benchmark_runs(bench_folder, tmp_path):
                            str(bench_folder), "--images", "400", "--rounds", "1", "--batches",
                            "1", "--steps", "1", "--skip", "compile,int8"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "FINETUNE_LAB_DATA": str(tmp_path)})
+                          env={**os.environ, "FINETUNE_LAB_DATA": str(tmp_path),
+                               "FINETUNE_LAB_BENCH_RESULTS": str(tmp_path / "results")})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert len(list((tmp_path / "results").glob("cpu_levers-*.json"))) == 1
 
 
 def test_time_to_accuracy_benchmark_runs(tmp_path):
