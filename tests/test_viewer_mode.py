@@ -229,3 +229,27 @@ def test_access_object_is_the_only_judge():
     """Pages hold no rule of their own: a viewer Access says no to every change."""
     a = Access(Mode.VIEWER, (), access.ANONYMOUS, False, "viewer")
     assert not a.may_change() and not a.offers("runs") and a.started_by is None
+
+
+# ---------------------------------------------------------------- scripts/start.sh's check
+
+
+def test_start_refuses_the_lab_on_every_interface_with_the_fix(tmp_path):
+    """What scripts/start.sh runs before starting Streamlit: the address from the command
+    line (both forms), Streamlit's environment variable or config.toml; viewer mode or a
+    configured provider lets it start."""
+    (tmp_path / ".streamlit").mkdir()
+    (tmp_path / ".streamlit" / "config.toml").write_text('[server]\naddress = "localhost"\n')
+    assert access.refusal_at_start(tmp_path, [], {}) is None
+    line = access.refusal_at_start(tmp_path, ["--server.address", "0.0.0.0"], {})
+    assert line and line.startswith("Refusing to serve the lab on 0.0.0.0") and "Fix:" in line
+    assert access.refusal_at_start(tmp_path, ["--server.address=192.168.0.9"], {})
+    assert access.refusal_at_start(tmp_path, [], {access.ADDRESS_ENV: "0.0.0.0"})
+    assert access.refusal_at_start(tmp_path, ["--server.address", "0.0.0.0"],
+                                   {access.MODE_ENV: "viewer"}) is None
+    (tmp_path / ".streamlit" / "secrets.toml").write_text(
+        '[auth]\nredirect_uri = "http://lab.example.org/oauth2callback"\ncookie_secret = "s"\n'
+        'client_id = "c"\nclient_secret = "x"\n'
+        'server_metadata_url = "https://id.example.org/.well-known/openid-configuration"\n')
+    assert access.refusal_at_start(tmp_path, ["--server.address", "0.0.0.0"], {}) is None
+
