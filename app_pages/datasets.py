@@ -15,7 +15,14 @@ import pandas as pd
 import streamlit as st
 
 from app_pages._common import HANDED_DATA_PATH, NEW_RUN_PAGE, forget_datasets, found_datasets
-from core.engine.datasets import DatasetSummary, ImportRejected, import_zip, preview_samples, summarize_folder
+from core.engine.datasets import (
+    DatasetSummary,
+    ImportRejected,
+    clean_dead_imports,
+    import_zip,
+    preview_samples,
+    summarize_folder,
+)
 from core.engine.paths import PathNotAllowed, data_roots, resolve_user_path
 from core.views.images import thumbnail
 from core.views.text import md
@@ -149,11 +156,11 @@ def show_current(summary: DatasetSummary) -> None:
     try:
         samples = preview_samples(summary.path, per_class=PREVIEW_PER_CLASS)
     except ImportRejected as exc:
-        st.warning(str(exc))
+        st.warning(md(exc))
         return
     for cls, paths in samples.items():
         cols = st.columns([1.2] + [1] * PREVIEW_PER_CLASS)
-        cols[0].markdown(f"**{cls}**")
+        cols[0].markdown(f"**{md(cls)}**")  # a class folder name from a zip: text
         for col, p in zip(cols[1:], paths):
             tile = preview_tile(str(p), p.stat().st_mtime)
             if tile is None:
@@ -164,6 +171,15 @@ def show_current(summary: DatasetSummary) -> None:
 
 # ---------------------------------------------------------------- page
 
+
+
+@st.cache_resource(show_spinner=False)
+def cleaned_dead_imports() -> int:
+    """Once per server process: remove what an import killed with the last server left."""
+    return sum(len(clean_dead_imports(root)) for root in data_roots() if root.is_dir())
+
+
+cleaned_dead_imports()
 st.title("Datasets")
 st.caption("Your own images as a data set: classes are the folder names.")
 tab_upload, tab_folder = st.tabs(["Upload a zip", "Pick a folder"])

@@ -34,6 +34,7 @@ from core.runs.preflight import available_memory
 from core.runs.store import RunStore, StoreError
 from core.views import charts
 from core.views.tables import fmt_count, fmt_duration, run_label
+from core.views.text import md
 
 P = "new_run."  # session-state prefix of this page
 # Column widths of the stage grid; Schedule is wide enough for "cosine decay" uncut.
@@ -107,7 +108,7 @@ def config_upload() -> None:
     else:
         load_config(cfg)
         st.session_state[f"{P}config_problem"] = ""
-        st.toast(f"Loaded {upload.name} into the form.", icon=":material/upload_file:")
+        st.toast(f"Loaded {md(upload.name)} into the form.", icon=":material/upload_file:")
 
 
 def field_input(where: Any, cls: type, name: str, prefix: str = P, **options: Any) -> Any:
@@ -336,7 +337,7 @@ def lr_finder_section(store: RunStore, cfg: RunConfig, n_stages: int) -> None:
             st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, c.suggested_lr,
                                                   f"LR finder, stage {i + 1} ({finding.trains})"),
                             key=f"{key}.chart")
-            st.caption(f"Started from {finding.start}."
+            st.caption(f"Started from {md(finding.start)}."
                        f"{' Stopped early: the loss diverged.' if c.diverged else ''}")
             if c.suggested_lr is None:
                 st.caption("No clear fall in the loss: no suggestion.")

@@ -140,13 +140,16 @@ def new_search(store: RunStore) -> None:
 # ---------------------------------------------------------------- a search, live
 
 
-def show_search(search_id: str) -> None:
+def show_search(search_id: str, live: bool) -> None:
+    """The search's live part (a fragment that refreshes itself while `live`)."""
     store = get_store()
     try:
         found = searchmod.summary(store, search_id)
     except searchmod.SearchError as exc:
         st.warning(str(exc))
         return
+    if live and found.state != "running":
+        st.rerun(scope="app")  # it ended: redraw the whole page (Stop goes, Confirm opens)
     status = found.to_status()
     done = status["finished"] + status["pruned"] + status["failed"] + status["stopped"]
     st.progress(min(1.0, done / max(1, found.spec.trials)),
@@ -160,6 +163,9 @@ def show_search(search_id: str) -> None:
                 help="what pruning saved: epochs the trials ran, of those they would have "
                      "run without it")
     m[2].metric("Search", found.state)
+    if not found.trials:
+        st.info("The first trial is being set up; it appears here as a run once it is queued.")
+        return
     st.dataframe(search_charts.trials_table(found), hide_index=True, width="stretch")
     if best is not None and best.config is not None:
         st.subheader("Recommended recipe")
@@ -222,7 +228,7 @@ def searches_section(store: RunStore) -> None:
     st.query_params[SELECTED] = sid
     found = searchmod.summary(store, sid)
     running = found.state == "running"
-    st.fragment(run_every=REFRESH_S if running else None)(show_search)(sid)
+    st.fragment(run_every=REFRESH_S if running else None)(show_search)(sid, running)
     c = st.columns([1, 1, 2])
     if running and c[0].button("Stop the search", key=P + "stop",
                                help="no new trial starts; running trials are cancelled"):

@@ -402,6 +402,9 @@ def cmd_search(store: RunStore, args: argparse.Namespace) -> int:
         print(f"search {visible(args.stop)}: stop requested (running trials are cancelled)",
               file=sys.stderr)
         return 0
+    if args.note or args.tags:  # train's options; a search's runs are named after it
+        raise cfgmod.ConfigError(["--note/--tag: label runs, not searches; each trial run is "
+                                  "named after the search (--name)"])
     space = searchmod.SearchSpace()
     if args.space is not None:
         try:

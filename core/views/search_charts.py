@@ -26,7 +26,7 @@ def trials_table(found: searchmod.SearchSummary) -> pd.DataFrame:
             "status": t.outcome if t.state in ("pruned", "failed", "stopped") else t.state,
             "best val acc": fmt_pct(t.val_acc) if t.val_acc is not None else "",
             "epochs run": f"{t.epochs_run} of {t.config.total_epochs}" if t.config else "",
-            "pruned at epoch": t.pruned_at if t.pruned_at is not None else None,
+            "pruned at epoch": str(t.pruned_at) if t.pruned_at is not None else "",
             "recipe": searchmod.describe_recipe(t.config) if t.config else "",
             "run": t.run_id or "",
         })
@@ -44,6 +44,7 @@ def best_so_far_figure(found: searchmod.SearchSummary) -> go.Figure:
     fig.update_layout(title="Best validation accuracy so far", height=300,
                       xaxis_title="minutes since the search started",
                       yaxis_title="val accuracy", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1.02],
                       margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
 
