@@ -18,6 +18,7 @@ from urllib.parse import quote
 import pytest
 
 from core import access
+from core.engine.paths import DATA_ROOTS_ENV
 from core.runs.store import RunStore
 from tests.browser_support import (
     ARTIFACTS,
@@ -75,6 +76,7 @@ def app_with_sign_in(provider_url: str, tmp_path) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items()
            if k not in (access.MODE_ENV, access.ALLOW_ENV, access.VIEWER_PAGES_ENV)}
     env["FINETUNE_LAB_DATA"] = str(store.root)
+    env[DATA_ROOTS_ENV] = str(tmp_path)  # the example pictures' folder may be read
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / "streamlit-signin.log"
     with open(log_path, "wb") as log:
