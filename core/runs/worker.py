@@ -24,7 +24,9 @@ from core import config as cfgmod
 from core.faults import fault_point
 from core.runs.entities import Run, RunProgress
 from core.settings import ARTIFACTS_ENV, RunFiles
+from core.analysis import export, lr_finder
 from core.runs.jobs import dispatch
+from core.runs.preflight import donor_checkpoint
 from core.runs.recorder import TERMINATED, CheckpointPolicy, Heartbeat, RunRecorder
 from core.runs.store import RunStore
 
@@ -35,12 +37,17 @@ if TYPE_CHECKING:
     from core.engine.train import ResumeState, Runtime
 
 log = logging.getLogger("finetune_lab.worker")
+# Tools' jobs, by run kind: each does its work in this process with the heartbeat (progress,
+# cancel) and raises what a training run would (Cancelled, DataError, ...).
+TOOL_JOBS: dict[str, Callable[[RunStore, Run, Heartbeat], None]] = {
+    "lr_finder": lr_finder.run_job, "export": export.run_job}
 
 
 def execute_run(store: RunStore, run_id: str,
                 on_progress: Callable[[RunProgress], None] | None = None) -> str:
     """Run the (already claimed, status running) run to its end. Returns the final status.
     Every outcome is recorded in the store; exceptions do not escape."""
+    from core.engine.checkpoints import CheckpointError
     from core.engine.data import DataError
     from core.engine.model import WeightsError
     from core.engine.train import Cancelled, Diverged, run_stages
@@ -50,6 +57,9 @@ def execute_run(store: RunStore, run_id: str,
         raise SystemExit(f"run {run_id} not found in {store.root}")
     with Heartbeat(store, run_id, on_progress=on_progress) as heartbeat:
         try:
+            if run.kind in TOOL_JOBS:  # an LR finder's or an export's job, not training
+                TOOL_JOBS[run.kind](store, run, heartbeat)
+                return settle(store, run_id, "finished")
             cfg = checked_config(run)
             require_visible_inputs(cfg)
             runtime = prepare_process(cfg)
@@ -74,7 +84,8 @@ def execute_run(store: RunStore, run_id: str,
         except Cancelled:
             log.info("stopped; best checkpoint so far kept")
             return settle(store, run_id, "cancelled", "cancelled by request")
-        except (cfgmod.ConfigError, DataError, WeightsError, Diverged) as exc:
+        except (cfgmod.ConfigError, DataError, WeightsError, Diverged, CheckpointError,
+                export.ExportError) as exc:
             log.error("%s", exc)
             return settle(store, run_id, "failed", str(exc))
         except Exception as exc:  # anything else: recorded with the traceback in the log
@@ -181,12 +192,6 @@ def resume_point(store: RunStore, run_id: str, classes: list[str]) -> ResumeStat
     store.truncate_metrics(run_id, state.step, stage=last.stage)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
     return ResumeState(last.state_dict, state)
-
-
-def donor_checkpoint(store: RunStore, cfg: cfgmod.RunConfig) -> str | None:
-    """The best checkpoint of the run whose weights start this one (weights "run")."""
-    other = store.get_run(cfg.weights_run) if cfg.weights == "run" else None
-    return other.best_checkpoint if other is not None and other.best_checkpoint else None
 
 
 def starting_model(store: RunStore, cfg: cfgmod.RunConfig, recorder: RunRecorder,
