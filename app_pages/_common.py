@@ -20,6 +20,7 @@ from core.analysis import planning, speed
 from core.engine.datasets import DatasetInfo, list_datasets
 from core.engine.paths import data_roots
 from core.runs import jobs
+from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore, StoreError
 from core.views.tables import fmt_pct, progress_fraction, progress_text, short_id
 
@@ -120,7 +121,10 @@ def notify_ended(store: RunStore, active_ids: set[str]) -> None:
         if run is None:
             continue
         if run.status == "finished":
-            st.toast(f"**{name}** finished: best validation {fmt_pct(run.best_val_acc)}.",
+            # A tool's job (an LR finder's, an export's) has no validation accuracy.
+            best = (f": best validation {fmt_pct(run.best_val_acc)}" if run.kind in TRAINING_KINDS
+                    else "")
+            st.toast(f"**{name}** finished{best}.",
                      icon=":material/check_circle:", duration="long")
         elif run.status == "failed":
             st.toast(f"**{name}** failed: {run.error or 'see its log on Runs'}.",
