@@ -153,9 +153,14 @@ def test_an_export_job_cancelled_mid_way_leaves_no_files(finished_run, no_worker
     """Cancel is honoured between the export's steps; its build folder goes with it."""
     import os
 
+    from core.runs import supervisor
     from core.runs.worker import execute_run
+    from tests.conftest import wait_for
 
     store, run = finished_run
+    # The store is shared with the export job above: its queue supervisor must be gone, or
+    # it would hand this queued job to a worker of its own.
+    wait_for(lambda: not supervisor.is_running(store), 120, "the supervisor to exit")
     job = export.submit(store, run)
     assert store.get_run(job.id).status == "queued"  # no worker: this process runs it
     assert store.claim_run_now(job.id, os.getpid())
