@@ -11,11 +11,13 @@ connection per query), so new runs always show. The data-set folder scan is cach
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import streamlit as st
 
+from core import access as access_rules
 from core.analysis import planning, speed
 from core.engine.datasets import DatasetInfo, list_datasets
 from core.engine.paths import data_roots
@@ -23,6 +25,7 @@ from core.runs import jobs
 from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore, StoreError
 from core.views.tables import fmt_pct, progress_fraction, progress_text, short_id
+from core.views.text import md
 
 # Cross-page session keys.
 SELECTED_RUN = "selected_run_id"  # the run last picked: Runs, Run insights and Classify open it
@@ -35,6 +38,29 @@ DATASETS_PAGE = "app_pages/datasets.py"
 SIDEBAR_REFRESH_S = 3  # seconds between sidebar job-panel refreshes
 APP_TITLE = "Two-Stage Fine-Tuning Lab"  # the browser tab's title when nothing runs
 WATCHED = "_common.watched_runs"  # {run id: name} of runs this session saw queued or running
+
+
+def _secrets_table(name: str) -> Mapping[str, object] | None:
+    """A table of .streamlit/secrets.toml, or None (no file, no such table)."""
+    try:
+        table = st.secrets.get(name)
+    except Exception:  # no secrets file at all, or one that does not parse
+        return None
+    return table if isinstance(table, Mapping) else None
+
+
+def access() -> access_rules.Access:
+    """What this visitor gets (lab or viewer mode), decided by core.access from the
+    environment, .streamlit/secrets.toml ([lab], [auth]) and the signed-in user (st.user).
+    The app and every page ask here; nothing else looks at identity."""
+    sign_in = access_rules.sign_in_configured(_secrets_table("auth"))
+    settings = access_rules.read_settings(os.environ, _secrets_table(access_rules.SECRETS_TABLE))
+    visitor = access_rules.ANONYMOUS
+    if sign_in and st.user.is_logged_in:
+        email, name = st.user.get("email"), st.user.get("name")
+        visitor = access_rules.Visitor(True, str(email) if email else None,
+                                       str(name) if name else None)
+    return access_rules.decide(settings, sign_in, visitor)
 
 
 def get_store() -> RunStore:
@@ -97,6 +123,8 @@ def page_link(page: str, label: str, icon: str, title: str) -> None:
 
 
 def new_run_link(label: str = "New run") -> None:
+    if not access().may_change():  # a viewer has no New run page
+        return
     page_link(NEW_RUN_PAGE, label, ":material/add_circle:", "New run")
 
 
@@ -124,13 +152,13 @@ def notify_ended(store: RunStore, active_ids: set[str]) -> None:
             # A tool's job (an LR finder's, an export's) has no validation accuracy.
             best = (f": best validation {fmt_pct(run.best_val_acc)}" if run.kind in TRAINING_KINDS
                     else "")
-            st.toast(f"**{name}** finished{best}.",
+            st.toast(f"**{md(name)}** finished{best}.",
                      icon=":material/check_circle:", duration="long")
         elif run.status == "failed":
-            st.toast(f"**{name}** failed: {run.error or 'see its log on Runs'}.",
+            st.toast(f"**{md(name)}** failed: {md(run.error) if run.error else 'see its log on Runs'}.",
                      icon=":material/error:", duration="long")
         elif run.status == "cancelled":
-            st.toast(f"**{name}** was cancelled.", icon=":material/stop_circle:",
+            st.toast(f"**{md(name)}** was cancelled.", icon=":material/stop_circle:",
                      duration="long")
 
 
@@ -146,7 +174,7 @@ def jobs_panel() -> None:
         jobs.ensure_watched(store)
         s = jobs.summary(store)
     except StoreError as exc:
-        st.warning(f"Job status unavailable: {exc}")
+        st.warning(f"Job status unavailable: {md(exc)}")
         return
     active = {r.id: r.name for r in (*s.running, *s.queued)}
     notify_ended(store, set(active))
@@ -157,10 +185,10 @@ def jobs_panel() -> None:
         st.caption("Nothing running. Start a run on **New run**.")
         return
     for run in s.running:
-        st.markdown(f":material/play_circle: {run.name} · `{short_id(run.id)}`")
+        st.markdown(f":material/play_circle: {md(run.name)} · `{short_id(run.id)}`")
         st.progress(progress_fraction(run), text=progress_text(run))
     if s.queued:
-        st.caption(f"{len(s.queued)} queued: " + ", ".join(r.name for r in s.queued[:5])
+        st.caption(f"{len(s.queued)} queued: " + ", ".join(md(r.name) for r in s.queued[:5])
                    + (" …" if len(s.queued) > 5 else ""))
 
 
@@ -170,8 +198,27 @@ def render_sidebar() -> None:
 
 
 def no_runs_message() -> None:
+    if not access().may_change():
+        st.info("No runs yet.")
+        return
     st.info("No runs yet — start one on **New run**.")
     new_run_link()
+
+
+@st.cache_resource(max_entries=6, show_spinner="Loading the model…")
+def _load_predictor(path: str, mtime_ns: int):
+    """One Predictor per checkpoint file version: a retrained/overwritten file (new mtime)
+    is loaded afresh. Raises CheckpointError with a plain message."""
+    from core.analysis import inference
+
+    del mtime_ns  # part of the cache key only
+    return inference.Predictor.load(path)
+
+
+def predictor_for(path: str | Path):
+    """The checkpoint's Predictor (core.analysis.inference), shared by every session."""
+    p = Path(path)
+    return _load_predictor(str(p), p.stat().st_mtime_ns)
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -203,3 +250,21 @@ def epoch_estimate(groups: tuple[str, ...], n_images: int, resolution: int, feat
 def scan_image_folder(path: str) -> planning.FolderScan:
     """A data folder's classes and images per class (New run, Experiments), cached 30 s."""
     return planning.scan_image_folder(Path(path))
+
+
+def serving_refusal() -> str | None:
+    """Why the lab must not be served on this server's address (core.access), said once in
+    the server's log as well; None when it may."""
+    sign_in = access_rules.sign_in_configured(_secrets_table("auth"))
+    settings = access_rules.read_settings(os.environ, _secrets_table(access_rules.SECRETS_TABLE))
+    refusal = access_rules.serving_refusal(st.get_option("server.address"), settings, sign_in)
+    if refusal:
+        _log_refusal(refusal)
+    return refusal
+
+
+@st.cache_resource(show_spinner=False)
+def _log_refusal(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from core.runs.entities import TRAINING_KINDS
 from core.views import charts
 from core.views.images import panel, pixelated
 from core.views.tables import fmt_pct, short_id, tiny_validation, val_caveat
+from core.views.text import md
 
 log = logging.getLogger("finetune_lab.classify")
 
@@ -75,13 +76,13 @@ def model_label(run) -> str:
 def model_facts(run, predictor) -> None:
     """What the chosen model knows and which file answers, on the page itself: a verdict
     can only ever be one of these classes."""
-    classes = ", ".join(inference.display_name(c) for c in predictor.classes)
+    classes = ", ".join(md(inference.display_name(c)) for c in predictor.classes)
     st.markdown(f"This model knows **{len(predictor.classes)} classes**: {classes}. "
                 f"Whatever the picture, its answer is one of these.")
     st.caption(f"The verdict comes from `{Path(predictor.path).name}` (the best checkpoint: "
-               f"stage {predictor.stage}, epoch {predictor.epoch}) of run **{run.name}** "
+               f"stage {predictor.stage}, epoch {predictor.epoch}) of run **{md(run.name)}** "
                f"(`{short_id(run.id)}`), trained on {run.config.data_source}"
-               f"{' ' + run.config.data_path if run.config.data_path else ''}.")
+               f"{' ' + md(run.config.data_path) if run.config.data_path else ''}.")
     if caveat := val_caveat(run):
         st.warning(caveat)
 
@@ -141,11 +142,11 @@ def get_picture(run, predictor):
 def show_result(run, predictor, img, caption: str, true_label: str | None) -> None:
     preds = predictor.predict(img, TOP_K)
     top = preds[0]
-    st.header(inference.verdict(preds, sure_threshold()))
-    st.markdown(f"Best guess: **{inference.display_name(top.label)}** ({inference.percent(top.probability)} sure)")
+    st.header(md(inference.verdict(preds, sure_threshold())))
+    st.markdown(f"Best guess: **{md(inference.display_name(top.label))}** ({inference.percent(top.probability)} sure)")
     if true_label is not None:
         right = "got it right" if true_label == top.label else "got it wrong"
-        st.caption(f"This example really is: {inference.display_name(true_label)} — the model {right}.")
+        st.caption(f"This example really is: {md(inference.display_name(true_label))} — the model {right}.")
 
     left, middle, chart = st.columns([1, 1, 1.4])
     with left:
@@ -215,8 +216,8 @@ def before_after(run, predictor, img) -> None:
             except (CheckpointError, OSError) as exc:
                 st.caption(f"That model can't be loaded: {exc}")
                 continue
-            st.markdown(inference.verdict(preds, sure_threshold()))
-            st.caption(" · ".join(f"{inference.display_name(p.label)} {inference.percent(p.probability)}"
+            st.markdown(md(inference.verdict(preds, sure_threshold())))
+            st.caption(" · ".join(f"{md(inference.display_name(p.label))} {inference.percent(p.probability)}"
                                   for p in preds))
     st.caption("Stage 1 trains only the last layers of the network; the later stages also "
                "adjust deeper layers. Seeing both shows what that second step changed.")

@@ -22,6 +22,7 @@ from core.views.tables import (
     run_chip,
     seed_groups,
 )
+from core.views.text import md
 
 P = "compare."
 RUNS_PARAM, GROUPS_PARAM = "runs", "group"  # URL query parameters: run ids, group names
@@ -80,7 +81,7 @@ def aligned_entries(entries: list[tuple[str, list[Run]]], align: bool
     left_out = [n for n, m in entries if len(m[0].config.stages) < 2]
     if left_out:
         st.caption("Left out of the aligned chart (one stage, no stage 2 to align on): "
-                   + ", ".join(f"**{n}**" for n in left_out) + ".")
+                   + ", ".join(f"**{md(n)}**" for n in left_out) + ".")
     return kept
 
 
@@ -149,7 +150,7 @@ def page() -> None:
     # mean ± std accuracies are the long ones; Status ("finished") is the one that was cut.
     st.dataframe(final_metrics_table(entries), hide_index=True, key=P + "table", column_config={
         c: st.column_config.Column(c, width=w) for c, w in
-        (("Entry", 150), ("Runs", 40), ("Recipe", 200), ("Best val acc", 120), ("Best at", 110),
+        (("Entry", int(min(330, max(150, 7.5 * max(len(n) for n, _ in entries))))), ("Runs", 40), ("Recipe", 200), ("Best val acc", 120), ("Best at", 110),
          ("Test acc", 120), ("Training time", 95), ("Status", 80))})
     config_differences(entries)
 

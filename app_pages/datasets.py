@@ -15,9 +15,17 @@ import pandas as pd
 import streamlit as st
 
 from app_pages._common import HANDED_DATA_PATH, NEW_RUN_PAGE, forget_datasets, found_datasets
-from core.engine.datasets import DatasetSummary, ImportRejected, import_zip, preview_samples, summarize_folder
+from core.engine.datasets import (
+    DatasetSummary,
+    ImportRejected,
+    clean_dead_imports,
+    import_zip,
+    preview_samples,
+    summarize_folder,
+)
 from core.engine.paths import PathNotAllowed, data_roots, resolve_user_path
 from core.views.images import thumbnail
+from core.views.text import md
 
 log = logging.getLogger("finetune_lab.datasets")
 
@@ -61,7 +69,7 @@ def upload_section() -> None:
         try:
             summary = import_zip(upload, name, on_progress=lambda m, f: bar.progress(min(1.0, f), text=m))
         except ImportRejected as exc:
-            st.error(f"Not imported: {exc}")
+            st.error(f"Not imported: {md(exc)}")
             return
         except Exception as exc:  # never a traceback (or a server path) on the page
             log.exception("zip import failed")
@@ -72,8 +80,8 @@ def upload_section() -> None:
             bar.empty()  # the progress never stays at "Unpacking…"
         forget_datasets()  # the new data set shows in the lists at once
         st.session_state[CURRENT] = summary
-        st.success(f"Imported **{summary.name}**: {summary.total_images:,} images in "
-                   f"{len(summary.classes)} classes, saved in {summary.path}.")
+        st.success(f"Imported **{md(summary.name)}**: {summary.total_images:,} images in "
+                   f"{len(summary.classes)} classes, saved in {md(summary.path)}.")
 
 
 def folder_section() -> None:
@@ -99,7 +107,7 @@ def check_folder(path: str) -> None:
         try:
             summary = summarize_folder(path, max_check_per_class=CHECK_PER_CLASS)
         except ImportRejected as exc:
-            st.error(f"Cannot use {path}: {exc}")
+            st.error(f"Cannot use {md(path)}: {md(exc)}")
             return
     st.session_state[CURRENT] = summary
 
@@ -115,17 +123,17 @@ def counts_table(summary: DatasetSummary) -> pd.DataFrame:
 
 
 def show_current(summary: DatasetSummary) -> None:
-    st.subheader(summary.name)
+    st.subheader(md(summary.name))
     m = st.columns(4)
     m[0].metric("Classes", len(summary.classes))
     m[1].metric("Images", f"{summary.total_images:,}")
     m[2].metric("Unreadable", len(summary.corrupt))
     m[3].metric("Skipped (not images)", len(summary.non_images))
-    st.caption(f"{summary.path} — "
+    st.caption(f"{md(summary.path)} — "
                + ("train/ and test/ folders" if summary.layout == "split"
                   else "one folder per class; the test split is carved out automatically"))
     for w in summary.warnings:
-        st.warning(w)
+        st.warning(md(w))
     st.dataframe(counts_table(summary), hide_index=True)
     if summary.corrupt:
         with st.expander(f"Unreadable files ({len(summary.corrupt)})"):
@@ -142,17 +150,17 @@ def show_current(summary: DatasetSummary) -> None:
         try:
             st.switch_page(NEW_RUN_PAGE)
         except Exception:  # the New run page is not registered (e.g. this page alone)
-            st.info(f"Open **New run** and use the data folder {summary.path}.")
+            st.info(f"Open **New run** and use the data folder {md(summary.path)}.")
 
     st.markdown("**Preview**")
     try:
         samples = preview_samples(summary.path, per_class=PREVIEW_PER_CLASS)
     except ImportRejected as exc:
-        st.warning(str(exc))
+        st.warning(md(exc))
         return
     for cls, paths in samples.items():
         cols = st.columns([1.2] + [1] * PREVIEW_PER_CLASS)
-        cols[0].markdown(f"**{cls}**")
+        cols[0].markdown(f"**{md(cls)}**")  # a class folder name from a zip: text
         for col, p in zip(cols[1:], paths):
             tile = preview_tile(str(p), p.stat().st_mtime)
             if tile is None:
@@ -163,6 +171,15 @@ def show_current(summary: DatasetSummary) -> None:
 
 # ---------------------------------------------------------------- page
 
+
+
+@st.cache_resource(show_spinner=False)
+def cleaned_dead_imports() -> int:
+    """Once per server process: remove what an import killed with the last server left."""
+    return sum(len(clean_dead_imports(root)) for root in data_roots() if root.is_dir())
+
+
+cleaned_dead_imports()
 st.title("Datasets")
 st.caption("Your own images as a data set: classes are the folder names.")
 tab_upload, tab_folder = st.tabs(["Upload a zip", "Pick a folder"])

@@ -18,6 +18,8 @@ from app_pages._common import (
     page_link,
     scan_image_folder,
 )
+from app_pages._forms import keep_form, restore_form
+from app_pages._pickers import weights_file_picker
 from core import config as cfgmod
 from core.analysis import experiments as ex
 from core.analysis import planning
@@ -26,6 +28,7 @@ from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.tables import recipe_results_table
+from core.views.text import md
 
 P = "experiments."
 # Keys bound to URL query parameters (so they are short words, not "experiments.*").
@@ -36,6 +39,13 @@ NEW_TAB, RESULTS_TAB = "Compare recipes", "Results"
 REFRESH_S = 3  # seconds between result refreshes while an experiment's runs are active
 CIFAR = "CIFAR-10 (torchvision)"
 OTHER = "Another folder…"
+# Every key of the form with its first-visit value (the data set's: the first listed); the
+# form keeps its values for the session (app_pages._forms).
+FORM = {P + "presets": ["Two-stage", "All at once"], P + "saved": [], P + "seeds": ex.DEFAULT_SEEDS,
+        P + "data": None, P + "path": "", P + "epochs": ex.DEFAULT_EPOCHS_PER_STAGE,
+        P + "lr": cfgmod.PRESET_LR, P + "cap": ex.DEFAULT_IMAGE_CAP, P + "weights": "imagenet",
+        P + "weights_path": "", P + "weights_run": None, P + "device": cfgmod.DEVICES[0],
+        P + "name": "", P + "online": False}
 
 
 # ---------------------------------------------------------------- compare recipes
@@ -46,10 +56,12 @@ def data_fields(store: RunStore) -> tuple[dict, list[str]]:
     found = {f"{d.name}  ({d.path})": str(d.path) for d in found_datasets()}
     options = list(found) + [OTHER, CIFAR]
     handed = st.session_state.get(HANDED_DATA_PATH)
-    if handed and P + "data" not in st.session_state:
+    if handed and st.session_state[P + "data"] is None:  # the form's first visit
         label = next((k for k, v in found.items() if v == handed), None)
         st.session_state[P + "data"] = label or OTHER
-        st.session_state.setdefault(P + "path", handed)
+        st.session_state[P + "path"] = handed
+    if st.session_state.get(P + "data") not in options:  # first visit, or the set is gone
+        st.session_state[P + "data"] = options[0]
     choice = st.selectbox("Data set", options, key=P + "data",
                           help="Image folders under the data folders are listed; add one on "
                                "the Datasets page.")
@@ -75,38 +87,35 @@ def compare_form(store: RunStore, all_runs: list[Run]) -> None:
                 "seed on the same data; when they finish you get each recipe's mean ± spread "
                 "and whether the difference is bigger than seed-to-seed luck.")
     c = st.columns([3, 3])
-    presets = c[0].multiselect("Presets", cfgmod.PRESETS, default=["Two-stage", "All at once"],
-                               key=P + "presets")
+    presets = c[0].multiselect("Presets", cfgmod.PRESETS, key=P + "presets")
     for name in presets:
         c[0].caption(f"**{name}**: {cfgmod.PRESET_DESCRIPTIONS[name]}")
     saved = [r for r in all_runs if r.status == "finished"]
     by_id = {r.id: r for r in saved}
+    st.session_state[P + "saved"] = [i for i in st.session_state[P + "saved"] if i in by_id]
     saved_ids = c[1].multiselect(
         "Configs of earlier runs (used as they were, seed aside)", list(by_id), key=P + "saved",
         format_func=lambda i: f"{by_id[i].name} ({i})",
         placeholder="no finished runs yet" if not saved else "optional")
     seeds_n = c[1].number_input("Seeds per recipe", min_value=1, max_value=ex.MAX_SEEDS,
-                                value=ex.DEFAULT_SEEDS,
                                 key=P + "seeds", help="Runs use seeds 0, 1, … 5 seeds give a "
                                 "useful interval; 1 seed gives no interval at all.")
 
     st.markdown("**Settings shared by the presets**")
     fields, problems = data_fields(store)
     s = st.columns(5)
-    epochs = s[0].number_input("Epochs per stage", 1, 100, ex.DEFAULT_EPOCHS_PER_STAGE,
-                               key=P + "epochs",
+    epochs = s[0].number_input("Epochs per stage", 1, 100, key=P + "epochs",
                                help="One-stage presets train for twice this, so every recipe "
                                     "gets the same number of epochs.")
-    lr = s[1].select_slider("Learning rate", cfgmod.LR_GRID, value=cfgmod.PRESET_LR,
-                            format_func=lambda v: f"{v:g}", key=P + "lr",
+    lr = s[1].select_slider("Learning rate", cfgmod.LR_GRID, format_func=lambda v: f"{v:g}", key=P + "lr",
                             help="The preset's learning rate; each stage scales it as the preset says.")
-    cap = s[2].number_input("Training images cap (0 = all)", 0, 1_000_000, ex.DEFAULT_IMAGE_CAP,
-                            step=500, key=P + "cap",
+    cap = s[2].number_input("Training images cap (0 = all)", 0, 1_000_000, step=500,
+                            key=P + "cap",
                             help="Fewer images train faster, but too few (or too few epochs) "
                                  "leave recipes near chance and the answer buried in noise.")
     weight_fields = weights_choice(s[3], store, all_runs, problems)
     device = s[4].selectbox("Device", cfgmod.DEVICES, key=P + "device")
-    name = st.text_input("Experiment name (optional)", key=P + "name",
+    name = st.text_input("Experiment name (optional)", key=P + "name", max_chars=cfgmod.NAME_MAX_CHARS,
                          placeholder="e.g. does two-stage beat all at once on my photos?")
 
     base = cfgmod.RunConfig(max_train_images=int(cap), device=device, **weight_fields, **fields)
@@ -138,16 +147,18 @@ def weights_choice(where, store: RunStore, all_runs: list[Run], problems: list[s
                                    "without them cached can use random, a weights file or "
                                    "another run's best checkpoint.")
     if weights == "file":
-        text = st.text_input(cfgmod.field_spec(cfgmod.RunConfig, "weights_path").label,
-                             key=P + "weights_path")
+        picked = weights_file_picker(st, P + "weights_path",
+                                     cfgmod.field_spec(cfgmod.RunConfig, "weights_path").label)
         try:
-            path = str(resolve_user_path(text)) if text.strip() else ""
+            path = str(resolve_user_path(picked)) if picked else ""
         except PathNotAllowed as exc:
             problems.append(f"weights file: {exc}")
             path = ""
         return {"weights": "file", "weights_path": path}
     if weights == "run":
         donors = {r.id: r for r in all_runs if r.status == "finished" and r.best_checkpoint}
+        if st.session_state[P + "weights_run"] not in donors:
+            st.session_state[P + "weights_run"] = next(iter(donors), None)
         donor = st.selectbox(cfgmod.field_spec(cfgmod.RunConfig, "weights_run").label,
                              list(donors), key=P + "weights_run",
                              format_func=lambda i: f"{donors[i].name} ({i})",
@@ -315,10 +326,11 @@ def failure_reasons(res: ex.ExperimentResults) -> None:
 
 def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> None:
     """Edit the experiment's note and tags (the picker above filters by tag)."""
-    with st.expander("Note and tags" + (f": {', '.join(exp.tags)}" if exp.tags else ""),
+    with st.expander("Note and tags" + (f": {', '.join(md(t) for t in exp.tags)}" if exp.tags else ""),
                      expanded=bool(exp.note)):
         with st.form(P + f"annotate.{exp.id}", border=False):
             note = st.text_area("Note", value=exp.note, key=P + f"note.{exp.id}",
+                                max_chars=cfgmod.NOTE_MAX_CHARS,
                                 placeholder="the question, what you concluded", height=80)
             tags = st.multiselect("Tags", sorted(set(all_tags) | set(exp.tags)),
                                   default=list(exp.tags), key=P + f"tags.{exp.id}",
@@ -331,6 +343,22 @@ def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> 
                 else:
                     st.toast("Saved.", icon=":material/check:")
                     st.rerun()
+
+
+COMPARE_PAGE = "app_pages/compare.py"
+
+
+def open_in_compare(store: RunStore, exp: ex.Experiment) -> None:
+    """Compare with the experiment's recipes as groups of seeds (mean ± std curves, the
+    config diff), in the URL too (?group=...), so the link can be shared."""
+    groups = [r.group for r in exp.recipes if store.list_runs(group=r.group)]
+    if st.button("Open in Compare", key=P + "compare", disabled=len(groups) < 1,
+                 icon=":material/compare_arrows:",
+                 help="Each recipe's runs as one group: their curves as mean ± std, and how "
+                      "the configs differ."):
+        st.session_state["compare.runs"] = []  # Compare's pickers: the groups, no single runs
+        st.session_state["compare.groups"] = groups
+        st.switch_page(COMPARE_PAGE, query_params={"group": groups})
 
 
 def results_section(store: RunStore) -> None:
@@ -359,6 +387,7 @@ def results_section(store: RunStore) -> None:
     active = ex.experiment_results(store, by_id[exp_id]).active > 0
     # While runs are active the results refresh themselves, without rerunning the page.
     st.fragment(run_every=REFRESH_S if active else None)(show_results)(exp_id)
+    open_in_compare(store, by_id[exp_id])
     if st.button("Forget this experiment (its runs stay)", key=P + "forget"):
         ex.delete_experiment(store, exp_id)
         st.session_state.pop(SELECTED, None)
@@ -374,8 +403,10 @@ store = get_store()
 if st.session_state.pop(OPEN_RESULTS, False):
     st.session_state[TAB] = RESULTS_TAB
 tab_new, tab_results = st.tabs([NEW_TAB, RESULTS_TAB], key=TAB, bind="query-params")
+restore_form("experiments", FORM)
 with tab_new:
     compare_form(store, store.list_runs(kinds=TRAINING_KINDS))
+keep_form("experiments", FORM)
 with tab_results:
     results_section(store)
 page_link(INSIGHTS_PAGE, "Look inside one run: Run insights", ":material/insights:", "Run insights")

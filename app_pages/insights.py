@@ -68,8 +68,8 @@ def confusion(run: Run) -> None:
                                                run.results.confusion else "."))
         return
     for p in pairs:
-        st.markdown(f"- **{p.true}** taken for **{p.predicted}**: {p.count} time"
-                    f"{'s' * (p.count != 1)} ({100 * p.rate:.0f} % of the {p.true} test images)")
+        st.markdown(f"- **{md(p.true)}** taken for **{md(p.predicted)}**: {p.count} time"
+                    f"{'s' * (p.count != 1)} ({100 * p.rate:.0f} % of the {md(p.true)} test images)")
 
 
 def mistakes(store: RunStore, run: Run) -> None:

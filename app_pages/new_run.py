@@ -22,6 +22,8 @@ from app_pages._common import (
     page_link,
     scan_image_folder,
 )
+from app_pages._forms import CONFIG_FOR_NEW_RUN, keep_form, restore_form
+from app_pages._pickers import data_folder_picker, weights_file_picker
 from app_pages._tool_jobs import active_job
 from core import config as cfgmod
 from core.analysis import lr_finder, planning, speed
@@ -59,22 +61,55 @@ def apply_preset() -> None:
     st.session_state[f"{P}n_stages"] = len(stages)
 
 
+def form_defaults() -> dict[str, Any]:
+    """Every key of the form with its first-visit value: the default run config with the
+    Two-stage preset's stages (stages beyond the preset repeat its last one)."""
+    stages = cfgmod.preset_stages("Two-stage")
+    out = {f"{P}preset": "Two-stage", f"{P}n_stages": len(stages),
+           **cfgmod.form_state(RunConfig(), P), f"{P}name": "", f"{P}repeats": 1,
+           f"{P}note": "", f"{P}tags": []}
+    for i in range(MAX_STAGES):
+        out.update(cfgmod.form_state(stages[min(i, len(stages) - 1)], stage_prefix(i)))
+    return out
+
+
+FORM = form_defaults()
+
+
+def load_config(cfg: RunConfig) -> None:
+    """Fill the form with `cfg` (Run again, Load a config); the preset picker is left as it
+    was, as its stages were changed."""
+    st.session_state.update(cfgmod.form_state(cfg, P))
+    for i, stage in enumerate(cfg.stages):
+        put_stage(i, stage)
+    st.session_state[f"{P}n_stages"] = len(cfg.stages)
+
+
 def ensure_defaults() -> None:
-    """First visit (or back after leaving the page, which drops widget state): the default
-    run config and the Two-stage preset."""
-    if f"{P}preset" not in st.session_state:
-        st.session_state[f"{P}preset"] = "Two-stage"
-        apply_preset()
-    defaults = {**cfgmod.form_state(RunConfig(), P), f"{P}name": "", f"{P}repeats": 1}
-    for k, v in defaults.items():
-        st.session_state.setdefault(k, v)
+    """Every visit: the values the form held when last left this session (leaving the page
+    drops widget state), else the defaults; then a data folder or config handed over."""
+    restore_form("new_run", FORM)
     handed = st.session_state.pop(HANDED_DATA_PATH, None)
     if handed:
         st.session_state[f"{P}data_source"] = "folder"
         st.session_state[f"{P}data_path"] = handed
-    for i in range(MAX_STAGES):
-        if cfgmod.field_key(stage_prefix(i), "epochs") not in st.session_state:
-            put_stage(i, read_stage(i - 1) if i > 0 else StageConfig())  # beyond the preset
+    if text := st.session_state.pop(CONFIG_FOR_NEW_RUN, None):
+        load_config(cfgmod.from_json(text))
+
+
+def config_upload() -> None:
+    """Load a config: the JSON the Runs page downloads (or `python -m core run` reads)."""
+    upload = st.session_state.get(f"{P}config_file")
+    if upload is None:
+        return
+    try:
+        cfg = cfgmod.from_json(upload.getvalue())
+    except cfgmod.ConfigError as exc:
+        st.session_state[f"{P}config_problem"] = f"{upload.name} is not a run config: " + "; ".join(exc.errors)
+    else:
+        load_config(cfg)
+        st.session_state[f"{P}config_problem"] = ""
+        st.toast(f"Loaded {upload.name} into the form.", icon=":material/upload_file:")
 
 
 def field_input(where: Any, cls: type, name: str, prefix: str = P, **options: Any) -> Any:
@@ -133,17 +168,28 @@ def use_random_weights() -> None:
     st.session_state[f"{P}weights"] = "random"
 
 
+def use_weights(choice: str) -> None:
+    """The offline fixes that keep the recipe: a weights file, or a run's checkpoint."""
+    st.session_state[f"{P}weights"] = choice
+
+
 def offline_notes(cfg: RunConfig) -> None:
     """Before Start: what the defaults need from the internet, with the fix that works
     offline; and random weights under frozen layers, in plain words, with its fix."""
     needed = planning.needs_download(cfg)  # Experiments asks the same before queuing
     if "imagenet" in needed:
         st.info("The ImageNet weights are not on this machine yet: they will be downloaded "
-                "(45 MB) when the run starts, which fails without internet. Offline? Under "
-                "**Advanced**, pick *Random*, a *Weights file*, or *Another run's best "
-                "checkpoint*.", icon=":material/cloud_off:")
-        st.button("Use random weights instead", key=f"{P}fix_weights",
-                  on_click=use_random_weights)
+                "(45 MB) when the run starts, which fails without internet. Offline? Start "
+                "from a weights file (upload one) or another run's best checkpoint, which "
+                "keep this recipe; the picker is under **Advanced**, *Starting weights*. "
+                "Random weights suit only the *All at once* preset.", icon=":material/cloud_off:")
+        fix = st.columns(3)
+        fix[0].button("Use a weights file", key=f"{P}fix_file", on_click=use_weights,
+                      args=("file",))
+        fix[1].button("Use another run's checkpoint", key=f"{P}fix_run", on_click=use_weights,
+                      args=("run",))
+        fix[2].button("Use random weights instead", key=f"{P}fix_weights",
+                      on_click=use_random_weights)
     if "cifar10" in needed:
         st.info(f"CIFAR-10 is not in {cifar10_dir(cfg.data_path)}: it will be downloaded "
                 f"(170 MB) when the run starts, which fails without internet. Offline? Copy "
@@ -200,6 +246,8 @@ def data_settings(errors: list[str]) -> tuple[str, planning.FolderScan | None]:
     d = st.columns([1.3, 2])
     field_input(d[0], RunConfig, "data_source")
     folder = st.session_state[f"{P}data_source"] == "folder"
+    if folder:
+        data_folder_picker(d[0], f"{P}data_pick", f"{P}data_path")
     field_input(d[1], RunConfig, "data_path",
                 label="Data folder" if folder else "CIFAR-10 folder (blank = default)",
                 placeholder="folder with train/ and test/ class folders" if folder
@@ -229,8 +277,9 @@ def weights_settings(store: RunStore, device_col: Any, errors: list[str]) -> tup
     weights = st.session_state[f"{P}weights"]
     weights_path = weights_run = ""
     if weights == "file":
-        field_input(w[1], RunConfig, "weights_path")
-        weights_path = user_path(st.session_state[f"{P}weights_path"], "weights file", errors)
+        picked = weights_file_picker(w[1], f"{P}weights_path",
+                                     cfgmod.field_spec(RunConfig, "weights_path").label)
+        weights_path = user_path(picked, "weights file", errors)
     elif weights == "run":
         donors = {r.id: r for r in store.list_runs(statuses=("finished",), kinds=TRAINING_KINDS)
                   if r.best_checkpoint}
@@ -358,13 +407,28 @@ def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: A
     name = s[f"{P}name"].strip() or f"{s[f'{P}preset']} {time.strftime('%m-%d %H:%M:%S')}"
     try:
         if len(plan.seeds) == 1:
-            run = jobs.submit(store, cfg, name=name)
+            runs = [jobs.submit(store, cfg, name=name)]
         else:
-            run = jobs.submit_seeds(store, cfg, list(plan.seeds), name=name, group=name)[0]
+            runs = jobs.submit_seeds(store, cfg, list(plan.seeds), name=name, group=name)
+        for run in runs:  # the note and tags written before Start
+            if s[f"{P}note"].strip():
+                store.set_note(run.id, s[f"{P}note"])
+            if s[f"{P}tags"]:
+                store.set_tags(run.id, list(s[f"{P}tags"]))
     except (cfgmod.ConfigError, StoreError, OSError) as exc:
         st.error(f"Could not start the run: {exc}")
     else:
-        open_run(run.id)  # where its progress and results are, with the run in the URL
+        open_run(runs[0].id)  # where its progress and results are, with the run in the URL
+
+
+def note_and_tags(store: RunStore) -> None:
+    """A note and tags given before Start (Overview and Compare filter by tag)."""
+    c = st.columns([3, 2])
+    c[0].text_area("Note (optional)", key=f"{P}note", height=68, max_chars=cfgmod.NOTE_MAX_CHARS,
+                   placeholder="what you are trying, what you expect")
+    c[1].multiselect("Tags (optional)", sorted(set(store.all_tags()) | set(st.session_state[f"{P}tags"])),
+                     key=f"{P}tags", accept_new_options=True,
+                     placeholder="type a tag, press Enter")
 
 
 # ---------------------------------------------------------------- page
@@ -378,8 +442,13 @@ top = st.columns([2, 1, 1])
 top[0].selectbox("Preset", cfgmod.PRESETS, key=f"{P}preset", on_change=apply_preset,
                  help="Fills in the stages; change anything afterwards.")
 top[0].caption(cfgmod.PRESET_DESCRIPTIONS[st.session_state[f"{P}preset"]])
+with st.expander("Load a config (the JSON a run's page downloads)"):
+    st.file_uploader("Config file", type=["json"], key=f"{P}config_file", on_change=config_upload,
+                     help="Fills in the form; change anything before Start.")
+    if problem := st.session_state.get(f"{P}config_problem"):
+        st.error(problem)
 top[1].number_input("Stages", min_value=1, max_value=MAX_STAGES, step=1, key=f"{P}n_stages")
-top[2].text_input("Run name", key=f"{P}name", placeholder="automatic")
+top[2].text_input("Run name", key=f"{P}name", placeholder="automatic", max_chars=cfgmod.NAME_MAX_CHARS)
 n_stages = int(st.session_state[f"{P}n_stages"])
 
 st.subheader("Stages")
@@ -399,6 +468,7 @@ cfg = cfgmod.from_form(RunConfig, st.session_state, P,
                        weights_path=weights_path, weights_run=weights_run)
 lr_finder_section(store, cfg, n_stages)
 summary_area = st.container()  # drawn once the plan (which needs the seed count) exists
+note_and_tags(store)
 repeat_cols = st.columns([1, 1, 3], vertical_alignment="bottom")
 repeats = repeat_cols[0].number_input(
     "Repeat with N seeds", min_value=1, max_value=10, step=1, key=f"{P}repeats",
@@ -412,3 +482,4 @@ if plan.errors:
     repeat_cols[2].caption("Fix the problems above to start.")
 with st.expander("Config as JSON"):
     st.code(cfgmod.to_json(cfg), language="json")
+keep_form("new_run", FORM)

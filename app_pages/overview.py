@@ -9,7 +9,7 @@ import time
 
 import streamlit as st
 
-from app_pages._common import SELECTED_RUN, get_store, new_run_link, no_runs_message, open_run
+from app_pages._common import SELECTED_RUN, access, get_store, new_run_link, no_runs_message, open_run
 from core import config as cfgmod
 from core.analysis import disk
 from core.analysis.disk import fmt_bytes
@@ -19,6 +19,7 @@ from core.views import charts
 from core.views.tables import ENDED_BADLY, recipe_short, run_label, runs_table, short_id
 
 P = "overview."
+REFRESH_S = 3  # seconds between refreshes of the runs list while a run is queued or running
 
 INTRO = (
     "Fine-tune an ImageNet ResNet-18 on CIFAR-10 or your own images **in stages** — first only "
@@ -69,7 +70,9 @@ def runs_list(store: RunStore, runs: list[Run]) -> None:
     table["Id"] = [short_id(r.id) for r in runs]
     table.insert(len(table.columns) - 1, "Size",
                  [fmt_bytes(disk.folder_bytes(store.files(r.id).folder)) for r in runs])
-    px = {"Run": 200, "Status": 75, "Tags": 70, "Progress": 90, "Recipe": 150,
+    # The Run column fits the longest name (about 7.5 px a character; seed groups' names end
+    # in "seed N", which a fixed 200 px cut off), up to 330 px.
+    px = {"Run": int(min(330, max(200, 7.5 * max(len(r.name) for r in runs)))), "Status": 75, "Tags": 70, "Progress": 90, "Recipe": 150,
           "Best val acc": 80, "Test acc": 75, "Started": 85, "Duration": 75, "Size": 70, "Id": 65}
     columns = {c: st.column_config.Column(c, width=w) for c, w in px.items()}
     columns["Progress"] = st.column_config.ProgressColumn("Progress", min_value=0.0,
@@ -85,7 +88,7 @@ def runs_list(store: RunStore, runs: list[Run]) -> None:
         chosen = st.selectbox("Open a run", ids, index=ids.index(current) if current in ids else 0,
                               format_func=lambda i: run_label(by_id[i]), key=P + "pick")
     with button_col:
-        if st.button("Open", key=P + "open", type="primary"):
+        if access().offers("runs") and st.button("Open", key=P + "open", type="primary"):
             open_run(chosen)
 
 
@@ -116,11 +119,18 @@ def disk_panel(store: RunStore, runs: list[Run]) -> None:
 st.title("Two-Stage Fine-Tuning Lab")
 st.markdown(INTRO)
 recipe_panel()
-st.subheader("Runs")
-store = get_store()
-# Training runs only: tools' records (LR range tests, exports) are reached from their tool.
-all_runs = store.list_runs(kinds=TRAINING_KINDS)
-if all_runs:
+def runs_section(refreshing: bool) -> None:
+    """The runs list. While runs are active it refreshes itself (a fragment on a timer), so
+    a run that ends shows as ended (it stayed "running 90.91 %" after its finish notice);
+    `refreshing`: whether this drawing is on the timer, which stops once nothing is active."""
+    store = get_store()
+    # Training runs only: tools' records (LR range tests, exports) are reached from their tool.
+    all_runs = store.list_runs(kinds=TRAINING_KINDS)
+    if refreshing and not any(r.is_active for r in all_runs):
+        st.rerun()  # the last one ended: redraw the page once, without the timer
+    if not all_runs:
+        no_runs_message()
+        return
     show_ended, tag = run_filters(store)
     runs = [r for r in (store.list_runs(tag=tag, kinds=TRAINING_KINDS) if tag else all_runs)
             if show_ended or r.status not in ENDED_BADLY]
@@ -129,6 +139,10 @@ if all_runs:
         st.caption(f"{hidden} run{'s' * (hidden != 1)} hidden by the filters above.")
     if runs:
         runs_list(store, runs)
-    disk_panel(store, store.list_runs())  # every kind takes disk space
-else:
-    no_runs_message()
+    if access().may_change():  # paths and a delete: not for a viewer (core.access)
+        disk_panel(store, store.list_runs())  # every kind takes disk space
+
+
+st.subheader("Runs")
+active = any(r.is_active for r in get_store().list_runs(kinds=TRAINING_KINDS))
+st.fragment(run_every=REFRESH_S if active else None)(runs_section)(active)

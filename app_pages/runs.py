@@ -12,13 +12,16 @@ import streamlit as st
 
 from app_pages._common import (
     INSIGHTS_PAGE,
+    NEW_RUN_PAGE,
     RUN_PARAM,
     SELECTED_RUN,
+    access,
     get_store,
     no_runs_message,
     open_run,
     pick_run,
 )
+from app_pages._forms import CONFIG_FOR_NEW_RUN
 from core import config as cfgmod
 from core.analysis import disk, lr_finder
 from core.analysis.disk import fmt_bytes
@@ -40,6 +43,7 @@ from core.views.tables import (
     stage_bounds,
     val_caveat,
 )
+from core.views.text import md
 
 P = "runs."
 LIVE_REFRESH_S = 1.5  # seconds between live-view refreshes while a run is active
@@ -53,6 +57,9 @@ def act(action, *args) -> bool:
         action(*args)
     except StoreError as exc:
         st.error(str(exc))
+        return False
+    except cfgmod.ConfigError as exc:  # a note or tag over its length limit
+        st.error(md("; ".join(exc.errors)))
         return False
     return True
 
@@ -110,7 +117,8 @@ def live_view(run_id: str, shown_status: str) -> None:
 
 def summary_metrics(run: Run) -> None:
     r = run.results
-    c = st.columns([1.2, 1, 1, 1.5, 0.7])
+    # Training time gets room for "12 min 39 s" (it was cut to "12 min 3...").
+    c = st.columns([1.1, 0.9, 1.4, 1.5, 0.6])
     best_at = f"stage {run.best_stage}, epoch {run.best_epoch}" if run.best_stage else None
     c[0].metric("Best validation accuracy", fmt_pct(run.best_val_acc, 2), help=best_at,
                 delta=best_at, delta_color="off", delta_arrow="off")
@@ -135,10 +143,10 @@ def summary_metrics(run: Run) -> None:
 def results_view(store: RunStore, run: Run) -> None:
     r = run.results
     if run.status == "failed":
-        st.error(f"This run failed: {run.error or 'no reason recorded'}")
+        st.error(f"This run failed: {md(run.error) if run.error else 'no reason recorded'}")
     elif run.status == "cancelled":
-        st.warning(f"This run was cancelled ({run.error or 'by request'}).")
-    if run.status in ("failed", "cancelled"):
+        st.warning(f"This run was cancelled ({md(run.error) if run.error else 'by request'}).")
+    if run.status in ("failed", "cancelled") and access().may_change():
         # Always offered: without a saved epoch (killed while writing the first last.pt)
         # the worker starts over, which gives the same run.
         label = ("Resume from the last completed epoch" if store.files(run.id).last.exists()
@@ -155,8 +163,14 @@ def results_view(store: RunStore, run: Run) -> None:
         if r.per_class_acc:
             right.plotly_chart(charts.per_class_figure(r.per_class_acc, classes),
                                key=P + "per_class")
-    downloads(store, run)
-    if run.status == "finished" and st.button(
+    if access().may_change():  # a viewer downloads, reruns and exports nothing (core.access)
+        downloads(store, run)
+    if access().may_change() and st.button(
+            "Run again with this config", key=P + "again", disabled=bool(run.config_error),
+            help="Opens New run filled in with this run's config: change anything, then Start."):
+        st.session_state[CONFIG_FOR_NEW_RUN] = cfgmod.to_json(run.config)
+        st.switch_page(NEW_RUN_PAGE)
+    if run.status == "finished" and access().may_change() and st.button(
             "Insights and export →", key=P + "insights",
             help="What each stage added, which layers moved, confused classes, top mistakes, "
                  "TorchScript/ONNX export"):
@@ -173,7 +187,7 @@ def lr_find_view(store: RunStore, run: Run) -> None:
     c = lr_finder.curve_of(store, run.id)
     st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, c.suggested_lr),
                     key=P + "lr_find")
-    st.caption(f"An LR range test of {len(c.lrs)} steps, started from {run.results.weights}."
+    st.caption(f"An LR range test of {len(c.lrs)} steps, started from {md(run.results.weights)}."
                + (" Stopped early: the loss diverged." if c.diverged else ""))
     if c.suggested_lr is None:
         st.info("No clear fall in the loss: no suggestion.")
@@ -187,6 +201,8 @@ def lr_find_view(store: RunStore, run: Run) -> None:
 def disk_section(store: RunStore, run: Run) -> None:
     """The run's size on disk, what each checkpoint is for, and freeing what it no longer
     needs."""
+    if not access().may_change():  # paths and a delete: not for a viewer (core.access)
+        return
     usage = disk.run_disk(run, store.files(run.id))
     with st.expander(f"Disk: {fmt_bytes(usage.total_bytes)}"):
         for f in usage.checkpoints:
@@ -203,10 +219,13 @@ def disk_section(store: RunStore, run: Run) -> None:
 
 def notes_and_tags(store: RunStore, run: Run) -> None:
     """Edit the run's note and tags (Overview and Compare filter by tag)."""
-    with st.expander("Note and tags" + (f": {', '.join(run.tags)}" if run.tags else ""),
+    if not access().may_change():  # a viewer changes nothing (core.access)
+        return
+    with st.expander("Note and tags" + (f": {', '.join(md(t) for t in run.tags)}" if run.tags else ""),
                      expanded=bool(run.note)):
         with st.form(P + f"annotate.{run.id}", border=False):
             note = st.text_area("Note", value=run.note, key=P + f"note.{run.id}",
+                                max_chars=cfgmod.NOTE_MAX_CHARS,
                                 placeholder="what you tried, what you saw", height=80)
             tags = st.multiselect("Tags", sorted(set(store.all_tags()) | set(run.tags)),
                                   default=list(run.tags), key=P + f"tags.{run.id}",
@@ -237,13 +256,15 @@ def downloads(store: RunStore, run: Run) -> None:
 
 
 def delete_section(store: RunStore, run: Run) -> None:
+    if not access().may_change():  # a viewer deletes nothing (core.access)
+        return
     confirm_key = P + "confirm_delete"
     if st.session_state.get(confirm_key) != run.id:
         if st.button("Delete this run…", key=P + "delete"):
             st.session_state[confirm_key] = run.id
             st.rerun()
         return
-    st.warning(f"Delete **{run.name}** with its checkpoints, metrics and log? This cannot "
+    st.warning(f"Delete **{md(run.name)}** with its checkpoints, metrics and log? This cannot "
                f"be undone.")
     yes, no, _ = st.columns([1, 1, 4])
     if yes.button("Yes, delete", type="primary", key=P + "delete_yes"):
@@ -251,7 +272,7 @@ def delete_section(store: RunStore, run: Run) -> None:
             return
         st.session_state.pop(confirm_key, None)
         st.session_state.pop(SELECTED_RUN, None)
-        st.toast(f"Deleted {run.name}")
+        st.toast(f"Deleted {md(run.name)}")
         st.rerun()
     if no.button("Keep it", key=P + "delete_no"):
         st.session_state.pop(confirm_key, None)
@@ -260,6 +281,8 @@ def delete_section(store: RunStore, run: Run) -> None:
 
 def stop_buttons(store: RunStore, run: Run) -> None:
     """Cancel (honoured after the current batch), then Force stop if that was not enough."""
+    if not access().may_change():  # a viewer cancels nothing (core.access)
+        return
     cols = st.columns([1, 1, 4])
     if not run.cancel_requested:
         if cols[0].button("Cancel run", key=P + "cancel",
@@ -291,11 +314,11 @@ def page() -> None:
     run = pick_run("Run", runs, P + "pick", run_label)  # the newest unless one was picked
     st.markdown(f"<span style='color:{run_color(run.id)}'>&#9632;</span> "  # its colour on Compare
                 f"**{recipe_text(run.config)}** · id `{run.id}`"
-               + (f" · group {run.group}" if run.group else "")
+               + (f" · group {md(run.group)}" if run.group else "")
                + f" · {run.config.data_source}, {run.config.weights} weights",
                 unsafe_allow_html=True)
     st.caption(f"Where: {run.executor or 'in the foreground (command line)'}"  # issue 10 §1
-               + (f" job `{run.job_id}`" if run.job_id else "") + f" on {run.host or 'no host yet'}")
+               + (f" job `{run.job_id}`" if run.job_id else "") + f" on {md(run.host) if run.host else 'no host yet'}")
     notes_and_tags(store, run)
 
     if run.is_active:

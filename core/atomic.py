@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
+import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,35 @@ from typing import Any
 # An atomic write's temp file is `.<name>.<random>.tmp` beside its target; core.settings
 # derives the pattern that finds the ones a killed worker left behind from these.
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+# Who writes a temp file or folder, in its name: this host (a hash of its name) and process,
+# so a later start tells a killed writer's leftovers from a live writer's work in progress.
+_WRITER_RE = re.compile(r"w([0-9a-f]{8})p(\d+)")
+FOREIGN_LEFTOVER_S = 24 * 3600  # another host's temp untouched this long: its writer is gone
+
+
+def _host_hash() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def writer_tag() -> str:
+    """This process's tag for the temp names it writes ("w<host hash>p<pid>")."""
+    return f"w{_host_hash()}p{os.getpid()}"
+
+
+def left_by_dead_writer(path: Path) -> bool:
+    """Whether temp file or folder `path` (named with a writer_tag) is a leftover: its writer
+    was a process of this host that no longer runs, or of another host (a shared store)
+    and untouched for FOREIGN_LEFTOVER_S. Untagged temps (older versions) count by age too.
+    A live writer's temp is never a leftover."""
+    from core.process import is_alive
+
+    tags = _WRITER_RE.findall(path.name)  # the last one: a data-set name may look like a tag
+    if tags and tags[-1][0] == _host_hash():
+        return not is_alive(int(tags[-1][1]))
+    try:
+        return time.time() - path.stat().st_mtime > FOREIGN_LEFTOVER_S
+    except OSError:
+        return False
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -21,7 +54,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     core.runs.jobs cleans up after a killed worker), fsync it, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX,
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.{writer_tag()}.", suffix=TEMP_SUFFIX,
                                dir=path.parent)
     os.close(fd)
     try:

@@ -6,6 +6,8 @@
     python -m core cancel RUN_ID | resume RUN_ID
     python -m core runs [--json]
     python -m core lr-find --config run.json --stage 2
+    python -m core search ...data options of train... --trials N [--minutes M]
+    python -m core search --status ID [--json] | --stop ID
 """
 
 from __future__ import annotations
@@ -79,10 +81,32 @@ def _parser() -> argparse.ArgumentParser:
                        ("resume", "queue a failed or cancelled run again, from its last epoch")):
         sub.add_parser(name, help=text, description=text).add_argument("run_id")
 
+    _add_search_parser(sub, t)
     r = sub.add_parser("runs", help="list runs with status and best accuracy")
     r.add_argument("--json", action="store_true",
                    help="machine-readable output: one JSON object per line per run")
     return p
+
+
+def _add_search_parser(sub: Any, train: argparse.ArgumentParser) -> None:
+    se = sub.add_parser(
+        "search", add_help=False, help="search staged recipes in the background (Optuna)",
+        description="Search staged recipes (stages, the layer groups each trains, per-stage "
+        "learning rates and epochs, schedule, BatchNorm policy, group LR multiplier) on the "
+        "data and weights given as for train; each trial is a run. Prints the search id. "
+        "Then --status ID [--json] or --stop ID.")
+    se._add_container_actions(train)  # the data and weights options of train, exactly
+    se.add_argument("--trials", type=_positive_int, default=12, metavar="N",
+                    help="trials to run (default 12)")
+    se.add_argument("--minutes", type=float, default=None, metavar="M",
+                    help="start no new trial after M minutes (default: no time limit)")
+    se.add_argument("--space", type=Path, default=None, metavar="FILE",
+                    help="a JSON object narrowing or fixing dimensions, e.g. "
+                         '{"stages": [2, 2], "schedule": ["onecycle"]}')
+    what = se.add_mutually_exclusive_group()
+    what.add_argument("--status", metavar="ID", help="print a search's state")
+    what.add_argument("--stop", metavar="ID", help="stop a search (running trials are cancelled)")
+    se.add_argument("--json", action="store_true", help="with --status: one JSON object")
 
 
 def _positive_int(text: str) -> int:
@@ -176,6 +200,7 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfgmod.to_json(cfg))
         return 0
+    cfgmod.check_text_limits(name=args.name, note=args.note, tags=args.tags)
     from core.runs.preflight import preflight
 
     report = preflight(cfg, store)  # bad data/weights fail here, before a run exists
@@ -286,6 +311,7 @@ def cmd_submit(store: RunStore, args: argparse.Namespace) -> int:
         return 0
     # Preflight first: bad data queues nothing. The note and tags are on the run before an
     # executor can pick it up.
+    cfgmod.check_text_limits(name=args.name, note=args.note, tags=args.tags)
     run = jobs.submit(store, cfg, name=args.name, start=False)
     annotate(store, run.id, args)
     jobs.dispatch(store)
@@ -355,6 +381,49 @@ def cmd_runs(store: RunStore, as_json: bool) -> int:
     return 0
 
 
+def cmd_search(store: RunStore, args: argparse.Namespace) -> int:
+    from core.analysis import search as searchmod
+
+    if args.status:
+        found = searchmod.summary(store, args.status)
+        status = found.to_status()
+        if args.json:
+            print(json.dumps(status))
+            return 0
+        print(f"search {visible(found.id)} ({visible(found.spec.name)}): {found.state}; "
+              f"{status['trials']} of "
+              f"{found.spec.trials} trials: {status['finished']} finished, {status['pruned']} "
+              f"pruned, {status['failed']} failed, {status['running']} running")
+        if status["best"]:
+            print(f"best: trial {status['best']['trial']} (run {visible(status['best']['run_id'])}), "
+                  f"val acc {status['best']['val_acc']:.4f}: {status['best']['recipe']}")
+        return 0
+    if args.stop:
+        searchmod.request_stop(store, args.stop)
+        print(f"search {visible(args.stop)}: stop requested (running trials are cancelled)",
+              file=sys.stderr)
+        return 0
+    space = searchmod.SearchSpace()
+    if args.space is not None:
+        try:
+            given = json.loads(args.space.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise cfgmod.ConfigError([f"space: cannot read {args.space} ({exc})"]) from None
+        unknown = sorted(set(given) - {d.name for d in searchmod.DIMENSIONS}) if isinstance(
+            given, dict) else ["(not an object)"]
+        if unknown:
+            raise cfgmod.ConfigError([f"space: unknown dimensions {', '.join(unknown)}; known: "
+                                      f"{', '.join(d.name for d in searchmod.DIMENSIONS)}"])
+        space = searchmod.SearchSpace.from_dict(given)
+    spec = searchmod.SearchSpec(name=args.name, base=build_config(args), space=space,
+                                trials=args.trials, minutes=args.minutes)
+    if args.print_config:
+        print(spec.to_json())
+        return 0
+    print(searchmod.create_search(store, spec))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -369,14 +438,17 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cancel(store, args.run_id)
         if args.command == "resume":
             return cmd_resume(store, args.run_id)
+        if args.command == "search":
+            return cmd_search(store, args)
         return cmd_runs(store, args.json)
     except cfgmod.ConfigError as exc:
         print("invalid config:\n  " + "\n  ".join(visible(e) for e in exc.errors), file=sys.stderr)
         return 2
     except Exception as exc:
+        from core.analysis.search import SearchError
         from core.runs.store import StoreError
 
-        if isinstance(exc, StoreError):
+        if isinstance(exc, (StoreError, SearchError)):
             print(visible(exc), file=sys.stderr)
             return 2
         raise

@@ -62,6 +62,43 @@ class ConfigError(ValueError):
         super().__init__("; ".join(self.errors))
 
 
+# ---------------------------------------------------------------- text users give runs
+
+# Length limits, in characters, of the text users attach to runs, groups and experiments:
+# every entry point (the pages, the command line, the store) checks these, and the pages'
+# fields stop typing at them. Names and tags are labels (a 1 MB run name froze Compare's
+# renderer); a note is a few paragraphs.
+NAME_MAX_CHARS = 200  # a run, seed-group or experiment name
+NOTE_MAX_CHARS = 10_000  # a run's or experiment's note
+TAG_MAX_CHARS = 50  # one tag
+TAGS_MAX = 30  # tags on one run or experiment
+
+
+def text_limit_errors(name: str = "", group: str = "", note: str = "",
+                      tags: Sequence[str] = ()) -> list[str]:
+    """What is too long in the text given to a run or experiment, each message with its limit."""
+    errors = []
+    for what, value in (("name", name), ("group", group)):
+        if len(value) > NAME_MAX_CHARS:
+            errors.append(f"{what}: {len(value):,} characters; at most {NAME_MAX_CHARS} allowed")
+    if len(note) > NOTE_MAX_CHARS:
+        errors.append(f"note: {len(note):,} characters; at most {NOTE_MAX_CHARS:,} allowed")
+    long_tags = [t for t in tags if len(t.strip()) > TAG_MAX_CHARS]
+    if long_tags:
+        errors.append(f"tags: {len(long_tags)} tag(s) over {TAG_MAX_CHARS} characters (one has "
+                      f"{len(long_tags[0].strip()):,}); at most {TAG_MAX_CHARS} allowed")
+    if len(tags) > TAGS_MAX:
+        errors.append(f"tags: {len(tags)} tags; at most {TAGS_MAX} allowed")
+    return errors
+
+
+def check_text_limits(name: str = "", group: str = "", note: str = "",
+                      tags: Sequence[str] = ()) -> None:
+    """Raises ConfigError naming each text over its limit (text_limit_errors)."""
+    if errors := text_limit_errors(name, group, note, tags):
+        raise ConfigError(errors)
+
+
 # ---------------------------------------------------------------- the schema
 
 # Widget kinds of the New run form ("" = not on the form).

@@ -158,6 +158,11 @@ class StoreLayout:
     def supervisor_log(self) -> Path:
         return self.root / "supervisor.log"
 
+    @property
+    def search_drivers(self) -> Path:
+        """Each search driver's lock and log (core.runs.search_driver), on this machine."""
+        return self.root / "searches"
+
     def run(self, run_id: str) -> RunFiles:
         """One run's folder, under the artifact root."""
         return RunFiles(self.artifacts / run_id, run_id)

@@ -563,7 +563,8 @@ def test_compare_leaves_one_stage_runs_out_when_aligned_and_keeps_the_view_in_th
     at.checkbox(key="compare.align").check().run()
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert [t.get("name") for t in fig["data"]] == ["two-stage"]
-    assert "Left out of the aligned chart (one stage, no stage 2 to align on): **one-stage**" \
+    # (the run name as text: markdown-escaped, shown as "one-stage")
+    assert "Left out of the aligned chart (one stage, no stage 2 to align on): **one\\-stage**" \
         in texts(at)
     linked = AppTest.from_file(APP, default_timeout=TIMEOUT_S)
     linked.run()

@@ -266,3 +266,16 @@ def test_run_labels_carry_a_short_id_and_status_is_plain_text():
     r = make_run(id="20260101-0930-abcdef", name="same name", status="running")
     assert views.run_label(r).startswith("same name · abcdef (running")
     assert views.runs_table([r]).loc[0, "Status"] == "running"  # no emoji to render as boxes
+
+
+def test_issue_20_7_empty_accuracy_chart_and_class_order():
+    """Issue 20.7: before the first epoch the accuracy chart's axis is 0..100 % (it read
+    -1..4 %); the same classes picked in another order are not a config difference."""
+    f = frame({"train/step_loss": [(0.5, 2.0)]})
+    fig = charts.metric_figure(f, "acc", views.stage_bounds(TWO_STAGE))
+    assert tuple(fig.layout.yaxis.range) == (0.0, 100.0)
+    a = cfgmod.to_dict(cfgmod.preset_config("Two-stage", classes=("cat", "dog", "frog")))
+    b = cfgmod.to_dict(cfgmod.preset_config("Two-stage", classes=("frog", "cat", "dog")))
+    assert views.config_diff_table([("a", a), ("b", b)]).empty
+    c = cfgmod.to_dict(cfgmod.preset_config("Two-stage", classes=("cat", "dog")))
+    assert list(views.config_diff_table([("a", a), ("c", c)]).index) == ["classes"]

@@ -168,7 +168,8 @@ def test_datasets_page_upload_zip(tmp_path, monkeypatch):
     at.button(key="datasets.import").click().run()
     assert not at.exception
     assert (roots / "My-Photos" / "red").is_dir()
-    assert any("Imported **My-Photos**: 9 images in 3 classes" in s.value for s in at.success)
+    # (the data set's name as text: markdown-escaped)
+    assert any("Imported **My\\-Photos**: 9 images in 3 classes" in s.value for s in at.success)
     assert {m.label: m.value for m in at.metric}["Skipped (not images)"] == "1"
 
     evil = _zip_bytes(src, {"../../escape.png": b"x"})

@@ -300,7 +300,7 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
     whose missing runs show as missing rather than runs that belong to nothing."""
     from core.runs import jobs  # spawns processes; imported here so reading results stays light
 
-    errors = validate_experiment(recipes, seeds)
+    errors = validate_experiment(recipes, seeds) + cfgmod.text_limit_errors(name=name)
     if not errors:
         # Data and weights too, for every recipe, before anything is queued: a bad
         # second recipe must not leave the first one's runs behind.
@@ -355,6 +355,8 @@ def annotate_experiment(store: RunStore, exp_id: str, note: str,
                         tags: Sequence[str]) -> Experiment:
     """Replace the experiment's note and tags (tags trimmed, repeats dropped, as on runs);
     the record is rewritten atomically. Returns the experiment as stored."""
+    if errors := cfgmod.text_limit_errors(note=note, tags=tags):
+        raise ExperimentError("; ".join(errors))
     exp = replace(load_experiment(store, exp_id), note=note, tags=normalize_tags(tags))
     atomic_write_json(experiments_dir(store) / f"{exp.id}.json", exp.to_dict())
     return exp

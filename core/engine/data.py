@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from core.atomic import TEMP_PREFIX, TEMP_SUFFIX, left_by_dead_writer
 from core.engine.checkpoints import atomic_torch_save
 from core.engine.image_types import (  # shared with torch-free pages
     IMAGE_EXTENSIONS,  # noqa: F401 (re-exported: core.engine.data names the whole data rule)
@@ -295,6 +296,7 @@ def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
     cache_file = None
     if cache_dir is not None:
+        clean_dead_cache_temps(Path(cache_dir))
         stats = [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths]
         key = _cache_key([PREPROCESS_VERSION, str(root.resolve()), str(pre.resolution), *names, *stats])
         cache_file = Path(cache_dir) / f"decoded-{key}.pt"
@@ -320,6 +322,17 @@ def load_folder_tree(root: Path, pre: Preprocess, classes: Sequence[str] = (),
         except OSError:
             pass  # a cache is an optimisation; a full disk must not stop training
     return result
+
+
+def clean_dead_cache_temps(cache_dir: Path) -> list[Path]:
+    """Remove the decoded-image cache's temp files that a killed writer left (each is as big
+    as the data set); a live writer's stay. Returns what was removed."""
+    removed = []
+    for tmp in cache_dir.glob(f"{TEMP_PREFIX}decoded-*{TEMP_SUFFIX}"):
+        if left_by_dead_writer(tmp):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def load_cifar10(root: Path, train: bool, pre: Preprocess, classes: Sequence[str] = (),

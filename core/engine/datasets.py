@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from core.atomic import left_by_dead_writer, writer_tag
 from core.engine.image_types import IMAGE_EXTENSIONS, OUTSIDE_LINK, train_test_folders
 from core.engine.paths import data_roots, link_allowed
 
@@ -242,8 +243,9 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
     dest = root / name
     if dest.exists():
         raise ImportRejected(f"a data set named {name} already exists in {root}; pick another name")
+    clean_dead_imports(root)
     zf = _open_zip(source)
-    tmp = root / f".import-{name}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f"{IMPORT_PREFIX}{name}-{writer_tag()}-{uuid.uuid4().hex[:8]}"
     try:
         with zf:
             images, non_images, ignored = _sort_entries(zf, limits)
@@ -272,6 +274,20 @@ def import_zip(source: str | os.PathLike[str] | IO[bytes], name: str, root: Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+IMPORT_PREFIX = ".import-"  # the hidden folder a zip is unpacked into before it is renamed
+
+
+def clean_dead_imports(root: Path) -> list[Path]:
+    """Remove the unpack folders that an import killed part-way left under data root `root`
+    (a live import's folder stays). Returns what was removed."""
+    removed = []
+    for folder in root.glob(f"{IMPORT_PREFIX}*"):
+        if folder.is_dir() and left_by_dead_writer(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def zip_label(source: str | os.PathLike[str] | IO[bytes]) -> str:

@@ -40,7 +40,8 @@ def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = 
     """Validate `cfg` (values, then data and weights: core.runs.preflight), queue it as a new
     run, and hand it to the executor. Raises ConfigError / PreflightError."""
     cfgmod.check(cfg)
-    if check_data:
+    if check_data:  # (submit_seeds checked the name it was given and the group)
+        cfgmod.check_text_limits(name=name, group=group)
         from core.runs.preflight import preflight
 
         preflight(cfg, store)
@@ -57,6 +58,7 @@ def submit_seeds(store: RunStore, cfg: cfgmod.RunConfig, seeds: list[int], name:
     from core.runs.preflight import preflight
 
     cfgmod.check(cfg)
+    cfgmod.check_text_limits(name=name, group=group)
     preflight(cfg, store)  # once: the seeds share data and weights
     check_executor()
     runs = [submit(store, replace(cfg, seed=s), name=f"{name} seed {s}", group=group, start=False,

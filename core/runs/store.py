@@ -47,7 +47,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from core import config as cfgmod
-from core.config import RunConfig
+from core.config import RunConfig, check_text_limits
 from core.process import process_identity
 from core.runs.entities import (
     ACTIVE,
@@ -706,13 +706,17 @@ class RunStore:
                 best_val_acc=val_acc, best_stage=stage, best_epoch=epoch, best_checkpoint=name))
 
     def set_note(self, run_id: str, text: str) -> None:
-        """Replace the run's note (free text; "" clears it)."""
+        """Replace the run's note (free text; "" clears it). Raises ConfigError over
+        NOTE_MAX_CHARS."""
+        check_text_limits(note=text)
         with self._write() as con:
             con.execute(runs.update().where(runs.c.id == run_id).values(note=text))
 
     def set_tags(self, run_id: str, tags: Sequence[str]) -> tuple[str, ...]:
         """Replace the run's tags. Tags are trimmed; empty ones and repeats are dropped.
-        Returns the tags as stored (sorted); () for a run that does not exist."""
+        Returns the tags as stored (sorted); () for a run that does not exist. Raises
+        ConfigError for a tag over TAG_MAX_CHARS or more than TAGS_MAX tags."""
+        check_text_limits(tags=tags)
         clean = normalize_tags(tags)
         with self._write() as con:
             # Locks the run's row on PostgreSQL: two concurrent replacements do not merge.

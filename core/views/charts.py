@@ -124,7 +124,9 @@ def _percent_axis(fig: go.Figure, values: Sequence[float]) -> None:
     a run train and validation can be equal, and plotly then zooms into nothing (ticks like
     72.2222215 %)."""
     fig.update_yaxes(tickformat=".1f")
-    if values and max(values) - min(values) < MIN_PERCENT_SPAN:
+    if not values:  # nothing yet (before the first epoch): the whole scale, not -1..4 %
+        fig.update_yaxes(range=[0.0, 100.0])
+    elif max(values) - min(values) < MIN_PERCENT_SPAN:
         mid = (max(values) + min(values)) / 2
         low = min(max(0.0, mid - MIN_PERCENT_SPAN / 2), 100.0 - MIN_PERCENT_SPAN)
         fig.update_yaxes(range=[low, low + MIN_PERCENT_SPAN])

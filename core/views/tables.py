@@ -20,6 +20,7 @@ import pandas as pd
 
 from core.config import LAYER_GROUPS, RunConfig, flatten, to_dict
 from core.runs.store import MetricRow, Run
+from core.views.text import visible
 
 if TYPE_CHECKING:
     from core.analysis.experiments import ExperimentResults
@@ -138,13 +139,13 @@ def run_label(run: Run) -> str:
     """How a run is named in pickers: name and short id (two runs may share a name), its
     live status and best accuracy."""
     best = f", best val {fmt_pct(run.best_val_acc)}" if run.best_val_acc is not None else ""
-    return f"{run.name} · {short_id(run.id)} ({run.status}{best})"
+    return f"{visible(run.name)} · {short_id(run.id)} ({run.status}{best})"  # pickers: plain text
 
 
 def run_chip(run: Run) -> str:
     """A short label for chips (multiselects), which have room for little: name and short
     id, without status or accuracy."""
-    return f"{run.name} · {short_id(run.id)}"
+    return f"{visible(run.name)} · {short_id(run.id)}"
 
 
 def run_color(run_id: str) -> str:
@@ -372,7 +373,9 @@ def final_metrics_table(entries: Sequence[tuple[str, Sequence[Run]]]) -> pd.Data
 def config_diff_table(named_configs: Sequence[tuple[str, dict[str, Any]]]) -> pd.DataFrame:
     """Config fields (flattened, 'stage 2.lr') whose values differ between any of the given
     configs; one column per config. Fields equal everywhere are left out."""
-    flat = [(name, flatten(cfg)) for name, cfg in named_configs]
+    # A class list is a set: the same classes picked in another order are no difference.
+    flat = [(name, flatten({**cfg, "classes": sorted(cfg["classes"])} if cfg.get("classes")
+                           else cfg)) for name, cfg in named_configs]
     keys = sorted({k for _, f in flat for k in f})
     missing = object()
     differing = [k for k in keys if len({repr(f.get(k, missing)) for _, f in flat}) > 1]

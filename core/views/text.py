@@ -7,8 +7,10 @@ experiment names, class folder names, error messages quoting them): as text, nev
   sequence cannot rewrite a terminal line, and a newline cannot split a row. For terminals,
   logs and plain-text files.
 - `md(text)`: `visible`, then every ASCII punctuation character backslash-escaped (CommonMark
-  makes any escaped punctuation literal): no link, image, emphasis, heading, HTML tag, `$`
-  formula, `:material/...:` icon or `:red[...]` colour survives. For Streamlit markdown and
+  makes any escaped punctuation literal): no image, link syntax, emphasis, heading, HTML tag,
+  `$` formula, `:material/...:` icon or `:red[...]` colour survives. (A bare URL in the text
+  is still shown as a link by Streamlit's GitHub-flavoured markdown, which finds URLs after
+  escapes are resolved: a click, never a request on its own.) For Streamlit markdown and
   for widget labels (which Streamlit parses as markdown).
 - `html(text)`: `visible`, then HTML-escaped: for the few places that build HTML
   (`unsafe_allow_html`).
