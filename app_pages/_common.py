@@ -176,6 +176,9 @@ def jobs_panel() -> None:
     except StoreError as exc:
         st.warning(f"Job status unavailable: {md(exc)}")
         return
+    if notice := jobs.cluster_notice(store, short=True):  # a lost Ray head, since when
+        st.warning(notice.replace("\\", "\\\\").replace("`", "\\`").replace("*", "\\*")
+                   .replace("_", "\\_"), icon=":material/cloud_off:")
     active = {r.id: r.name for r in (*s.running, *s.queued)}
     notify_ended(store, set(active))
     st.session_state[WATCHED].update(active)

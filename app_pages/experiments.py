@@ -255,7 +255,7 @@ def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: 
             st.session_state[OPEN_RESULTS] = True  # the next run opens the Results tab
             st.rerun()
     if queued:
-        st.success(f"Queued {last[2]} runs as experiment **{last[1]}**. Its results are on "
+        st.success(f"Queued {last[2]} runs as experiment **{md(last[1])}**. Its results are on "
                    f"the **Results** tab (open now) as runs finish. Change the form to queue "
                    f"another experiment.")
     for p in problems:
@@ -321,7 +321,7 @@ def failure_reasons(res: ex.ExperimentResults) -> None:
                 reason = run.error or "no reason was recorded; see the run's log on Runs"
                 by_reason.setdefault(reason, []).append(f"{rr.recipe.name} seed {run.config.seed}")
     for reason, where in by_reason.items():
-        st.error(f"Failed ({', '.join(where)}): {reason}", icon=":material/error:")
+        st.error(f"Failed ({md(', '.join(where))}): {md(reason)}", icon=":material/error:")
 
 
 def notes_and_tags(store: RunStore, exp: ex.Experiment, all_tags: list[str]) -> None:

@@ -109,7 +109,7 @@ def config_upload() -> None:
     else:
         load_config(cfg)
         st.session_state[f"{P}config_problem"] = ""
-        st.toast(f"Loaded {upload.name} into the form.", icon=":material/upload_file:")
+        st.toast(f"Loaded {md(upload.name)} into the form.", icon=":material/upload_file:")
 
 
 def field_input(where: Any, cls: type, name: str, prefix: str = P, **options: Any) -> Any:

@@ -201,9 +201,11 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
         print(cfgmod.to_json(cfg))
         return 0
     cfgmod.check_text_limits(name=args.name, note=args.note, tags=args.tags)
-    from core.runs.preflight import preflight
+    from core.runs.preflight import ExecutorUnavailable, device_problem, preflight
 
     report = preflight(cfg, store)  # bad data/weights fail here, before a run exists
+    if problem := device_problem(cfg):  # it runs here, in the foreground
+        raise ExecutorUnavailable([problem])
     for note in report.notes:
         print(f"note: {visible(note)}", file=sys.stderr)
     run = store.create_run(cfg, name=args.name)
@@ -362,9 +364,11 @@ def run_record(r: Run) -> dict[str, Any]:
 
 
 def cmd_runs(store: RunStore, as_json: bool) -> int:
-    from core.runs.jobs import reconcile
+    from core.runs.jobs import cluster_notice, reconcile
 
     reconcile(store)
+    if notice := cluster_notice(store):
+        print(visible(notice), file=sys.stderr)
     runs = store.list_runs()
     if as_json:
         for r in runs:  # JSON Lines: a script can read one run per line as it comes
@@ -403,6 +407,9 @@ def cmd_search(store: RunStore, args: argparse.Namespace) -> int:
         print(f"search {visible(args.stop)}: stop requested (running trials are cancelled)",
               file=sys.stderr)
         return 0
+    if args.note or args.tags:  # train's options; a search's runs are named after it
+        raise cfgmod.ConfigError(["--note/--tag: label runs, not searches; each trial run is "
+                                  "named after the search (--name)"])
     space = searchmod.SearchSpace()
     if args.space is not None:
         try:
@@ -442,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_search(store, args)
         return cmd_runs(store, args.json)
     except cfgmod.ConfigError as exc:
-        print("invalid config:\n  " + "\n  ".join(visible(e) for e in exc.errors), file=sys.stderr)
+        from core.runs.preflight import ExecutorUnavailable
+
+        heading = "cannot submit" if isinstance(exc, ExecutorUnavailable) else "invalid config"
+        print(f"{heading}:\n  " + "\n  ".join(visible(e) for e in exc.errors), file=sys.stderr)
         return 2
     except Exception as exc:
         from core.analysis.search import SearchError

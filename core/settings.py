@@ -159,6 +159,12 @@ class StoreLayout:
         return self.root / "supervisor.log"
 
     @property
+    def cluster_health(self) -> Path:
+        """Whether the Ray cluster was reachable at the last look, and since when
+        (core.runs.executors.ray.ClusterHealth), written by whoever looked last."""
+        return self.root / "ray-cluster.json"
+
+    @property
     def search_drivers(self) -> Path:
         """Each search driver's lock and log (core.runs.search_driver), on this machine."""
         return self.root / "searches"

@@ -188,6 +188,13 @@ def app_env(tmp_path, monkeypatch, tiny_folder) -> RunStore:
 
 
 @pytest.fixture
+def data_in_temp_roots(monkeypatch, tmp_path_factory) -> None:
+    """Data roots that hold pytest's temp folders: the pages' analyses show only images under
+    the data roots (core.engine.paths.shown_outside_roots), and tests keep data there."""
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture
 def no_workers(monkeypatch) -> list:
     """Submitted runs stay queued: no background training process is started. Returns the
     list of dispatch calls."""

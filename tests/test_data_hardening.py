@@ -121,3 +121,31 @@ def test_a_killed_zip_imports_folder_is_removed_at_the_next_start_and_a_live_one
     # The next import cleans up by itself too (here: the live writer's, now killed).
     di.import_zip(io.BytesIO(archive.read_bytes()), "again", root=roots[1])
     assert list(roots[1].glob(".import-*")) == []
+
+
+# ---------------------------------------------------------------- data roots and the pages
+
+def test_pages_show_no_images_from_outside_the_data_roots(tmp_path, monkeypatch, finished_run):
+    """The command line may train on any folder; Classify's examples and Run insights'
+    images come only from folders under the data roots (also through a symlinked root)."""
+    from dataclasses import replace
+
+    from core.analysis import inference, insights
+
+    store, run = finished_run
+    inside, outside = tmp_path / "roots", tmp_path / "elsewhere"
+    folder = make_image_folder(outside / "colors", per_class=3)
+    inside.mkdir()
+    (inside / "linked").symlink_to(folder)  # a root-side link that leads outside
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(inside))
+    classes = ["red", "green", "blue"]
+    for path in (folder, inside / "linked", inside / "linked" / ".." / "colors"):
+        items, note = inference.gallery("folder", str(path), classes)
+        assert items == [] and "outside the app's data folders" in note, (path, note)
+        assert "FINETUNE_LAB_DATA_ROOTS" in note
+    moved = replace(run, config=replace(run.config, data_path=str(folder)))
+    with pytest.raises(insights.InsightError, match="outside the app's data folders"):
+        insights.top_losses(store, moved)
+    monkeypatch.setenv("FINETUNE_LAB_DATA_ROOTS", str(outside))
+    items, _ = inference.gallery("folder", str(folder), classes)
+    assert items  # the same folder under a root is shown

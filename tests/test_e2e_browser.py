@@ -330,3 +330,95 @@ def test_new_user_path(served, page):
     assert store.get_run(to_cancel.id).status == "cancelled"
     assert picker.input_value().startswith(f"run to cancel · {to_cancel.id[-6:]} (cancelled")
     shot(page, "run-cancelled")
+
+
+def finished_training_run(store: RunStore, folder: Path):
+    """A finished training run of the store (the new user's "browser run"); one is trained
+    when this test runs alone."""
+    done = [r for r in store.list_runs(statuses=("finished",), kinds=("training",))]
+    if done:
+        return done[0]
+    run = jobs.submit(store, replace(plateau_config(folder),
+                                     stages=cfgmod.preset_stages("Two-stage")), name="tiny")
+    wait_for(lambda: not store.get_run(run.id).is_active, timeout_s=RUN_TIMEOUT_S,
+             what="a tiny run to finish")
+    return store.get_run(run.id)
+
+
+def test_second_hour(served, page, tmp_path):
+    """Issue 20, the new user's second hour: Experiments offline says why before queuing
+    anything; the form remembers across pages; New run's offline fixes are pickers (a
+    weights file uploaded and stored, a data set picked); "Run again with this config"
+    fills New run with a run's config."""
+    import torch
+    from playwright.sync_api import expect
+
+    from core.engine.model import build_resnet18
+
+    url, store, folder = served
+    before = len(store.list_runs())
+
+    # Experiments with ImageNet weights left as they are, on a machine without them: said
+    # before anything is queued, and nothing can be queued until that is settled.
+    page.goto(url + "/experiments")
+    page.get_by_text("Settings shared by the presets").wait_for()
+    warning = page.get_by_text(re.compile(r"^Every run would download the ImageNet weights"))
+    warning.wait_for()
+    run_button = page.get_by_role("button", name="Run the experiment")
+    expect(run_button).to_be_disabled()
+    wait_idle(page)
+    shot(page, "experiments-offline", "experiments-offline.png", height=1300)
+    assert len(store.list_runs()) == before
+    # The form remembers: leave for another page and come back.
+    choose(page, "Starting weights", "Random (from scratch)")
+    set_number(page, "Seeds per recipe", 3)
+    page.get_by_role("link", name="Overview").click()
+    page.get_by_role("heading", name="Two-Stage Fine-Tuning Lab").wait_for()
+    page.get_by_role("link", name="Experiments").click()
+    page.get_by_text("Settings shared by the presets").wait_for()
+    wait_idle(page)
+    assert page.get_by_role("combobox", name="Starting weights").input_value() == \
+        "Random (from scratch)"
+    assert page.get_by_role("spinbutton", name="Seeds per recipe").input_value() == "3"
+    expect(warning).to_have_count(0)
+
+    # New run offline: a weights file uploaded (checked, stored under the data folder) and
+    # picked, instead of a typed absolute path.
+    weights = tmp_path / "my weights.pth"
+    torch.save(build_resnet18(3).state_dict(), weights)
+    page.goto(url + "/new_run")
+    page.get_by_text("Estimated on this machine").wait_for()  # drawn (torch imported)
+    wait_idle(page)
+    page.get_by_role("button", name="Use a weights file").click()
+    wait_idle(page)
+    page.get_by_text("Advanced: optimizer, data, weights, device").click()
+    uploader = page.locator('[data-testid="stFileUploader"]').filter(
+        has_text="Upload a weights file")
+    uploader.locator('input[type="file"]').set_input_files(str(weights))
+    picked = page.get_by_role("combobox", name="Weights file (.pth)")
+    expect(picked).to_have_value("my-weights.pth", timeout=UI_TIMEOUT_MS)
+    page.get_by_text("Image folder", exact=True).click()
+    wait_idle(page)
+    page.get_by_role("combobox", name="Pick a data set").wait_for()  # (AppTest picks one)
+    data_input = page.get_by_role("textbox", name="Data folder")
+    data_input.fill(str(folder))
+    data_input.press("Enter")
+    wait_idle(page)
+    page.get_by_text(re.compile(r"^3 classes, \d+ training images\.")).wait_for()
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    assert errors.count() == 0, errors.all_inner_texts()
+    advanced = page.locator('[data-testid="stExpander"]').filter(
+        has_text="Advanced: optimizer, data, weights, device")
+    shot(page, "new-run-pickers", "new-run-pickers.png", height=1400, element=advanced)
+
+    # Run again with this config: New run opens filled in with the run's config.
+    run = finished_training_run(store, folder)
+    page.goto(url + f"/runs?run={run.id}")
+    page.get_by_role("button", name="Run again with this config").click()
+    page.get_by_role("heading", name="New run").wait_for()
+    page.get_by_text("Advanced: optimizer, data, weights, device").click()
+    expect(page.get_by_role("textbox", name="Data folder")).to_have_value(run.config.data_path)
+    batch = page.locator(".stSlider").filter(has_text="Batch size")
+    assert slider_value(batch) == str(run.config.batch_size)
+    wait_idle(page)
+    shot(page, "run-again", height=1400)

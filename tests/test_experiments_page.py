@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from core.analysis import experiments as ex
 from core.runs import jobs
 from core.runs.store import RunResults, RunStore
+from core.views.text import md
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = str(ROOT / "app_pages" / "experiments.py")
@@ -357,7 +358,9 @@ def test_an_offline_experiment_is_checked_before_queuing_and_failures_say_why(
     at.run()
     assert not at.exception
     errors = [e.value for e in at.error]
-    assert f"Failed (Two-stage seed 0, Two-stage seed 1, All at once seed 0, All at once seed 1): {reason}" in errors
+    # (names and the reason shown as text: markdown-escaped)
+    where = "Two-stage seed 0, Two-stage seed 1, All at once seed 0, All at once seed 1"
+    assert f"Failed ({md(where)}): {md(reason)}" in errors
     per_seed = list(at.dataframe[0].value["val acc per seed (%)"])
     assert per_seed == ["seed 0 failed, seed 1 failed"] * 2
     assert not at.button(key=f"experiments.rerun.{exp.id}").disabled  # random: no download

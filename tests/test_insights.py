@@ -12,6 +12,9 @@ from core.analysis import insights
 from core.runs.store import Run, RunResults, results_from_json
 from tests.conftest import tiny_config
 
+# Images are shown only from data under the data roots: the tests' data is in temp folders.
+pytestmark = pytest.mark.usefixtures("data_in_temp_roots")
+
 
 def _run_with(store, cfg, results=None) -> Run:
     """A run whose stored results are `results` as JSON (read back by the store's parser)."""

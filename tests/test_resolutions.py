@@ -17,7 +17,8 @@ from core.runs.store import RunStore
 from core.runs.worker import execute_run
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.slow
+# (images are shown only from data under the data roots: the tests' data is in temp folders)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_in_temp_roots")]
 
 
 @pytest.fixture(scope="module", params=[(64, False), (64, True)],

@@ -61,6 +61,8 @@ def test_a_bad_space_or_an_unknown_search_is_a_clear_error(tmp_path, tiny_folder
     space.write_text(json.dumps({"stages": [1, 9]}))
     assert cli.main([*_data_args(tmp_path, tiny_folder), "--space", str(space)]) == 2
     assert "Stages: the range must lie within 1..3" in capsys.readouterr().err
+    assert cli.main([*_data_args(tmp_path, tiny_folder), "--tag", "x"]) == 2
+    assert "--note/--tag: label runs, not searches" in capsys.readouterr().err
     assert cli.main(["--data-dir", str(tmp_path / "runs"), "search", "--status",
                      "search-missing"]) == 2
     assert "no search 'search-missing'" in capsys.readouterr().err

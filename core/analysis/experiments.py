@@ -24,11 +24,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import config as cfgmod
 from core.atomic import atomic_write_json
 from core.runs.store import Run, RunStore, normalize_tags
+
+if TYPE_CHECKING:
+    from core.runs.jobs import RunResources
 
 CONFIDENCE = 0.95
 MAX_SEEDS = 20  # one experiment queues recipes x seeds runs; more is almost surely a typo
@@ -294,12 +297,17 @@ def validate_experiment(recipes: Sequence[tuple[str, cfgmod.RunConfig]], seeds: 
 
 
 def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunConfig]],
-                      seeds: Sequence[int], name: str = "") -> Experiment:
+                      seeds: Sequence[int], name: str = "",
+                      resources: RunResources | None = None) -> Experiment:
     """Queue every (recipe, seed) run, grouped per recipe, and record the experiment.
+    `resources` (CPU threads and device per run, core.runs.jobs.RunResources) replace the
+    recipes' own when given: on Ray, what each run reserves.
     The record is written before any run is queued, so a crash part-way leaves a record
     whose missing runs show as missing rather than runs that belong to nothing."""
     from core.runs import jobs  # spawns processes; imported here so reading results stays light
 
+    if resources is not None:
+        recipes = [(n, resources.apply(c)) for n, c in recipes]
     errors = validate_experiment(recipes, seeds) + cfgmod.text_limit_errors(name=name)
     if not errors:
         # Data and weights too, for every recipe, before anything is queued: a bad

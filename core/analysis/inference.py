@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from core.engine.image_types import IMAGE_EXTENSIONS, list_image_files, train_test_folders
-from core.engine.paths import cifar10_dir, link_allowed
+from core.engine.paths import cifar10_dir, link_allowed, shown_outside_roots
 from core.runs.entities import TRAINING_KINDS
 from core.settings import RunFiles
 
@@ -382,6 +382,8 @@ def gallery(source: str, path: str, classes: Sequence[str], per_class: int = 2,
     with a fixed seed so the gallery is stable across reruns. Returns (items, a plain note
     when there are none or they may include training images)."""
     rng = random.Random(seed)
+    if outside := shown_outside_roots(source, path):
+        return [], outside
     try:
         if source == "folder":
             root = Path(path).expanduser()

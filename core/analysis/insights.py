@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import LAYER_GROUPS
+from core.engine.paths import shown_outside_roots
 from core.runs.store import Run, RunResults, RunStore
 
 
@@ -176,6 +177,8 @@ def top_losses(store: RunStore, run: Run, k: int = 12, checkpoint: str | Path | 
         raise InsightError("this run has no best checkpoint (it has not finished an epoch)")
     ckpt = read_checkpoint(path)
     cfg = run.config
+    if outside := shown_outside_roots(cfg.data_source, cfg.data_path):
+        raise InsightError(outside)
     pre = Preprocess.from_dict(ckpt.preprocess)
     try:
         splits = load_splits(cfg.data_source, cfg.data_path, pre, cfg.classes,

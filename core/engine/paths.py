@@ -79,6 +79,21 @@ def within_roots(path: Path, roots: Sequence[Path] | None = None) -> bool:
                for root in (data_roots() if roots is None else roots))
 
 
+def shown_outside_roots(source: str, data_path: str) -> str | None:
+    """Why the pages may not show a run's images, or None when they may. The one rule for
+    data that reaches a page: the command line may train on any folder its user can read,
+    but the pages (Classify's examples, Run insights' images) show only files under the data
+    roots, so a run started from the command line never puts other files in a browser.
+    CIFAR-10 in its default place (no data_path) is the app's own download."""
+    if source == "cifar10" and not data_path:
+        return None
+    root = Path(data_path).expanduser() if source == "folder" else cifar10_dir(data_path)
+    if within_roots(root):
+        return None
+    return (f"The run's images ({root}) are outside the app's data folders, so they are not "
+            f"shown here; add that folder to {DATA_ROOTS_ENV} to see them.")
+
+
 def link_allowed(path: Path, roots: Sequence[Path] | None = None) -> bool:
     """Whether a path met while listing a data folder may be followed: it is no symbolic
     link, or the link leads (through every further link) to somewhere under a data root.

@@ -8,6 +8,7 @@ dashboard runs go through exactly the same code and land in the same store.
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import logging
 import os
@@ -138,13 +139,15 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
 
     # The worker keeps its launcher's CPU priority. At nice 10 (tried for the white page of
     # issue 12.7, whose cause was a browser race, not CPU), one ordinary process keeping a
-    # core busy made its other thread wait at every parallel region: all layers 25 img/s
-    # against 424 at nice 0, 2 threads, Zen 5 (benchmarks/README.md, "Beside other work").
+    # core busy made its other thread wait at every parallel region, many times slower.
     torch.set_num_threads(cfg.threads or physical_cores())
     torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
     device = resolve_device(cfg.device)
-    log.info("%s on %s", " -> ".join(s.trains for s in cfg.stages), device)
-    return default_runtime(device)
+    log.info("%s on %s, %d threads while loading (each CPU stage chooses its own)",
+             " -> ".join(s.trains for s in cfg.stages), device, torch.get_num_threads())
+    # This process is the run's alone: each CPU stage sets its threads (0 = from the cores
+    # other work leaves free when it starts; core.engine.train.stage_threads).
+    return dataclasses.replace(default_runtime(device), cpu_threads=cfg.threads)
 
 
 
@@ -366,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         store.set_pid(args.run_id, os.getpid())
     log.info("worker pid %d on %s (executor %s, job %s)", os.getpid(), socket.gethostname(),
              run.executor or "local", run.job_id or "-")
+    if run.executor == "ray":  # a head lost mid-run: record why and stop (executors.ray)
+        from core.runs.executors.ray import watch_cluster
+
+        watch_cluster(store, args.run_id)
     # SIGTERM stops the run between batches. Unless the lab asked for it (a cancel request,
     # then a cluster stop after the grace period), it is a fault: a job stopped behind our
     # back, a node shutting down. A signal handler must not touch the store (the main thread
