@@ -49,7 +49,7 @@ from core.atomic import atomic_write_json
 from core.config import RunConfig, StageConfig
 from core.runs import jobs
 from core.runs.entities import RunProgress
-from core.runs.preflight import donor_checkpoint
+from core.runs.preflight import donor_checkpoint, preflight
 
 if TYPE_CHECKING:
     import torch
@@ -323,7 +323,9 @@ def submit(store: RunStore, cfg: RunConfig, request: LrFinderRequest) -> Run:
     executor cannot take it."""
     if errors := check_request(cfg, request):
         raise cfgmod.ConfigError(errors)
-    jobs.check_executor()
+    # The test decodes the run's data and starts from its weights: the run's checks apply.
+    report = preflight(cfg, store)
+    jobs.check_executor(store, cfg, report.memory_bytes)
     trains = cfg.stages[request.stage - 1].trains
     run = store.create_run(cfg, name=run_name(request.stage, trains), kind="lr_finder")
     atomic_write_json(store.files(run.id).job_request, asdict(request))
