@@ -364,9 +364,12 @@ def run_record(r: Run) -> dict[str, Any]:
 
 
 def cmd_runs(store: RunStore, as_json: bool) -> int:
-    from core.runs.jobs import cluster_notice, reconcile
+    from core.runs.jobs import cluster_notice, dispatch, reconcile
 
-    reconcile(store)
+    # Settling a dead run frees its slot: then the next queued run starts and a supervisor
+    # watches (issue 22.2), so the listing never leaves the queue stalled behind it.
+    if reconcile(store):
+        dispatch(store)
     if notice := cluster_notice(store):
         print(visible(notice), file=sys.stderr)
     runs = store.list_runs()
