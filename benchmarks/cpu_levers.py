@@ -467,7 +467,7 @@ def main(argv=None) -> int:
             f"feature relative error {r['feature_rel_error']:.3f}; quantizing took {r['quantize_s']:.1f} s")
         out["int8_accuracy"] = {k: round(v, 4) for k, v in r.items()}
 
-    emit_summary(out)
+    emit_summary(out, bench="cpu_levers")
     return 0
 
 

@@ -267,7 +267,7 @@ def main(argv=None) -> int:
             log(f"    fastai/ours: {verdict[precision]}")
     summary["fastai_over_ours"] = verdict
     log("")
-    emit_summary(summary, args.json_out)
+    emit_summary(summary, args.json_out, bench="gpu_224")
     return 0
 
 

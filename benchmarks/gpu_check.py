@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             out[f"run_cache_{cache}"] = res
             ok = ok and status == "finished" and str(res["device"]).startswith(args.device)
     out["ok"] = ok
-    emit_summary(out, args.json_out)
+    emit_summary(out, args.json_out, bench="gpu_check")
     return 0 if ok else 1
 
 

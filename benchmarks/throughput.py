@@ -7,8 +7,15 @@ every variant alike), training images per second at 32x32, batch 128, random wei
 stage 1 (layer4+fc), stage 2 (layer3+layer4+fc) and all layers:
 
   (a) plain: torchvision ImageFolder + RandomCrop(32, padding=4) + RandomHorizontalFlip +
-      ToTensor + Normalize through a DataLoader with 2 workers; freezing by requires_grad
-      only; the model in train() mode; SGD-momentum.
+      ToTensor + Normalize through a DataLoader with one worker per logical CPU; freezing by
+      requires_grad only; the model in train() mode; SGD-momentum. The tutorial end to end,
+      JPEG decoding included: `speedup` (b/a).
+  (d) plain on tensors: the same loop on the same in-memory uint8 tensors ours trains on
+      (decoded once), augmented the ordinary torchvision way per image on tensors
+      (transforms.v2 RandomCrop + RandomHorizontalFlip + ToDtype + Normalize) in a DataLoader
+      with one worker per logical CPU: what ours' training arithmetic gains, without the
+      JPEG decoder in the comparison: `compute_speedup` (b/d). On CUDA also (d16): the same
+      under torch.autocast(bfloat16), what a user would try first.
   (b) ours:  core.engine.train.train_one_epoch with core.engine.train.default_runtime (decoded uint8
       tensors in memory, batched augmentation, no DataLoader workers, frozen prefix without
       autograd and BN-folded, single-pixel layer4 as matrix products, ...).
@@ -158,14 +165,48 @@ def plain_transforms(train: bool):
     return T.Compose([T.ToTensor(), norm])
 
 
-class Plain:
-    """The recipe as usually written: requires_grad freezing, model.train(), DataLoader."""
+def plain_tensor_transforms(train: bool):
+    """The ordinary torchvision augmentation on a uint8 image tensor (transforms.v2)."""
+    from torchvision.transforms import v2 as T
 
-    def __init__(self, folder, indices, groups, device, workers=2):
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+    return T.Compose([*steps, T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(list(Preprocess().mean), list(Preprocess().std))])
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """In-memory uint8 images (N x 3 x H x W) and labels, a torchvision transform per image."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def plain_workers() -> int:
+    """The plain way's DataLoader workers: one per logical CPU of the machine."""
+    return os.cpu_count() or 1
+
+
+class Plain:
+    """The recipe as usually written: requires_grad freezing, model.train(), DataLoader.
+    `source`: a JPEG folder (ImageFolder, decoded in the workers every epoch) or an
+    ImageSet (the uint8 tensors in memory, augmented per image on tensors); `amp`: the
+    forward under torch.autocast(bfloat16) (CUDA)."""
+
+    def __init__(self, source, indices, groups, device, workers=0, amp=False):
         import torchvision
 
-        self.ds = torchvision.datasets.ImageFolder(str(folder), transform=plain_transforms(True))
-        self.indices, self.device, self.workers = list(indices), device, workers
+        if isinstance(source, ImageSet):
+            self.ds = TensorImages(source.images.cpu(), source.labels.cpu(), plain_tensor_transforms(True))
+        else:
+            self.ds = torchvision.datasets.ImageFolder(str(source), transform=plain_transforms(True))
+        self.indices, self.device, self.workers = list(indices), device, workers or plain_workers()
+        self.amp = amp
         torch.manual_seed(0)
         self.model = build_resnet18(10).to(device)
         for name, p in self.model.named_parameters():
@@ -190,7 +231,8 @@ class Plain:
         images = 0
         for x, y in _chain(first, it):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss = F.cross_entropy(self.model(x), y)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = F.cross_entropy(self.model(x), y)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
@@ -221,7 +263,7 @@ def plain_eval_ips(folder, indices, device, model) -> float:
     from torch.utils.data import DataLoader, Subset
 
     ds = torchvision.datasets.ImageFolder(str(folder), transform=plain_transforms(False))
-    loader = DataLoader(Subset(ds, list(indices)), batch_size=512, num_workers=2,
+    loader = DataLoader(Subset(ds, list(indices)), batch_size=512, num_workers=plain_workers(),
                         pin_memory=device.type == "cuda")
     model.eval()
     it = iter(loader)
@@ -363,6 +405,8 @@ def accuracy_check(data: ImageSet, classes, device, epochs: int, groups=("layer4
         variants.append(("default, no CUDA graphs", replace(default_runtime(device), cuda_graphs=False), False))
     if with_cache and frozen_prefix(groups):
         variants.append(("default + feature cache", default_runtime(device), True))
+    plain_best, plain_s = plain_fit(splits, stage, device)
+    out["plain loop (tensors)"] = (plain_best, plain_s)
     for name, rt, cache in variants:
         cfg = cfgmod.RunConfig(stages=(replace(stage, feature_cache=cache),), weights="random",
                                batch_size=BATCH, seed=0, augment=True)
@@ -372,6 +416,46 @@ def accuracy_check(data: ImageSet, classes, device, epochs: int, groups=("layer4
         res = run_stages(model, cfg, splits, pre, rt, TrainHooks())
         out[name] = (res.best_val_acc, time.perf_counter() - t0)
     return out, len(splits.train), len(splits.val)
+
+
+def plain_fit(splits: DataSplits, stage: cfgmod.StageConfig, device) -> tuple[float, float]:
+    """The plain loop (d) trained like `stage` (same groups, epochs, lr, schedule per step,
+    SGD-momentum 0.9, weight decay on weights only, same data, same initial weights),
+    evaluated with model.eval() after each epoch; (best validation accuracy, seconds)."""
+    from torch.utils.data import DataLoader
+
+    from core.engine.train import lr_factor, param_groups
+
+    torch.manual_seed(0)
+    model = build_resnet18(len(splits.classes)).to(device)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(g) for g in _group_prefixes(stage.groups)))
+    opt = torch.optim.SGD(param_groups(model, stage), lr=stage.lr, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(TensorImages(splits.train.images.cpu(), splits.train.labels.cpu(),
+                                    plain_tensor_transforms(True)),
+                       batch_size=BATCH, shuffle=True, num_workers=plain_workers(), generator=g)
+    val = DataLoader(TensorImages(splits.val.images.cpu(), splits.val.labels.cpu(),
+                                  plain_tensor_transforms(False)), batch_size=512)
+    total = stage.epochs * len(train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(stage.schedule, i, total, 0))
+    t0, best = time.perf_counter(), 0.0
+    for _ in range(stage.epochs):
+        model.train()
+        for x, y in train:
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        correct = n = 0
+        with torch.no_grad():
+            for x, y in val:
+                correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+                n += len(y)
+        best = max(best, correct / max(1, n))
+    return best, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- main
@@ -391,6 +475,7 @@ def main(argv=None) -> int:
     ap.add_argument("--acc-epochs", type=int, default=0, help="epochs of the accuracy check (0 = default, -1 = skip)")
     ap.add_argument("--json-out", default="", help="also write the JSON summary here")
     args = ap.parse_args(argv)
+    started_load = os.getloadavg()
 
     device = torch.device(args.device)
     threads = args.threads or physical_cores()
@@ -425,6 +510,9 @@ def main(argv=None) -> int:
         data = ImageSet(data.images.to(device), data.labels.to(device), names)
 
     plain = {s: Plain(train_dir, imf_idx, g, device) for s, g in STAGES.items()}
+    plain_t = {s: Plain(data, range(len(data)), g, device) for s, g in STAGES.items()}
+    plain_amp = ({s: Plain(data, range(len(data)), g, device, amp=True) for s, g in STAGES.items()}
+                 if device.type == "cuda" else {})
     ours = {s: Ours(data, g, runtime, pre) for s, g in STAGES.items()}
     # On CUDA also ours with every step eager: what the CUDA graphs bring.
     eager = ({s: Ours(data, g, replace(runtime, cuda_graphs=False), pre) for s, g in STAGES.items()}
@@ -443,6 +531,9 @@ def main(argv=None) -> int:
     warm_batches = GRAPH_WARMUP_STEPS + 2 if runtime.cuda_graphs else 2
     for s in STAGES:
         plain[s].window(2, seed=999)
+        plain_t[s].window(2, seed=999)
+        if s in plain_amp:
+            plain_amp[s].window(2, seed=999)
         ours[s].window(warm_batches, seed=999)
         if s in eager:
             eager[s].window(warm_batches, seed=999)
@@ -454,6 +545,9 @@ def main(argv=None) -> int:
     for r in range(rounds):
         for s in STAGES:
             ips.setdefault(("a", s), []).append(plain[s].window(n_batches, seed=r))
+            ips.setdefault(("d", s), []).append(plain_t[s].window(n_batches, seed=r))
+            if s in plain_amp:
+                ips.setdefault(("d16", s), []).append(plain_amp[s].window(n_batches, seed=r))
             ips.setdefault(("b", s), []).append(ours[s].window(n_batches, seed=r))
             if s in eager:
                 ips.setdefault(("e", s), []).append(eager[s].window(n_batches, seed=r))
@@ -479,6 +573,16 @@ def main(argv=None) -> int:
             return f"{med[(k, s)]:7.0f} [{min(v):5.0f}..{max(v):5.0f}]"
         ca = f"{med[('c', s)] / med[('a', s)]:6.2f}" if ("c", s) in med else f"{'':6s}"
         log(f"{s:8s} {cell('a')} {cell('b')} {med[('b', s)] / med[('a', s)]:6.2f} {cell('c')} {ca}")
+    log(f"(d) plain loop on the same in-memory uint8 tensors (torchvision transforms on tensors, "
+        f"{plain_workers()} DataLoader workers), and ours against it (b/d = compute_speedup):")
+    for s in STAGES:
+        v = ips[("d", s)]
+        line = (f"{s:8s} {med[('d', s)]:7.0f} [{min(v):5.0f}..{max(v):5.0f}]"
+                f"   b/d {med[('b', s)] / med[('d', s)]:5.2f}x")
+        if ("d16", s) in med:
+            line += (f"   with autocast bf16 (d16) {med[('d16', s)]:7.0f}, "
+                     f"b/d16 {med[('b', s)] / med[('d16', s)]:5.2f}x")
+        log(line)
     if eager:
         log("(e) ours with every step eager (no CUDA graphs), and what the graphs bring (b/e):")
         for s in STAGES:
@@ -566,6 +670,21 @@ def main(argv=None) -> int:
         "all_speedup": round(med[("b", "all")] / med[("a", "all")], 3),
         "cache_speedup": round(med[("c", "stage1")] / med[("a", "stage1")], 3),
         "cache_speedup_stage2": round(med[("c", "stage2")] / med[("a", "stage2")], 3),
+        # Against the tutorial end to end (JPEG decoding in its workers) and against the
+        # plain loop on the same in-memory tensors (the training arithmetic alone).
+        "speedup": {s: round(med[("b", s)] / med[("a", s)], 3) for s in STAGES},
+        "compute_speedup": {s: round(med[("b", s)] / med[("d", s)], 3) for s in STAGES},
+        "compute_speedup_vs_autocast": ({s: round(med[("b", s)] / med[("d16", s)], 3) for s in STAGES}
+                                        if plain_amp else None),
+        "cache_speedup_vs_tensors": {s: round(med[("c", s)] / med[("d", s)], 3) for s in cacheable},
+        "cache_build_s": {s: round(c, 2) for s, c in cache_cost.items()},
+        # One epoch with the cache, its one-off build counted (what a one-epoch stage pays),
+        # against one plain epoch (b/a's terms).
+        "cache_speedup_with_build": {
+            s: round((len(data) / med[("a", s)]) / (len(data) / med[("c", s)] + cache_cost[s]), 3)
+            for s in cacheable},
+        "plain_workers": plain_workers(),
+        "bf16": cpu_has_native_bf16(),
         "cuda_graphs": runtime.cuda_graphs,
         "graph_speedup": ({s: round(med[("b", s)] / med[("e", s)], 3) for s in STAGES}
                           if eager else None),
@@ -586,7 +705,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)
     log("")
-    emit_summary(summary, args.json_out)
+    emit_summary(summary, args.json_out, bench="throughput", started_load=started_load)
     return 0
 
 

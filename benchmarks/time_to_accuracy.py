@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -51,7 +51,22 @@ from core.engine.train import CPU_BF16_ENV, cpu_has_native_bf16
 PRETRAIN_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 FINETUNE_CLASSES = ("dog", "frog", "horse", "ship", "truck")
 BENCH_CACHE = Path.home() / ".cache" / "finetune-lab-bench"
-SEED = 0
+SEED = 0  # the backbone's seed, and the fine-tune's unless --seed says otherwise
+
+
+@dataclass(frozen=True)
+class Task:
+    """Which classes the backbone learns and which it is fine-tuned on; `seed` drives the
+    fine-tune's split, initialisation of the new head and data order (the backbone's stays
+    SEED). `mirrored()` swaps the two class sets: the out-of-sample task for the presets,
+    which were chosen on the original one."""
+
+    pretrain: tuple[str, ...] = PRETRAIN_CLASSES
+    finetune: tuple[str, ...] = FINETUNE_CLASSES
+    seed: int = SEED
+
+    def mirrored(self) -> Task:
+        return Task(self.finetune, self.pretrain, self.seed)
 VAL_FRACTION = 0.1
 
 L4, L34, L234 = ("layer4", "fc"), ("layer3", "layer4", "fc"), ("layer2", "layer3", "layer4", "fc")
@@ -132,9 +147,11 @@ def cpu_seconds() -> float:
 # ---------------------------------------------------------------- the backbone
 
 
-def pretrained_backbone(data_root: Path, images: int, epochs: int) -> Path:
-    """A ResNet-18 trained from random weights on PRETRAIN_CLASSES with our trainer, cached."""
-    path = BENCH_CACHE / f"resnet18-cifar5-{images}img-{epochs}ep-seed{SEED}.pth"
+def pretrained_backbone(data_root: Path, images: int, epochs: int,
+                        classes: tuple[str, ...] = PRETRAIN_CLASSES) -> Path:
+    """A ResNet-18 trained from random weights on `classes` with our trainer, cached."""
+    tag = "" if classes == PRETRAIN_CLASSES else "-" + "-".join(c[:3] for c in classes)
+    path = BENCH_CACHE / f"resnet18-cifar5{tag}-{images}img-{epochs}ep-seed{SEED}.pth"
     if path.exists():
         return path
     from core.engine.checkpoints import atomic_torch_save
@@ -144,16 +161,18 @@ def pretrained_backbone(data_root: Path, images: int, epochs: int) -> Path:
 
     torch.set_num_threads(physical_cores())
     pre = Preprocess(32)
-    splits = load_splits("folder", str(data_root), pre, PRETRAIN_CLASSES, VAL_FRACTION,
+    splits = load_splits("folder", str(data_root), pre, classes, VAL_FRACTION,
                          max_train_images=images, seed=SEED, cache_dir=BENCH_CACHE / "decoded")
     cfg = cfgmod.RunConfig(stages=(cfgmod.StageConfig(groups=cfgmod.LAYER_GROUPS, epochs=epochs,
                                                       lr=0.05, schedule="onecycle"),),
                            weights="random", seed=SEED)
     torch.manual_seed(SEED)
-    model = build_resnet18(len(PRETRAIN_CLASSES))
+    model = build_resnet18(len(classes))
     t0 = time.perf_counter()
-    res = run_stages(model, cfg, splits, pre, default_runtime(torch.device("cpu")), TrainHooks())
-    log(f"pretrained the backbone on {len(splits.train):,} images of {', '.join(PRETRAIN_CLASSES)}: "
+    # Threads as a worker chooses them (from the CPU free at the start: a shared machine).
+    runtime = replace(default_runtime(torch.device("cpu")), cpu_threads=0)
+    res = run_stages(model, cfg, splits, pre, runtime, TrainHooks())
+    log(f"pretrained the backbone on {len(splits.train):,} images of {', '.join(classes)}: "
         f"{epochs} epochs, {time.perf_counter() - t0:.0f} s, final val acc {res.best_val_acc:.1%}")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(model.state_dict(), path)
@@ -163,15 +182,17 @@ def pretrained_backbone(data_root: Path, images: int, epochs: int) -> Path:
 # ---------------------------------------------------------------- the app's split, as files
 
 
-def app_split_files(train_dir: Path, max_train: int) -> tuple[list[Path], list[int], list[Path], list[int]]:
+def app_split_files(train_dir: Path, max_train: int, task: Task = Task(),
+                    ) -> tuple[list[Path], list[int], list[Path], list[int]]:
     """(train paths, labels, val paths, labels) exactly as core.engine.data.load_splits
-    splits FINETUNE_CLASSES of `train_dir`: the same functions on the file indices."""
-    names, per_class, _ = scan_folder(train_dir, FINETUNE_CLASSES)
+    splits the task's fine-tuning classes of `train_dir`: the same functions on the file
+    indices."""
+    names, per_class, _ = scan_folder(train_dir, task.finetune)
     paths = [p for files in per_class for p in files]
     labels = torch.tensor([i for i, files in enumerate(per_class) for _ in files])
     index = ImageSet(torch.arange(len(paths)), labels, names)  # "images" = file indices
-    capped = cap_stratified(index, max_train, SEED)
-    rest, held = stratified_split(capped.labels, VAL_FRACTION, SEED)
+    capped = cap_stratified(index, max_train, task.seed)
+    rest, held = stratified_split(capped.labels, VAL_FRACTION, task.seed)
     train, val = capped.subset(rest), capped.subset(held)
     return ([paths[i] for i in train.images.tolist()], train.labels.tolist(),
             [paths[i] for i in val.images.tolist()], val.labels.tolist())
@@ -218,7 +239,7 @@ class _Files(torch.utils.data.Dataset):
         return self.transform(self.loader(str(self.paths[i]))), self.labels[i]
 
 
-def plain_run(split, backbone: Path, epochs: int, test_dir: Path) -> Curve:
+def plain_run(split, backbone: Path, epochs: int, test_dir: Path, task: Task = Task()) -> Curve:
     from torch.utils.data import DataLoader
 
     from core.engine.model import build_model, physical_cores
@@ -227,10 +248,10 @@ def plain_run(split, backbone: Path, epochs: int, test_dir: Path) -> Curve:
     torch.set_num_threads(physical_cores())
     curve = Curve("plain")
     t0, c0 = time.perf_counter(), cpu_seconds()
-    torch.manual_seed(SEED)
-    model = build_model(len(FINETUNE_CLASSES), "file", str(backbone)).model
+    torch.manual_seed(task.seed)
+    model = build_model(len(task.finetune), "file", str(backbone)).model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(SEED)
+    g = torch.Generator().manual_seed(task.seed)
     train = DataLoader(_Files(tr_paths, tr_labels, plain_transforms(True)), batch_size=128,
                        shuffle=True, num_workers=2, generator=g, persistent_workers=True)
     val = DataLoader(_Files(va_paths, va_labels, plain_transforms(False)), batch_size=512,
@@ -254,7 +275,7 @@ def plain_run(split, backbone: Path, epochs: int, test_dir: Path) -> Curve:
         log(f"  plain epoch {len(curve.points)}: val acc {acc:.2%} at {now - t0:.1f} s "
             f"(training {e1 - e0:.1f} s, validation {now - e1:.1f} s)")
     del train, val
-    names, per_class, _ = scan_folder(test_dir, FINETUNE_CLASSES)
+    names, per_class, _ = scan_folder(test_dir, task.finetune)
     test = DataLoader(_Files([p for f in per_class for p in f],
                              [i for i, f in enumerate(per_class) for _ in f], plain_transforms(False)),
                       batch_size=512, num_workers=2)
@@ -276,14 +297,14 @@ def _loader_accuracy(model, loader) -> float:
 
 
 def ours_run(name: str, stages, batch: int, data_root: Path, backbone: Path, max_train: int,
-             store_root: Path) -> Curve:
+             store_root: Path, task: Task = Task()) -> Curve:
     from core.runs.store import RunStore
     from core.runs.worker import execute_run
 
     store = RunStore(store_root)
     cfg = cfgmod.RunConfig(stages=stages, data_source="folder", data_path=str(data_root),
-                           classes=FINETUNE_CLASSES, val_fraction=VAL_FRACTION,
-                           max_train_images=max_train, batch_size=batch, seed=SEED,
+                           classes=task.finetune, val_fraction=VAL_FRACTION,
+                           max_train_images=max_train, batch_size=batch, seed=task.seed,
                            weights="file", weights_path=str(backbone), device="cpu")
     run = store.create_run(cfgmod.check(cfg), name=name)
     assert store.claim_run_now(run.id, os.getpid())
@@ -340,7 +361,7 @@ def ours_run(name: str, stages, batch: int, data_root: Path, backbone: Path, max
     return curve
 
 
-def decode_once(data_root: Path, max_train: int, store_root: Path) -> float:
+def decode_once(data_root: Path, max_train: int, store_root: Path, task: Task = Task()) -> float:
     """Seconds the app's first run on this data set spends decoding it into the store's
     cache (what load_splits does with a cold cache)."""
     from core.engine.data import Preprocess, load_splits
@@ -348,8 +369,8 @@ def decode_once(data_root: Path, max_train: int, store_root: Path) -> float:
 
     store = RunStore(store_root)
     t0 = time.perf_counter()
-    load_splits("folder", str(data_root), Preprocess(32), FINETUNE_CLASSES, VAL_FRACTION,
-                max_train_images=max_train, seed=SEED, cache_dir=store.layout.cache)
+    load_splits("folder", str(data_root), Preprocess(32), task.finetune, VAL_FRACTION,
+                max_train_images=max_train, seed=task.seed, cache_dir=store.layout.cache)
     return time.perf_counter() - t0
 
 
@@ -396,6 +417,14 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=0,
                     help="fine-tuning images before the split (0 = 5,000 with --quick, else all 25,000)")
     ap.add_argument("--backbone", default="", help="a ResNet-18 state_dict to start from instead")
+    ap.add_argument("--backbone-images", type=int, default=-1,
+                    help="images the backbone is pretrained on (-1 = 5,000 with --quick, else all)")
+    ap.add_argument("--backbone-epochs", type=int, default=0, help="0 = 6 (--quick) or 15")
+    ap.add_argument("--mirrored", action="store_true",
+                    help="swap the class sets: pretrain on dog..truck, fine-tune on airplane..deer "
+                         "(a task the presets were not chosen on)")
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help="the fine-tune's seed (split, new head, data order); the backbone's stays 0")
     ap.add_argument("--json-out", default="")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -409,21 +438,26 @@ def main(argv=None) -> int:
     quick = args.quick
     max_train = args.images or (5000 if quick else 0)  # 0 = all 25,000 (22,500 train / 2,500 val)
     plain_epochs = args.plain_epochs or (3 if quick else 4)
-    log(f"== Time to accuracy: fine-tune on {', '.join(FINETUNE_CLASSES)} from a backbone "
-        f"pretrained on {', '.join(PRETRAIN_CLASSES)} ==")
+    started_load = os.getloadavg()
+    task = Task(seed=args.seed)
+    task = task.mirrored() if args.mirrored else task
+    log(f"== Time to accuracy: fine-tune on {', '.join(task.finetune)} from a backbone "
+        f"pretrained on {', '.join(task.pretrain)}, seed {task.seed} ==")
     log(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; "
         f"bf16 used on CPU: {cpu_has_native_bf16()} (${CPU_BF16_ENV}="
         f"{os.environ.get(CPU_BF16_ENV, 'unset')})")
+    bb_images = args.backbone_images if args.backbone_images >= 0 else (5_000 if quick else 0)
+    bb_epochs = args.backbone_epochs or (6 if quick else 15)
     backbone = Path(args.backbone) if args.backbone else pretrained_backbone(
-        data_root / "train", 5_000 if quick else 0, 6 if quick else 15)
+        data_root / "train", bb_images, bb_epochs, task.pretrain)
     log(f"backbone: {backbone}")
 
-    split = app_split_files(data_root / "train", max_train)
+    split = app_split_files(data_root / "train", max_train, task)
     log(f"data: {len(split[0]):,} train / {len(split[2]):,} validation images (the app's split), "
         f"test: all of {data_root / 'test'} for these classes")
 
     log(f"\nplain recipe, all layers, {plain_epochs} epochs:")
-    plain = plain_run(split, backbone, plain_epochs, data_root / "test")
+    plain = plain_run(split, backbone, plain_epochs, data_root / "test", task)
     target = args.target or plain.best
     log(f"target validation accuracy: {target:.2%}" + ("" if args.target else " (the plain recipe's best)"))
 
@@ -431,14 +465,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         store_root = Path(tmp) / "store"
         log_call_s = logging_cost_s(Path(tmp) / "cost")
-        decode_s = decode_once(data_root, max_train, store_root)
+        decode_s = decode_once(data_root, max_train, store_root, task)
         log(f"\nours decodes the JPEGs once per data set into the store's cache: {decode_s:.1f} s "
             f"(counted once below as 'first run'; later runs load the cache)")
         for name in names:
             stages, batch = CONFIGS[name]
             log(f"\nours: {name} ({' -> '.join(f'{s.trains} {s.epochs} ep {s.schedule} lr {s.lr:g}' for s in stages)}):")
             curves.append(ours_run(name, stages, batch, data_root, backbone, max_train,
-                                   store_root))
+                                   store_root, task))
             log(f"  {curves[-1].notes}")
 
     t_plain = plain.time_to(target)
@@ -467,6 +501,9 @@ def main(argv=None) -> int:
     log(f"  {'plain (validation only)':40s} evaluation {plain_eval:.1%}")
     summary = {
         "machine": cpu_model(), "bf16": cpu_has_native_bf16(), "quick": quick,
+        "pretrain_classes": list(task.pretrain), "finetune_classes": list(task.finetune),
+        "seed": task.seed, "mirrored": args.mirrored, "plain_epochs": plain_epochs,
+        "backbone": str(backbone), "backbone_images": bb_images, "backbone_epochs": bb_epochs,
         "train_images": len(split[0]), "val_images": len(split[2]), "target_val_acc": round(target, 4),
         "time_to_target_s": summary_t, "speedup": speedup,
         "cpu_s_to_target": cpu_t, "cpu_speedup": cpu_speedup, "overhead_share": shares,
@@ -479,7 +516,7 @@ def main(argv=None) -> int:
         "total_s": {c.name: round(c.points[-1][0], 1) for c in curves},
         "curves": {c.name: [(round(t, 1), round(a, 4)) for t, a in c.points] for c in curves},
     }
-    emit_summary(summary, args.json_out)
+    emit_summary(summary, args.json_out, bench="time_to_accuracy", started_load=started_load)
     return 0
 
 

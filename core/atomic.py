@@ -18,6 +18,7 @@ from typing import Any
 # An atomic write's temp file is `.<name>.<random>.tmp` beside its target; core.settings
 # derives the pattern that finds the ones a killed worker left behind from these.
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+FILE_MODE = 0o640  # what an atomically written file ends up with: owner writes, group reads
 # Who writes a temp file or folder, in its name: this host (a hash of its name) and process,
 # so a later start tells a killed writer's leftovers from a live writer's work in progress.
 _WRITER_RE = re.compile(r"w([0-9a-f]{8})p(\d+)")
@@ -58,6 +59,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
                                dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file 0600; a dashboard or an export job running as another
+        # user of the group (on a cluster, the shared artifact root) must read checkpoints.
+        os.chmod(tmp, FILE_MODE)
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

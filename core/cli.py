@@ -201,9 +201,11 @@ def cmd_train(store: RunStore, args: argparse.Namespace) -> int:
         print(cfgmod.to_json(cfg))
         return 0
     cfgmod.check_text_limits(name=args.name, note=args.note, tags=args.tags)
-    from core.runs.preflight import preflight
+    from core.runs.preflight import ExecutorUnavailable, device_problem, preflight
 
     report = preflight(cfg, store)  # bad data/weights fail here, before a run exists
+    if problem := device_problem(cfg):  # it runs here, in the foreground
+        raise ExecutorUnavailable([problem])
     for note in report.notes:
         print(f"note: {visible(note)}", file=sys.stderr)
     run = store.create_run(cfg, name=args.name)
@@ -278,8 +280,9 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     finding = lr_finder.find_lr(
         store, cfg, args.stage, str(args.start_checkpoint) if args.start_checkpoint else None,
-        steps=args.steps, on_progress=lambda msg, f: print(f"\r{visible(msg)} {100 * f:3.0f} %", end="",
-                                                           file=sys.stderr))
+        steps=args.steps, on_progress=lambda p: print(
+            f"\r{visible(p.message or p.phase)} {100 * (p.data_fraction or p.fraction):3.0f} %",
+            end="", file=sys.stderr))
     print(file=sys.stderr)
     run = lr_finder.record(store, cfg, finding, args.name)
     c = finding.curve
@@ -293,7 +296,7 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
     print(f"{len(c.lrs)} steps, {c.lrs[0]:.1e} .. {c.lrs[-1]:.1e}"
           f"{' (stopped: the loss diverged)' if c.diverged else ''}")
     if c.suggested_lr is None:
-        print("no suggestion: the loss never fell clearly; try more steps or another range")
+        print(visible(c.suggestion.why))
     else:
         print(f"suggested lr {c.suggested_lr:.2g} (steepest descent); the loss minimum's "
               f"LR / 10 is {c.min_loss_lr_over_10:.2g}")
@@ -361,9 +364,14 @@ def run_record(r: Run) -> dict[str, Any]:
 
 
 def cmd_runs(store: RunStore, as_json: bool) -> int:
-    from core.runs.jobs import reconcile
+    from core.runs.jobs import cluster_notice, dispatch, reconcile
 
-    reconcile(store)
+    # Settling a dead run frees its slot: then the next queued run starts and a supervisor
+    # watches (issue 22.2), so the listing never leaves the queue stalled behind it.
+    if reconcile(store):
+        dispatch(store)
+    if notice := cluster_notice(store):
+        print(visible(notice), file=sys.stderr)
     runs = store.list_runs()
     if as_json:
         for r in runs:  # JSON Lines: a script can read one run per line as it comes
@@ -444,7 +452,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_search(store, args)
         return cmd_runs(store, args.json)
     except cfgmod.ConfigError as exc:
-        print("invalid config:\n  " + "\n  ".join(visible(e) for e in exc.errors), file=sys.stderr)
+        from core.runs.preflight import ExecutorUnavailable
+
+        heading = "cannot submit" if isinstance(exc, ExecutorUnavailable) else "invalid config"
+        print(f"{heading}:\n  " + "\n  ".join(visible(e) for e in exc.errors), file=sys.stderr)
         return 2
     except Exception as exc:
         from core.analysis.search import SearchError

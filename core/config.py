@@ -263,7 +263,8 @@ class RunConfig:
         help="Stop the run when validation accuracy has not improved on the run's best for "
              "this many epochs, across stages. 0 = off.")
     threads: int = _spec(0, label="CPU threads", flag=True,
-                         help="torch intra-op threads, 0 = one per physical core")
+                         help="torch intra-op threads, 0 = automatic: at each stage's start, one per "
+                              "physical core that other work leaves free")
 
     @property
     def total_epochs(self) -> int:

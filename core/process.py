@@ -29,12 +29,39 @@ def is_alive(pid: int, identity: str | None = None) -> bool:
         return False
 
 
+# CPUs a cluster scheduler reserved for this process (a Ray job's entrypoint_num_cpus, set
+# in the job's environment by core.runs.executors.ray): its threads stay within them, so
+# jobs packed onto a node by their reservations do not oversubscribe its cores.
+CPU_RESERVATION_ENV = "FINETUNE_LAB_CPUS"
+
+
+def reserved_cpus() -> int | None:
+    """The CPUs reserved for this process ($FINETUNE_LAB_CPUS, whole, at least 1), or None."""
+    try:
+        return max(1, int(float(os.environ[CPU_RESERVATION_ENV])))
+    except (KeyError, ValueError):
+        return None
+
+
+def wait_gone(pid: int, identity: str | None, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` seconds for process `pid` (when still the one with `identity`)
+    to end. Returns whether it has."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while is_alive(pid, identity):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)  # a poll of the process table, not a wait for work
+    return True
+
+
 def physical_cores() -> int:
-    """Physical cores this process may use (not hyper-threads): one torch thread per core is
-    fastest for convolutions."""
+    """Physical cores this process may use (not hyper-threads; within a scheduler's
+    reservation): one torch thread per core is fastest for convolutions."""
     physical = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
     try:
         usable = len(psutil.Process().cpu_affinity() or ())  # Linux and Windows
     except (AttributeError, psutil.Error):
         usable = os.cpu_count() or physical  # macOS: no affinity
-    return max(1, min(physical, usable or physical))
+    return max(1, min(physical, usable or physical, reserved_cpus() or physical))

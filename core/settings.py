@@ -8,10 +8,12 @@ the run store and the pages all ask this module for a path instead of spelling i
   run store when no store URL is set.
 - The artifact root ($FINETUNE_LAB_ARTIFACTS, default the data directory) holds what runs
   write and read as files: one folder per run (checkpoints, log, export), the decoded-data
-  cache, experiment records and uploaded data sets. On a cluster it is a shared path (an NFS
+  cache and uploaded data sets. On a cluster it is a shared path (an NFS
   mount) that every node sees at the same place; the store records paths relative to it.
 - The run store URL ($FINETUNE_LAB_DB, e.g. postgresql://user:pw@host/db) names a shared
   database; unset, the store is SQLite under the data directory.
+- How long a worker rides through a store it cannot write ($FINETUNE_LAB_STORE_RETRY_S,
+  seconds, default 300) before its run fails with the store's name and the cause.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ DATA_DIR_ENV = "FINETUNE_LAB_DATA"
 ARTIFACTS_ENV = "FINETUNE_LAB_ARTIFACTS"
 DB_ENV = "FINETUNE_LAB_DB"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "runs"
+STORE_RETRY_ENV = "FINETUNE_LAB_STORE_RETRY_S"
+# Seconds a worker keeps retrying a store write (a PostgreSQL restart, a failover, a full
+# disk being cleared) before it gives up: long enough for a restart or a failover.
+DEFAULT_STORE_RETRY_S = 300.0
 
 
 def data_dir() -> Path:
@@ -45,6 +51,22 @@ def store_url() -> str | None:
     """The run store's database URL from $FINETUNE_LAB_DB, or None (SQLite under the data
     directory)."""
     return os.environ.get(DB_ENV) or None
+
+
+def store_retry_s() -> float:
+    """How long (seconds) store writes are retried: $FINETUNE_LAB_STORE_RETRY_S, else
+    DEFAULT_STORE_RETRY_S. A value that is not a number >= 0 is refused with its name."""
+    text = os.environ.get(STORE_RETRY_ENV)
+    if not text:
+        return DEFAULT_STORE_RETRY_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise ValueError(f"{STORE_RETRY_ENV}={text!r}: give the seconds to retry a store "
+                         f"write, a number >= 0 (default {DEFAULT_STORE_RETRY_S:.0f})")
+    return value
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,17 @@ class RunFiles:
     def log(self) -> Path:
         """The worker's stdout and stderr."""
         return self.folder / "worker.log"
+
+    @property
+    def job_request(self) -> Path:
+        """What a tool's job (an LR finder's or an export's run) was asked to do, written by
+        its `submit` as the run is created (core.analysis.lr_finder, core.analysis.export)."""
+        return self.folder / "request.json"
+
+    @property
+    def job_result(self) -> Path:
+        """What a tool's job made, beyond its metric rows (an export's files and notes)."""
+        return self.folder / "result.json"
 
     @property
     def export_dir(self) -> Path:
@@ -130,7 +163,8 @@ class StoreLayout:
 
     @property
     def experiments(self) -> Path:
-        """One JSON record per experiment (core.analysis.experiments)."""
+        """Where versions before store migration 10 kept one JSON record per experiment;
+        the store imports them into its `experiments` table on first open."""
         return self.artifacts / "experiments"
 
     @property
@@ -146,6 +180,12 @@ class StoreLayout:
     @property
     def supervisor_log(self) -> Path:
         return self.root / "supervisor.log"
+
+    @property
+    def cluster_health(self) -> Path:
+        """Whether the Ray cluster was reachable at the last look, and since when
+        (core.runs.executors.ray.ClusterHealth), written by whoever looked last."""
+        return self.root / "ray-cluster.json"
 
     @property
     def search_drivers(self) -> Path:

@@ -94,3 +94,52 @@ def test_preflight_refuses_a_run_that_cannot_fit(small_disk, tiny_folder, monkey
     store = RunStore(small_disk / "runs")
     with pytest.raises(PreflightError, match="disk"):
         preflight(tiny_config(tiny_folder), store)
+
+
+def test_a_full_disk_during_a_database_write_says_disk_full_not_out_of_memory(
+        small_disk, tiny_folder, tmp_path):
+    """Issue 22.3: the store's disk fills after a few metric rows (the checkpoints are on
+    another disk, so a database write is what fails). The run reads the same words as a
+    full disk at a checkpoint, once there is room to record them, not "killed, out of
+    memory", and it can be resumed."""
+    import signal
+
+    from core import config as cfgmod
+    from core.runs import supervisor
+    from core.runs.executors.base import worker_command
+    from tests.conftest import wait_for
+
+    store = RunStore(small_disk / "runs", artifacts=tmp_path / "artifacts")
+    cfg = cfgmod.with_stage(tiny_config(tiny_folder, batch_size=4), 0, epochs=200)
+    run = store.create_run(cfg)
+    assert store.claim_run_now(run.id, os.getpid())
+    log_path = store.files(run.id).log
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen(worker_command(run.id, store), stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  cwd=Path(__file__).resolve().parent.parent,
+                                  env={**os.environ, **store.environment()})
+    filler = small_disk / "filler"
+    try:
+        wait_for(lambda: len(store.metrics(run.id)) >= 5, 300, "5 metric rows")
+        with open(filler, "wb") as f:  # take every free byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        wait_for(lambda: "disk full at" in log_path.read_text(errors="replace"), 300,
+                 "the worker to meet the full disk")
+        filler.unlink()  # free space: the outcome can be recorded now
+        assert worker.wait(timeout=300) == 1
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        filler.unlink(missing_ok=True)
+    failed = store.get_run(run.id)
+    assert (failed.status, failed.error) == (
+        "failed", f"disk full at {store.db_path}: free space and resume")
+    assert store.requeue(run.id)
+    # The supervisor the worker kept alive leaves once nothing is active.
+    wait_for(lambda: not supervisor.is_running(store), 300, "the supervisor to exit")

@@ -12,7 +12,7 @@ from scipy import stats
 
 from core import config as cfgmod
 from core.analysis import experiments as ex
-from core.runs.store import RunResults
+from core.runs.store import RunResults, RunStore
 from tests.conftest import tiny_config
 
 # ---------------------------------------------------------------- statistics
@@ -118,11 +118,11 @@ def test_submit_records_groups_and_results_compute_stats(store, tiny_folder, mon
     started = []
     monkeypatch.setattr(jobs, "dispatch", lambda s: started.append(1) or [])  # no processes
     exp = ex.submit_experiment(store, _recipes(tiny_folder), [0, 1, 2], name="claim test")
-    record = json.loads((store.root / "experiments" / f"{exp.id}.json").read_text())
-    assert record["name"] == "claim test" and record["seeds"] == [0, 1, 2]
-    assert [r["name"] for r in record["recipes"]] == ["Two-stage", "All at once"]
-    assert all(r["group"].startswith(exp.id) for r in record["recipes"])
-    assert ex.load_experiment(store, exp.id) == exp
+    record = RunStore(store.root).get_experiment(exp.id)  # a row another process reads
+    assert record.name == "claim test" and record.seeds == (0, 1, 2)
+    assert [r.name for r in record.recipes] == ["Two-stage", "All at once"]
+    assert all(r.group.startswith(exp.id) for r in record.recipes)
+    assert ex.load_experiment(store, exp.id) == exp == record
     assert [e.id for e in ex.list_experiments(store)] == [exp.id]
 
     runs = {r.recipe.name: r for r in ex.experiment_results(store, exp).recipes}
@@ -157,7 +157,8 @@ def test_load_experiment_rejects_bad_ids_and_records(store):
         ex.load_experiment(store, "exp-missing")
     (store.root / "experiments").mkdir()
     (store.root / "experiments" / "exp-bad.json").write_text("{not json")
-    assert ex.list_experiments(store) == []
+    assert ex.list_experiments(RunStore(store.root)) == []  # the file is not a record
+    assert (store.root / "experiments" / "exp-bad.json").exists()  # and is left alone
 
 
 def test_saved_run_recipes_name_each_run_once_and_report_unusable_configs(store, tmp_path):
@@ -202,3 +203,50 @@ def test_an_experiment_record_hands_out_typed_recipe_configs(store, tiny_folder,
     loaded = ex.load_experiment(store, exp.id)
     assert [r.config for r in loaded.recipes] == [c for _, c in recipes]
     assert all(isinstance(r.config, cfgmod.RunConfig) for r in loaded.recipes)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_experiment_files_become_rows_on_first_open_and_nothing_is_lost(
+        backend, tmp_path, tiny_folder, request):
+    """Issue 17.8: experiments kept as JSON files (before store migration 10) become rows
+    when the store first opens; each file is kept as <id>.json.migrated; a file that does
+    not parse stays where it was; opening again imports nothing twice."""
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    folder = tmp_path / "runs" / "experiments"
+    folder.mkdir(parents=True)
+    recipes = _recipes(tiny_folder)
+    exp = ex.Experiment(id="exp-20240101-000000-abcd", name="old", created_at=1.0e9,
+                        seeds=(0, 1), note="kept", tags=("a", "b"),
+                        recipes=tuple(ex.Recipe(n, f"exp-20240101-000000-abcd-{i}", c)
+                                      for i, (n, c) in enumerate(recipes)))
+    record = {"id": exp.id, "name": exp.name, "created_at": exp.created_at, "seeds": [0, 1],
+              "recipes": [{"name": r.name, "group": r.group, "config": cfgmod.to_dict(r.config)}
+                          for r in exp.recipes], "note": "kept", "tags": ["b", "a"]}
+    (folder / f"{exp.id}.json").write_text(json.dumps(record))
+    older = {k: v for k, v in record.items() if k not in ("note", "tags")}  # before notes
+    older.update(id="exp-20230101-000000-0000", created_at=9.0e8)
+    (folder / f"{older['id']}.json").write_text(json.dumps(older))
+    (folder / "exp-broken.json").write_text("{not json")
+
+    store = RunStore(tmp_path / "runs", url=url)
+    if url:
+        from tests.conftest import empty_store_tables
+
+        empty_store_tables(store)  # a module-wide database: start from no rows
+        for path in folder.glob("*.migrated"):
+            path.rename(path.with_suffix(""))
+        store = RunStore(tmp_path / "runs", url=url)
+    assert ex.list_experiments(store) == [
+        exp, replace(exp, id=older["id"], created_at=9.0e8, note="", tags=())]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "exp-20230101-000000-0000.json.migrated", "exp-20240101-000000-abcd.json.migrated",
+        "exp-broken.json"]
+    assert [r.config for r in store.get_experiment(exp.id).recipes] == [c for _, c in recipes]
+    # A second open (another process, a restart) adds nothing; the API edits the row.
+    again = RunStore(tmp_path / "runs", url=url)
+    assert len(again.list_experiments()) == 2
+    edited = again.update_experiment(exp.id, note="edited", tags=[" z ", "z", ""])
+    assert edited.note == "edited" and edited.tags == ("z",)
+    assert store.get_experiment(exp.id) == edited
+    again.delete_experiment(exp.id)
+    assert [e.id for e in store.list_experiments()] == [older["id"]]

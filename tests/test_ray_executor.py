@@ -15,8 +15,10 @@ import pytest
 
 from core import config as cfgmod
 from core.runs import jobs, supervisor
-from core.runs.executors.ray import job_resources
+from core.runs.executors.ray import JobRequest, job_request
+from core.runs.preflight import run_memory_estimate
 from tests.conftest import tiny_config, wait_for
+from tests.ray_support import write_pgpass
 
 RAY_URL = os.environ.get("FINETUNE_LAB_TEST_RAY")
 if not RAY_URL:
@@ -36,12 +38,14 @@ def store(pg_store):
 
 
 @pytest.fixture
-def ray_env(monkeypatch, store):
+def ray_env(monkeypatch, store, tmp_path):
     """The executor switched to the test's Ray head; every job of the test stopped after."""
     from ray.job_submission import JobSubmissionClient
 
     monkeypatch.setenv(jobs.EXECUTOR_ENV, "ray")
     monkeypatch.setenv("RAY_ADDRESS", RAY_URL)
+    # Jobs carry the store URL without its password: nodes read it from a pgpass file.
+    monkeypatch.setenv("PGPASSFILE", str(write_pgpass(store.url, tmp_path)))
     client = JobSubmissionClient(RAY_URL)
     yield client
     for run in store.list_runs(statuses=("running",)):
@@ -73,9 +77,14 @@ def test_a_run_submitted_like_the_new_run_page_finishes_as_a_ray_job(store, tiny
     info = ray_env.get_job_info(run.id)
     assert "core.runs.worker" in info.entrypoint and "--claim" in info.entrypoint
     assert info.runtime_env["env_vars"]["FINETUNE_LAB_DATA"] == str(store.root)
-    assert job_resources(final) == (1.0, 0.0)  # threads=1 on cpu: one CPU, no GPU
-    assert job_resources(replace(final, config=replace(final.config, threads=4,
-                                                       device="cuda"))) == (4.0, 1.0)
+    # threads=1 on cpu: one CPU, no GPU, the preflight's memory estimate
+    assert job_request(final.config, run_memory_estimate(final.config), False) == \
+        JobRequest(1.0, 0.0, run_memory_estimate(final.config))
+    assert "finetune_test@" in info.runtime_env["env_vars"]["FINETUNE_LAB_DB"]
+    assert ":finetune_test@" not in str(info.runtime_env)  # the password stays off Ray
+    assert job_request(replace(final.config, threads=4, device="cuda"), 2**30, False) == \
+        JobRequest(4.0, 0.25, 2**30)  # 32 px: a quarter of a GPU
+    assert job_request(replace(final.config, resolution=224, device="auto"), 1, True).gpus == 1
     # One log for both executors: the worker's own file in the run's folder.
     assert "finished: best val acc" in store.files(run.id).log.read_text()
     assert "finished: best val acc" in jobs.log_tail(store, run.id)

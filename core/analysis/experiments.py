@@ -1,8 +1,9 @@
 """Experiments: run several recipes (presets or saved configs) over several seeds, then
 compare them with honest statistics and a plain-language verdict.
 
-An experiment is a JSON record `<store.root>/experiments/<id>.json` (written atomically)
-listing its recipes, each with the run *group* its seed runs were queued under. The runs
+An experiment is a row of the run store (core.runs.store; before store migration 10 it was a
+JSON file under the artifact root, imported when the store first opens) listing its recipes,
+each with the run *group* its seed runs were queued under. The runs
 themselves live in the ordinary run store; results are computed from them on demand, so a
 record never goes stale while runs finish.
 
@@ -15,7 +16,6 @@ at start-up stay fast). No torch import either.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics
@@ -23,12 +23,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import config as cfgmod
-from core.atomic import atomic_write_json
-from core.runs.store import Run, RunStore, normalize_tags
+from core.runs.entities import Experiment, Recipe
+from core.runs.store import ExperimentNotFound, Run, RunStore
+
+if TYPE_CHECKING:
+    from core.runs.jobs import RunResources
 
 CONFIDENCE = 0.95
 MAX_SEEDS = 20  # one experiment queues recipes x seeds runs; more is almost surely a typo
@@ -223,48 +225,8 @@ def estimated_seconds(recipes: Sequence[tuple[str, cfgmod.RunConfig]], n_seeds: 
 # ---------------------------------------------------------------- records
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str  # shown to the user: a preset name or "config of run X"
-    group: str  # run-store group its seed runs were queued under
-    config: cfgmod.RunConfig  # the recipe's config (seed replaced per run)
-
-
-@dataclass(frozen=True)
-class Experiment:
-    id: str
-    name: str
-    created_at: float
-    seeds: tuple[int, ...]
-    recipes: tuple[Recipe, ...]
-    note: str = ""  # free text, as on runs
-    tags: tuple[str, ...] = ()  # sorted, trimmed (store.normalize_tags), as on runs
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "created_at": self.created_at,
-                "seeds": list(self.seeds),
-                "recipes": [{"name": r.name, "group": r.group, "config": cfgmod.to_dict(r.config)}
-                            for r in self.recipes],
-                "note": self.note, "tags": list(self.tags)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Experiment:
-        # Records written before notes and tags existed have neither: the fields' defaults.
-        annotations = {k: d[k] for k in ("note", "tags") if k in d}
-        try:
-            return cls(id=str(d["id"]), name=str(d["name"]), created_at=float(d["created_at"]),
-                       seeds=tuple(int(s) for s in d["seeds"]),
-                       recipes=tuple(Recipe(str(r["name"]), str(r["group"]),
-                                            cfgmod.from_dict(r["config"], validate_values=False))
-                                     for r in d["recipes"]),
-                       **{k: str(v) if k == "note" else normalize_tags([str(t) for t in v])
-                          for k, v in annotations.items()})
-        except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
-            raise ExperimentError(f"experiment record is malformed ({exc})") from None
-
-
-def experiments_dir(store: RunStore) -> Path:
-    return store.layout.experiments
+# Experiments are rows of the run store (RunStore.create_experiment, get_, list_, update_,
+# delete_experiment); Experiment and Recipe are its entities (core.runs.entities).
 
 
 def _slug(text: str) -> str:
@@ -294,12 +256,17 @@ def validate_experiment(recipes: Sequence[tuple[str, cfgmod.RunConfig]], seeds: 
 
 
 def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunConfig]],
-                      seeds: Sequence[int], name: str = "") -> Experiment:
+                      seeds: Sequence[int], name: str = "",
+                      resources: RunResources | None = None) -> Experiment:
     """Queue every (recipe, seed) run, grouped per recipe, and record the experiment.
+    `resources` (CPU threads and device per run, core.runs.jobs.RunResources) replace the
+    recipes' own when given: on Ray, what each run reserves.
     The record is written before any run is queued, so a crash part-way leaves a record
     whose missing runs show as missing rather than runs that belong to nothing."""
     from core.runs import jobs  # spawns processes; imported here so reading results stays light
 
+    if resources is not None:
+        recipes = [(n, resources.apply(c)) for n, c in recipes]
     errors = validate_experiment(recipes, seeds) + cfgmod.text_limit_errors(name=name)
     if not errors:
         # Data and weights too, for every recipe, before anything is queued: a bad
@@ -320,7 +287,7 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
         seeds=tuple(seeds),
         recipes=tuple(Recipe(n, f"{exp_id}-{_slug(n)}-{i}", c)
                       for i, (n, c) in enumerate(recipes, 1)))
-    atomic_write_json(experiments_dir(store) / f"{exp_id}.json", exp.to_dict())
+    store.create_experiment(exp)
     for (recipe_name, cfg), recipe in zip(recipes, exp.recipes):
         jobs.submit_seeds(store, cfg, list(seeds), name=f"{exp.name}: {recipe_name}",
                           group=recipe.group)
@@ -328,38 +295,30 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
 
 
 def load_experiment(store: RunStore, exp_id: str) -> Experiment:
+    """The experiment `exp_id`, or ExperimentError saying why not."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", exp_id):
         raise ExperimentError(f"not an experiment id: {exp_id!r}")
-    path = experiments_dir(store) / f"{exp_id}.json"
     try:
-        return Experiment.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
+        return store.get_experiment(exp_id)
+    except ExperimentNotFound:
         raise ExperimentError(f"experiment {exp_id} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
         raise ExperimentError(f"experiment {exp_id} cannot be read ({exc})") from None
 
 
 def list_experiments(store: RunStore) -> list[Experiment]:
     """Experiments, newest first; unreadable records are skipped."""
-    out = []
-    folder = experiments_dir(store)
-    for path in folder.glob("exp-*.json") if folder.is_dir() else ():
-        try:
-            out.append(Experiment.from_dict(json.loads(path.read_text(encoding="utf-8"))))
-        except (OSError, json.JSONDecodeError, ExperimentError):
-            continue
-    return sorted(out, key=lambda e: e.created_at, reverse=True)
+    return store.list_experiments()
 
 
 def annotate_experiment(store: RunStore, exp_id: str, note: str,
                         tags: Sequence[str]) -> Experiment:
-    """Replace the experiment's note and tags (tags trimmed, repeats dropped, as on runs);
-    the record is rewritten atomically. Returns the experiment as stored."""
+    """Replace the experiment's note and tags (tags trimmed, repeats dropped, as on runs).
+    Returns the experiment as stored."""
     if errors := cfgmod.text_limit_errors(note=note, tags=tags):
         raise ExperimentError("; ".join(errors))
-    exp = replace(load_experiment(store, exp_id), note=note, tags=normalize_tags(tags))
-    atomic_write_json(experiments_dir(store) / f"{exp.id}.json", exp.to_dict())
-    return exp
+    load_experiment(store, exp_id)  # a clear error for a bad or unknown id
+    return store.update_experiment(exp_id, note=note, tags=tags)
 
 
 def experiment_tags(experiments: Sequence[Experiment]) -> list[str]:
@@ -369,8 +328,7 @@ def experiment_tags(experiments: Sequence[Experiment]) -> list[str]:
 
 def delete_experiment(store: RunStore, exp_id: str) -> None:
     """Forget the record (runs stay in the store)."""
-    exp = load_experiment(store, exp_id)
-    (experiments_dir(store) / f"{exp.id}.json").unlink(missing_ok=True)
+    store.delete_experiment(load_experiment(store, exp_id).id)
 
 
 # ---------------------------------------------------------------- results

@@ -99,11 +99,14 @@ class TrainingState:
     stage_stale_epochs: int = 0
     run_stale_epochs: int = 0
     stage_end: int = 0  # a core.engine.stage_ends.StageEnd code: this epoch ended its stage
+    # torch threads the current stage trains with (core.engine.train.stage_threads), so a
+    # resume part-way through it uses the same and stays exact; 0: not chosen by the run.
+    threads: int = 0
 
     @classmethod
     def capture(cls, global_epoch: int, step: int, optimizer: torch.optim.Optimizer,
                 scheduler: Any, generator: torch.Generator, best: tuple[float, int, int],
-                plateau: PlateauState) -> TrainingState:
+                plateau: PlateauState, threads: int = 0) -> TrainingState:
         """The state after `global_epoch` completed epochs: the optimizer's, the scheduler's
         and the data order's, the best so far as (val_acc, stage, epoch) and the plateau's."""
         return cls(global_epoch=global_epoch, step=step, optimizer=optimizer.state_dict(),
@@ -111,7 +114,8 @@ class TrainingState:
                    best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],
                    stage_best_val_acc=plateau.stage_best_val_acc,
                    stage_stale_epochs=plateau.stage_stale_epochs,
-                   run_stale_epochs=plateau.run_stale_epochs, stage_end=int(plateau.stage_end))
+                   run_stale_epochs=plateau.run_stale_epochs, stage_end=int(plateau.stage_end),
+                   threads=threads)
 
 
 @dataclass

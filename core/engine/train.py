@@ -45,6 +45,7 @@ from core.engine.model import (
     set_trainable,
 )
 from core.engine.stage_ends import STAGE_END_KEY, StageEnd
+from core.process import physical_cores
 
 MetricTuple = tuple[int, float, int, str, float]  # (stage, global epoch, step, key, value)
 LOG_POINTS_PER_EPOCH = 10  # step-level train-loss rows per epoch, for live curves
@@ -257,6 +258,10 @@ class Runtime:
     data_on_device: bool = False  # keep the uint8 data set on the accelerator when it fits
     eval_batch_size: int = EVAL_BATCH  # images per evaluation / feature-caching batch at 32 px
     cuda_graphs: bool = False  # replay full training steps as CUDA graphs (see StepGraph)
+    # torch threads for each CPU stage: None leaves the process's setting alone (library
+    # callers, tests, the dashboard's shared process); 0 chooses them from the CPU free
+    # when the stage starts (stage_threads); N > 0 uses N. A worker process sets this.
+    cpu_threads: int | None = None
 
     def eval_batch(self, resolution: int) -> int:
         """Evaluation batch at `resolution` px: eval_batch_size at 32 px, scaled down with
@@ -286,6 +291,50 @@ def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = Tru
     if dtype is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+# ---------------------------------------------------------------- threads
+
+
+THREADS_KEY = "threads"  # metric row at a stage's start: the torch threads it trains with
+FREE_CPU_SAMPLE_S = 0.3  # how long a stage start watches the CPU to see what is free
+
+
+def busy_cpus_elsewhere(sample_s: float = FREE_CPU_SAMPLE_S) -> float:
+    """CPUs' worth of work that other processes did over the next `sample_s` seconds
+    (whole-machine busy time from the OS, less this process's own CPU time)."""
+    import psutil
+
+    me = psutil.Process()
+    own0 = sum(me.cpu_times()[:2])
+    psutil.cpu_percent(None)
+    t0 = time.perf_counter()
+    time.sleep(sample_s)  # the measurement window itself: nothing to poll for
+    busy = psutil.cpu_percent(None) / 100 * (psutil.cpu_count() or 1)
+    own = (sum(me.cpu_times()[:2]) - own0) / max(1e-3, time.perf_counter() - t0)
+    return max(0.0, busy - own)
+
+
+def threads_for_free_cpu(cores: int, busy_elsewhere: float) -> int:
+    """One torch thread per core that other processes leave free, at least one: a thread on
+    a core another process keeps busy gets a slice of it, and at every parallel region its
+    partners wait for it (measured by benchmarks/contention.py; benchmarks/README.md,
+    "Training beside other work"). Rounded, so a core half taken still counts as free."""
+    return max(1, min(cores, math.floor(cores - busy_elsewhere + 0.5)))
+
+
+def stage_threads(runtime: Runtime, recorded: int = 0) -> int | None:
+    """Torch threads for a CPU stage starting now (None: leave them as they are). A stage
+    resumed part-way uses the threads it `recorded` when it started: the thread count
+    changes how reductions split (a ResNet-18 backward here: gradients 4e-6 apart with 1
+    and 2 threads, identical with the same count), so the same count keeps a resume exact."""
+    if runtime.device.type != "cpu" or runtime.cpu_threads is None:
+        return None
+    if recorded > 0:
+        return recorded
+    if runtime.cpu_threads > 0:
+        return runtime.cpu_threads
+    return threads_for_free_cpu(physical_cores(), busy_cpus_elsewhere())
 
 
 # Overrides bf16 detection on CPU: "0" forces the fp32 runtime (e.g. to measure what a CPU
@@ -840,6 +889,9 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
             continue  # stage already ended before the interruption
         optimizer, scheduler = _stage_optimizer(model, stage, spe, runtime,
                                                 resumed if done_in_stage else None)
+        threads = stage_threads(runtime, resumed.threads if done_in_stage else 0)
+        if threads is not None:
+            torch.set_num_threads(threads)
         features = _stage_features(model, stage, splits.train, pre, runtime, lambda: hooks.on_progress(
             {"phase": "caching features", "stage": s_idx, "stages": len(cfg.stages),
              "fraction": first_epoch_global / cfg.total_epochs}))
@@ -847,7 +899,9 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
         if not done_in_stage:  # a resume mid-stage goes on with its counters, logged the row
             plateau = plateau.next_stage()
             hooks.on_metrics([(s_idx, float(first_epoch_global), step, "trainable_params",
-                               float(count_parameters(model, stage.groups)))])
+                               float(count_parameters(model, stage.groups)))]
+                             + ([(s_idx, float(first_epoch_global), step, THREADS_KEY, float(threads))]
+                                if threads is not None else []))
         for epoch in range(done_in_stage + 1, stage.epochs + 1):
             place = EpochPlace(s_idx, len(cfg.stages), epoch, stage.epochs,
                                first_epoch_global + epoch, cfg.total_epochs)
@@ -876,7 +930,8 @@ def run_stages(model: nn.Module, cfg: RunConfig, splits: DataSplits, pre: Prepro
                 model=model, stage=s_idx, epoch=epoch, global_epoch=place.global_epoch,
                 step=step, train=train_metrics, val_loss=val_loss, val_acc=val_acc,
                 is_best=is_best, stage_end=plateau.stage_end, training_state=TrainingState.capture(
-                    place.global_epoch, step, optimizer, scheduler, generator, best, plateau)))
+                    place.global_epoch, step, optimizer, scheduler, generator, best, plateau,
+                    threads or 0)))
             if plateau.stage_end is not StageEnd.NONE:
                 break
     return TrainingResult(best_val_acc=best[0], best_stage=best[1], best_epoch=best[2],

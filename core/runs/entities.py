@@ -142,3 +142,26 @@ class MetricRow:
     key: str  # "train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_s", ...
     value: float
     time: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One arm of an experiment: a config run over the experiment's seeds."""
+
+    name: str  # shown to the user: a preset name or "config of run X"
+    group: str  # the run group its seed runs were queued under
+    config: RunConfig  # the recipe's config (seed replaced per run)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Recipes compared over seeds (core.analysis.experiments computes the statistics from
+    the recipes' run groups, so the record never goes stale)."""
+
+    id: str
+    name: str
+    created_at: float
+    seeds: tuple[int, ...]
+    recipes: tuple[Recipe, ...]
+    note: str = ""  # free text, as on runs
+    tags: tuple[str, ...] = ()  # sorted, trimmed (store.normalize_tags), as on runs

@@ -35,17 +35,35 @@ from core.runs.store import ACTIVE, Run, RunStore
 log = logging.getLogger("finetune_lab.jobs")
 
 
+@dataclass(frozen=True)
+class RunResources:
+    """What each run of a batch (an experiment's, a search's trials) may use: CPU threads
+    (0: auto; on Ray that reserves one CPU and trains with one thread) and the device
+    ("auto", "cpu", "cuda", "mps"). Kept in the run's config, so a Ray job reserves exactly
+    this (CPUs = threads; a GPU share by resolution for cuda: executors.ray.job_request) and
+    a resumed run asks for the same."""
+
+    threads: int = 0
+    device: str = "auto"
+
+    def apply(self, cfg: cfgmod.RunConfig) -> cfgmod.RunConfig:
+        return replace(cfg, threads=self.threads, device=self.device)
+
+
 def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = "",
-           start: bool = True, check_data: bool = True) -> Run:
+           start: bool = True, check_data: bool = True,
+           resources: RunResources | None = None) -> Run:
     """Validate `cfg` (values, then data and weights: core.runs.preflight), queue it as a new
-    run, and hand it to the executor. Raises ConfigError / PreflightError."""
+    run, and hand it to the executor. `resources`, when given, replace the config's threads
+    and device. Raises ConfigError / PreflightError."""
+    cfg = resources.apply(cfg) if resources is not None else cfg
     cfgmod.check(cfg)
     if check_data:  # (submit_seeds checked the name it was given and the group)
         cfgmod.check_text_limits(name=name, group=group)
         from core.runs.preflight import preflight
 
-        preflight(cfg, store)
-        check_executor()
+        report = preflight(cfg, store)
+        check_executor(store, cfg, report.memory_bytes)
     run = store.create_run(cfg, name=name, group=group)
     if start:
         dispatch(store)
@@ -53,33 +71,55 @@ def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = 
 
 
 def submit_seeds(store: RunStore, cfg: cfgmod.RunConfig, seeds: list[int], name: str,
-                 group: str) -> list[Run]:
-    """Queue one run per seed as a group (for mean ± std across seeds)."""
+                 group: str, resources: RunResources | None = None) -> list[Run]:
+    """Queue one run per seed as a group (for mean ± std across seeds), each with
+    `resources` when given."""
     from core.runs.preflight import preflight
 
+    cfg = resources.apply(cfg) if resources is not None else cfg
     cfgmod.check(cfg)
     cfgmod.check_text_limits(name=name, group=group)
-    preflight(cfg, store)  # once: the seeds share data and weights
-    check_executor()
+    report = preflight(cfg, store)  # once: the seeds share data and weights
+    check_executor(store, cfg, report.memory_bytes)
     runs = [submit(store, replace(cfg, seed=s), name=f"{name} seed {s}", group=group, start=False,
                    check_data=False) for s in seeds]
     dispatch(store)
     return runs
 
 
-def check_executor() -> None:
-    """Refuse a submit the executor cannot take (a cluster that is not reachable) before a
-    run exists, as PreflightError."""
-    from core.runs.preflight import PreflightError
+def check_executor(store: RunStore, cfg: cfgmod.RunConfig, memory_bytes: int) -> None:
+    """Refuse, before a run exists, a submit where it would run cannot take: a Ray cluster
+    that does not answer or has no node with the CPUs, GPU and memory (bytes) the run asks
+    for; locally, a device this machine does not have. Raises ExecutorUnavailable (a
+    PreflightError) naming what there is."""
+    from core.runs.preflight import ExecutorUnavailable, device_problem
 
     try:
         executor = executors.current()
         if executor.name == "ray":
-            from core.runs.executors.ray import client
+            from core.runs.executors.ray import check_submit
 
-            client()
-    except (ValueError, RuntimeError) as exc:
-        raise PreflightError([str(exc)]) from None
+            check_submit(store, cfg, memory_bytes)
+        elif problem := device_problem(cfg):
+            raise ExecutorUnavailable([problem])
+    except (ValueError, RuntimeError) as exc:  # RayUnavailable, an unknown executor name
+        raise ExecutorUnavailable([str(exc)]) from None
+
+
+def cluster_notice(store: RunStore, short: bool = False) -> str | None:
+    """A line saying the Ray cluster is unreachable, since when and at which address (with
+    what to do, unless `short`), or None (it answers, or no cluster is in use). For
+    `core runs` and, short, the sidebar."""
+    try:
+        current = executors.current().name
+    except ValueError:  # a misspelt executor: submit says so
+        current = None
+    if current != "ray" and not any(
+            r.executor == "ray" for r in store.list_runs(statuses=ACTIVE)):
+        return None
+    from core.runs.executors.ray import cluster_notice as notice
+
+    return notice(store, short)
 
 
 def dispatch(store: RunStore) -> list[str]:
@@ -131,7 +171,11 @@ def kill(store: RunStore, run_id: str) -> Run | None:
         store.finish_run(run_id, "cancelled", "force-stopped (the run did not stop on request)",
                          only_if_running=True)
         executors.executor_named(run.executor).stop(store, run)
-        remove_partial_files(store.files(run_id))
+        if run.pid and run.executor in (None, "local"):
+            from core.process import wait_gone
+
+            wait_gone(run.pid, run.pid_start, timeout_s=5.0)  # SIGKILL lands in moments
+        remove_partial_files(store.files(run_id), run)  # only once its writer is gone
     return store.get_run(run_id)
 
 

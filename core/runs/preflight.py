@@ -9,14 +9,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.config import ConfigError, RunConfig, training_images
 from core.engine.paths import cifar10_train_images
+
+if TYPE_CHECKING:
+    from core.runs.store import RunStore
 
 
 class PreflightError(ConfigError):
     """The config is valid but its data or weights cannot be used. A ConfigError, so every
     caller that shows config errors shows these too."""
+
+
+class ExecutorUnavailable(PreflightError):
+    """The config is fine but where it would run cannot take it now (the Ray cluster is
+    unreachable, or has no node with the resources the run asks for). Shown as "cannot
+    submit", not as a config problem."""
 
 
 @dataclass
@@ -25,6 +35,7 @@ class PreflightReport:
     train_images: int = 0  # image files found (before the cap and the validation split)
     skipped_files: int = 0  # non-image files that will be ignored
     notes: list[str] = field(default_factory=list)
+    memory_bytes: int = 0  # what the worker is expected to hold at most (memory_estimate)
 
 
 def available_memory() -> int:
@@ -44,6 +55,12 @@ def input_paths(cfg: RunConfig) -> list[Path]:
     if cfg.weights == "file" and cfg.weights_path:
         paths.append(Path(cfg.weights_path).expanduser())
     return paths
+
+
+def donor_checkpoint(store: RunStore, cfg: RunConfig) -> str | None:
+    """The best checkpoint of the run whose weights start this one (weights "run")."""
+    other = store.get_run(cfg.weights_run) if cfg.weights == "run" else None
+    return other.best_checkpoint if other is not None and other.best_checkpoint else None
 
 
 def preflight(cfg: RunConfig, store=None) -> PreflightReport:
@@ -98,6 +115,7 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
         errors.append(f"disk: {problem}")
     found = (report.train_images if cfg.data_source == "folder"
              else cifar10_train_images(cfg.classes))
+    report.memory_bytes = memory_estimate(cfg, found, has_test_split)
     _, cached, _ = training_images(cfg, found, has_test_split)
     problem, caution = memory_problem(cfg, cached, available_memory())
     if problem:
@@ -107,6 +125,76 @@ def preflight(cfg: RunConfig, store=None) -> PreflightReport:
     if errors:
         raise PreflightError(errors)
     return report
+
+
+# ---------------------------------------------------------------- memory and device
+
+# A training worker's memory besides its images and feature cache: the interpreter, torch,
+# ResNet-18 with its gradients and optimizer state, and a batch's activations (bytes).
+# Measured peak RSS (GNU time, `core train`, 2-core AMD EPYC, 27 training images, 1 thread):
+# 0.98 GiB at 32 px, batch 4; 1.10 GiB at 224 px, batch 32 (stage 1 trains layer4+fc). All
+# layers trainable at 224 px with a full batch hold far more activations: the 3 GiB above
+# 64 px is an allowance for that, not a measurement.
+WORKER_BASE_BYTES = 5 * 1024**3 // 4
+WORKER_BASE_BYTES_224 = 3 * 1024**3
+
+
+def memory_estimate(cfg: RunConfig, found: int, has_test_split: bool) -> int:
+    """Bytes the run's worker will hold at most: its base, the decoded images it keeps
+    (uint8, 3 x resolution^2 each: training, validation and test) and the largest stage's
+    feature cache (the upper figure of core.runs.disk). What a cluster job reserves."""
+    from core.runs.disk import feature_cache_bytes
+
+    pool, cached, test = training_images(cfg, found, has_test_split)
+    images = pool + (test or 0)
+    caches = feature_cache_bytes(cfg, cached)
+    base = WORKER_BASE_BYTES if cfg.resolution <= 64 else WORKER_BASE_BYTES_224
+    return base + images * 3 * cfg.resolution ** 2 + max((most for _, _, most in caches),
+                                                          default=0)
+
+
+def run_memory_estimate(cfg: RunConfig) -> int:
+    """memory_estimate for a config alone (the folder is listed again: cheap)."""
+    from core.engine.data import DataError, scan_folder, train_test_folders
+
+    if cfg.data_source != "folder":
+        return memory_estimate(cfg, cifar10_train_images(cfg.classes), True)
+    root = Path(cfg.data_path).expanduser()
+    try:
+        parts = train_test_folders(root)
+        _, files, _ = scan_folder(parts[0] if parts else root, cfg.classes)
+    except (DataError, OSError):
+        return memory_estimate(cfg, 0, True)  # the worker will say what is wrong
+    return memory_estimate(cfg, sum(len(f) for f in files), bool(parts))
+
+
+def machine_devices() -> list[str]:
+    """The devices this machine can train on, in words ("cpu (2 cores)", "cuda (1 x NVIDIA
+    H100)", "mps")."""
+    import torch
+
+    from core.process import physical_cores
+
+    have = [f"cpu ({physical_cores()} cores)"]
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        have.append(f"cuda ({len(names)} x {names[0]})")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        have.append("mps")
+    return have
+
+
+def device_problem(cfg: RunConfig) -> str | None:
+    """Why `cfg.device` cannot be used on this machine (issue 22.8), or None. 'auto' and
+    'cpu' always can."""
+    if cfg.device not in ("cuda", "mps"):
+        return None
+    have = machine_devices()
+    if any(h.split()[0] == cfg.device for h in have):
+        return None
+    return (f"device: {cfg.device} was chosen but this machine has no "
+            f"{'CUDA GPU' if cfg.device == 'cuda' else 'Apple MPS'}; it has "
+            f"{', '.join(have)}. Pick auto or cpu, or run it where there is one")
 
 
 # ---------------------------------------------------------------- the weights file

@@ -6,6 +6,7 @@ queue_steps <- supervisor <- jobs. No torch import here.
 
 from __future__ import annotations
 
+import os
 import time
 
 from core.runs import executors
@@ -27,7 +28,12 @@ def reconcile(store: RunStore) -> list[str]:
     reap()
     settled = []
     now = time.time()
-    for run in store.list_runs(statuses=ACTIVE):
+    active = store.list_runs(statuses=ACTIVE)
+    if any(r.executor == "ray" for r in active) and os.environ.get("RAY_ADDRESS"):
+        from core.runs.executors.ray import check_health
+
+        check_health(store)  # "unreachable since ..." for the sidebar and `core runs`
+    for run in active:
         if run.status == "queued" and not run.job_id:
             continue  # not handed to anyone yet
         verdict = executors.executor_named(run.executor).verdict(run, now)
@@ -39,5 +45,5 @@ def reconcile(store: RunStore) -> list[str]:
             done = store.finish_run(run.id, verdict.status, verdict.reason)
         if done:
             settled.append(run.id)
-            remove_partial_files(store.files(run.id))
+            remove_partial_files(store.files(run.id), run)  # only a dead writer's
     return settled

@@ -1,5 +1,6 @@
 """What a training run leaves behind, as it goes: the checkpoint policy (which checkpoints
-exist and when each is written) and the recorder that turns the trainer's hooks into store
+exist and when each is written), the store writer every write of a worker goes through
+(riding through store outages), and the recorder that turns the trainer's hooks into store
 writes (metrics, progress, best epoch, resume point, weight change) and checkpoint files.
 
 Torch is imported lazily: the checkpoint policy is plain data.
@@ -7,21 +8,25 @@ Torch is imported lazily: the checkpoint policy is plain data.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import tenacity
 
 from core.config import RunConfig
 from core.faults import fault_point
 from core.runs.entities import RunProgress, RunResults, SplitSizes, StageWeightChange
-from core.settings import RunFiles
 from core.runs.jobs import HEARTBEAT_S
-from core.runs.store import RunStore
+from core.runs.store import RunStore, StoreError, store_failure_reason
+from core.settings import RunFiles, store_retry_s
 
 if TYPE_CHECKING:
     from core.engine.data import DataSplits
@@ -84,6 +89,208 @@ class CheckpointPolicy:
         return ended or epoch == self.stage_epochs[stage - 1]
 
 
+# ---------------------------------------------------------------- store writes
+
+T = TypeVar("T")
+RETRY_MAX_WAIT_S = 2.0  # the longest pause between two tries of a write, seconds
+MAX_ROWS_PER_WRITE = 2000  # metric rows buffered during an outage go in writes of this many
+# SQLite's words for a write that found no room; "disk I/O error" counts only when the
+# disk really is nearly full (it has other causes).
+SQLITE_FULL_TEXT = "database or disk is full"
+SQLITE_IOERR_TEXT = "disk I/O error"
+NEARLY_FULL_BYTES = 64 * 1024**2
+
+
+def disk_full_at(exc: BaseException, store: RunStore) -> Path | None:
+    """Where the disk filled up, when `exc` (or an exception it came from) says it did."""
+    import errno
+    import shutil
+    import sqlite3
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return Path(seen.filename) if seen.filename else store.root
+        if isinstance(seen, sqlite3.Error):
+            text = str(seen)
+            if SQLITE_FULL_TEXT in text:
+                return store.db_path
+            if SQLITE_IOERR_TEXT in text and shutil.disk_usage(store.root).free < NEARLY_FULL_BYTES:
+                return store.db_path
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def disk_full_message(path: Path) -> str:
+    """What a run that filled a disk says, wherever the disk filled (checkpoint or store)."""
+    return f"disk full at {path}: free space and resume"
+
+
+class StoreUnavailable(StoreError):
+    """The worker gave up on the store: it could not be written for the whole retry window
+    (or its disk is full). The message is the run's one-line error."""
+
+
+class StoreWriter:
+    """Every store write of one worker goes through here, so a store that blinks (a
+    PostgreSQL restart or failover, a locked or full SQLite file) does not fail the run.
+
+    - Metric rows are buffered and written by a background thread: training never waits
+      on a per-step write. Each write carries a token (RunStore.log_metrics' `batch`), so a
+      write retried after a commit whose acknowledgement was lost adds nothing twice.
+    - Other writes (`write`) first wait for the buffered rows, then run in order: what the
+      trainer records at an epoch's end (results, best epoch, resume point) lands after that
+      epoch's rows, before its checkpoint names the epoch as done.
+    - A failing write is retried with exponential backoff (tenacity) while the store has
+      been failing for less than `retry_s` seconds ($FINETUNE_LAB_STORE_RETRY_S); then
+      StoreUnavailable names the store (never its password) and the cause, in one line.
+      A full disk is not waited for: it says where it is at once.
+    - `settle` records the run's outcome with a window of its own, so a run that gave up
+      on the store still records why once the store is back.
+    """
+
+    def __init__(self, store: RunStore, run_id: str, retry_s: float | None = None):
+        self.store, self.run_id = store, run_id
+        self.retry_s = store_retry_s() if retry_s is None else retry_s
+        self._cond = threading.Condition()
+        self._pending: collections.deque[list[tuple[int, float, int, str, float]]] = (
+            collections.deque())
+        self._writing = False  # the thread holds rows taken off _pending
+        self._down_since: float | None = None  # monotonic time of the first failure
+        self._closed = False
+        self.failure: BaseException | None = None  # why buffered rows can no longer be written
+        self._thread = threading.Thread(target=self._drain, name="store-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ the outage clock
+
+    @property
+    def store_down(self) -> bool:
+        """Whether the last write failed (the store is in an outage)."""
+        with self._cond:
+            return self._down_since is not None
+
+    def attempt(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn` once, keeping the outage clock: a failure starts it, a success stops it."""
+        try:
+            result = fn(*args, **kwargs)
+        except StoreError as exc:
+            with self._cond:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning("run store %s unavailable (%s): retrying for up to %.0f s",
+                                self.store.location, store_failure_reason(exc), self.retry_s)
+            raise
+        with self._cond:
+            if self._down_since is not None:
+                log.warning("run store %s is back after %.1f s", self.store.location,
+                            time.monotonic() - self._down_since)
+                self._down_since = None
+        return result
+
+    def _outage_over(self, _state: tenacity.RetryCallState) -> bool:
+        """tenacity's stop condition: the store has failed for the whole window, or its
+        disk is full."""
+        with self._cond:
+            since = self._down_since
+        exc = _state.outcome.exception() if _state.outcome else None
+        if exc is not None and disk_full_at(exc, self.store) is not None:
+            return True
+        return since is not None and time.monotonic() - since >= self.retry_s
+
+    def _retrying(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            for try_ in tenacity.Retrying(
+                    retry=tenacity.retry_if_exception_type(StoreError),
+                    stop=self._outage_over,
+                    wait=tenacity.wait_exponential(multiplier=0.05, max=RETRY_MAX_WAIT_S),
+                    reraise=True):
+                with try_:
+                    return self.attempt(fn, *args, **kwargs)
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            raise self._gave_up(exc) from exc
+        raise AssertionError("unreachable: tenacity returns or raises")
+
+    def _gave_up(self, exc: StoreError) -> StoreUnavailable:
+        full = disk_full_at(exc, self.store)
+        if full is not None:
+            return StoreUnavailable(disk_full_message(full))
+        return StoreUnavailable(
+            f"the run store at {self.store.location} could not be written for "
+            f"{self.retry_s:g} s ({store_failure_reason(exc)}): the run stopped; resume it "
+            f"once the store is back")
+
+    # ------------------------------------------------------------ writes
+
+    def log_metrics(self, rows: list[tuple[int, float, int, str, float]]) -> None:
+        """Buffer metric rows for the background thread (returns at once). Raises the
+        reason when buffered rows could not be written (the run must stop)."""
+        if self.failure is not None:
+            raise self.failure
+        if rows:
+            with self._cond:
+                self._pending.append(list(rows))
+                self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every buffered row is in the store; raises why when it cannot be."""
+        with self._cond:
+            while (self._pending or self._writing) and self.failure is None:
+                self._cond.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` (a RunStore method) after the buffered rows, retried
+        through an outage; StoreUnavailable when the window passes."""
+        self.flush()
+        return self._retrying(fn, *args, **kwargs)
+
+    def settle(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Record the run's outcome: buffered rows first when they can still be written,
+        then `fn`, retried with a window that starts now (a run that gave up on the store
+        records why once it is back)."""
+        try:
+            self.flush()
+        except Exception as exc:  # the outcome matters more than the rows of an ended run
+            log.warning("metric rows not written: %s", exc)
+        with self._cond:
+            self._down_since = None
+        return self._retrying(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        """Stop the background thread (buffered rows are written first, when they can)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=self.retry_s + 30)
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending or self.failure is not None:
+                    return
+                rows: list[tuple[int, float, int, str, float]] = []
+                while self._pending and len(rows) < MAX_ROWS_PER_WRITE:
+                    rows += self._pending.popleft()
+                self._writing = True
+            token = uuid.uuid4().hex  # one per write, kept across its retries
+            try:
+                self._retrying(self.store.log_metrics, self.run_id, rows, batch=token)
+            except BaseException as exc:  # the main thread raises it at its next write
+                log.error("metric rows not written: %s", exc)
+                with self._cond:
+                    self.failure = exc
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+
 # ---------------------------------------------------------------- heartbeat
 
 
@@ -92,10 +299,13 @@ class Heartbeat:
     turns a cancel request (from the store, or SIGTERM) into an Event the trainer polls
     between batches, so polling costs the training loop nothing."""
 
-    def __init__(self, store: RunStore, run_id: str, interval_s: float = HEARTBEAT_S,
-                 on_progress: Callable[[RunProgress], None] | None = None):
-        self.store, self.run_id, self.interval_s = store, run_id, interval_s
+    def __init__(self, writer: StoreWriter, interval_s: float = HEARTBEAT_S,
+                 on_progress: Callable[[RunProgress], None] | None = None,
+                 on_beat: Callable[[], None] | None = None):
+        self.writer, self.interval_s = writer, interval_s
+        self.store, self.run_id = writer.store, writer.run_id
         self.on_progress = on_progress
+        self.on_beat = on_beat  # called on the heartbeat thread after each beat
         self.cancel = threading.Event()
         self._progress: RunProgress | None = None
         self._lock = threading.Lock()
@@ -118,7 +328,9 @@ class Heartbeat:
         if self.cancel.is_set() or TERMINATED.is_set():
             return True
         now = time.monotonic()
-        if now - self._last_poll >= CANCEL_POLL_S:
+        # In an outage the heartbeat finds out when the store is back: a read here could
+        # wait for a connect timeout between two batches.
+        if now - self._last_poll >= CANCEL_POLL_S and not self.writer.store_down:
             self._last_poll = now
             try:
                 if self.store.cancel_requested(self.run_id):
@@ -138,14 +350,22 @@ class Heartbeat:
         with self._lock:
             progress, self._progress = self._progress, None
         try:
-            if self.store.heartbeat(self.run_id, progress):
+            if self.writer.attempt(self.store.heartbeat, self.run_id, progress):
                 self.cancel.set()
-        except Exception as exc:  # a busy/full store must not kill training
-            log.warning("heartbeat failed: %s", exc)
+        except Exception as exc:  # the next beat tries again; the writer keeps the clock
+            with self._lock:
+                self._progress = self._progress or progress  # sent with the next beat
+            if not isinstance(exc, StoreError):
+                log.warning("heartbeat failed: %s", exc)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._beat()
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception as exc:  # never stops the heartbeat
+                    log.warning("%s", exc)
 
 
 # ---------------------------------------------------------------- recorder
@@ -173,7 +393,7 @@ class RunRecorder:
     def hooks(self) -> TrainHooks:
         from core.engine.train import TrainHooks
 
-        return TrainHooks(on_metrics=lambda rows: self.store.log_metrics(self.run_id, rows),
+        return TrainHooks(on_metrics=self.heartbeat.writer.log_metrics,
                           on_progress=self.progress, should_stop=self.before_batch,
                           on_epoch_end=self.on_epoch_end)
 
@@ -189,7 +409,8 @@ class RunRecorder:
     def record(self, test_acc: float | None = None, **changes: Any) -> None:
         """Change fields of the run's results (and its test accuracy) and store them."""
         self.results = replace(self.results, **changes)
-        self.store.set_results(self.run_id, self.results, test_acc=test_acc)
+        self.heartbeat.writer.write(self.store.set_results, self.run_id, self.results,
+                                    test_acc=test_acc)
 
     def record_data(self, splits: DataSplits, device: str) -> None:
         self.record(classes=list(splits.classes), data=splits.source,
@@ -223,12 +444,13 @@ class RunRecorder:
                 # too many and the worker's own truncation (at the checkpoint's step)
                 # removes them; the other order could drop the rows of an epoch that the
                 # last checkpoint does hold.
-                self.store.set_last_step(self.run_id, end.step)
+                self.heartbeat.writer.write(self.store.set_last_step, self.run_id, end.step)
             save_checkpoint(write.path, Checkpoint.of_model(
                 end.model, self.config, self.classes, self.preprocess, end.stage, end.epoch,
                 metrics, end.training_state if write.with_training_state else None))
             if write.kind is CheckpointKind.BEST:
-                self.store.set_best(self.run_id, end.val_acc, end.stage, end.epoch, write.path)
+                self.heartbeat.writer.write(self.store.set_best, self.run_id, end.val_acc,
+                                            end.stage, end.epoch, write.path)
         if self.policy.stage_ended(end.stage, end.epoch, end.stage_ended):
             self.start_stage_at(end.model)
         log.info("stage %d epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",

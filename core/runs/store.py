@@ -54,7 +54,9 @@ from core.runs.entities import (
     DONE,
     KINDS,
     STATUSES,
+    Experiment,
     MetricRow,
+    Recipe,
     Run,
     RunProgress,
     RunResults,
@@ -74,8 +76,9 @@ from core.settings import (
 )
 
 __all__ = ["ACTIVE", "DATA_DIR_ENV", "DB_ENV", "DEFAULT_DATA_DIR", "DONE", "STATUSES",
-           "MetricRow", "Run", "RunProgress", "RunResults", "RunStore", "SplitSizes",
-           "StageWeightChange", "StoreError", "data_dir", "database_url", "dispose_engines"]
+           "Experiment", "ExperimentNotFound", "MetricRow", "NewerSchemaError", "Recipe", "Run",
+           "RunProgress", "RunResults", "RunStore", "SplitSizes", "StageWeightChange",
+           "StoreError", "data_dir", "database_url", "dispose_engines", "store_failure_reason"]
 
 log = logging.getLogger("finetune_lab.store")
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for the lock before giving up
@@ -88,6 +91,19 @@ _CLAIM_LOCK = 0x46544C_0002
 class StoreError(RuntimeError):
     """The store cannot be used (unwritable directory, full disk, corrupt file, unreachable
     or refusing database server)."""
+
+
+class ExperimentNotFound(KeyError):
+    """No experiment has this id."""
+
+
+class NewerSchemaError(StoreError):
+    """The database was written by a newer version of the lab: it is refused, untouched."""
+
+    def __init__(self, found: int):
+        super().__init__(f"this store was written by a newer version (schema {found}, this one "
+                         f"knows {SCHEMA_VERSION}): upgrade")
+        self.found = found
 
 
 # ---------------------------------------------------------------- the schema
@@ -138,12 +154,26 @@ metrics = sa.Table(
     sa.Column("key", sa.Text, nullable=False),
     sa.Column("value", sa.Double, nullable=False),
     sa.Column("time", sa.Double, nullable=False),
+    # The token of the write that added the row (log_metrics' `batch`): a write retried
+    # after its commit's acknowledgement was lost finds its rows already there.
+    sa.Column("batch", sa.Text),
 )
 
 run_tags = sa.Table(
     "run_tags", metadata,
     sa.Column("run_id", sa.Text, primary_key=True),
     sa.Column("tag", sa.Text, primary_key=True),
+)
+
+experiments = sa.Table(
+    "experiments", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("seeds", sa.Text, nullable=False),  # JSON list of ints
+    sa.Column("recipes", sa.Text, nullable=False),  # JSON list of {name, group, config}
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("tags", sa.Text, nullable=False),  # JSON list, sorted (normalize_tags)
 )
 
 # PostgreSQL only: SQLite keeps the version in its file header (PRAGMA user_version).
@@ -285,9 +315,35 @@ def _m8_run_kind(con: Connection) -> None:
     _ddl(con, "CREATE INDEX runs_kind ON runs(kind, created_at)")
 
 
+def _m9_metric_batches(con: Connection) -> None:
+    """Metric rows carry the token of the write that added them, so a worker that retries a
+    write whose commit went through but whose acknowledgement was lost (the connection
+    dropped at COMMIT) finds its rows there instead of adding them twice."""
+    _ddl(con, "ALTER TABLE metrics ADD COLUMN batch TEXT")
+    _ddl(con, "CREATE INDEX metrics_run_batch ON metrics(run_id, batch)")
+
+
+def _m10_experiments(con: Connection) -> None:
+    """Experiments become rows beside the runs they group (they were JSON files under the
+    artifact root, which a second dashboard or a search could not query). The files are
+    imported when the store first opens (RunStore._import_experiment_files)."""
+    _ddl(con, """
+        CREATE TABLE experiments (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            seeds TEXT NOT NULL,
+            recipes TEXT NOT NULL,
+            note TEXT NOT NULL DEFAULT '',
+            tags TEXT NOT NULL DEFAULT '[]'
+        )""")
+    _ddl(con, "CREATE INDEX experiments_created ON experiments(created_at)")
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint,
-    _m5_executor_and_job, _m6_notes_and_tags, _m7_metric_seq, _m8_run_kind)
+    _m5_executor_and_job, _m6_notes_and_tags, _m7_metric_seq, _m8_run_kind,
+    _m9_metric_batches, _m10_experiments)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -415,6 +471,37 @@ def results_from_json(text: str) -> RunResults:
                        for c in changes if isinstance(c, dict) and "stage" in c and "groups" in c],
     )
 
+def experiment_to_json(exp: Experiment) -> dict[str, str]:
+    """The JSON columns of an experiment's row."""
+    return {"seeds": json.dumps(list(exp.seeds)),
+            "recipes": json.dumps([{"name": r.name, "group": r.group,
+                                    "config": cfgmod.to_dict(r.config)} for r in exp.recipes]),
+            "tags": json.dumps(list(exp.tags))}
+
+
+def experiment_from_record(record: dict[str, Any]) -> Experiment:
+    """An experiment from its fields, the JSON columns parsed (also the form of the JSON
+    files experiments were kept in before migration 10; those written before notes and
+    tags existed have neither). Raises ValueError for a malformed record."""
+    try:
+        return Experiment(
+            id=str(record["id"]), name=str(record["name"]),
+            created_at=float(record["created_at"]),
+            seeds=tuple(int(s) for s in record["seeds"]),
+            recipes=tuple(Recipe(str(r["name"]), str(r["group"]),
+                                 cfgmod.from_dict(r["config"], validate_values=False))
+                          for r in record["recipes"]),
+            note=str(record.get("note") or ""),
+            tags=normalize_tags([str(t) for t in record.get("tags") or ()]))
+    except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
+        raise ValueError(f"experiment record is malformed ({exc})") from None
+
+
+def _experiment_from_row(row: Any) -> Experiment:
+    return experiment_from_record({
+        "id": row["id"], "name": row["name"], "created_at": row["created_at"],
+        "seeds": json.loads(row["seeds"]), "recipes": json.loads(row["recipes"]),
+        "note": row["note"], "tags": json.loads(row["tags"])})
 
 
 def normalize_tags(tags: Sequence[str]) -> tuple[str, ...]:
@@ -445,10 +532,15 @@ class RunStore:
             if self.is_sqlite:
                 self.db_path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = _engine(self._url)
+            version = self.schema_version()  # a read: a newer store is refused untouched
+            if version > SCHEMA_VERSION:
+                raise NewerSchemaError(version)
             if self.is_sqlite:
                 with self.engine.connect() as con:
                     con.exec_driver_sql("PRAGMA journal_mode=WAL")
             self._migrate()
+        except NewerSchemaError:
+            raise
         except (OSError, sa.exc.SQLAlchemyError, StoreError) as exc:
             hint = (f"Check that the folder is writable and the disk has space, or point "
                     f"{DATA_DIR_ENV} at another folder." if self.is_sqlite else
@@ -456,6 +548,7 @@ class RunStore:
                     f"user that may create tables.")
             raise StoreError(f"Cannot use the run store at {self.location}: "
                              f"{_reason(exc)}. {hint}") from exc
+        self._import_experiment_files()
 
     # ---------------------------------------------------------------- where it is
 
@@ -501,6 +594,8 @@ class RunStore:
                 con.exec_driver_sql(
                     f"CREATE TABLE IF NOT EXISTS {schema_version.name} (version INTEGER NOT NULL)")
             version = self._version(con)
+            if version > SCHEMA_VERSION:  # a newer version migrated it meanwhile
+                raise NewerSchemaError(version)
             for number in range(version, SCHEMA_VERSION):
                 MIGRATIONS[number](con)
                 log.info("run store %s: schema version %d", self.location, number + 1)
@@ -788,22 +883,124 @@ class RunStore:
             con.execute(runs.delete().where(runs.c.id == run_id))
         shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
 
+    # ---------------------------------------------------------------- experiments
+
+    def create_experiment(self, exp: Experiment) -> Experiment:
+        """Record a new experiment (its id must be new). Returns it as stored."""
+        with self._write() as con:
+            con.execute(experiments.insert().values(
+                id=exp.id, name=exp.name, created_at=exp.created_at, note=exp.note,
+                **experiment_to_json(dataclasses.replace(
+                    exp, tags=normalize_tags(exp.tags)))))
+        return self.get_experiment(exp.id)
+
+    def get_experiment(self, exp_id: str) -> Experiment:
+        """The experiment `exp_id`, or ExperimentNotFound. A row that no longer parses
+        raises ValueError."""
+        rows = self._read(sa.select(experiments).where(experiments.c.id == exp_id))
+        if not rows:
+            raise ExperimentNotFound(exp_id)
+        return _experiment_from_row(rows[0]._mapping)
+
+    def list_experiments(self) -> list[Experiment]:
+        """Every experiment, newest first; a row that no longer parses is left out (and
+        logged)."""
+        out = []
+        for row in self._read(sa.select(experiments).order_by(experiments.c.created_at.desc(),
+                                                               experiments.c.id.desc())):
+            try:
+                out.append(_experiment_from_row(row._mapping))
+            except (ValueError, json.JSONDecodeError) as exc:
+                log.warning("experiment %s left out: %s", row.id, exc)
+        return out
+
+    def update_experiment(self, exp_id: str, *, name: str | None = None,
+                          note: str | None = None,
+                          tags: Sequence[str] | None = None) -> Experiment:
+        """Change an experiment's name, note or tags (None: unchanged; tags as on runs).
+        Returns it as stored, or ExperimentNotFound."""
+        values: dict[str, Any] = {}
+        if name is not None:
+            values["name"] = name
+        if note is not None:
+            values["note"] = note
+        if tags is not None:
+            values["tags"] = json.dumps(list(normalize_tags(tags)))
+        with self._write() as con:
+            if values:
+                found = con.execute(experiments.update().where(experiments.c.id == exp_id)
+                                    .values(**values)).rowcount
+            else:
+                found = con.execute(sa.select(sa.func.count()).select_from(experiments)
+                                    .where(experiments.c.id == exp_id)).scalar_one()
+            if not found:
+                raise ExperimentNotFound(exp_id)
+        return self.get_experiment(exp_id)
+
+    def delete_experiment(self, exp_id: str) -> None:
+        """Forget the experiment (its runs stay)."""
+        with self._write() as con:
+            con.execute(experiments.delete().where(experiments.c.id == exp_id))
+
+    def _import_experiment_files(self) -> None:
+        """Experiments kept as JSON files under the artifact root (before migration 10)
+        become rows, once: each imported file is renamed to `<id>.json.migrated` (kept, so
+        nothing is lost); a file that does not parse stays where it is, logged. Several
+        processes may do this at once: a row already there is left as it is."""
+        folder = self.layout.experiments
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("exp-*.json")):
+            try:
+                exp = experiment_from_record(json.loads(path.read_text(encoding="utf-8")))
+            except FileNotFoundError:
+                continue  # another process imported it just now
+            except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                log.warning("experiment file %s not imported: %s", path, exc)
+                continue
+            row = dict(id=exp.id, name=exp.name, created_at=exp.created_at, note=exp.note,
+                       **experiment_to_json(exp))
+            with self._write() as con:
+                if self.is_sqlite:  # the write lock is the whole database: no one races
+                    if con.execute(sa.select(experiments.c.id)
+                                   .where(experiments.c.id == exp.id)).first() is None:
+                        con.execute(experiments.insert().values(**row))
+                else:
+                    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                    con.execute(pg_insert(experiments).values(**row).on_conflict_do_nothing())
+            with contextlib.suppress(FileNotFoundError):
+                path.rename(path.with_name(path.name + ".migrated"))
+            log.info("experiment %s moved from %s into the run store", exp.id, path)
+
     # ---------------------------------------------------------------- metrics
 
-    def log_metrics(self, run_id: str, rows: Sequence[tuple[int, float, int, str, float]]) -> None:
+    def log_metrics(self, run_id: str, rows: Sequence[tuple[int, float, int, str, float]],
+                    batch: str | None = None) -> None:
         """Append rows of (stage, epoch, step, key, value) in one transaction. Rows for a
-        run that no longer exists are dropped."""
+        run that no longer exists are dropped. `batch`: a token unique to this write (a
+        uuid); the same write repeated with the same token adds nothing, so a caller may
+        retry a write whose outcome it never heard (the connection dropped at COMMIT)."""
         if not rows:
             return
         with self._write() as con:
-            self._append_metrics(con, run_id, rows)
+            self._append_metrics(con, run_id, rows, batch)
 
     def _append_metrics(self, con: Connection, run_id: str,
-                        rows: Sequence[tuple[int, float, int, str, float]]) -> None:
+                        rows: Sequence[tuple[int, float, int, str, float]],
+                        batch: str | None = None) -> None:
         """Insert metric rows inside the write transaction `con`. Their `seq` numbers come
         from the run's counter: updating it locks the run's row until commit, so two writers
         of one run (a worker declared dead that still runs, and its resumed successor)
         commit in seq order and an incremental reader never skips a row."""
+        if batch is not None:
+            # The run's row first (SQLite holds the whole database already): a first attempt
+            # still committing on a dropped connection finishes before this looks.
+            if not self.is_sqlite:
+                con.execute(sa.select(runs.c.id).where(runs.c.id == run_id).with_for_update())
+            if con.execute(sa.select(metrics.c.seq).where(
+                    metrics.c.run_id == run_id, metrics.c.batch == batch).limit(1)).first():
+                return
         last = con.execute(
             runs.update().where(runs.c.id == run_id)
             .values(metric_seq=runs.c.metric_seq + len(rows))
@@ -813,7 +1010,7 @@ class RunStore:
         first, now = last - len(rows) + 1, time.time()
         con.execute(metrics.insert(), [
             {"run_id": run_id, "seq": first + i, "stage": int(s), "epoch": float(e),
-             "step": int(st), "key": k, "value": float(v), "time": now}
+             "step": int(st), "key": k, "value": float(v), "time": now, "batch": batch}
             for i, (s, e, st, k, v) in enumerate(rows)])
 
     def truncate_metrics(self, run_id: str, after_step: int, stage: int | None = None) -> None:
@@ -843,6 +1040,17 @@ def _is_store_failure(exc: sa.exc.DatabaseError) -> bool:
     """Whether a database error is the store's condition (disk full, locked, server gone,
     corrupt file) rather than a mistake in a query (ProgrammingError, IntegrityError)."""
     return isinstance(exc, sa.exc.OperationalError) or type(exc) is sa.exc.DatabaseError
+
+
+def store_failure_reason(exc: BaseException) -> str:
+    """Why the store failed, in the database's own words (one line): the database error a
+    StoreError came from, else its own message."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sa.exc.DBAPIError):
+            return _reason(seen)
+        seen = seen.__cause__
+    return _reason(exc)
 
 
 def _reason(exc: BaseException) -> str:

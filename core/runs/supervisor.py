@@ -21,10 +21,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import tenacity
+
 from core.runs import executors
 from core.runs.executors.local import spawn_detached
 from core.runs.queue_steps import advance
-from core.runs.store import ACTIVE, RunStore
+from core.runs.store import (
+    ACTIVE,
+    NewerSchemaError,
+    RunStore,
+    StoreError,
+    store_failure_reason,
+)
+from core.settings import store_retry_s
 
 log = logging.getLogger("finetune_lab.supervisor")
 # Seconds a cluster job gets to honour a cancel request (between batches) before Ray is
@@ -78,8 +87,32 @@ def ensure_running(store: RunStore) -> None:
         log.warning("could not start the queue supervisor: %s", exc)
 
 
-def _active(store: RunStore) -> bool:
-    return bool(store.list_runs(statuses=ACTIVE))
+class StoreWatch:
+    """Whether anything is active, asked in a way a store outage cannot end: while the
+    store cannot be read the answer is "yes, keep watching", and the outage is logged once
+    when it starts and once when it ends (not at every poll)."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+
+    def active(self, store: RunStore) -> bool:
+        try:
+            active = bool(store.list_runs(statuses=ACTIVE))
+        except StoreError as exc:
+            self.failed(exc)
+            return True
+        self.ok()
+        return active
+
+    def failed(self, exc: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("run store unavailable, retrying: %s", store_failure_reason(exc))
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            log.info("run store back after %.1f s", time.monotonic() - self.down_since)
+            self.down_since = None
 
 
 class CancelEscalation:
@@ -103,6 +136,7 @@ class CancelEscalation:
 def supervise(store: RunStore) -> None:
     """Advance the queue until nothing is active. Holds the lock while it runs."""
     escalation = CancelEscalation()
+    watch = StoreWatch()
     poll_s = executors.current().poll_s  # seconds between looks at the store and executor
     while True:
         # Wait out probes (is_running holds the lock for an instant); a supervisor that
@@ -111,16 +145,18 @@ def supervise(store: RunStore) -> None:
             if not held:
                 log.info("another supervisor watches %s", store.root)
                 return
-            while _active(store):
+            while watch.active(store):
                 try:
                     advance(store)
                     escalation.check(store, time.time())
-                except Exception as exc:  # a busy store or an unreachable cluster: retry
+                except StoreError as exc:  # logged once per outage by the watch
+                    watch.failed(exc)
+                except Exception as exc:  # an unreachable cluster, a bug: retry
                     log.warning("queue step failed, retrying: %s", exc)
                 time.sleep(poll_s)  # a polling interval, not a wait for something
         # Released. A submit that came in meanwhile saw the lock held and started nothing,
         # so look once more before leaving: its run is in the store by now.
-        if not _active(store):
+        if not watch.active(store):
             log.info("queue empty and nothing running: exiting")
             return
 
@@ -132,8 +168,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s supervisor %(process)d %(levelname)s %(message)s")
-    supervise(RunStore(args.data_dir))
+    try:
+        store = open_store(args.data_dir)
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 1
+    supervise(store)
     return 0
+
+
+def open_store(data_dir: str | None) -> RunStore:
+    """The store, opened through an outage (a worker may start a supervisor while the
+    database restarts): retried with backoff for the store retry window."""
+    def transient(exc: BaseException) -> bool:  # a newer schema will not go away
+        return isinstance(exc, StoreError) and not isinstance(exc, NewerSchemaError)
+
+    for attempt in tenacity.Retrying(retry=tenacity.retry_if_exception(transient),
+                                     stop=tenacity.stop_after_delay(store_retry_s()),
+                                     wait=tenacity.wait_exponential(multiplier=0.1, max=5.0),
+                                     reraise=True):
+        with attempt:
+            return RunStore(data_dir)
+    raise AssertionError("unreachable: tenacity returns or raises")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ dashboard runs go through exactly the same code and land in the same store.
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import logging
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +26,20 @@ from core import config as cfgmod
 from core.faults import fault_point
 from core.runs.entities import Run, RunProgress
 from core.settings import ARTIFACTS_ENV, RunFiles
+from core.analysis import export, lr_finder
 from core.runs.jobs import dispatch
-from core.runs.recorder import TERMINATED, CheckpointPolicy, Heartbeat, RunRecorder
-from core.runs.store import RunStore
+from core.runs.preflight import donor_checkpoint
+from core.runs.recorder import (  # noqa: F401  (disk_full_at: also this module's vocabulary)
+    TERMINATED,
+    CheckpointPolicy,
+    Heartbeat,
+    RunRecorder,
+    StoreUnavailable,
+    StoreWriter,
+    disk_full_at,
+    disk_full_message,
+)
+from core.runs.store import RunStore, StoreError
 
 if TYPE_CHECKING:
     import torch
@@ -35,21 +48,69 @@ if TYPE_CHECKING:
     from core.engine.train import ResumeState, Runtime
 
 log = logging.getLogger("finetune_lab.worker")
+# Tools' jobs, by run kind: each does its work in this process with the heartbeat (progress,
+# cancel) and raises what a training run would (Cancelled, DataError, ...).
+TOOL_JOBS: dict[str, Callable[[RunStore, Run, Heartbeat], None]] = {
+    "lr_finder": lr_finder.run_job, "export": export.run_job}
+
+
+# How often a worker of the local queue makes sure the store's queue supervisor lives,
+# seconds: a supervisor killed before the worker would otherwise leave the queue stalled
+# when the worker dies too (issue 22.2).
+SUPERVISOR_CHECK_S = 5.0
 
 
 def execute_run(store: RunStore, run_id: str,
-                on_progress: Callable[[RunProgress], None] | None = None) -> str:
+                on_progress: Callable[[RunProgress], None] | None = None,
+                watch_queue: bool = False) -> str:
     """Run the (already claimed, status running) run to its end. Returns the final status.
-    Every outcome is recorded in the store; exceptions do not escape."""
+    Every outcome is recorded in the store; exceptions do not escape. Store writes go
+    through a StoreWriter (riding through outages). `watch_queue`: a worker of the local
+    queue restarts the queue supervisor if it dies while runs wait."""
+    run = store.get_run(run_id)
+    if run is None:
+        raise SystemExit(f"run {run_id} not found in {store.root}")
+    writer = StoreWriter(store, run_id)
+    try:
+        return _execute(store, run, writer, on_progress,
+                        _supervisor_keeper(store, writer) if watch_queue else None)
+    finally:
+        writer.close()
+
+
+def _supervisor_keeper(store: RunStore, writer: StoreWriter) -> Callable[[], None]:
+    """A heartbeat callback that starts the queue supervisor when none runs while runs wait
+    in the queue (at most every SUPERVISOR_CHECK_S; not while the store is down)."""
+    from core.runs import supervisor
+
+    last = 0.0
+
+    def keep() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < SUPERVISOR_CHECK_S or writer.store_down:
+            return
+        last = now
+        if not supervisor.is_running(store) and store.list_runs(statuses=("queued",)):
+            log.warning("the queue supervisor is gone while runs wait: starting one")
+            supervisor.ensure_running(store)
+    return keep
+
+
+def _execute(store: RunStore, run: Run, writer: StoreWriter,
+             on_progress: Callable[[RunProgress], None] | None,
+             on_beat: Callable[[], None] | None) -> str:
+    from core.engine.checkpoints import CheckpointError
     from core.engine.data import DataError
     from core.engine.model import WeightsError
     from core.engine.train import Cancelled, Diverged, run_stages
 
-    run = store.get_run(run_id)
-    if run is None:
-        raise SystemExit(f"run {run_id} not found in {store.root}")
-    with Heartbeat(store, run_id, on_progress=on_progress) as heartbeat:
+    run_id = run.id
+    with Heartbeat(writer, on_progress=on_progress, on_beat=on_beat) as heartbeat:
         try:
+            if run.kind in TOOL_JOBS:  # an LR finder's or an export's job, not training
+                TOOL_JOBS[run.kind](store, run, heartbeat)
+                return settle(store, run_id, "finished", writer=writer)
             cfg = checked_config(run)
             require_visible_inputs(cfg)
             runtime = prepare_process(cfg)
@@ -59,33 +120,38 @@ def execute_run(store: RunStore, run_id: str,
                                    heartbeat, cfgmod.to_dict(cfg), list(splits.classes),
                                    pre.to_dict(), run.results)
             recorder.record_data(splits, str(runtime.device))
-            resume = resume_point(store, run_id, splits.classes)
+            resume = resume_point(writer, splits.classes)
             model = starting_model(store, cfg, recorder, len(splits.classes), resume)
             stop_if_asked(heartbeat)
             result = run_stages(model, cfg, splits, pre, runtime, recorder.hooks, resume)
             fault_point("test")
-            test_acc = test_best_checkpoint(store, run_id, recorder, splits, pre, runtime,
+            test_acc = test_best_checkpoint(writer, recorder, splits, pre, runtime,
                                             float(result.epochs_run), result.seconds)
             log.info("finished: best val acc %.4f (stage %d epoch %d), test acc %.4f, %.1f s",
                      result.best_val_acc, result.best_stage, result.best_epoch, test_acc,
                      result.seconds)
             fault_point("settle")
-            return settle(store, run_id, "finished")
+            return settle(store, run_id, "finished", writer=writer)
         except Cancelled:
             log.info("stopped; best checkpoint so far kept")
-            return settle(store, run_id, "cancelled", "cancelled by request")
-        except (cfgmod.ConfigError, DataError, WeightsError, Diverged) as exc:
+            return settle(store, run_id, "cancelled", "cancelled by request", writer=writer)
+        except (cfgmod.ConfigError, DataError, WeightsError, Diverged, CheckpointError,
+                export.ExportError) as exc:
             log.error("%s", exc)
-            return settle(store, run_id, "failed", str(exc))
+            return settle(store, run_id, "failed", str(exc), writer=writer)
         except Exception as exc:  # anything else: recorded with the traceback in the log
             full = disk_full_at(exc, store)
             if full is not None:
-                return settle_disk_full(store, run_id, full)
+                return settle_disk_full(store, run_id, full, writer=writer)
+            if isinstance(exc, StoreUnavailable):  # its message is the one line to show
+                log.error("%s", exc)
+                return settle(store, run_id, "failed", str(exc), writer=writer)
             log.error("unexpected error:\n%s", traceback.format_exc())
             msg = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
                 msg += " — lower the batch size or resolution, or cap the training images"
-            return settle(store, run_id, "failed", msg + " (see the run log for details)")
+            return settle(store, run_id, "failed", msg + " (see the run log for details)",
+                          writer=writer)
 
 
 def stop_if_asked(heartbeat: Heartbeat) -> None:
@@ -127,13 +193,15 @@ def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
 
     # The worker keeps its launcher's CPU priority. At nice 10 (tried for the white page of
     # issue 12.7, whose cause was a browser race, not CPU), one ordinary process keeping a
-    # core busy made its other thread wait at every parallel region: all layers 25 img/s
-    # against 424 at nice 0, 2 threads, Zen 5 (benchmarks/README.md, "Beside other work").
+    # core busy made its other thread wait at every parallel region, many times slower.
     torch.set_num_threads(cfg.threads or physical_cores())
     torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
     device = resolve_device(cfg.device)
-    log.info("%s on %s", " -> ".join(s.trains for s in cfg.stages), device)
-    return default_runtime(device)
+    log.info("%s on %s, %d threads while loading (each CPU stage chooses its own)",
+             " -> ".join(s.trains for s in cfg.stages), device, torch.get_num_threads())
+    # This process is the run's alone: each CPU stage sets its threads (0 = from the cores
+    # other work leaves free when it starts; core.engine.train.stage_threads).
+    return dataclasses.replace(default_runtime(device), cpu_threads=cfg.threads)
 
 
 
@@ -163,30 +231,25 @@ def load_data(store: RunStore, cfg: cfgmod.RunConfig,
     return splits, pre
 
 
-def resume_point(store: RunStore, run_id: str, classes: list[str]) -> ResumeState | None:
+def resume_point(writer: StoreWriter, classes: list[str]) -> ResumeState | None:
     """Where to pick up: after the last saved epoch, when its checkpoint fits the data.
     Metric rows past that point (or every row, on a fresh start) are dropped, since the
     run writes them again."""
     from core.engine.checkpoints import read_checkpoint
     from core.engine.train import ResumeState
 
+    store, run_id = writer.store, writer.run_id
     last_file = store.files(run_id).last
     last = read_checkpoint(last_file) if last_file.exists() else None
     state = last.training_state if last is not None and last.classes == classes else None
     if last is None or state is None:
-        store.truncate_metrics(run_id, -1)
+        writer.write(store.truncate_metrics, run_id, -1)
         return None
     # Rows of epochs after the checkpoint go, and the next stage's first row, which shares
     # the checkpoint's step.
-    store.truncate_metrics(run_id, state.step, stage=last.stage)
+    writer.write(store.truncate_metrics, run_id, state.step, stage=last.stage)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
     return ResumeState(last.state_dict, state)
-
-
-def donor_checkpoint(store: RunStore, cfg: cfgmod.RunConfig) -> str | None:
-    """The best checkpoint of the run whose weights start this one (weights "run")."""
-    other = store.get_run(cfg.weights_run) if cfg.weights == "run" else None
-    return other.best_checkpoint if other is not None and other.best_checkpoint else None
 
 
 def starting_model(store: RunStore, cfg: cfgmod.RunConfig, recorder: RunRecorder,
@@ -234,7 +297,7 @@ def resumed_stage_start(files: RunFiles, cfg: cfgmod.RunConfig, resume: ResumeSt
     return {k: v.detach().clone() for k, v in resume.model_state.items() if k in names}
 
 
-def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
+def test_best_checkpoint(writer: StoreWriter, recorder: RunRecorder,
                          splits: DataSplits, pre: Preprocess, runtime: Runtime,
                          epochs_run: float, seconds: float) -> float:
     """The test set is touched once, at the end, with the best checkpoint. Returns its
@@ -248,6 +311,7 @@ def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
         if recorder.heartbeat.should_stop():
             raise Cancelled()
 
+    store, run_id = writer.store, writer.run_id
     recorder.progress({"phase": "testing", "fraction": 1.0, "data_fraction": 0.0,
                        "message": "Loading the best checkpoint"})
     best = read_checkpoint(store.files(run_id).best)
@@ -257,60 +321,50 @@ def test_best_checkpoint(store: RunStore, run_id: str, recorder: RunRecorder,
     per_class = [row[c] / sum(row) if sum(row) else None for c, row in enumerate(confusion)]
     recorder.record(test_loss=test_loss, per_class_acc=per_class, confusion=confusion,
                     seconds=seconds, test_acc=test_acc)
-    if not store.metrics(run_id, keys=["test/acc"]):  # a run killed after it resumes here
-        store.log_metrics(run_id, [(best.stage, epochs_run, 0, "test/acc", test_acc)])
+    # A run killed after this row was written resumes here: it is not written twice.
+    if not writer.write(store.metrics, run_id, keys=["test/acc"]):
+        writer.log_metrics([(best.stage, epochs_run, 0, "test/acc", test_acc)])
     return test_acc
 
 
-# SQLite's words for a write that found no room; "disk I/O error" counts only when the
-# disk really is nearly full (it has other causes).
-SQLITE_FULL_TEXT = "database or disk is full"
-SQLITE_IOERR_TEXT = "disk I/O error"
-NEARLY_FULL_BYTES = 64 * 1024**2
-
-
-def disk_full_at(exc: BaseException, store: RunStore) -> Path | None:
-    """Where the disk filled up, when `exc` (or an exception it came from) says it did."""
-    import errno
-    import shutil
-    import sqlite3
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return Path(seen.filename) if seen.filename else store.root
-        if isinstance(seen, sqlite3.Error):
-            text = str(seen)
-            if SQLITE_FULL_TEXT in text:
-                return store.db_path
-            if SQLITE_IOERR_TEXT in text and shutil.disk_usage(store.root).free < NEARLY_FULL_BYTES:
-                return store.db_path
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def settle_disk_full(store: RunStore, run_id: str, path: Path) -> str:
+def settle_disk_full(store: RunStore, run_id: str, path: Path,
+                     writer: StoreWriter | None = None) -> str:
     """Remove this run's temp files (freeing what the failed write took) and record the
     run failed with what to do; its last saved epoch stays resumable."""
     from core.runs.jobs import remove_partial_files
 
     removed = remove_partial_files(store.files(run_id))
-    message = f"disk full at {path}: free space and resume"
+    message = disk_full_message(path)
     log.error("%s (removed %d temp file(s))", message, len(removed))
     try:
-        return settle(store, run_id, "failed", message)
+        return settle(store, run_id, "failed", message, writer=writer)
     except Exception as exc:  # the store itself cannot write: the log keeps the reason
         log.error("could not record the failure in the run store: %s", exc)
         return "failed"
 
 
-def settle(store: RunStore, run_id: str, status: str, error: str | None = None) -> str:
+def settle(store: RunStore, run_id: str, status: str, error: str | None = None,
+           writer: StoreWriter | None = None) -> str:
     """Record the outcome unless someone else already settled the run (declared it dead,
-    force-stopped it); returns the run's final status either way."""
-    if not store.finish_run(run_id, status, error, only_if_running=True):
+    force-stopped it); returns the run's final status either way. With `writer`, the
+    buffered metric rows go first and a store outage is ridden through (a window of its
+    own); if the store stays away, the log keeps the outcome and its status is returned."""
+    def finish() -> bool:
+        return store.finish_run(run_id, status, error, only_if_running=True)
+
+    try:
+        recorded = writer.settle(finish) if writer is not None else finish()
+    except StoreError as exc:
+        if writer is None:
+            raise
+        log.error("could not record the run as %s%s in the run store: %s", status,
+                  f" ({error})" if error else "", exc)
+        return status
+    if not recorded:
         run = store.get_run(run_id)
         final = run.status if run else "deleted"
-        log.warning("run was already settled as %s; not recording %s", final, status)
+        if final != status:  # equal: our own commit, retried after a lost acknowledgement
+            log.warning("run was already settled as %s; not recording %s", final, status)
         return final
     return status
 
@@ -361,14 +415,19 @@ def main(argv: list[str] | None = None) -> int:
         store.set_pid(args.run_id, os.getpid())
     log.info("worker pid %d on %s (executor %s, job %s)", os.getpid(), socket.gethostname(),
              run.executor or "local", run.job_id or "-")
+    if run.executor == "ray":  # a head lost mid-run: record why and stop (executors.ray)
+        from core.runs.executors.ray import watch_cluster
+
+        watch_cluster(store, args.run_id)
     # SIGTERM stops the run between batches. Unless the lab asked for it (a cancel request,
     # then a cluster stop after the grace period), it is a fault: a job stopped behind our
     # back, a node shutting down. A signal handler must not touch the store (the main thread
     # may be inside a write), so a thread records that, then stops the loop.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
         target=stop_on_sigterm, args=(store, args.run_id), daemon=True).start())
-    status = execute_run(store, args.run_id)
-    if run.executor in (None, "local"):  # a cluster queues its own jobs
+    local = run.executor in (None, "local")  # a cluster queues its own jobs
+    status = execute_run(store, args.run_id, watch_queue=local)
+    if local:
         try:
             dispatch(store)  # start the next queued run, if any
         except Exception as exc:

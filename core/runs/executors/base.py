@@ -90,9 +90,25 @@ def liveness_problem(run: Run, now: float | None = None) -> str | None:
     return None
 
 
-def remove_partial_files(files: RunFiles) -> list[Path]:
+def writer_is_gone(run: Run) -> bool:
+    """Whether no worker process of `run` can still be writing its files: its process, on
+    this host, is verifiably gone. A worker on another host, or one whose pid is unknown,
+    may still be writing (a cluster that lost its head, a job Ray no longer knows), so it
+    does not count as gone: its own resume cleans what it left."""
+    import socket
+
+    if run.pid is None or run.host not in (None, socket.gethostname()):
+        return run.pid is None and run.started_at is None  # never started: nothing written
+    return not pid_is_worker(run.pid, run.pid_start)
+
+
+def remove_partial_files(files: RunFiles, run: Run | None = None) -> list[Path]:
     """Delete temp files a killed worker left mid-write (atomic writes go through temp
-    files first, so the real files are always whole)."""
+    files first, so the real files are always whole). With `run`, only when its worker is
+    gone (writer_is_gone): a live worker's temp file is its checkpoint being written.
+    Without, the caller is the writer itself or knows it is dead."""
+    if run is not None and not writer_is_gone(run):
+        return []
     removed = []
     for tmp in files.temp_files():
         try:
