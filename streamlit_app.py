@@ -46,7 +46,7 @@ def sign_in_bar(you) -> None:
         return
     where = st.sidebar if you.lab and st.query_params.get("present") != "1" else st
     if you.visitor.signed_in:
-        where.caption(you.reason)
+        where.text(you.reason)  # an e-mail is shown as text, never markdown
         if where.button("Sign out", key="app.sign_out"):
             st.logout()
     elif where.button("Sign in", key="app.sign_in"):

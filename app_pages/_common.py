@@ -22,6 +22,7 @@ from core.analysis import planning, speed
 from core.engine.datasets import DatasetInfo, list_datasets
 from core.engine.paths import data_roots
 from core.runs import jobs
+from core.runs.entities import TRAINING_KINDS
 from core.runs.store import Run, RunStore, StoreError
 from core.views.tables import fmt_pct, progress_fraction, progress_text, short_id
 from core.views.text import md
@@ -148,7 +149,10 @@ def notify_ended(store: RunStore, active_ids: set[str]) -> None:
         if run is None:
             continue
         if run.status == "finished":
-            st.toast(f"**{md(name)}** finished: best validation {fmt_pct(run.best_val_acc)}.",
+            # A tool's job (an LR finder's, an export's) has no validation accuracy.
+            best = (f": best validation {fmt_pct(run.best_val_acc)}" if run.kind in TRAINING_KINDS
+                    else "")
+            st.toast(f"**{md(name)}** finished{best}.",
                      icon=":material/check_circle:", duration="long")
         elif run.status == "failed":
             st.toast(f"**{md(name)}** failed: {md(run.error) if run.error else 'see its log on Runs'}.",

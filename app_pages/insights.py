@@ -12,7 +12,10 @@ import pandas as pd
 import streamlit as st
 
 from app_pages._common import get_store, pick_run
-from core.analysis import insights
+from app_pages._tool_jobs import active_job
+from core.analysis import export, insights
+from core.runs.entities import TRAINING_KINDS
+from core.runs.preflight import PreflightError
 from core.runs.store import Run, RunStore
 from core.views import charts
 from core.views.images import pixelated
@@ -91,32 +94,39 @@ def mistakes(store: RunStore, run: Run) -> None:
 
 
 def export_section(store: RunStore, run: Run) -> None:
+    """The export as a background job (core.analysis.export): the button, the job's progress
+    and Cancel while it runs, then the zip to download and the export's notes."""
     st.markdown("**Export the best model**")
     st.caption("TorchScript and ONNX files, a README on loading them, the class names and the "
-               "metrics as CSV, in one zip.")
-    if st.button("Export", key=P + f"export.{run.id}"):
-        from core.analysis.export import ExportError, export_run
-
-        with st.spinner("Exporting and checking the exported models…"):
-            try:
-                result = export_run(store, run)
-            except ExportError as exc:
-                st.warning(str(exc))
-                return
-            except OSError as exc:  # disk full, permissions, a vanished run folder
-                st.error(f"The export could not be written to {store.run_dir(run.id)}: "
-                         f"{exc.strerror or exc}. Free some disk space and try again.")
-                return
-        st.session_state[P + "exported"] = (run.id, str(result.zip_path), result.notes)
-    done = st.session_state.get(P + "exported")
-    if done and done[0] == run.id and Path(done[1]).is_file():
-        for note in done[2]:
-            st.info(note)
-        zip_path = Path(done[1])
-        # A callable: the zip (tens of MB) is read only when the button is clicked.
-        st.download_button("Download the export (zip)", data=lambda: zip_path.read_bytes(),
-                           file_name=zip_path.name, mime="application/zip",
-                           key=P + f"download.{run.id}", on_click="ignore")
+               "metrics as CSV, in one zip. It runs as a background job, in the queue like a run.")
+    key = P + f"export.{run.id}"
+    job = export.latest_job(store, run.id)
+    if st.button("Export", key=key, disabled=job is not None and job.is_active):
+        try:
+            export.submit(store, run)
+        except (export.ExportError, PreflightError) as exc:
+            st.warning(md(str(exc)))
+            return
+        st.rerun()  # drawn again with the button held while the job runs
+    if job is None:
+        return
+    if job.is_active:
+        active_job(job.id, key, "The export")
+        return
+    if job.status != "finished":
+        st.warning(f"The last export {job.status}" + (f": {md(job.error)}" if job.error else "."))
+        return
+    outcome = export.outcome_of(store, job.id)
+    if outcome is None or not Path(outcome.zip_path).is_file():
+        st.caption("The last export's files are gone: export again.")
+        return
+    for note in outcome.notes:
+        st.info(md(note))
+    zip_path = Path(outcome.zip_path)
+    # A callable: the zip (tens of MB) is read only when the button is clicked.
+    st.download_button("Download the export (zip)", data=lambda: zip_path.read_bytes(),
+                       file_name=zip_path.name, mime="application/zip",
+                       key=P + f"download.{run.id}", on_click="ignore")
 
 
 # ---------------------------------------------------------------- page
@@ -126,7 +136,8 @@ def page() -> None:
     sidebar after the page (streamlit_app.py), and st.stop() would end that run too."""
     st.title("Run insights")
     store = get_store()
-    runs = [r for r in store.list_runs() if r.best_checkpoint or r.status == "finished"]
+    runs = [r for r in store.list_runs(kinds=TRAINING_KINDS)
+            if r.best_checkpoint or r.status == "finished"]
     if not runs:
         st.info("Insights appear here once a run has finished an epoch.")
         return

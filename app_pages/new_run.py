@@ -24,13 +24,14 @@ from app_pages._common import (
 )
 from app_pages._forms import CONFIG_FOR_NEW_RUN, keep_form, restore_form
 from app_pages._pickers import data_folder_picker, weights_file_picker
+from app_pages._tool_jobs import active_job
 from core import config as cfgmod
 from core.analysis import lr_finder, planning, speed
 from core.config import LAYER_GROUPS, MAX_STAGES, RunConfig, StageConfig
 from core.engine.paths import DATA_ROOTS_ENV, PathNotAllowed, cifar10_dir, data_roots, resolve_user_path
 from core.runs import jobs
 from core.runs.entities import TRAINING_KINDS
-from core.runs.preflight import available_memory
+from core.runs.preflight import PreflightError, available_memory
 from core.runs.store import RunStore, StoreError
 from core.views import charts
 from core.views.tables import fmt_count, fmt_duration, run_label
@@ -298,54 +299,71 @@ def use_lr(i: int, lr: float) -> None:
 
 
 def lr_finder_section(store: RunStore, cfg: RunConfig, n_stages: int) -> None:
-    """Per stage: a short LR range test on exactly the groups that stage trains, its plot,
-    and one click to use the suggestion (core.analysis.lr_finder)."""
+    """Per stage: a short LR range test on exactly the groups that stage trains, run as a
+    background job (progress, cancel), its plot, and one click to use the suggestion when
+    the curve clearly gives one (core.analysis.lr_finder)."""
     with st.expander("LR finder: find a learning rate for a stage"):
-        st.caption("A short run (100 steps, here in the page) raises the learning rate "
-                   "exponentially while training only the stage's layer groups, and suggests "
-                   "where the loss falls fastest. Each test is recorded as a run named "
-                   "“LR finder · …”.")
+        st.caption("A short background job (100 steps, in the job queue like a run) raises the "
+                   "learning rate exponentially while training only the stage's layer groups, "
+                   "and suggests where the loss falls fastest, when it clearly does. Each test "
+                   "is recorded as a run named “LR finder · …”.")
         errors = cfgmod.validate(cfg)
         for i in range(n_stages):
-            key = f"{P}lr_find.{i}"
-            cols = st.columns([1, 2], vertical_alignment="bottom")
-            start_ckpt = None
-            if i > 0:  # a later stage starts from the previous stage's result
-                donors = {r.id: r for r in store.list_runs(statuses=("finished",))
-                          if store.files(r.id).stage_end(i).exists()}
-                pick = cols[1].selectbox(
-                    f"Stage {i + 1} starts from", ["", *donors], key=f"{key}.from",
-                    format_func=lambda r: (run_label(donors[r]) + f" (end of stage {i})" if r
-                                           else "the starting weights (approximation)"),
-                    help=f"Stage {i + 1} will start from stage {i}'s result: a finished run's "
-                         f"stage {i} checkpoint stands in for it.")
-                start_ckpt = str(store.files(pick).stage_end(i)) if pick else None
-            if cols[0].button(f"Find LR for stage {i + 1}", key=f"{key}.go",
-                              disabled=bool(errors)):
-                with st.spinner(f"Range test of stage {i + 1}…"):
-                    try:
-                        finding = lr_finder.find_lr(store, cfg, i + 1, start_ckpt)
-                        lr_finder.record(store, cfg, finding)
-                    except Exception as exc:  # data/weights problems: say so, keep the page
-                        st.error(f"The LR finder could not run: {exc}")
-                    else:
-                        st.session_state[key] = finding
-            finding = st.session_state.get(key)
-            if finding is None or finding.trains != cfg.stages[i].trains:
-                continue
-            c = finding.curve
-            st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, c.suggested_lr,
-                                                  f"LR finder, stage {i + 1} ({finding.trains})"),
-                            key=f"{key}.chart")
-            st.caption(f"Started from {md(finding.start)}."
-                       f"{' Stopped early: the loss diverged.' if c.diverged else ''}")
-            if c.suggested_lr is None:
-                st.caption("No clear fall in the loss: no suggestion.")
-            else:
-                st.button(f"Use {c.suggested_lr:.2g} for stage {i + 1}", key=f"{key}.use",
-                          on_click=use_lr, args=(i, c.suggested_lr))
+            lr_finder_stage(store, cfg, i, bool(errors))
         if errors:
             st.caption("Fix the config first: " + "; ".join(errors))
+
+
+def lr_finder_stage(store: RunStore, cfg: RunConfig, i: int, config_invalid: bool) -> None:
+    """Stage i's (0-based) range test: the button, the job while it runs, then its result."""
+    key = f"{P}lr_find.{i}"
+    cols = st.columns([1, 2], vertical_alignment="bottom")
+    start_ckpt = None
+    if i > 0:  # a later stage starts from the previous stage's result
+        donors = {r.id: r for r in store.list_runs(statuses=("finished",), kinds=TRAINING_KINDS)
+                  if store.files(r.id).stage_end(i).exists()}
+        pick = cols[1].selectbox(
+            f"Stage {i + 1} starts from", ["", *donors], key=f"{key}.from",
+            format_func=lambda r: (run_label(donors[r]) + f" (end of stage {i})" if r
+                                   else "the starting weights (approximation)"),
+            help=f"Stage {i + 1} will start from stage {i}'s result: a finished run's "
+                 f"stage {i} checkpoint stands in for it.")
+        start_ckpt = str(store.files(pick).stage_end(i)) if pick else None
+    # This session's last test of the stage, else the newest for exactly this config.
+    job = store.get_run(st.session_state.get(key) or "") or lr_finder.latest_job(store, cfg, i + 1)
+    busy = job is not None and job.is_active
+    if cols[0].button(f"Find LR for stage {i + 1}", key=f"{key}.go",
+                      disabled=config_invalid or busy):
+        try:
+            job = lr_finder.submit(store, cfg, lr_finder.LrFinderRequest(i + 1, start_ckpt))
+        except (cfgmod.ConfigError, PreflightError) as exc:
+            st.error(f"The LR finder could not start: {md(str(exc))}")
+            return
+        st.session_state[key] = job.id
+        st.rerun()  # drawn again with the button held while the job runs
+    tested = job.config.stages[i].trains if job is not None and i < len(job.config.stages) else None
+    if job is None or tested != cfg.stages[i].trains:  # a test of other layer groups
+        return
+    if job.is_active:
+        active_job(job.id, key, "The range test")
+        return
+    if job.status != "finished":
+        st.warning(f"The last range test of stage {i + 1} {job.status}"
+                   + (f": {md(job.error)}" if job.error else "."))
+        return
+    c = lr_finder.curve_of(store, job.id)
+    suggestion = c.suggestion
+    st.plotly_chart(charts.lr_find_figure(c.lrs, c.losses, c.smoothed, suggestion.lr,
+                                          f"LR finder, stage {i + 1} ({cfg.stages[i].trains})"),
+                    key=f"{key}.chart")
+    st.caption(f"Started from {md(job.results.weights)}."
+               f"{' Stopped early: the loss diverged.' if c.diverged else ''}")
+    if suggestion.lr is None:
+        st.info(suggestion.why, icon=":material/info:")
+    else:
+        st.button(f"Use {suggestion.lr:.2g} for stage {i + 1}", key=f"{key}.use",
+                  on_click=use_lr, args=(i, suggestion.lr))
+        st.caption(suggestion.why)
 
 
 def summary(plan: planning.RunPlan, cfg: RunConfig,

@@ -201,3 +201,45 @@ def serving_refusal(address: str | None, settings: Settings, sign_in: bool) -> s
             f"and delete runs. Fix: serve it in viewer mode ({MODE_ENV}=viewer), configure "
             f"sign-in ([auth] in .streamlit/secrets.toml, README \"Presenting, viewer mode and "
             f"sign-in\"), or keep --server.address localhost.")
+
+
+ADDRESS_ENV = "STREAMLIT_SERVER_ADDRESS"  # Streamlit's own environment form of server.address
+
+
+def requested_address(argv: Sequence[str], env: Mapping[str, str], configured: str | None) -> str | None:
+    """The address `streamlit run ... argv` will listen on: --server.address from the command
+    line (either form), else $STREAMLIT_SERVER_ADDRESS, else `configured` (config.toml)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--server.address="):
+            return arg.split("=", 1)[1]
+        if arg == "--server.address" and i + 1 < len(argv):
+            return argv[i + 1]
+    return env.get(ADDRESS_ENV, configured)
+
+
+def read_toml_tables(path) -> dict[str, object]:
+    """The tables of a TOML file (.streamlit/secrets.toml, config.toml); {} when it is absent."""
+    import tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    with p.open("rb") as f:
+        return tomllib.load(f)
+
+
+def refusal_at_start(root, argv: Sequence[str], env: Mapping[str, str]) -> str | None:
+    """serving_refusal for `streamlit run streamlit_app.py argv` started in `root` (the repo),
+    reading .streamlit/config.toml and .streamlit/secrets.toml as Streamlit will: for
+    scripts/start.sh, which says it in one line and does not start."""
+    from pathlib import Path
+
+    folder = Path(root) / ".streamlit"
+    server = read_toml_tables(folder / "config.toml").get("server", {})
+    configured = server.get("address") if isinstance(server, Mapping) else None
+    secrets = read_toml_tables(folder / "secrets.toml")
+    lab, auth = secrets.get(SECRETS_TABLE), secrets.get("auth")
+    settings = read_settings(env, lab if isinstance(lab, Mapping) else None)
+    return serving_refusal(requested_address(argv, env, configured), settings,
+                           sign_in_configured(auth if isinstance(auth, Mapping) else None))

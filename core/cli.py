@@ -280,8 +280,9 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     finding = lr_finder.find_lr(
         store, cfg, args.stage, str(args.start_checkpoint) if args.start_checkpoint else None,
-        steps=args.steps, on_progress=lambda msg, f: print(f"\r{visible(msg)} {100 * f:3.0f} %", end="",
-                                                           file=sys.stderr))
+        steps=args.steps, on_progress=lambda p: print(
+            f"\r{visible(p.message or p.phase)} {100 * (p.data_fraction or p.fraction):3.0f} %",
+            end="", file=sys.stderr))
     print(file=sys.stderr)
     run = lr_finder.record(store, cfg, finding, args.name)
     c = finding.curve
@@ -295,7 +296,7 @@ def cmd_lr_find(store: RunStore, args: argparse.Namespace) -> int:
     print(f"{len(c.lrs)} steps, {c.lrs[0]:.1e} .. {c.lrs[-1]:.1e}"
           f"{' (stopped: the loss diverged)' if c.diverged else ''}")
     if c.suggested_lr is None:
-        print("no suggestion: the loss never fell clearly; try more steps or another range")
+        print(visible(c.suggestion.why))
     else:
         print(f"suggested lr {c.suggested_lr:.2g} (steepest descent); the loss minimum's "
               f"LR / 10 is {c.min_loss_lr_over_10:.2g}")

@@ -101,6 +101,17 @@ class RunFiles:
         return self.folder / "worker.log"
 
     @property
+    def job_request(self) -> Path:
+        """What a tool's job (an LR finder's or an export's run) was asked to do, written by
+        its `submit` as the run is created (core.analysis.lr_finder, core.analysis.export)."""
+        return self.folder / "request.json"
+
+    @property
+    def job_result(self) -> Path:
+        """What a tool's job made, beyond its metric rows (an export's files and notes)."""
+        return self.folder / "result.json"
+
+    @property
     def export_dir(self) -> Path:
         return self.folder / "export"
 

@@ -3,11 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh requirements.txt
-# Say where runs go and what the UI may read, from the code's own definitions (no torch).
-.venv/bin/python - <<'PY'
+# Say where runs go and what the UI may read, from the code's own definitions (no torch);
+# refuse to serve the lab beyond this machine without sign-in or viewer mode (core.access).
+.venv/bin/python - "$@" <<'PY'
 import os
+import sys
+
+from core.access import refusal_at_start
 from core.engine.paths import DATA_ROOTS_ENV, data_roots
 from core.settings import ARTIFACTS_ENV, DATA_DIR_ENV, DB_ENV, StoreLayout, store_url
+
+if refusal := refusal_at_start(".", sys.argv[1:], os.environ):
+    sys.exit(refusal)
 
 layout = StoreLayout.default()
 if store_url():  # a database server: named without its password

@@ -174,7 +174,7 @@ def test_truncated_jpeg():
         decode_upload(data[: len(data) // 2], "cut.jpg")
 
 
-@pytest.mark.parametrize("side", [30000, 7000])  # 900 MP (PIL's bomb error); 49 MP (our cap)
+@pytest.mark.parametrize("side", [30000, 7000])  # 900 MP (PIL's bomb error); 49 MP (over our 40 MP cap, MAX_IMAGE_PIXELS)
 def test_decompression_bomb_is_refused_before_decoding(side):
     with pytest.raises(ImageRejected, match="too many pixels"):
         decode_upload(png_header_only(side, side), "bomb.png")

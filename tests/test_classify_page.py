@@ -22,6 +22,9 @@ from core.engine.model import build_resnet18
 from core.runs.store import RunStore
 from tests.conftest import make_image_folder, tiny_config
 
+# Examples are shown only from data under the data roots: the tests' data is in temp folders.
+pytestmark = pytest.mark.usefixtures("data_in_temp_roots")
+
 torch.set_num_threads(1)
 PAGE = str(Path(__file__).resolve().parent.parent / "app_pages" / "classify.py")
 FIVE = ("red", "green", "blue", "cyan", "magenta")

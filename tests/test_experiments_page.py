@@ -94,6 +94,20 @@ def test_insights_page_with_finished_run(app_env, finished_run, monkeypatch):
         assert any("every test image right" in s.value for s in at.success)
     at.button(key=f"insights.export.{run.id}").click().run()
     assert not at.exception
+    # The export is a background job (a worker process); the page shows the zip when done.
+    from core.analysis import export
+    from core.runs import jobs
+    from tests.conftest import wait_for
+
+    job = export.latest_job(store, run.id)
+
+    def ended():
+        jobs.reconcile(store)
+        return not store.get_run(job.id).is_active
+
+    wait_for(ended, 300, "the export job to end")
+    assert store.get_run(job.id).status == "finished", jobs.log_tail(store, job.id)
+    at.run()
     assert (store.run_dir(run.id) / f"{run.id}-export.zip").is_file()
     assert at.get("download_button")
 

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from core import access
+from core.engine.paths import DATA_ROOTS_ENV
 from core.runs.store import RunStore
 from tests.browser_support import browser_page, require_browser, serve_app, shot, wait_idle
 from tests.conftest import make_image_folder, tiny_config
@@ -24,7 +25,9 @@ def env_for(store_root, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in (access.MODE_ENV, access.VIEWER_PAGES_ENV, access.ALLOW_ENV,
                         access.PRESENT_RUN_ENV)}
-    return {**env, "FINETUNE_LAB_DATA": str(store_root), **extra}
+    # The example pictures' folder (beside the store) may be read.
+    return {**env, "FINETUNE_LAB_DATA": str(store_root), DATA_ROOTS_ENV: str(store_root.parent),
+            **extra}
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ def store(pg_store, tmp_path, monkeypatch):
     """PostgreSQL, as a cluster uses it, its password in a pgpass file (jobs never carry
     it), the executor set to Ray."""
     monkeypatch.setenv("PGPASSFILE", str(write_pgpass(pg_store.url, tmp_path)))
+    monkeypatch.setenv("FINETUNE_LAB_DB", pg_store.url)  # the command line's store too
     monkeypatch.setenv(jobs.EXECUTOR_ENV, "ray")
     monkeypatch.setenv("RAY_ADDRESS", RAY_URL)
     yield pg_store

@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from app_pages._common import SELECTED_RUN
 from core import access
 from core.access import Access, Mode, Settings, Visitor
+from core.engine.paths import DATA_ROOTS_ENV
 from core.runs.store import RunStore
 from tests.conftest import make_image_folder, tiny_config
 from tests.test_classify_page import FIVE, add_model_run
@@ -131,6 +132,7 @@ def controls(at: AppTest) -> list[tuple[str, str, str]]:
 
 def app_in(monkeypatch, store_root: Path, **env: str) -> AppTest:
     monkeypatch.setenv("FINETUNE_LAB_DATA", str(store_root))
+    monkeypatch.setenv(DATA_ROOTS_ENV, str(store_root.parent))  # the examples' folder
     for name in (access.MODE_ENV, access.VIEWER_PAGES_ENV, access.ALLOW_ENV, access.PRESENT_RUN_ENV):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -201,7 +203,9 @@ def test_a_viewer_gets_only_the_presenter_view_unless_the_owner_allows_more(monk
     at = app_in(monkeypatch, store_root, **{access.MODE_ENV: "viewer"})
     at.run()
     assert not at.exception
-    assert any("present-verdict" in h.proto.body for h in at.get("html"))  # an example is shown
+    # An example is shown with the model's verdict (not the prompt to pick a picture).
+    assert any("present-verdict" in h.proto.body and "present-prompt" not in h.proto.body
+               for h in at.get("html"))
     with pytest.raises(Exception):  # noqa: B017  (Streamlit raises for a page not in the app)
         at.switch_page("app_pages/new_run.py").run()
     assert not at.sidebar.children or not controls_in_sidebar(at)
@@ -229,3 +233,27 @@ def test_access_object_is_the_only_judge():
     """Pages hold no rule of their own: a viewer Access says no to every change."""
     a = Access(Mode.VIEWER, (), access.ANONYMOUS, False, "viewer")
     assert not a.may_change() and not a.offers("runs") and a.started_by is None
+
+
+# ---------------------------------------------------------------- scripts/start.sh's check
+
+
+def test_start_refuses_the_lab_on_every_interface_with_the_fix(tmp_path):
+    """What scripts/start.sh runs before starting Streamlit: the address from the command
+    line (both forms), Streamlit's environment variable or config.toml; viewer mode or a
+    configured provider lets it start."""
+    (tmp_path / ".streamlit").mkdir()
+    (tmp_path / ".streamlit" / "config.toml").write_text('[server]\naddress = "localhost"\n')
+    assert access.refusal_at_start(tmp_path, [], {}) is None
+    line = access.refusal_at_start(tmp_path, ["--server.address", "0.0.0.0"], {})
+    assert line and line.startswith("Refusing to serve the lab on 0.0.0.0") and "Fix:" in line
+    assert access.refusal_at_start(tmp_path, ["--server.address=192.168.0.9"], {})
+    assert access.refusal_at_start(tmp_path, [], {access.ADDRESS_ENV: "0.0.0.0"})
+    assert access.refusal_at_start(tmp_path, ["--server.address", "0.0.0.0"],
+                                   {access.MODE_ENV: "viewer"}) is None
+    (tmp_path / ".streamlit" / "secrets.toml").write_text(
+        '[auth]\nredirect_uri = "http://lab.example.org/oauth2callback"\ncookie_secret = "s"\n'
+        'client_id = "c"\nclient_secret = "x"\n'
+        'server_metadata_url = "https://id.example.org/.well-known/openid-configuration"\n')
+    assert access.refusal_at_start(tmp_path, ["--server.address", "0.0.0.0"], {}) is None
+

@@ -8,27 +8,40 @@ with the checkpoint's mean and std. Every export is checked: the TorchScript mod
 the same top-1 class as the checkpoint on a batch of inputs, or the export fails. ONNX is
 optional: if its exporter fails or its file does not agree, the ONNX file is left out and
 the result's notes say why in plain words.
+
+A background job (`submit`): a run of kind "export" whose request names the run exported;
+the ordinary worker (core.runs.worker) executes it through the job queue, locally or on Ray,
+with progress and cancel, never in the dashboard's process. The files go to the exported
+run's folder; the job's result file (`ExportOutcome`) says where, and the notes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import config as cfgmod
-from core.atomic import atomic_write, atomic_write_text
+from core.atomic import atomic_write, atomic_write_json, atomic_write_text
+from core.runs import jobs
+from core.runs.entities import RunProgress
 from core.runs.store import Run, RunStore
 from core.views.tables import metrics_csv
+
+if TYPE_CHECKING:
+    from core.runs.recorder import Heartbeat
 from core.views.text import md  # a run name is text in the README, never markdown
 
+log = logging.getLogger("finetune_lab.export")
 TORCHSCRIPT_NAME = "model.torchscript.pt"
 ONNX_NAME = "model.onnx"
 ONNX_OPSET = 18
@@ -204,14 +217,23 @@ Input name `input`, output name `logits`; the batch size is free. Opset {ONNX_OP
 
 
 def export_run(store: RunStore, run: Run, include_onnx: bool = True,
-               check_inputs: Any = None) -> ExportResult:
+               check_inputs: Any = None,
+               on_progress: Callable[[RunProgress], None] = lambda p: None,
+               should_stop: Callable[[], bool] = lambda: False) -> ExportResult:
     """Export the run's best checkpoint to `<run dir>/export/` and `<run dir>/<run id>-export.zip`.
     `check_inputs`: optional uint8 N x 3 x R x R images for the agreement check (random
-    inputs otherwise)."""
+    inputs otherwise). Raises Cancelled when `should_stop` says so between its steps; the
+    previous export, if any, is then left as it was."""
     import torch
 
-    from core.engine.data import Preprocess
+    from core.engine.data import Cancelled, Preprocess
 
+    def step(message: str, fraction: float) -> None:
+        if should_stop():
+            raise Cancelled()
+        on_progress(RunProgress(phase="exporting", message=message, fraction=fraction))
+
+    step("Loading the best checkpoint", 0.0)
     ckpt = _best_checkpoint(run)
     model = ckpt.build_model()
     pre = Preprocess.from_dict(ckpt.preprocess)
@@ -226,12 +248,15 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
     try:
         with torch.inference_mode():
             expected = model(x_check)
+        step("Writing and checking the TorchScript model", 0.1)
         _write_checked_torchscript(model, example, x_check, expected, build / TORCHSCRIPT_NAME)
         onnx_ok = False
         if include_onnx:
+            step("Writing and checking the ONNX model", 0.4)
             onnx_ok, note = _onnx_file(model, example, x_check, expected, build / ONNX_NAME)
             if note:
                 notes.append(note)
+        step("Writing the README, classes, preprocessing and metrics", 0.8)
         atomic_write_text(build / "classes.json", json.dumps(ckpt.classes, indent=2))
         atomic_write_text(build / "preprocess.json", json.dumps(ckpt.preprocess, indent=2))
         atomic_write_text(build / "config.json", cfgmod.to_json(run.config))
@@ -247,6 +272,7 @@ def export_run(store: RunStore, run: Run, include_onnx: bool = True,
         shutil.rmtree(build, ignore_errors=True)
         raise
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    on_progress(RunProgress(phase="exporting", message="Writing the zip", fraction=0.9))
     _write_zip(run_files.export_zip, folder, files, run.id)
     return ExportResult(folder=folder, zip_path=run_files.export_zip, files=files, onnx=onnx_ok,
                         notes=notes, checked_images=len(x_check))
@@ -322,3 +348,85 @@ def _write_zip(zip_path: Path, folder: Path, files: list[str], run_id: str) -> N
                 z.write(folder / name, arcname=f"{run_id}/{name}")
 
     atomic_write(zip_path, write_zip)
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What an export's job exports (its run's config is the exported run's)."""
+
+    source_run: str  # the id of the run whose best checkpoint is exported
+    include_onnx: bool = True
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    """What an export's job made: the zip (in the exported run's folder) and the notes."""
+
+    zip_path: str
+    files: list[str]
+    onnx: bool
+    notes: list[str]
+    checked_images: int
+
+
+def submit(store: RunStore, source: Run, include_onnx: bool = True) -> Run:
+    """Queue the export of `source`'s best checkpoint as a background job (a run of kind
+    "export") under the job queue's limit. Raises ExportError when there is nothing to
+    export, PreflightError when the executor cannot take it."""
+    if not source.best_checkpoint or not Path(source.best_checkpoint).is_file():
+        raise ExportError("this run has no best checkpoint yet; export needs at least one finished epoch")
+    jobs.check_executor(store, source.config, 0)  # one model in memory, no data set
+    run = store.create_run(source.config, name=f"Export · {source.name}", kind="export")
+    atomic_write_json(store.files(run.id).job_request, asdict(ExportRequest(source.id, include_onnx)))
+    jobs.dispatch(store)
+    return store.get_run(run.id) or run
+
+
+def request_of(store: RunStore, run_id: str) -> ExportRequest | None:
+    try:
+        data = json.loads(store.files(run_id).job_request.read_text(encoding="utf-8"))
+        return ExportRequest(str(data["source_run"]), bool(data.get("include_onnx", True)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def outcome_of(store: RunStore, run_id: str) -> ExportOutcome | None:
+    """What a finished export job made; None before it finishes (or if unreadable)."""
+    try:
+        data = json.loads(store.files(run_id).job_result.read_text(encoding="utf-8"))
+        return ExportOutcome(str(data["zip_path"]), [str(f) for f in data["files"]],
+                             bool(data["onnx"]), [str(n) for n in data["notes"]],
+                             int(data["checked_images"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest_job(store: RunStore, source_run: str) -> Run | None:
+    """The newest export job of run `source_run`, if any."""
+    for run in store.list_runs(kinds=("export",)):
+        if (req := request_of(store, run.id)) is not None and req.source_run == source_run:
+            return run
+    return None
+
+
+def run_job(store: RunStore, run: Run, heartbeat: Heartbeat) -> None:
+    """The worker's part (core.runs.worker, kind "export"): export the requested run in this
+    process with the heartbeat's progress and cancel, and record what was made."""
+    request = request_of(store, run.id)
+    if request is None:
+        raise ExportError(f"the job's request ({store.files(run.id).job_request.name}) is "
+                          f"missing or unreadable: start the export again")
+    source = store.get_run(request.source_run)
+    if source is None:
+        raise ExportError(f"run {request.source_run} no longer exists")
+    log.info("exporting run %s's best checkpoint%s", source.id,
+             "" if request.include_onnx else " (no ONNX)")
+    result = export_run(store, source, request.include_onnx, on_progress=heartbeat.set_progress,
+                        should_stop=heartbeat.should_stop)
+    log.info("wrote %s (%s)%s", result.zip_path, ", ".join(result.files),
+             "".join(f"; {n}" for n in result.notes))
+    atomic_write_json(store.files(run.id).job_result, asdict(ExportOutcome(
+        str(result.zip_path), result.files, result.onnx, result.notes, result.checked_images)))

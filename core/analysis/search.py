@@ -347,8 +347,9 @@ def create_search(store: RunStore, spec: SearchSpec, start: bool = True) -> str:
     errors = validate_spec(spec) + cfgmod.validate(spec.base)
     if errors:
         raise cfgmod.ConfigError(errors)
-    preflight(spec.base, store)
-    jobs.check_executor()
+    cfgmod.check_text_limits(name=spec.name)
+    report = preflight(spec.base, store)
+    jobs.check_executor(store, spec.base, report.memory_bytes)
     now = time.time()
     search_id = (f"{SEARCH_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-"
                  f"{uuid.uuid4().hex[:4]}")

@@ -9,9 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.config import ConfigError, RunConfig, training_images
 from core.engine.paths import cifar10_train_images
+
+if TYPE_CHECKING:
+    from core.runs.store import RunStore
 
 
 class PreflightError(ConfigError):
@@ -51,6 +55,12 @@ def input_paths(cfg: RunConfig) -> list[Path]:
     if cfg.weights == "file" and cfg.weights_path:
         paths.append(Path(cfg.weights_path).expanduser())
     return paths
+
+
+def donor_checkpoint(store: RunStore, cfg: RunConfig) -> str | None:
+    """The best checkpoint of the run whose weights start this one (weights "run")."""
+    other = store.get_run(cfg.weights_run) if cfg.weights == "run" else None
+    return other.best_checkpoint if other is not None and other.best_checkpoint else None
 
 
 def preflight(cfg: RunConfig, store=None) -> PreflightReport:

@@ -26,7 +26,9 @@ from core import config as cfgmod
 from core.faults import fault_point
 from core.runs.entities import Run, RunProgress
 from core.settings import ARTIFACTS_ENV, RunFiles
+from core.analysis import export, lr_finder
 from core.runs.jobs import dispatch
+from core.runs.preflight import donor_checkpoint
 from core.runs.recorder import (  # noqa: F401  (disk_full_at: also this module's vocabulary)
     TERMINATED,
     CheckpointPolicy,
@@ -46,6 +48,10 @@ if TYPE_CHECKING:
     from core.engine.train import ResumeState, Runtime
 
 log = logging.getLogger("finetune_lab.worker")
+# Tools' jobs, by run kind: each does its work in this process with the heartbeat (progress,
+# cancel) and raises what a training run would (Cancelled, DataError, ...).
+TOOL_JOBS: dict[str, Callable[[RunStore, Run, Heartbeat], None]] = {
+    "lr_finder": lr_finder.run_job, "export": export.run_job}
 
 
 # How often a worker of the local queue makes sure the store's queue supervisor lives,
@@ -94,6 +100,7 @@ def _supervisor_keeper(store: RunStore, writer: StoreWriter) -> Callable[[], Non
 def _execute(store: RunStore, run: Run, writer: StoreWriter,
              on_progress: Callable[[RunProgress], None] | None,
              on_beat: Callable[[], None] | None) -> str:
+    from core.engine.checkpoints import CheckpointError
     from core.engine.data import DataError
     from core.engine.model import WeightsError
     from core.engine.train import Cancelled, Diverged, run_stages
@@ -101,6 +108,9 @@ def _execute(store: RunStore, run: Run, writer: StoreWriter,
     run_id = run.id
     with Heartbeat(writer, on_progress=on_progress, on_beat=on_beat) as heartbeat:
         try:
+            if run.kind in TOOL_JOBS:  # an LR finder's or an export's job, not training
+                TOOL_JOBS[run.kind](store, run, heartbeat)
+                return settle(store, run_id, "finished", writer=writer)
             cfg = checked_config(run)
             require_visible_inputs(cfg)
             runtime = prepare_process(cfg)
@@ -125,7 +135,8 @@ def _execute(store: RunStore, run: Run, writer: StoreWriter,
         except Cancelled:
             log.info("stopped; best checkpoint so far kept")
             return settle(store, run_id, "cancelled", "cancelled by request", writer=writer)
-        except (cfgmod.ConfigError, DataError, WeightsError, Diverged) as exc:
+        except (cfgmod.ConfigError, DataError, WeightsError, Diverged, CheckpointError,
+                export.ExportError) as exc:
             log.error("%s", exc)
             return settle(store, run_id, "failed", str(exc), writer=writer)
         except Exception as exc:  # anything else: recorded with the traceback in the log
@@ -239,12 +250,6 @@ def resume_point(writer: StoreWriter, classes: list[str]) -> ResumeState | None:
     writer.write(store.truncate_metrics, run_id, state.step, stage=last.stage)
     log.info("resuming after epoch %d (step %d)", state.global_epoch, state.step)
     return ResumeState(last.state_dict, state)
-
-
-def donor_checkpoint(store: RunStore, cfg: cfgmod.RunConfig) -> str | None:
-    """The best checkpoint of the run whose weights start this one (weights "run")."""
-    other = store.get_run(cfg.weights_run) if cfg.weights == "run" else None
-    return other.best_checkpoint if other is not None and other.best_checkpoint else None
 
 
 def starting_model(store: RunStore, cfg: cfgmod.RunConfig, recorder: RunRecorder,
