@@ -322,3 +322,21 @@ def test_rows_logged_for_a_deleted_run_are_dropped(store):
     store.delete_run(run.id)
     store.log_metrics(run.id, [(1, 2.0, 2, "val/acc", 0.6)])  # its worker had not noticed yet
     assert store.metrics(run.id) == [] and store.get_run(run.id) is None
+
+
+def test_a_tool_job_s_request_is_in_its_folder_before_its_row_exists(store):
+    """A worker may claim a queued run the moment its row commits: an LR finder's or an
+    export's request must already be there (it was written after the row, a race)."""
+    seen_before_insert = []
+    real_write = store._write
+
+    def checking_write():
+        folders = list(store.layout.artifacts.iterdir()) if store.layout.artifacts.exists() else []
+        seen_before_insert.append([p.name for f in folders if f.is_dir() for p in f.iterdir()])
+        return real_write()
+
+    store._write = checking_write
+    run = store.create_run(RunConfig(), kind="export", job_request={"source_run": "x"})
+    store._write = real_write
+    assert store.files(run.id).job_request.name in seen_before_insert[0]
+    assert json.loads(store.files(run.id).job_request.read_text()) == {"source_run": "x"}

@@ -379,8 +379,8 @@ def submit(store: RunStore, source: Run, include_onnx: bool = True) -> Run:
     if not source.best_checkpoint or not Path(source.best_checkpoint).is_file():
         raise ExportError("this run has no best checkpoint yet; export needs at least one finished epoch")
     jobs.check_executor(store, source.config, 0)  # one model in memory, no data set
-    run = store.create_run(source.config, name=f"Export · {source.name}", kind="export")
-    atomic_write_json(store.files(run.id).job_request, asdict(ExportRequest(source.id, include_onnx)))
+    run = store.create_run(source.config, name=f"Export · {source.name}", kind="export",
+                           job_request=asdict(ExportRequest(source.id, include_onnx)))
     jobs.dispatch(store)
     return store.get_run(run.id) or run
 

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core import config as cfgmod
-from core.atomic import atomic_write_json
 from core.config import RunConfig, StageConfig
 from core.runs import jobs
 from core.runs.entities import RunProgress
@@ -327,8 +326,8 @@ def submit(store: RunStore, cfg: RunConfig, request: LrFinderRequest) -> Run:
     report = preflight(cfg, store)
     jobs.check_executor(store, cfg, report.memory_bytes)
     trains = cfg.stages[request.stage - 1].trains
-    run = store.create_run(cfg, name=run_name(request.stage, trains), kind="lr_finder")
-    atomic_write_json(store.files(run.id).job_request, asdict(request))
+    run = store.create_run(cfg, name=run_name(request.stage, trains), kind="lr_finder",
+                           job_request=asdict(request))
     jobs.dispatch(store)
     return store.get_run(run.id) or run
 

@@ -47,6 +47,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from core import config as cfgmod
+from core.atomic import atomic_write_json
 from core.config import RunConfig, check_text_limits
 from core.process import process_identity
 from core.runs.entities import (
@@ -681,10 +682,16 @@ class RunStore:
     # ---------------------------------------------------------------- runs
 
     def create_run(self, config: RunConfig, name: str = "", group: str = "",
-                   kind: str = "training") -> Run:
+                   kind: str = "training", job_request: dict[str, Any] | None = None) -> Run:
+        """Queue a new run. A tool's job (an LR finder, an export) passes its `job_request`:
+        it is written into the run's folder before the row exists, so a worker that claims
+        the run the moment it is queued always finds it."""
         if kind not in KINDS:
             raise ValueError(f"unknown run kind {kind!r}: one of {', '.join(KINDS)}")
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        if job_request is not None:
+            self.run_dir(run_id).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.files(run_id).job_request, job_request)
         with self._write() as con:
             con.execute(runs.insert().values(
                 id=run_id, name=name or run_id, grp=group, status="queued", kind=kind,
