@@ -12,6 +12,7 @@ import streamlit as st
 from app_pages._common import (
     HANDED_DATA_PATH,
     INSIGHTS_PAGE,
+    access,
     epoch_estimate,
     found_datasets,
     get_store,
@@ -246,7 +247,8 @@ def submit(store: RunStore, recipes: list[tuple[str, cfgmod.RunConfig]], seeds: 
                  disabled=bool(problems) or not ready or queued,
                  help="Queued: change the form to queue another." if queued else None):
         try:
-            exp = ex.submit_experiment(store, recipes, seeds, name=name)
+            exp = ex.submit_experiment(store, recipes, seeds, name=name,
+                                       started_by=access().started_by)
         except cfgmod.ConfigError as exc:
             problems = exc.errors
         else:

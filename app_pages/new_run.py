@@ -16,6 +16,7 @@ import streamlit as st
 from app_pages._common import (
     DATASETS_PAGE,
     HANDED_DATA_PATH,
+    access,
     epoch_estimate,
     get_store,
     open_run,
@@ -407,9 +408,10 @@ def start(store: RunStore, cfg: RunConfig, plan: planning.RunPlan, button_col: A
     name = s[f"{P}name"].strip() or f"{s[f'{P}preset']} {time.strftime('%m-%d %H:%M:%S')}"
     try:
         if len(plan.seeds) == 1:
-            runs = [jobs.submit(store, cfg, name=name)]
+            runs = [jobs.submit(store, cfg, name=name, started_by=access().started_by)]
         else:
-            runs = jobs.submit_seeds(store, cfg, list(plan.seeds), name=name, group=name)
+            runs = jobs.submit_seeds(store, cfg, list(plan.seeds), name=name, group=name,
+                                     started_by=access().started_by)
         for run in runs:  # the note and tags written before Start
             if s[f"{P}note"].strip():
                 store.set_note(run.id, s[f"{P}note"])

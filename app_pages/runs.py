@@ -318,7 +318,8 @@ def page() -> None:
                + f" · {run.config.data_source}, {run.config.weights} weights",
                 unsafe_allow_html=True)
     st.caption(f"Where: {run.executor or 'in the foreground (command line)'}"  # issue 10 §1
-               + (f" job `{run.job_id}`" if run.job_id else "") + f" on {md(run.host) if run.host else 'no host yet'}")
+               + (f" job `{run.job_id}`" if run.job_id else "") + f" on {md(run.host) if run.host else 'no host yet'}"
+               + (f" · started by {md(run.started_by)}" if run.started_by else ""))
     notes_and_tags(store, run)
 
     if run.is_active:

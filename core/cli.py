@@ -360,7 +360,7 @@ def run_record(r: Run) -> dict[str, Any]:
     return {"id": r.id, "name": r.name, "status": r.status, "pid": r.pid, "error": r.error,
             "best_val_acc": r.best_val_acc, "test_acc": r.test_acc, "created_at": r.created_at,
             "executor": r.executor, "job_id": r.job_id, "host": r.host, "note": r.note,
-            "tags": list(r.tags)}
+            "tags": list(r.tags), "kind": r.kind, "started_by": r.started_by}
 
 
 def cmd_runs(store: RunStore, as_json: bool) -> int:

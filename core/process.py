@@ -8,6 +8,15 @@ import os
 import psutil
 
 
+def local_user() -> str:
+    """The name of the user this process runs as (every OS), or "" when it has none (a
+    container's uid without a passwd entry)."""
+    try:
+        return psutil.Process().username()
+    except (psutil.Error, KeyError, OSError):
+        return ""
+
+
 def process_identity(pid: int) -> str | None:
     """A process's creation time (seconds since the epoch, as text): with the pid it names
     one process, so a reused pid is not mistaken for it. None when there is no such process."""

@@ -634,3 +634,14 @@ def test_an_lr_finder_run_shows_its_loss_against_lr_not_training_charts(app_env)
     assert "loss against learning rate" in chart.proto.spec
     assert "started from random initialisation" in shown
     assert f"Suggested learning rate: {curve.suggested_lr:.2g}" in shown
+
+
+def test_runs_page_says_who_started_the_run(app_env):
+    """Issue 21: the starter recorded by the store is shown in the run's header, as text."""
+    run = seed_finished(app_env, "started", tiny_config(Path("/x")), 0.6, 0.5)
+    with app_env._write() as con:  # as a signed-in dashboard would have recorded it
+        from core.runs.store import runs as runs_table
+        con.execute(runs_table.update().where(runs_table.c.id == run.id)
+                    .values(started_by="ada_lovelace@lab.io"))
+    at = open_page("app_pages/runs.py", selected_run_id=run.id)
+    assert any("started by ada\\_lovelace\\@lab\\.io" in c.value for c in at.caption)

@@ -340,3 +340,18 @@ def test_a_tool_job_s_request_is_in_its_folder_before_its_row_exists(store):
     store._write = real_write
     assert store.files(run.id).job_request.name in seen_before_insert[0]
     assert json.loads(store.files(run.id).job_request.read_text()) == {"source_run": "x"}
+
+
+def test_who_started_a_run_is_recorded(store):
+    """Issue 21: the signed-in e-mail when the dashboard passes one, else the account that
+    submitted it."""
+    from core.process import local_user
+    from core.runs import jobs
+
+    signed_in = store.create_run(RunConfig(), started_by="ada@lab.io")
+    assert store.get_run(signed_in.id).started_by == "ada@lab.io"
+    assert store.create_run(RunConfig()).started_by == local_user() != ""
+    # The dashboard's submit passes the signed-in e-mail through (data checks are not the point).
+    run = jobs.submit(store, RunConfig(), name="queued", start=False, check_data=False,
+                      started_by="bob@lab.io")
+    assert store.get_run(run.id).started_by == "bob@lab.io"

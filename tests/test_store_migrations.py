@@ -230,6 +230,8 @@ def test_range_tests_recorded_before_run_kinds_become_lr_finder_runs(tmp_path):
         con.execute("INSERT INTO runs (id, name, status, config, created_at) VALUES "
                     "('20260101-000003-dddddd', 'LR finder · stage 1 (layer4..fc) · 01-01 10:00', "
                     "'finished', ?, 4.0)", (json.dumps(CONFIG),))
-    kinds = {r.name: r.kind for r in RunStore(root).list_runs()}
+    runs = RunStore(root).list_runs()
+    assert {r.started_by for r in runs} == {""}  # nobody known started the runs of before
+    kinds = {r.name: r.kind for r in runs}
     assert kinds.pop("LR finder · stage 1 (layer4..fc) · 01-01 10:00") == "lr_finder"
     assert set(kinds.values()) == {"training"}

@@ -257,8 +257,10 @@ def validate_experiment(recipes: Sequence[tuple[str, cfgmod.RunConfig]], seeds: 
 
 def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunConfig]],
                       seeds: Sequence[int], name: str = "",
-                      resources: RunResources | None = None) -> Experiment:
-    """Queue every (recipe, seed) run, grouped per recipe, and record the experiment.
+                      resources: RunResources | None = None,
+                      started_by: str | None = None) -> Experiment:
+    """Queue every (recipe, seed) run, grouped per recipe, and record the experiment, its
+    runs started by `started_by` (see RunStore.create_run).
     `resources` (CPU threads and device per run, core.runs.jobs.RunResources) replace the
     recipes' own when given: on Ray, what each run reserves.
     The record is written before any run is queued, so a crash part-way leaves a record
@@ -290,7 +292,7 @@ def submit_experiment(store: RunStore, recipes: Sequence[tuple[str, cfgmod.RunCo
     store.create_experiment(exp)
     for (recipe_name, cfg), recipe in zip(recipes, exp.recipes):
         jobs.submit_seeds(store, cfg, list(seeds), name=f"{exp.name}: {recipe_name}",
-                          group=recipe.group)
+                          group=recipe.group, started_by=started_by)
     return exp
 
 

@@ -118,6 +118,9 @@ class Run:
     note: str = ""  # the user's free-text note
     tags: tuple[str, ...] = ()  # the user's labels, sorted
     kind: str = "training"  # one of KINDS
+    # Who started it: the signed-in e-mail when the dashboard has sign-in, else the user
+    # account that submitted it (command line, dashboard on one machine); "" if unknown.
+    started_by: str = ""
 
     @property
     def is_active(self) -> bool:

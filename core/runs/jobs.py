@@ -52,7 +52,7 @@ class RunResources:
 
 def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = "",
            start: bool = True, check_data: bool = True,
-           resources: RunResources | None = None) -> Run:
+           resources: RunResources | None = None, started_by: str | None = None) -> Run:
     """Validate `cfg` (values, then data and weights: core.runs.preflight), queue it as a new
     run, and hand it to the executor. `resources`, when given, replace the config's threads
     and device. Raises ConfigError / PreflightError."""
@@ -64,14 +64,15 @@ def submit(store: RunStore, cfg: cfgmod.RunConfig, name: str = "", group: str = 
 
         report = preflight(cfg, store)
         check_executor(store, cfg, report.memory_bytes)
-    run = store.create_run(cfg, name=name, group=group)
+    run = store.create_run(cfg, name=name, group=group, started_by=started_by)
     if start:
         dispatch(store)
     return store.get_run(run.id) or run
 
 
 def submit_seeds(store: RunStore, cfg: cfgmod.RunConfig, seeds: list[int], name: str,
-                 group: str, resources: RunResources | None = None) -> list[Run]:
+                 group: str, resources: RunResources | None = None,
+                 started_by: str | None = None) -> list[Run]:
     """Queue one run per seed as a group (for mean ± std across seeds), each with
     `resources` when given."""
     from core.runs.preflight import preflight
@@ -82,7 +83,7 @@ def submit_seeds(store: RunStore, cfg: cfgmod.RunConfig, seeds: list[int], name:
     report = preflight(cfg, store)  # once: the seeds share data and weights
     check_executor(store, cfg, report.memory_bytes)
     runs = [submit(store, replace(cfg, seed=s), name=f"{name} seed {s}", group=group, start=False,
-                   check_data=False) for s in seeds]
+                   check_data=False, started_by=started_by) for s in seeds]
     dispatch(store)
     return runs
 

@@ -49,7 +49,7 @@ from sqlalchemy.pool import NullPool
 from core import config as cfgmod
 from core.atomic import atomic_write_json
 from core.config import RunConfig, check_text_limits
-from core.process import process_identity
+from core.process import local_user, process_identity
 from core.runs.entities import (
     ACTIVE,
     DONE,
@@ -142,6 +142,7 @@ runs = sa.Table(
     # The last metric `seq` handed out for this run (never reused, like an autoincrement).
     sa.Column("metric_seq", sa.BigInteger, nullable=False),
     sa.Column("kind", sa.Text, nullable=False),  # one of entities.KINDS
+    sa.Column("started_by", sa.Text, nullable=False),  # entities.Run.started_by
 )
 
 metrics = sa.Table(
@@ -341,10 +342,15 @@ def _m10_experiments(con: Connection) -> None:
     _ddl(con, "CREATE INDEX experiments_created ON experiments(created_at)")
 
 
+def _m11_started_by(con: Connection) -> None:
+    """Who started a run (issue 21): earlier runs are of nobody known ("")."""
+    _ddl(con, "ALTER TABLE runs ADD COLUMN started_by TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _m1_initial, _m2_pid_start, _m3_last_step_column, _m4_relative_best_checkpoint,
     _m5_executor_and_job, _m6_notes_and_tags, _m7_metric_seq, _m8_run_kind,
-    _m9_metric_batches, _m10_experiments)
+    _m9_metric_batches, _m10_experiments, _m11_started_by)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -670,6 +676,7 @@ class RunStore:
             test_acc=row["test_acc"], last_step=row["last_step"],
             results=results_from_json(row["results"]),
             note=row["note"], tags=tags, kind=row["kind"],
+            started_by=row["started_by"],
         )
 
     def files(self, run_id: str) -> RunFiles:
@@ -682,8 +689,10 @@ class RunStore:
     # ---------------------------------------------------------------- runs
 
     def create_run(self, config: RunConfig, name: str = "", group: str = "",
-                   kind: str = "training", job_request: dict[str, Any] | None = None) -> Run:
-        """Queue a new run. A tool's job (an LR finder, an export) passes its `job_request`:
+                   kind: str = "training", job_request: dict[str, Any] | None = None,
+                   started_by: str | None = None) -> Run:
+        """Queue a new run, recorded as started by `started_by` (a signed-in e-mail), else by
+        the user account this process runs as. A tool's job (an LR finder, an export) passes its `job_request`:
         it is written into the run's folder before the row exists, so a worker that claims
         the run the moment it is queued always finds it."""
         if kind not in KINDS:
@@ -695,6 +704,7 @@ class RunStore:
         with self._write() as con:
             con.execute(runs.insert().values(
                 id=run_id, name=name or run_id, grp=group, status="queued", kind=kind,
+                started_by=started_by or local_user(),
                 config=config_to_json(config), created_at=time.time(), cancel_requested=0,
                 progress=progress_to_json(RunProgress()), results=results_to_json(RunResults()),
                 last_step=-1, note="", metric_seq=0))
