@@ -6,6 +6,7 @@ process of the machine)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -15,11 +16,48 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 from sqlalchemy.engine import make_url
 
+from core.runs import jobs, supervisor
 from tests.conftest import wait_for
 
 RAY_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ray"
+
+
+def ray_head_url() -> str:
+    """The shared test Ray head's job-submission URL (FINETUNE_LAB_TEST_RAY, which
+    scripts/with_services.sh sets). Without it the calling test module is skipped, and in CI
+    (CI set) it fails instead."""
+    url = os.environ.get("FINETUNE_LAB_TEST_RAY")
+    if not url:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI is set but FINETUNE_LAB_TEST_RAY is not: start a Ray head "
+                               "(scripts/with_services.sh) for the cluster tests")
+        pytest.skip("no Ray head: set FINETUNE_LAB_TEST_RAY (scripts/with_services.sh does)",
+                    allow_module_level=True)
+    return url
+
+
+def ray_store_fixture(ray_url: str):
+    """A `store` fixture: PostgreSQL as a cluster uses it, its password in a pgpass file
+    (jobs never carry it), the executor set to Ray at `ray_url`; what a test leaves running
+    is stopped after it."""
+
+    @pytest.fixture
+    def store(pg_store, tmp_path, monkeypatch):
+        monkeypatch.setenv("PGPASSFILE", str(write_pgpass(pg_store.url, tmp_path)))
+        monkeypatch.setenv("FINETUNE_LAB_DB", pg_store.url)  # the command line's store too
+        monkeypatch.setenv(jobs.EXECUTOR_ENV, "ray")
+        monkeypatch.setenv("RAY_ADDRESS", ray_url)
+        yield pg_store
+        for run in pg_store.list_runs(statuses=("running",)):
+            jobs.kill(pg_store, run.id)
+        for run in pg_store.list_runs(statuses=("queued",)):
+            jobs.cancel(pg_store, run.id)
+        wait_for(lambda: not supervisor.is_running(pg_store), 60, "the supervisor to exit")
+
+    return store
 
 
 def write_pgpass(url: str, folder: Path) -> Path:

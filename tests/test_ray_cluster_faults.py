@@ -1,75 +1,27 @@
-"""A cluster whose parts fail (issue 17): a Ray head lost mid-run, a GPU run on a cluster
-without GPUs, jobs whose threads match their CPU reservation. Real parts: a PostgreSQL store
-(FINETUNE_LAB_TEST_PG), the shared Ray head (FINETUNE_LAB_TEST_RAY) and Ray heads of the
-tests' own, started and killed here on other ports (scripts/with_services.sh provides the
-first two).
+"""A GPU run on a cluster without GPUs (issue 17) is refused at submit, naming the cluster's
+resources. Real parts: a PostgreSQL store (FINETUNE_LAB_TEST_PG) and the shared Ray head
+(FINETUNE_LAB_TEST_RAY); scripts/with_services.sh provides both. A head lost mid-run and jobs
+whose threads match their reservation: tests/test_ray_head_loss.py.
 
 Skipped without a head or PostgreSQL; in CI (CI set) a missing one fails instead."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from core import config as cfgmod
 from core.cli import main
-from core.runs import jobs, supervisor
+from core.runs import jobs
 from core.runs.preflight import ExecutorUnavailable
-from tests.conftest import tiny_config, wait_for
-from tests.ray_support import OwnRayHead, write_pgpass
+from tests.conftest import tiny_config
+from tests.ray_support import ray_head_url, ray_store_fixture
 
-RAY_URL = os.environ.get("FINETUNE_LAB_TEST_RAY")
-if not RAY_URL:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI is set but FINETUNE_LAB_TEST_RAY is not: start a Ray head "
-                           "(scripts/with_services.sh) for the cluster tests")
-    pytest.skip("no Ray head: set FINETUNE_LAB_TEST_RAY (scripts/with_services.sh does)",
-                allow_module_level=True)
+RAY_URL = ray_head_url()
 
 # A head of a test's own takes up to minutes to start on a loaded 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-@pytest.fixture
-def store(pg_store, tmp_path, monkeypatch):
-    """PostgreSQL, as a cluster uses it, its password in a pgpass file (jobs never carry
-    it), the executor set to Ray."""
-    monkeypatch.setenv("PGPASSFILE", str(write_pgpass(pg_store.url, tmp_path)))
-    monkeypatch.setenv("FINETUNE_LAB_DB", pg_store.url)  # the command line's store too
-    monkeypatch.setenv(jobs.EXECUTOR_ENV, "ray")
-    monkeypatch.setenv("RAY_ADDRESS", RAY_URL)
-    yield pg_store
-    for run in pg_store.list_runs(statuses=("running",)):
-        jobs.kill(pg_store, run.id)
-    for run in pg_store.list_runs(statuses=("queued",)):
-        jobs.cancel(pg_store, run.id)
-    wait_for(lambda: not supervisor.is_running(pg_store), 60, "the supervisor to exit")
-
-
-@pytest.fixture
-def own_head(request):
-    """Start a Ray head of the test's own: own_head(cpus, port)."""
-    heads = []
-
-    def start(cpus: int, port: int) -> OwnRayHead:
-        for attempt in range(3):  # Ray's own start-up times out on a machine at load 30
-            heads.append(OwnRayHead(cpus, port, port + 1900))
-            try:
-                return heads[-1].wait_ready()
-            except AssertionError:
-                heads.pop().close()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    yield start
-    for head in heads:
-        head.close()
-
-
-def _long_config(folder, **changes):
-    return cfgmod.with_stage(tiny_config(folder, batch_size=4, **changes), 0, epochs=200)
+store = ray_store_fixture(RAY_URL)
 
 
 def test_a_gpu_run_on_a_cluster_without_gpus_is_refused_naming_its_resources(store,

@@ -18,15 +18,9 @@ from core.runs import jobs, supervisor
 from core.runs.executors.ray import JobRequest, job_request
 from core.runs.preflight import run_memory_estimate
 from tests.conftest import tiny_config, wait_for
-from tests.ray_support import write_pgpass
+from tests.ray_support import ray_head_url, write_pgpass
 
-RAY_URL = os.environ.get("FINETUNE_LAB_TEST_RAY")
-if not RAY_URL:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI is set but FINETUNE_LAB_TEST_RAY is not: start a Ray head "
-                           "(scripts/with_services.sh) for the cluster tests")
-    pytest.skip("no Ray head: set FINETUNE_LAB_TEST_RAY (scripts/with_services.sh does)",
-                allow_module_level=True)
+RAY_URL = ray_head_url()
 
 pytestmark = pytest.mark.slow
 

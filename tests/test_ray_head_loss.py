@@ -20,34 +20,15 @@ from core.engine.checkpoints import read_checkpoint
 from core.runs import jobs, supervisor
 from core.runs.executors.ray import job_request
 from tests.conftest import tiny_config, wait_for
-from tests.ray_support import OwnRayHead, write_pgpass
+from tests.ray_support import OwnRayHead, ray_head_url, ray_store_fixture
 
-RAY_URL = os.environ.get("FINETUNE_LAB_TEST_RAY")
-if not RAY_URL:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI is set but FINETUNE_LAB_TEST_RAY is not: start a Ray head "
-                           "(scripts/with_services.sh) for the cluster tests")
-    pytest.skip("no Ray head: set FINETUNE_LAB_TEST_RAY (scripts/with_services.sh does)",
-                allow_module_level=True)
+RAY_URL = ray_head_url()
 
 # A head of a test's own takes up to minutes to start on a loaded 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-@pytest.fixture
-def store(pg_store, tmp_path, monkeypatch):
-    """PostgreSQL, as a cluster uses it, its password in a pgpass file (jobs never carry
-    it), the executor set to Ray."""
-    monkeypatch.setenv("PGPASSFILE", str(write_pgpass(pg_store.url, tmp_path)))
-    monkeypatch.setenv("FINETUNE_LAB_DB", pg_store.url)  # the command line's store too
-    monkeypatch.setenv(jobs.EXECUTOR_ENV, "ray")
-    monkeypatch.setenv("RAY_ADDRESS", RAY_URL)
-    yield pg_store
-    for run in pg_store.list_runs(statuses=("running",)):
-        jobs.kill(pg_store, run.id)
-    for run in pg_store.list_runs(statuses=("queued",)):
-        jobs.cancel(pg_store, run.id)
-    wait_for(lambda: not supervisor.is_running(pg_store), 60, "the supervisor to exit")
+store = ray_store_fixture(RAY_URL)
 
 
 @pytest.fixture
