@@ -355,9 +355,7 @@ def latest_job(store: RunStore, cfg: RunConfig, stage: int) -> Run | None:
 def run_job(store: RunStore, run: Run, heartbeat: Heartbeat) -> None:
     """The worker's part (core.runs.worker, kind "lr_finder"): run the requested test in
     this process with the heartbeat's progress and cancel, and record the curve."""
-    import torch
 
-    from core.engine.model import physical_cores
 
     cfg = cfgmod.check(run.config) if not run.config_error else None
     if cfg is None:
@@ -368,7 +366,6 @@ def run_job(store: RunStore, run: Run, heartbeat: Heartbeat) -> None:
                                   f"is missing or unreadable: start the LR finder again"])
     if errors := check_request(cfg, request):
         raise cfgmod.ConfigError(errors)
-    torch.set_num_threads(cfg.threads or physical_cores())  # this worker process is the job's
     log.info("range test of stage %d (%s), %d steps", request.stage,
              cfg.stages[request.stage - 1].trains, request.steps)
     heartbeat.set_progress(RunProgress(phase="loading data"))

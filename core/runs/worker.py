@@ -109,6 +109,7 @@ def _execute(store: RunStore, run: Run, writer: StoreWriter,
     with Heartbeat(writer, on_progress=on_progress, on_beat=on_beat) as heartbeat:
         try:
             if run.kind in TOOL_JOBS:  # an LR finder's or an export's job, not training
+                set_process_threads(run.config)
                 TOOL_JOBS[run.kind](store, run, heartbeat)
                 return settle(store, run_id, "finished", writer=writer)
             cfg = checked_config(run)
@@ -184,17 +185,27 @@ def require_visible_inputs(cfg: cfgmod.RunConfig) -> None:
                         f"(e.g. under {ARTIFACTS_ENV}), then resume the run")
 
 
-def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
-    """Threads, the global seed and the device for this worker process."""
+def set_process_threads(cfg: cfgmod.RunConfig) -> None:
+    """Torch's threads for this worker process: the run's, else one per physical core. Only
+    a worker sets them (the dashboard's process is shared by every session)."""
     import torch
 
-    from core.engine.model import physical_cores, resolve_device
-    from core.engine.train import default_runtime
+    from core.engine.model import physical_cores
 
     # The worker keeps its launcher's CPU priority. At nice 10 (tried for the white page of
     # issue 12.7, whose cause was a browser race, not CPU), one ordinary process keeping a
     # core busy made its other thread wait at every parallel region, many times slower.
     torch.set_num_threads(cfg.threads or physical_cores())
+
+
+def prepare_process(cfg: cfgmod.RunConfig) -> Runtime:
+    """Threads, the global seed and the device for this worker process."""
+    import torch
+
+    from core.engine.model import resolve_device
+    from core.engine.train import default_runtime
+
+    set_process_threads(cfg)
     torch.manual_seed(cfg.seed)  # head initialisation and anything else seeded globally
     device = resolve_device(cfg.device)
     log.info("%s on %s, %d threads while loading (each CPU stage chooses its own)",
