@@ -355,8 +355,6 @@ def latest_job(store: RunStore, cfg: RunConfig, stage: int) -> Run | None:
 def run_job(store: RunStore, run: Run, heartbeat: Heartbeat) -> None:
     """The worker's part (core.runs.worker, kind "lr_finder"): run the requested test in
     this process with the heartbeat's progress and cancel, and record the curve."""
-
-
     cfg = cfgmod.check(run.config) if not run.config_error else None
     if cfg is None:
         raise cfgmod.ConfigError([run.config_error or "unreadable config"])
