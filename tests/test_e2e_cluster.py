@@ -32,6 +32,7 @@ from tests.browser_support import (
     wait_idle,
 )
 from tests.conftest import make_image_folder, postgres_database, wait_for
+from tests.ray_support import write_pgpass
 
 RAY_ENV, PG_ENV = "FINETUNE_LAB_TEST_RAY", "FINETUNE_LAB_TEST_PG"
 RUN_TIMEOUT_S = 240  # the whole experiment (6 tiny Ray jobs, one at a time on a 1-CPU head)
@@ -65,7 +66,9 @@ def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e-cluster")
     folder = make_image_folder(base / "datasets" / "colors", per_class=12)
     with postgres_database() as db_url, pytest.MonkeyPatch.context() as mp:
-        cluster = {jobs.EXECUTOR_ENV: "ray", "RAY_ADDRESS": ray_url, "FINETUNE_LAB_DB": db_url}
+        # The jobs get the store's password from a pgpass file, never from their environment.
+        cluster = {jobs.EXECUTOR_ENV: "ray", "RAY_ADDRESS": ray_url, "FINETUNE_LAB_DB": db_url,
+                   "PGPASSFILE": str(write_pgpass(db_url, base))}
         for name, value in cluster.items():  # this process stops leftover runs through them
             mp.setenv(name, value)
         store = RunStore(base / "runs", url=db_url)

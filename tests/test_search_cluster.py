@@ -22,6 +22,7 @@ from core.runs import jobs, search_driver, supervisor
 from core.runs.store import RunStore
 from tests.browser_support import stop_active_runs
 from tests.conftest import postgres_database, tiny_config, wait_for
+from tests.ray_support import write_pgpass
 
 RAY_ENV, PG_ENV = "FINETUNE_LAB_TEST_RAY", "FINETUNE_LAB_TEST_PG"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -41,8 +42,10 @@ def _ray_url() -> str:
 def test_a_search_on_postgresql_runs_its_trials_as_ray_jobs(tmp_path, tiny_folder, monkeypatch):
     ray_url = _ray_url()
     with postgres_database() as db_url:
+        # The Ray jobs get the store's password from a pgpass file, never from their environment.
         for name, value in {jobs.EXECUTOR_ENV: "ray", "RAY_ADDRESS": ray_url,
-                            "FINETUNE_LAB_DB": db_url, "FINETUNE_LAB_MAX_JOBS": "1"}.items():
+                            "FINETUNE_LAB_DB": db_url, "FINETUNE_LAB_MAX_JOBS": "1",
+                            "PGPASSFILE": str(write_pgpass(db_url, tmp_path))}.items():
             monkeypatch.setenv(name, value)
         store = RunStore(tmp_path / "runs", url=db_url)
         space = (searchmod.SearchSpace().with_range("stages", (1, 1))
