@@ -260,7 +260,7 @@ def test_one_figure_per_concept_and_one_model_behind_both_panels(monkeypatch, tm
     at = app(monkeypatch, store.root)
     assert_ok(at)
     label = at.selectbox(key="classify.run").options[0]
-    assert "test accuracy 69.0 %" in label and "64" not in label
+    assert "test accuracy 69.0 %" in label and "64.0 %" not in label
     at.file_uploader(key="classify.upload").set_value(("mine.png", png_bytes(), "image/png")).run()
     assert_ok(at)
     line = next(m.value for m in at.markdown if m.value.startswith("Best guess: **"))

@@ -130,7 +130,8 @@ def test_experiment_on_ray_and_postgres_then_cancel_a_run(served, page):
     _pick(page, page.get_by_role("combobox", name="Starting weights"), "Random (from scratch)")
     _fill(page, "Experiment name (optional)", "cluster check")
     n_runs = len(RECIPES) * SEEDS
-    page.get_by_text(f"This queues {n_runs} runs (2 recipes × {SEEDS} seeds)").wait_for()
+    # .first: while the page reruns, the caption of the run before may still stand beside it.
+    page.get_by_text(f"This queues {n_runs} runs (2 recipes × {SEEDS} seeds)").first.wait_for()
     start = page.get_by_role("button", name="Run the experiment")
     expect(start).to_be_enabled()
     start.click()

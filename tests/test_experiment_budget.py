@@ -88,5 +88,6 @@ def test_experiments_form_offers_every_weights_choice_and_an_answering_budget(ap
     assert at.number_input(key="experiments.seeds").value == ex.DEFAULT_SEEDS
     assert any("Estimated time" in c.value for c in at.caption)
     weights.set_value("file").run()
-    assert at.text_input(key="experiments.weights_path") is not None
+    # A weights file is picked from the stored ones or uploaded (issue 20.2), never typed.
+    assert at.selectbox(key="experiments.weights_path") is not None
     assert any("weights_path" in w.value for w in at.warning)  # no file given yet

@@ -187,8 +187,11 @@ def test_a_six_trial_search_runs_to_the_end_and_prunes_a_hopeless_trial(tmp_path
     trial past epoch 1 only if it is the best there while fewer than 3 trials have reached
     it, so every trial below 100 % at epoch 1 with epochs left is pruned. The first trial
     (enqueued) trains only the new head of a random network at lr 1e-5 for 6 epochs: it
-    cannot classify every validation image after one epoch, so it is pruned at epoch 1,
-    with 5 epochs saved."""
+    cannot classify every validation image after one epoch, so it is pruned at epoch 1 and
+    stops before its 6 epochs. Pruning is a cancel through the store, honoured between
+    batches: on tiny data the epoch after the judged one may end before the cancel lands
+    (seen in CI: pruned at epoch 1 after 2 epochs), so how many epochs it saved is counted,
+    not assumed."""
     from core.runs.store import RunStore
 
     data = make_image_folder(tmp_path / "data", per_class=24)
@@ -212,10 +215,12 @@ def test_a_six_trial_search_runs_to_the_end_and_prunes_a_hopeless_trial(tmp_path
     _assert_each_trial_is_one_run(store, found, 6, first=1)
     assert all(t.state in ("finished", "pruned") for t in found.trials), found.trials
     hopeless = next(t for t in found.trials if t.number == 1)
-    assert hopeless.state == "pruned" and hopeless.pruned_at == 1 and hopeless.epochs_run == 1
+    assert hopeless.state == "pruned" and hopeless.pruned_at == 1
+    saved = 6 - hopeless.epochs_run
+    assert saved >= 1, hopeless
     run = store.get_run(hopeless.run_id)
     assert run.status == "cancelled" and run.error == "pruned at epoch 1"  # not a failure
-    assert found.trial_epochs_run <= found.trial_epochs_planned - 5
+    assert found.trial_epochs_run <= found.trial_epochs_planned - saved
     status = found.to_status()
     assert status["pruned"] >= 1 and status["failed"] == 0 and status["trials"] == 6
     best = found.best
