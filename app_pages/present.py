@@ -12,7 +12,6 @@ Thin page: widgets -> core.analysis.inference -> render.
 
 from __future__ import annotations
 
-import html
 import logging
 
 import streamlit as st
@@ -21,6 +20,7 @@ from app_pages._common import access, get_store, predictor_for
 from core.access import VIEWER_UPLOAD_MB
 from core.analysis import inference
 from core.views.images import panel, pixelated
+from core.views.text import html as as_html
 
 log = logging.getLogger("finetune_lab.present")
 
@@ -122,8 +122,8 @@ def bars(preds) -> None:
     """The top guesses as labelled bars. Class names come from folder names: escaped, shown
     as text."""
     rows = "".join(
-        f'<div class="present-bar"><div class="label"><span>{html.escape(inference.display_name(p.label))}'
-        f'</span><span>{html.escape(inference.percent(p.probability))}</span></div>'
+        f'<div class="present-bar"><div class="label"><span>{as_html(inference.display_name(p.label))}'
+        f'</span><span>{as_html(inference.percent(p.probability))}</span></div>'
         f'<div class="track"><div class="fill" style="width:{max(0.0, min(1.0, p.probability)) * 100:.1f}%">'
         f'</div></div></div>' for p in preds)
     st.html(rows)
@@ -138,12 +138,12 @@ def show(predictor, img, true_label: str | None) -> None:
     picture = picture.container(key=P + "picture")
     with answer:
         words = inference.verdict(preds)
-        st.html(f'<div class="present-verdict{"" if sure else " unsure"}">{html.escape(words)}</div>')
+        st.html(f'<div class="present-verdict{"" if sure else " unsure"}">{as_html(words)}</div>')
         bars(preds)
         if true_label is not None:
             right = "right" if true_label == top.label else "wrong"
             st.html(f'<p class="present-note">This example really is '
-                    f'{html.escape(inference.display_name(true_label))}: the model got it '
+                    f'{as_html(inference.display_name(true_label))}: the model got it '
                     f'<b>{right}</b>.</p>')
         st.toggle("What did it look at?", key=P + "look", width="stretch")
     with picture:
@@ -151,7 +151,7 @@ def show(predictor, img, true_label: str | None) -> None:
             st.image(panel(img, PICTURE_PX), width="stretch")
             return
         explanation = predictor.explanation(img, top.index)
-        name = html.escape(inference.display_name(top.label))
+        name = as_html(inference.display_name(top.label))
         if explanation.available:
             from core.analysis.explain import overlay
 
@@ -198,7 +198,7 @@ def page() -> None:
         return
     known = ", ".join(inference.display_name(c) for c in predictor.classes)
     st.html(f'<p class="present-note">What does the model think this is? It knows '
-            f'{html.escape(known)}: whatever the picture, its answer is one of these.</p>')
+            f'{as_html(known)}: whatever the picture, its answer is one of these.</p>')
     # The answer is drawn above the picture sources, though the sources are read first.
     stage = st.container()
     try:
