@@ -188,21 +188,22 @@ class StoreWriter:
                 self._down_since = None
         return result
 
-    def _outage_over(self, _state: tenacity.RetryCallState) -> bool:
+    def _outage_over(self, _state: tenacity.RetryCallState, full_disk_ends: bool = True) -> bool:
         """tenacity's stop condition: the store has failed for the whole window, or its
-        disk is full."""
+        disk is full (unless `full_disk_ends` is False: recording an outcome waits for room)."""
         with self._cond:
             since = self._down_since
         exc = _state.outcome.exception() if _state.outcome else None
-        if exc is not None and disk_full_at(exc, self.store) is not None:
+        if full_disk_ends and exc is not None and disk_full_at(exc, self.store) is not None:
             return True
         return since is not None and time.monotonic() - since >= self.retry_s
 
-    def _retrying(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _retrying(self, fn: Callable[..., T], *args: Any, _wait_for_room: bool = False,
+                  **kwargs: Any) -> T:
         try:
             for try_ in tenacity.Retrying(
                     retry=tenacity.retry_if_exception_type(StoreError),
-                    stop=self._outage_over,
+                    stop=lambda state: self._outage_over(state, not _wait_for_room),
                     wait=tenacity.wait_exponential(multiplier=0.05, max=RETRY_MAX_WAIT_S),
                     reraise=True):
                 with try_:
@@ -251,14 +252,15 @@ class StoreWriter:
     def settle(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Record the run's outcome: buffered rows first when they can still be written,
         then `fn`, retried with a window that starts now (a run that gave up on the store
-        records why once it is back)."""
+        records why once it is back; a full disk is waited out too, so "disk full at ..."
+        lands as soon as the user frees space, not "exited without reporting a result")."""
         try:
             self.flush()
         except Exception as exc:  # the outcome matters more than the rows of an ended run
             log.warning("metric rows not written: %s", exc)
         with self._cond:
             self._down_since = None
-        return self._retrying(fn, *args, **kwargs)
+        return self._retrying(fn, *args, _wait_for_room=True, **kwargs)
 
     def close(self) -> None:
         """Stop the background thread (buffered rows are written first, when they can)."""
