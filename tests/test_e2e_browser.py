@@ -230,7 +230,8 @@ def test_new_user_path(served, page):
     exp_name.fill("browser experiment")
     exp_name.press("Enter")
     wait_idle(page)
-    page.get_by_text("This queues 4 runs (2 recipes × 2 seeds)").wait_for()
+    # .first: while the page reruns, the caption of the run before may still stand beside it.
+    page.get_by_text("This queues 4 runs (2 recipes × 2 seeds)").first.wait_for()
     page.get_by_role("button", name="Run the experiment").click()
     # It opens on its Results tab, in the URL too.
     page.get_by_text(re.compile(r"^\d of 4 runs finished")).wait_for()
