@@ -208,6 +208,11 @@ def test_a_six_trial_search_runs_to_the_end_and_prunes_a_hopeless_trial(tmp_path
     study.enqueue_trial({"stages": 1, "schedule": "constant", "bn_policy": "eval",
                          "group_lr_mult": 1.0, "stage 1.groups": 1, "stage 1.lr": 1e-5,
                          "stage 1.epochs": 6})
+    # And a one-epoch recipe, which has no epochs left to prune, so the search has a best
+    # whatever the sampler draws (in one CI run it drew only longer ones: all were pruned).
+    study.enqueue_trial({"stages": 1, "schedule": "constant", "bn_policy": "eval",
+                         "group_lr_mult": 1.0, "stage 1.groups": 1, "stage 1.lr": 0.01,
+                         "stage 1.epochs": 1})
     search_driver.ensure_running(store, sid)
 
     found = wait_for(lambda: _finished(store, sid), 1100, "the search to finish")
