@@ -69,18 +69,19 @@ def healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def serve_app(env: dict[str, str], log_name: str) -> Iterator[str]:
-    """`streamlit run streamlit_app.py` on a free localhost port with environment `env` (the
-    whole environment: start from os.environ); yields its base URL and stops the server after.
-    Its output goes to test-artifacts/`log_name`."""
-    port = free_port()
+def serve_app(env: dict[str, str], log_name: str, port: int | None = None,
+              extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """`streamlit run streamlit_app.py` on localhost (`port`, else a free one) with environment
+    `env` (the whole environment: start from os.environ) and Streamlit's `extra_args`; yields
+    its base URL and stops the server after. Its output goes to test-artifacts/`log_name`."""
+    port = port if port is not None else free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / log_name
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
              "--server.headless", "true", "--server.address", "localhost",
-             "--server.port", str(port)],
+             "--server.port", str(port), *extra_args],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://localhost:{port}"
         try:

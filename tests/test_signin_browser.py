@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -21,17 +19,14 @@ from core import access
 from core.engine.paths import DATA_ROOTS_ENV
 from core.runs.store import RunStore
 from tests.browser_support import (
-    ARTIFACTS,
-    ROOT,
-    SERVER_START_S,
     browser_page,
     free_port,
-    healthy,
     require_browser,
+    serve_app,
     shot,
     wait_idle,
 )
-from tests.conftest import make_image_folder, tiny_config, wait_for
+from tests.conftest import make_image_folder, tiny_config
 from tests.test_classify_page import FIVE, add_model_run
 
 ALLOWED = "ada@example.org"
@@ -77,26 +72,8 @@ def app_with_sign_in(provider_url: str, tmp_path) -> Iterator[str]:
            if k not in (access.MODE_ENV, access.ALLOW_ENV, access.VIEWER_PAGES_ENV)}
     env["FINETUNE_LAB_DATA"] = str(store.root)
     env[DATA_ROOTS_ENV] = str(tmp_path)  # the example pictures' folder may be read
-    ARTIFACTS.mkdir(exist_ok=True)
-    log_path = ARTIFACTS / "streamlit-signin.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
-             "--server.headless", "true", "--server.address", "localhost",
-             "--server.port", str(port), "--secrets.files", str(secrets)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: server.poll() is not None or healthy(url), timeout_s=SERVER_START_S,
-                     what="the streamlit server to answer")
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            yield url
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    with serve_app(env, "streamlit-signin.log", port, ("--secrets.files", str(secrets))) as served:
+        yield served
 
 
 def sign_in_as(pg, email: str) -> None:
